@@ -1,0 +1,4410 @@
+#!/usr/bin/env python3
+"""thrum: persistent, git-backed messaging for AI coding agents.
+
+Agents working in parallel (worktrees, containers, CI jobs, tmux panes, other
+machines) message each other by name, role or group, read an inbox that
+survives restarts, block until a message arrives, see who works on what, and
+sync it all through an ordinary git remote: no server.
+
+Run it any of three ways, with identical behaviour:
+
+    python3 thrum.py send "hi" --to @bob     # the file copied alone into a repo
+    python3 -m thrum inbox                   # as a module
+    thrum wait --timeout 5m                  # the installed console script
+
+Requires Python >= 3.11 and git (for sync). Standard library only; the optional
+packages `platformdirs` and `tomli-w` are used when importable.
+
+Stable API: the command line and its `--json` output, the event log format on
+the `a-sync` branch (see docs/architecture.md), and the `Service` class, whose
+methods take and return plain data (the CLI, daemon and MCP front ends all call
+it). Everything prefixed with `_` is private.
+"""
+
+__version__ = "0.1.0"
+
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import sys
+import time
+
+# Run as a script the module is `__main__`; alias it so `import thrum` (e.g. from
+# a helper process or a test) gets this same module instead of loading a copy.
+if __name__ == "__main__":
+    sys.modules.setdefault("thrum", sys.modules[__name__])
+
+
+# === 1. Constants & errors ===================================================
+
+SCHEMA_VERSION = 3          #: index schema; an older index.db is rebuilt
+EVENT_VERSION = 1           #: the `v` field of every event
+THRUM_DIR = ".thrum"
+DEFAULT_BRANCH = "a-sync"
+RESERVED_NAMES = frozenset("daemon system thrum all broadcast everyone".split())
+BODY_FORMATS = ("markdown", "plain", "json")
+MAX_TIMEOUT = 24 * 3600.0
+
+#: Exit codes (SPEC §6).
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_SETUP, EXIT_NOT_FOUND, EXIT_REFUSED = range(6)
+EXIT_INTERRUPTED = 130
+
+
+def NAME_RE_OK(name):
+    """Agent, role and group names: ^[a-z0-9][a-z0-9_-]{0,63}$ (checked without `re`)."""
+    return (isinstance(name, str) and 0 < len(name) <= 64 and name.isascii()
+            and (name[0].islower() or name[0].isdigit())
+            and all(c.islower() or c.isdigit() or c in "_-" for c in name))
+
+
+class ThrumError(Exception):
+    """A failure the user should see as one line; carries an exit code and a hint."""
+
+    exit_code = EXIT_FAIL
+
+    def __init__(self, message, hint=None, exit_code=None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(ThrumError):
+    """Bad flags, names, recipients, formats or bodies (exit 2)."""
+    exit_code = EXIT_USAGE
+
+
+class NotSetUpError(ThrumError):
+    """No store, or no (or an ambiguous) identity (exit 3)."""
+    exit_code = EXIT_NOT_SETUP
+
+
+class NotFoundError(ThrumError):
+    """An id, agent or group that does not exist (exit 4)."""
+    exit_code = EXIT_NOT_FOUND
+
+
+class RefusedError(ThrumError):
+    """Not the author, needs --force, name taken (exit 5)."""
+    exit_code = EXIT_REFUSED
+
+
+class GitError(ThrumError):
+    """A git command failed (exit 1)."""
+
+    def __init__(self, args, code, stderr):
+        msg = "git %s failed (exit %s): %s" % (
+            " ".join(args[:3]), code, (stderr or "").strip().splitlines()[-1:] and
+            (stderr or "").strip().splitlines()[-1] or "no output")
+        super().__init__(msg)
+        self.git_args, self.returncode, self.stderr = args, code, stderr
+
+
+def _warn(msg):
+    """Warnings go to stderr, never stdout (stdout may be a JSON document)."""
+    try:
+        sys.stderr.write("thrum: warning: %s\n" % msg)
+    except (OSError, ValueError):  # pragma: no cover - closed stderr
+        pass
+
+
+# === 2. Paths & repo discovery ===============================================
+#
+# Discovery never runs git: the send path must stay free of git processes, so
+# `.git` files and `commondir` pointers are parsed directly.
+
+def _read_text(path, default=None):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return default
+
+
+def git_dirs(root):
+    """Return (git_dir, common_dir) for the worktree at `root`, or None.
+
+    Handles a main checkout (`.git` directory) and linked worktrees or
+    submodules (`.git` file holding `gitdir: ...`, plus a `commondir` file).
+    """
+    dot = os.path.join(root, ".git")
+    if os.path.isdir(dot):
+        return dot, dot
+    text = _read_text(dot)
+    if not text or not text.startswith("gitdir:"):
+        return None
+    gitdir = text[len("gitdir:"):].strip()
+    gitdir = os.path.normpath(os.path.join(root, gitdir))
+    common = _read_text(os.path.join(gitdir, "commondir"))
+    if common:
+        common = os.path.normpath(os.path.join(gitdir, common.strip()))
+    else:
+        common = gitdir
+    return gitdir, common
+
+
+def _is_store(thrum_dir):
+    """A full store (not just a worktree's identities) has config.toml."""
+    return os.path.isfile(os.path.join(thrum_dir, "config.toml"))
+
+
+def _main_checkout(common_dir):
+    """The main checkout of a clone, or None for a bare repository."""
+    if os.path.basename(common_dir) == ".git":
+        return os.path.dirname(common_dir)
+    return None
+
+
+class Location:
+    """Where things live for one invocation.
+
+    worktree   the directory whose `.thrum/identities` holds this worktree's agents
+    store      the `.thrum` directory with config, context, var/ (None: not initialised)
+    git_common the clone's git common dir (None outside git)
+    """
+
+    def __init__(self, worktree, store, git_common, redirected=False):
+        self.worktree = worktree
+        self.store = store
+        self.git_common = git_common
+        self.redirected = redirected
+
+    @property
+    def identities(self):
+        return os.path.join(self.worktree, THRUM_DIR, "identities")
+
+    @property
+    def var(self):
+        return os.path.join(self.store, "var")
+
+    @property
+    def store_root(self):
+        """The directory holding the store (the main checkout's top level)."""
+        return os.path.dirname(self.store)
+
+    def log_dir(self, branch=DEFAULT_BRANCH):
+        """The event log: the sync worktree in git, `.thrum/log/` outside it."""
+        store_git = git_dirs(self.store_root)
+        common = store_git[1] if store_git else self.git_common
+        if common:
+            return os.path.join(common, "thrum-sync", branch)
+        return os.path.join(self.store, "log")
+
+    def __repr__(self):  # pragma: no cover - debugging aid
+        return "Location(%r, %r, %r)" % (self.worktree, self.store, self.git_common)
+
+
+def locate(start=None):
+    """Find the worktree and store for a directory (default: the cwd).
+
+    Walks up to the first directory holding `.thrum/` or `.git`. A `.thrum/redirect`
+    points at another store; a linked worktree with no store of its own uses
+    the main checkout's. Never raises for "not initialised": `store` is None.
+    """
+    start = os.path.abspath(start or os.getcwd())
+    if not os.path.isdir(start):
+        raise UsageError("--repo %s is not a directory" % start)
+    d = start
+    while True:
+        tdir = os.path.join(d, THRUM_DIR)
+        has_thrum = os.path.isdir(tdir)
+        gd = git_dirs(d)
+        if has_thrum or gd or os.path.exists(os.path.join(d, ".git")):
+            common = gd[1] if gd else None
+            redirect = _read_text(os.path.join(tdir, "redirect")) if has_thrum else None
+            if redirect and redirect.strip():
+                target = redirect.strip()
+                if not os.path.isabs(target) or not _is_store(target):
+                    raise NotSetUpError(
+                        "%s/redirect points at %s, which is not an initialised thrum store"
+                        % (tdir, target), hint="run 'thrum setup' in this worktree, "
+                        "or 'thrum init' in the main checkout")
+                return Location(d, target, common, redirected=True)
+            if has_thrum and _is_store(tdir):
+                return Location(d, tdir, common)
+            if common:
+                main = _main_checkout(common)
+                if main and os.path.normpath(main) != os.path.normpath(d):
+                    mstore = os.path.join(main, THRUM_DIR)
+                    if _is_store(mstore):
+                        return Location(d, mstore, common, redirected=True)
+            return Location(d, None, common)
+        parent = os.path.dirname(d)
+        if parent == d:
+            return Location(start, None, None)
+        d = parent
+
+
+def _safe_name_path(directory, name, suffix):
+    """Path of `<directory>/<name><suffix>`; `name` must already be validated."""
+    if not NAME_RE_OK(name):
+        raise UsageError("invalid name %r" % name)
+    return os.path.join(directory, name + suffix)
+
+
+def _user_config_dir():
+    try:
+        import platformdirs  # optional
+        return platformdirs.user_config_dir("thrum", appauthor=False)
+    except ImportError:
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(
+            os.path.expanduser("~"), ".config")
+        return os.path.join(base, "thrum")
+
+
+def _write_file_atomic(path, data, mode=0o644):
+    """Write bytes/str to `path` via a temp file and rename (never half-written)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    tmp = "%s.tmp.%d.%d" % (path, os.getpid(), time.monotonic_ns())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# === 3. Config ================================================================
+#
+# Layers: defaults < user file < repo `.thrum/config.toml` < THRUM_* env < flags.
+
+def _parse_bool(v):
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false, got %r" % v)
+
+
+def _parse_positive_int(v):
+    if isinstance(v, bool):
+        raise ValueError("expected a whole number")
+    n = int(v)
+    if n <= 0:
+        raise ValueError("must be greater than 0")
+    return n
+
+
+def _parse_duration_value(v):
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        secs = float(v)
+    else:
+        secs = parse_duration(str(v))
+    if secs <= 0:
+        raise ValueError("must be a positive duration")
+    return format_duration(secs)
+
+
+def _parse_remote(v):
+    s = str(v).strip()
+    if not s or s.startswith("-") or any(c.isspace() for c in s):
+        raise ValueError("expected a git remote name such as 'origin'")
+    return s
+
+
+def _parse_branch(v):
+    s = str(v).strip()
+    if not NAME_RE_OK(s.replace("/", "-").lower()) or s.startswith("-") or ".." in s:
+        raise ValueError("expected a simple branch name such as 'a-sync'")
+    return s
+
+
+#: key -> (default, parser). `config set` validates with the parser.
+CONFIG_KEYS = {
+    "sync.remote": ("origin", _parse_remote),
+    "sync.branch": (DEFAULT_BRANCH, _parse_branch),
+    "sync.interval": ("60s", _parse_duration_value),
+    "sync.local_only": (False, _parse_bool),
+    "messages.max_body_bytes": (1048576, _parse_positive_int),
+    "daemon.autostart": (False, _parse_bool),
+    "agents.stale_after": ("30d", _parse_duration_value),
+}
+
+
+def _env_var_for(key):
+    return "THRUM_" + key.replace(".", "_").upper()
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _load_toml(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    import tomllib
+    try:
+        return _flatten(tomllib.loads(data.decode("utf-8")))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ThrumError("cannot parse %s: %s" % (path, e),
+                         hint="fix or delete the file, then retry")
+
+
+def _dump_toml(flat):
+    """Serialise a flat {section.key: scalar} dict as TOML."""
+    nested = {}
+    for key in sorted(flat):
+        section, _, name = key.rpartition(".")
+        nested.setdefault(section, {})[name] = flat[key]
+    try:
+        import tomli_w  # optional
+        return "# thrum repository configuration (see `thrum config show`)\n" + \
+            tomli_w.dumps(nested)
+    except ImportError:
+        pass
+    lines = ["# thrum repository configuration (see `thrum config show`)"]
+    for section in sorted(nested):
+        lines.append("")
+        lines.append("[%s]" % section)
+        for name, v in nested[section].items():
+            lines.append("%s = %s" % (name, json.dumps(v) if not isinstance(v, bool)
+                                      else ("true" if v else "false")))
+    return "\n".join(lines) + "\n"
+
+
+class Config:
+    """Layered configuration, validated once."""
+
+    def __init__(self, store=None, env=None, overrides=None):
+        self.store = store
+        self.env = os.environ if env is None else env
+        self.overrides = overrides or {}
+        self._values = None
+        self._sources = {}
+
+    @property
+    def repo_file(self):
+        return os.path.join(self.store, "config.toml") if self.store else None
+
+    @property
+    def user_file(self):
+        return os.path.join(_user_config_dir(), "config.toml")
+
+    def _load(self):
+        vals, srcs = {}, {}
+        for key, (default, _) in CONFIG_KEYS.items():
+            vals[key], srcs[key] = default, "default"
+        layers = [("user", _load_toml(self.user_file))]
+        if self.repo_file:
+            layers.append(("repo", _load_toml(self.repo_file)))
+        layers.append(("env", {k: self.env[_env_var_for(k)] for k in CONFIG_KEYS
+                               if self.env.get(_env_var_for(k)) not in (None, "")}))
+        layers.append(("flag", self.overrides))
+        for source, layer in layers:
+            for key, raw in layer.items():
+                if key not in CONFIG_KEYS:
+                    if source != "user":
+                        _warn("ignoring unknown config key %r (%s)" % (key, source))
+                    continue
+                try:
+                    vals[key] = CONFIG_KEYS[key][1](raw)
+                except (ValueError, TypeError) as e:
+                    raise UsageError("bad value for %s from %s: %s" % (key, source, e))
+                srcs[key] = source
+        self._values, self._sources = vals, srcs
+
+    def get(self, key):
+        if self._values is None:
+            self._load()
+        return self._values[key]
+
+    def source(self, key):
+        if self._values is None:
+            self._load()
+        return self._sources[key]
+
+    def items(self):
+        if self._values is None:
+            self._load()
+        return [(k, self._values[k], self._sources[k]) for k in CONFIG_KEYS]
+
+    def set(self, key, raw):
+        """Validate and write one key to the repo config file."""
+        if key not in CONFIG_KEYS:
+            raise UsageError("unknown config key %r" % key,
+                             hint="known keys: " + ", ".join(CONFIG_KEYS))
+        try:
+            value = CONFIG_KEYS[key][1](raw)
+        except (ValueError, TypeError) as e:
+            raise UsageError("bad value for %s: %s" % (key, e))
+        flat = _load_toml(self.repo_file)
+        flat[key] = value
+        _write_file_atomic(self.repo_file, _dump_toml(flat))
+        self._values = None
+        return value
+
+
+# === 4. IDs & time ============================================================
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ULID_CHARS = frozenset(_CROCKFORD)
+
+
+class _UlidGen:
+    """ULIDs: 48-bit ms timestamp + 80 random bits, monotonic within a process."""
+
+    def __init__(self):
+        self.last_ms = -1
+        self.last_rand = 0
+
+    def __call__(self, now_ms=None):
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if ms <= self.last_ms:
+            ms = self.last_ms
+            rand = self.last_rand + 1
+            if rand >= 1 << 80:  # pragma: no cover - 2^80 ids in one ms
+                ms += 1
+                rand = int.from_bytes(os.urandom(10), "big")
+        else:
+            rand = int.from_bytes(os.urandom(10), "big")
+        self.last_ms, self.last_rand = ms, rand
+        n = (ms << 80) | rand
+        out = []
+        for _ in range(26):
+            out.append(_CROCKFORD[n & 31])
+            n >>= 5
+        return "".join(reversed(out))
+
+
+ulid = _UlidGen()
+
+
+def new_id(prefix):
+    return prefix + ulid()
+
+
+def is_ulid(s):
+    return len(s) == 26 and set(s) <= _ULID_CHARS and s[0] in "01234567"
+
+
+def now_ts(t=None):
+    """UTC timestamp in the fixed-width event format YYYY-MM-DDTHH:MM:SS.ffffffZ."""
+    if t is None:
+        t = time.time()
+    secs = int(t)
+    micros = int(round((t - secs) * 1e6))
+    if micros >= 1000000:
+        secs, micros = secs + 1, micros - 1000000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%06dZ" % micros
+
+
+def parse_ts(s):
+    """Parse a UTC timestamp (event format or ISO 8601 with Z/offset) to epoch seconds."""
+    import datetime
+    txt = s.strip()
+    if txt.endswith("Z") or txt.endswith("z"):
+        txt = txt[:-1] + "+00:00"
+    try:
+        dt = datetime.datetime.fromisoformat(txt)
+    except ValueError:
+        raise ValueError("not a timestamp: %r" % s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp()
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text):
+    """Parse `30s`, `8m`, `1h30m`, `1.5h`, `250ms`, `2d` or bare seconds (`45`, `-15s`).
+
+    Returns seconds (float, may be negative). Raises ValueError.
+    """
+    import re
+    s = text.strip().lower()
+    if not s:
+        raise ValueError("empty duration")
+    sign = 1.0
+    if s[0] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", s):
+        return sign * float(s)
+    try:
+        return _parse_units(s, sign)
+    except ValueError:
+        raise ValueError("invalid duration %r (use e.g. 30s, 8m, 1h30m, 1.5h, 250ms)"
+                         % text) from None
+
+
+def _parse_units(s, sign):
+    import re
+    parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)", s)
+    if not parts or "".join(a + b for a, b in parts) != s:
+        raise ValueError(s)
+    return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def format_duration(secs):
+    """Compact duration text: 90 -> '1m30s', 0.25 -> '250ms', 86400 -> '1d'."""
+    if secs < 1 and secs != int(secs):
+        return "%dms" % round(secs * 1000)
+    secs = int(round(secs))
+    if secs == 0:
+        return "0s"
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if secs >= size:
+            out += "%d%s" % (secs // size, unit)
+            secs %= size
+    return out
+
+
+def relative_time(ts, now=None):
+    """'just now', '5m ago', '3h ago', '2d ago', else 'Jan 02'."""
+    if not ts:
+        return "never"
+    try:
+        t = parse_ts(ts)
+    except ValueError:
+        return ts
+    delta = (time.time() if now is None else now) - t
+    if delta < 60:
+        return "just now"
+    if delta < 3600:
+        return "%dm ago" % (delta // 60)
+    if delta < 86400:
+        return "%dh ago" % (delta // 3600)
+    if delta < 7 * 86400:
+        return "%dd ago" % (delta // 86400)
+    return time.strftime("%b %d", time.gmtime(t))
+
+
+# === 5. Event log =============================================================
+#
+# The log is the truth: JSONL files, one event per line, one file per writer
+# (agents/<name>.jsonl, messages/<name>.jsonl, receipts/<name>.jsonl) plus the
+# shared groups.jsonl. Appends hold an exclusive flock and write whole lines.
+
+LOG_DIRS = ("agents", "messages", "receipts")
+GROUPS_FILE = "groups.jsonl"
+
+
+def _event_writer(ev):
+    """The agent whose file an event belongs in."""
+    t = ev["type"]
+    if t == "agent.delete":
+        return ev.get("by") or ev["agent_id"]
+    return ev.get("agent_id") or ev.get("by")
+
+
+def event_relpath(ev):
+    """Where an event is stored, relative to the log root."""
+    t = ev["type"]
+    if t.startswith("group."):
+        return GROUPS_FILE
+    writer = _event_writer(ev)
+    if not NAME_RE_OK(writer):
+        raise UsageError("invalid writer %r for %s event" % (writer, t))
+    if t == "message.receipt":
+        return "receipts/%s.jsonl" % writer
+    if t.startswith("message."):
+        return "messages/%s.jsonl" % writer
+    return "agents/%s.jsonl" % writer
+
+
+def make_event(etype, origin, **fields):
+    """A new event with the SPEC §3 envelope."""
+    ev = {"v": EVENT_VERSION, "event_id": new_id("evt_"), "type": etype,
+          "timestamp": now_ts(), "origin": origin}
+    ev.update(fields)
+    return ev
+
+
+def _dumps(obj):
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class EventLog:
+    """Append-only JSONL files under `root`; torn tails are saved to `torn_dir`."""
+
+    def __init__(self, root, torn_dir):
+        self.root = root
+        self.torn_dir = torn_dir
+
+    def files(self):
+        """[(relpath, abspath, stat)] of every log file present."""
+        out = []
+        for sub in LOG_DIRS:
+            d = os.path.join(self.root, sub)
+            try:
+                it = os.scandir(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for e in it:
+                    if e.name.endswith(".jsonl") and e.is_file():
+                        out.append((sub + "/" + e.name, e.path, e.stat()))
+        g = os.path.join(self.root, GROUPS_FILE)
+        try:
+            out.append((GROUPS_FILE, g, os.stat(g)))
+        except FileNotFoundError:
+            pass
+        return out
+
+    def append(self, events):
+        """Append events, grouped per file; each file gets one write under flock."""
+        by_file = {}
+        for ev in events:
+            by_file.setdefault(event_relpath(ev), []).append(ev)
+        for rel, evs in by_file.items():
+            data = "".join(_dumps(e) + "\n" for e in evs).encode("utf-8")
+            self._append_bytes(rel, data)
+
+    def _append_bytes(self, rel, data):
+        path = os.path.join(self.root, rel)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._repair_tail(fd, rel)
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _repair_tail(self, fd, rel):
+        """Cut an incomplete last line (a crash mid-write), saving it under torn/."""
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        # Find the last newline, reading backwards in chunks (lines may be long).
+        pos, cut = size, 0
+        while pos > 0:
+            start = max(0, pos - 65536)
+            chunk = os.pread(fd, pos - start, start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                cut = start + i + 1
+                break
+            pos = start
+        torn = os.pread(fd, size - cut, cut)
+        self._save_torn(rel, torn)
+        os.ftruncate(fd, cut)
+        _warn("%s: cut an incomplete last line (%d bytes, saved under %s)"
+              % (rel, len(torn), self.torn_dir))
+
+    def _save_torn(self, rel, data):
+        os.makedirs(self.torn_dir, exist_ok=True)
+        name = "%s.%s.torn" % (rel.replace("/", "__"), new_id(""))
+        _write_file_atomic(os.path.join(self.torn_dir, name), data, 0o600)
+
+    def torn_files(self):
+        """[(relpath, incomplete_bytes)] for files whose last line is incomplete."""
+        out = []
+        for rel, path, st in self.files():
+            if st.st_size == 0:
+                continue
+            with open(path, "rb") as f:
+                f.seek(st.st_size - 1)
+                if f.read(1) != b"\n":
+                    f.seek(0)
+                    data = f.read()
+                    out.append((rel, len(data) - (data.rfind(b"\n") + 1)))
+        return out
+
+    def repair(self):
+        """Cut every torn tail now (doctor --fix). Returns the files repaired."""
+        fixed = []
+        for rel, _ in self.torn_files():
+            fd = os.open(os.path.join(self.root, rel), os.O_RDWR | os.O_APPEND)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._repair_tail(fd, rel)
+            finally:
+                os.close(fd)
+            fixed.append(rel)
+        return fixed
+
+
+def parse_lines(data, rel, warn=True):
+    """Parse complete JSONL lines from bytes. Returns (events, bad_count).
+
+    Corrupt lines (bad JSON, not an event) are skipped with a warning; they
+    never stop reading.
+    """
+    if not data:
+        return [], 0
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    events, bad = [], 0
+    try:  # fast path: the whole chunk at once
+        parsed = json.loads(b"[" + b",".join(l for l in lines if l.strip()) + b"]")
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if parsed is None:
+        parsed = []
+        for n, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                parsed.append(json.loads(line))
+            except (ValueError, UnicodeDecodeError):
+                bad += 1
+                if warn:
+                    _warn("%s: skipping corrupt line (%d bytes): %r"
+                          % (rel, len(line), line[:60]))
+    for ev in parsed:
+        if (isinstance(ev, dict) and isinstance(ev.get("type"), str)
+                and isinstance(ev.get("event_id"), str)
+                and isinstance(ev.get("timestamp"), str)):
+            events.append(ev)
+        else:
+            bad += 1
+            if warn:
+                _warn("%s: skipping a line that is not a thrum event: %.60s"
+                      % (rel, _dumps(ev)))
+    return events, bad
+
+
+# === 6. Projection / index ====================================================
+#
+# SQLite (WAL) cache of the log. Every projection is order-independent: source
+# tables (edits, deletes, receipts, register/delete keys) are keyed so that
+# applying the same events in any order, any number of times, gives the same
+# rows; derived columns are recomputed from them. So the index after any
+# interleaving of writes and syncs equals a rebuild from the log alone.
+
+_SCHEMA = """
+CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
+                   offset INTEGER, tail BLOB);
+CREATE TABLE messages(
+  message_id TEXT PRIMARY KEY, agent_id TEXT, session_id TEXT, created_at TEXT,
+  event_id TEXT, origin TEXT, format0 TEXT, content0 TEXT, structured0 TEXT,
+  recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT, thread0 TEXT,
+  format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
+  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT);
+CREATE INDEX messages_author ON messages(agent_id, created_at);
+CREATE INDEX messages_created ON messages(created_at);
+CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
+CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
+CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
+                        read_at TEXT, deleted INTEGER DEFAULT 0,
+                        PRIMARY KEY(agent_id, message_id)) WITHOUT ROWID;
+CREATE INDEX deliveries_inbox ON deliveries(agent_id, deleted, created_at);
+CREATE INDEX deliveries_unread ON deliveries(agent_id) WHERE read_at IS NULL AND deleted = 0;
+CREATE INDEX deliveries_msg ON deliveries(message_id);
+CREATE TABLE tags(message_id TEXT, kind TEXT, type TEXT, value TEXT,
+                  PRIMARY KEY(message_id, kind, type, value)) WITHOUT ROWID;
+CREATE INDEX tags_lookup ON tags(kind, type, value);
+CREATE TABLE receipts(message_id TEXT, agent_id TEXT, read_at TEXT,
+                      PRIMARY KEY(message_id, agent_id)) WITHOUT ROWID;
+CREATE TABLE edits(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
+                   format TEXT, content TEXT, structured TEXT);
+CREATE INDEX edits_msg ON edits(message_id);
+CREATE TABLE deletes(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
+                     reason TEXT);
+CREATE INDEX deletes_msg ON deletes(message_id);
+CREATE TABLE agents(agent_id TEXT PRIMARY KEY, role TEXT, module TEXT, display TEXT,
+                    worktree TEXT, hostname TEXT, origin TEXT, registered_at TEXT,
+                    reg_key TEXT, del_key TEXT, deleted_by TEXT);
+CREATE TABLE agent_fields(agent_id TEXT, field TEXT, value TEXT, key TEXT,
+                          PRIMARY KEY(agent_id, field)) WITHOUT ROWID;
+CREATE TABLE seen(agent_id TEXT PRIMARY KEY, ts TEXT);
+CREATE TABLE sessions(session_id TEXT PRIMARY KEY, agent_id TEXT, started_at TEXT,
+                      ended_at TEXT, end_reason TEXT, pid INTEGER);
+CREATE INDEX sessions_agent ON sessions(agent_id);
+CREATE TABLE groups(name TEXT PRIMARY KEY, group_id TEXT, description TEXT,
+                    created_by TEXT, created_at TEXT, create_key TEXT, delete_key TEXT);
+CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEXT,
+                           remove_key TEXT, added_by TEXT, added_at TEXT,
+                           PRIMARY KEY(name, member_type, member)) WITHOUT ROWID;
+"""
+
+#: Fields an agent.update may carry (work context); latest value wins per field.
+AGENT_FIELDS = ("intent", "task", "status", "branch", "files")
+
+#: An agent counts as registered when its latest register beats its latest delete.
+ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
+
+
+def _key(ev):
+    """Total order of events: timestamp then event id (both fixed width)."""
+    return ev["timestamp"] + "|" + ev["event_id"]
+
+
+def _json_or_none(v):
+    return None if v is None else _dumps(v)
+
+
+class Index:
+    """The SQLite projection of the log at `path`."""
+
+    def __init__(self, path, log):
+        self.path = path
+        self.log = log
+        self.db = None
+        self.applied = 0     # events applied by the last catch_up
+
+    # -- opening, schema, rebuild --------------------------------------------
+    def open(self):
+        if self.db is not None:
+            return self
+        for attempt in (1, 2):
+            try:
+                self._connect()
+                return self
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                    raise ThrumError("the index is locked by another process: %s" % e)
+                if attempt == 2:
+                    raise ThrumError("cannot open the index %s: %s" % (self.path, e),
+                                     hint="run 'thrum doctor --fix'")
+                _warn("index %s is unreadable (%s); rebuilding it from the log"
+                      % (self.path, e))
+                self._remove_files()
+        return self  # pragma: no cover
+
+    def _connect(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fresh = not os.path.exists(self.path)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout=30000")
+            ver = db.execute("PRAGMA user_version").fetchone()[0]
+            if ver != SCHEMA_VERSION:
+                if not fresh and ver != 0:
+                    _warn("index schema %s is not %s; rebuilding it from the log"
+                          % (ver, SCHEMA_VERSION))
+                db.close()
+                self._create()
+                db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("SELECT count(*) FROM files").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        self.db = db
+
+    def _create(self):
+        """(Re)create an empty index file under an exclusive lock."""
+        lock = self.path + ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(self.path):
+                try:
+                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                    ok = db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+                    db.close()
+                    if ok:
+                        return  # another process created it meanwhile
+                except sqlite3.DatabaseError:
+                    pass
+                self._remove_files()
+            tmp = self.path + ".new"
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                if os.path.exists(tmp + suffix):
+                    os.unlink(tmp + suffix)
+            db = sqlite3.connect(tmp, isolation_level=None)
+            db.executescript("BEGIN;" + _SCHEMA + "PRAGMA user_version=%d; COMMIT;"
+                             % SCHEMA_VERSION)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.close()
+            os.replace(tmp, self.path)
+        finally:
+            os.close(fd)
+
+    def _remove_files(self):
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.unlink(self.path + suffix)
+            except FileNotFoundError:
+                pass
+
+    def close(self):
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def rebuild(self):
+        """Throw the index away and project the whole log again."""
+        self.close()
+        self._remove_files()
+        self.open()
+        return self.catch_up()
+
+    # -- catching up with the log --------------------------------------------
+    def catch_up(self):
+        """Project whatever the log gained since the last call. Cheap when idle.
+
+        Returns the number of events read. Files are read from their recorded
+        offset; a file whose bytes before that offset changed (rewritten by a
+        sync merge) is read again from the start, which is safe because every
+        projection is idempotent.
+        """
+        self.open()
+        files = self.log.files()
+        try:
+            known = {r[0]: r[1:] for r in self.db.execute(
+                "SELECT path, ino, size, mtime_ns FROM files")}
+        except sqlite3.DatabaseError as e:
+            return self._recover(e)
+        changed = [f for f in files
+                   if known.get(f[0]) != (f[2].st_ino, f[2].st_size, f[2].st_mtime_ns)]
+        if not changed:
+            self.applied = 0
+            return 0
+        try:
+            return self._catch_up_locked(changed)
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise ThrumError("the index is busy: %s" % e, hint="retry the command")
+            return self._recover(e)
+
+    def _recover(self, err):
+        _warn("index %s is damaged (%s); rebuilding it from the log" % (self.path, err))
+        self.close()
+        self._remove_files()
+        self.open()
+        return self.catch_up()
+
+    def _catch_up_locked(self, changed):
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            events, updates = [], []
+            for rel, path, _ in changed:
+                row = db.execute("SELECT ino, size, mtime_ns, offset, tail FROM files "
+                                 "WHERE path = ?", (rel,)).fetchone()
+                try:
+                    f = open(path, "rb")
+                except FileNotFoundError:
+                    continue
+                with f:
+                    st = os.fstat(f.fileno())
+                    if row and row[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
+                        continue  # another process caught up meanwhile
+                    offset = 0
+                    if row and row[3] <= st.st_size:
+                        tail = row[4] or b""
+                        f.seek(row[3] - len(tail))
+                        if f.read(len(tail)) == tail:
+                            offset = row[3]
+                    f.seek(offset)
+                    data = f.read(st.st_size - offset)
+                end = data.rfind(b"\n") + 1  # consume complete lines only
+                evs, _ = parse_lines(data[:end], rel)
+                events.extend(evs)
+                new_off = offset + end
+                if new_off >= 64:
+                    tail = (data[max(0, end - 64):end] if end >= 64 else
+                            self._read_tail(path, new_off))
+                else:
+                    tail = data[:end] if offset == 0 else self._read_tail(path, new_off)
+                updates.append((rel, st.st_ino, st.st_size, st.st_mtime_ns, new_off, tail))
+            self.apply(events)
+            db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)", updates)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.applied = len(events)
+        return len(events)
+
+    @staticmethod
+    def _read_tail(path, end):
+        with open(path, "rb") as f:
+            start = max(0, end - 64)
+            f.seek(start)
+            return f.read(end - start)
+
+    # -- projection ----------------------------------------------------------
+    def apply(self, events):
+        """Project events (any order, duplicates allowed) inside the open transaction."""
+        if not events:
+            return
+        db = self.db
+        creates, edits, deletes, receipts = [], [], [], []
+        seen = {}
+        for ev in events:
+            t = ev["type"]
+            try:
+                writer = _event_writer(ev)
+                if writer:
+                    k = ev["timestamp"]
+                    if seen.get(writer, "") < k:
+                        seen[writer] = k
+                if t == "message.create":
+                    creates.append(ev)
+                elif t == "message.edit":
+                    edits.append(ev)
+                elif t == "message.delete":
+                    deletes.append(ev)
+                elif t == "message.receipt":
+                    receipts.append(ev)
+                elif t.startswith("agent."):
+                    self._apply_agent(ev)
+                elif t.startswith("group."):
+                    self._apply_group(ev)
+                # unknown types are ignored (a newer writer's events)
+            except (KeyError, TypeError, AttributeError) as e:
+                _warn("skipping malformed %s event %s (%s)" % (t, ev.get("event_id"), e))
+        touched = set()
+        if creates:
+            touched |= self._apply_creates(creates)
+        if edits:
+            db.executemany(
+                "INSERT OR IGNORE INTO edits VALUES (?,?,?,?,?,?,?)",
+                [(e["event_id"], e["message_id"], e["agent_id"], e["timestamp"],
+                  (e.get("body") or {}).get("format"), (e.get("body") or {}).get("content"),
+                  _json_or_none((e.get("body") or {}).get("structured")))
+                 for e in edits if isinstance(e.get("body"), dict)])
+            touched.update(e["message_id"] for e in edits)
+        if deletes:
+            db.executemany("INSERT OR IGNORE INTO deletes VALUES (?,?,?,?,?)",
+                           [(e["event_id"], e["message_id"], e["agent_id"],
+                             e["timestamp"], e.get("reason")) for e in deletes])
+            touched.update(e["message_id"] for e in deletes)
+        if receipts:
+            rows = [(e["message_id"], e["agent_id"], e["timestamp"]) for e in receipts]
+            db.executemany(
+                "INSERT INTO receipts VALUES (?,?,?) ON CONFLICT(message_id, agent_id) "
+                "DO UPDATE SET read_at = min(read_at, excluded.read_at)", rows)
+            db.executemany(
+                "UPDATE deliveries SET read_at = ?3 WHERE message_id = ?1 AND agent_id = ?2 "
+                "AND (read_at IS NULL OR read_at > ?3)", rows)
+        if touched:
+            self._refresh(touched)
+        db.executemany(
+            "INSERT INTO seen VALUES (?,?) ON CONFLICT(agent_id) "
+            "DO UPDATE SET ts = max(ts, excluded.ts)", list(seen.items()))
+
+    def _apply_creates(self, creates):
+        db = self.db
+        msgs, dels, tags = [], [], []
+        for e in creates:
+            body = e.get("body") or {}
+            mid = e["message_id"]
+            author = e["agent_id"]
+            ts = e["timestamp"]
+            structured = _json_or_none(body.get("structured"))
+            msgs.append((mid, author, e.get("session_id"), ts, e["event_id"],
+                         e.get("origin"), body.get("format", "markdown"),
+                         body.get("content", ""), structured,
+                         _dumps(e.get("recipients") or []), _dumps(e.get("audiences") or []),
+                         _dumps(e.get("scopes") or []), _dumps(e.get("refs") or []),
+                         e.get("reply_to"), e.get("thread_id"),
+                         body.get("format", "markdown"), body.get("content", ""), structured,
+                         e.get("thread_id")))
+            for r in e.get("recipients") or []:
+                dels.append((r, mid, ts, author))
+            for kind, items in (("scope", e.get("scopes")), ("ref", e.get("refs")),
+                                ("aud", e.get("audiences"))):
+                for it in items or []:
+                    tags.append((mid, kind, it.get("type"), it.get("value")))
+        db.executemany(
+            "INSERT OR IGNORE INTO messages(message_id, agent_id, session_id, created_at, "
+            "event_id, origin, format0, content0, structured0, recipients, audiences, scopes, "
+            "refs, reply_to, thread0, format, content, structured, thread_id) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
+        db.executemany("INSERT OR IGNORE INTO deliveries(agent_id, message_id, created_at, "
+                       "author) VALUES (?,?,?,?)", dels)
+        db.executemany("INSERT OR IGNORE INTO tags VALUES (?,?,?,?)", tags)
+        # Events that arrived before their message wait in the source tables:
+        # pick them up now. Replies also give their parent a thread id.
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS fresh(message_id TEXT PRIMARY KEY)")
+        db.execute("DELETE FROM fresh")
+        db.executemany("INSERT OR IGNORE INTO fresh VALUES (?)",
+                       [(e["message_id"],) for e in creates])
+        db.execute(
+            "UPDATE deliveries SET read_at = (SELECT r.read_at FROM receipts r WHERE "
+            "r.message_id = deliveries.message_id AND r.agent_id = deliveries.agent_id) "
+            "WHERE message_id IN (SELECT message_id FROM fresh WHERE message_id IN "
+            "(SELECT message_id FROM receipts))")
+        touched = {r[0] for r in db.execute(
+            "SELECT message_id FROM fresh WHERE message_id IN (SELECT message_id FROM edits) "
+            "OR message_id IN (SELECT message_id FROM deletes) "
+            "OR message_id IN (SELECT reply_to FROM messages WHERE reply_to IS NOT NULL)")}
+        touched.update(e["reply_to"] for e in creates if e.get("reply_to"))
+        return touched
+
+    def _refresh(self, ids):
+        """Recompute the derived columns of messages from the source tables."""
+        db = self.db
+        for mid in ids:
+            row = db.execute("SELECT agent_id, format0, content0, structured0, thread0 "
+                             "FROM messages WHERE message_id = ?", (mid,)).fetchone()
+            if row is None:
+                continue  # its create has not arrived yet; it will refresh then
+            author, fmt, content, structured, thread = row
+            edits = db.execute(
+                "SELECT ts, format, content, structured FROM edits WHERE message_id = ? "
+                "AND agent_id = ? ORDER BY ts, event_id", (mid, author)).fetchall()
+            updated_at = None
+            if edits:
+                updated_at, efmt, content, structured = edits[-1]
+                fmt = efmt or fmt
+            dele = db.execute("SELECT ts, reason FROM deletes WHERE message_id = ? AND "
+                              "agent_id = ? ORDER BY ts, event_id LIMIT 1",
+                              (mid, author)).fetchone()
+            if thread is None:
+                r = db.execute("SELECT thread0 FROM messages WHERE reply_to = ? AND thread0 "
+                               "IS NOT NULL ORDER BY created_at, message_id LIMIT 1",
+                               (mid,)).fetchone()
+                thread = r[0] if r else None
+            db.execute("UPDATE messages SET format = ?, content = ?, structured = ?, "
+                       "updated_at = ?, version = ?, deleted = ?, deleted_at = ?, "
+                       "delete_reason = ?, thread_id = ? WHERE message_id = ?",
+                       (fmt, content, structured, updated_at, len(edits), 1 if dele else 0,
+                        dele[0] if dele else None, dele[1] if dele else None, thread, mid))
+            db.execute("UPDATE deliveries SET deleted = ? WHERE message_id = ?",
+                       (1 if dele else 0, mid))
+
+    def _apply_agent(self, ev):
+        db, t, aid, k = self.db, ev["type"], ev["agent_id"], _key(ev)
+        if t == "agent.register":
+            db.execute(
+                "INSERT INTO agents(agent_id, role, module, display, worktree, hostname, "
+                "origin, registered_at, reg_key) VALUES (?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(agent_id) DO UPDATE SET role = excluded.role, "
+                "module = excluded.module, display = excluded.display, "
+                "worktree = excluded.worktree, hostname = excluded.hostname, "
+                "origin = excluded.origin, registered_at = excluded.registered_at, "
+                "reg_key = excluded.reg_key "
+                "WHERE agents.reg_key IS NULL OR excluded.reg_key > agents.reg_key",
+                (aid, ev.get("role"), ev.get("module"), ev.get("display"),
+                 ev.get("worktree"), ev.get("hostname"), ev.get("origin"),
+                 ev["timestamp"], k))
+        elif t == "agent.delete":
+            db.execute(
+                "INSERT INTO agents(agent_id, del_key, deleted_by) VALUES (?,?,?) "
+                "ON CONFLICT(agent_id) DO UPDATE SET del_key = excluded.del_key, "
+                "deleted_by = excluded.deleted_by "
+                "WHERE agents.del_key IS NULL OR excluded.del_key > agents.del_key",
+                (aid, k, ev.get("by")))
+        elif t == "agent.update":
+            rows = [(aid, f, _dumps(ev[f]), k) for f in AGENT_FIELDS if f in ev]
+            db.executemany(
+                "INSERT INTO agent_fields VALUES (?,?,?,?) ON CONFLICT(agent_id, field) "
+                "DO UPDATE SET value = excluded.value, key = excluded.key "
+                "WHERE excluded.key > agent_fields.key", rows)
+        elif t == "agent.session.start":
+            db.execute(
+                "INSERT INTO sessions(session_id, agent_id, started_at, pid) VALUES (?,?,?,?) "
+                "ON CONFLICT(session_id) DO UPDATE SET agent_id = excluded.agent_id, "
+                "started_at = excluded.started_at, pid = excluded.pid",
+                (ev["session_id"], aid, ev["timestamp"], ev.get("pid")))
+        elif t == "agent.session.end":
+            db.execute(
+                "INSERT INTO sessions(session_id, agent_id, ended_at, end_reason) "
+                "VALUES (?,?,?,?) ON CONFLICT(session_id) DO UPDATE SET "
+                "ended_at = excluded.ended_at, end_reason = excluded.end_reason "
+                "WHERE sessions.ended_at IS NULL OR excluded.ended_at < sessions.ended_at",
+                (ev["session_id"], aid, ev["timestamp"], ev.get("reason")))
+
+    def _apply_group(self, ev):
+        db, t, name, k = self.db, ev["type"], ev["group"], _key(ev)
+        if t == "group.create":
+            db.execute(
+                "INSERT INTO groups(name, group_id, description, created_by, created_at, "
+                "create_key) VALUES (?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                "group_id = excluded.group_id, description = excluded.description, "
+                "created_by = excluded.created_by, created_at = excluded.created_at, "
+                "create_key = excluded.create_key "
+                "WHERE groups.create_key IS NULL OR excluded.create_key > groups.create_key",
+                (name, ev.get("group_id"), ev.get("description"), ev.get("by"),
+                 ev["timestamp"], k))
+        elif t == "group.delete":
+            db.execute(
+                "INSERT INTO groups(name, delete_key) VALUES (?,?) ON CONFLICT(name) "
+                "DO UPDATE SET delete_key = excluded.delete_key WHERE "
+                "groups.delete_key IS NULL OR excluded.delete_key > groups.delete_key",
+                (name, k))
+        elif t == "group.member.add":
+            db.execute(
+                "INSERT INTO group_members(name, member_type, member, add_key, added_by, "
+                "added_at) VALUES (?,?,?,?,?,?) ON CONFLICT(name, member_type, member) "
+                "DO UPDATE SET add_key = excluded.add_key, added_by = excluded.added_by, "
+                "added_at = excluded.added_at WHERE group_members.add_key IS NULL OR "
+                "excluded.add_key > group_members.add_key",
+                (name, ev["member_type"], ev["member"], k, ev.get("by"), ev["timestamp"]))
+        elif t == "group.member.remove":
+            db.execute(
+                "INSERT INTO group_members(name, member_type, member, remove_key) "
+                "VALUES (?,?,?,?) ON CONFLICT(name, member_type, member) DO UPDATE SET "
+                "remove_key = excluded.remove_key WHERE group_members.remove_key IS NULL "
+                "OR excluded.remove_key > group_members.remove_key",
+                (name, ev["member_type"], ev["member"], k))
+
+    # -- small queries used everywhere ----------------------------------------
+    def q(self, sql, params=()):
+        return self.db.execute(sql, params).fetchall()
+
+    def q1(self, sql, params=()):
+        return self.db.execute(sql, params).fetchone()
+
+
+# === 7. Store / service API ===================================================
+
+_ROLE_INTENTS = {
+    "implementer": "Implement features and fixes in %s",
+    "coordinator": "Coordinate agents and tasks in %s",
+    "reviewer": "Review changes in %s",
+    "tester": "Test changes in %s",
+    "pipeline": "Report CI results for %s",
+}
+
+
+def _check_name(name, what="agent name"):
+    if not isinstance(name, str) or not NAME_RE_OK(name):
+        raise UsageError(
+            "invalid %s %r: use 1-64 lowercase letters, digits, '_' or '-', "
+            "starting with a letter or digit" % (what, name))
+    if name in RESERVED_NAMES:
+        raise UsageError("invalid %s %r: it is reserved (%s)"
+                         % (what, name, ", ".join(sorted(RESERVED_NAMES))))
+    return name
+
+
+def _strip_at(name):
+    return name[1:] if isinstance(name, str) and name.startswith("@") else name
+
+
+def _check_text(value, what, limit=1000, allow_empty=False):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError("%s must be text" % what)
+    if not allow_empty and not value.strip():
+        raise UsageError("%s must not be empty" % what)
+    if len(value) > limit or "\n" in value or "\r" in value or "\x00" in value:
+        raise UsageError("%s must be one line of at most %d characters" % (what, limit))
+    return value
+
+
+def parse_tag(text, what="scope"):
+    """Parse `type:value` (or a {type, value} dict) for --scope/--ref."""
+    if isinstance(text, dict):
+        t, v = text.get("type"), text.get("value")
+    else:
+        if not isinstance(text, str) or ":" not in text:
+            raise UsageError("invalid %s %r: expected type:value (e.g. module:auth)"
+                             % (what, text))
+        t, v = text.split(":", 1)
+    if (not isinstance(t, str) or not isinstance(v, str) or not t or not v.strip()
+            or not all(c.isalnum() or c in "_.-" for c in t)
+            or any(c in v for c in "\n\r\x00") or len(v) > 500):
+        raise UsageError("invalid %s %r: expected type:value with a non-empty type "
+                         "(letters, digits, _ . -) and value" % (what, text))
+    return {"type": t, "value": v}
+
+
+def _tag_str(tag):
+    return "%s:%s" % (tag["type"], tag["value"])
+
+
+def _pid_alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+
+
+def git(args, cwd, check=True, input=None, timeout=60, env_extra=None):
+    """Run git with an argv list (never a shell). Returns CompletedProcess (text).
+
+    Thrum's own commits use thrum's identity; hooks are disabled; prompts never
+    block (GIT_TERMINAL_PROMPT=0).
+    """
+    import subprocess
+    env = dict(os.environ)
+    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_AUTHOR_NAME": "thrum",
+                "GIT_AUTHOR_EMAIL": "thrum@localhost", "GIT_COMMITTER_NAME": "thrum",
+                "GIT_COMMITTER_EMAIL": "thrum@localhost", "LC_ALL": "C"})
+    for k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR"):
+        env.pop(k, None)
+    if env_extra:
+        env.update(env_extra)
+    argv = ["git", "-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false"] + list(args)
+    try:
+        p = subprocess.run(argv, cwd=cwd, input=input, capture_output=True, text=True,
+                           env=env, timeout=timeout)
+    except FileNotFoundError:
+        raise ThrumError("git is not installed or not on PATH",
+                         hint="install git, or run thrum outside a repository")
+    except subprocess.TimeoutExpired:
+        raise GitError(list(args), "timeout", "timed out after %ss" % timeout)
+    if check and p.returncode != 0:
+        raise GitError(list(args), p.returncode, p.stderr)
+    return p
+
+
+class Service:
+    """Every thrum operation, as one method taking and returning plain data.
+
+    The CLI, the daemon's RPC and the MCP server are thin front ends over this
+    class. `agent` parameters name the calling agent; None resolves it from the
+    environment (THRUM_NAME) and this worktree's identity files (SPEC §4).
+    """
+
+    def __init__(self, start=None, env=None, config=None):
+        self.env = dict(os.environ) if env is None else env
+        self.loc = locate(start)
+        self.config = Config(self.loc.store, self.env, config)
+        self._log = None
+        self._index = None
+
+    # -- plumbing --------------------------------------------------------------
+    def _require_store(self):
+        if not self.loc.store:
+            raise NotSetUpError("thrum is not initialised here (%s)" % self.loc.worktree,
+                                hint="run 'thrum init' (or 'thrum quickstart --name N "
+                                     "--role R --module M')")
+        return self.loc.store
+
+    @property
+    def log(self):
+        if self._log is None:
+            self._require_store()
+            self._log = EventLog(self.loc.log_dir(self.branch),
+                                 os.path.join(self.loc.var, "torn"))
+        return self._log
+
+    @property
+    def branch(self):
+        return self.config.get("sync.branch")
+
+    @property
+    def index(self):
+        """The index, caught up with the log (once per Service; writes catch up again)."""
+        if self._index is None:
+            self._require_store()
+            self._index = Index(os.path.join(self.loc.var, "index.db"), self.log)
+            self._index.catch_up()
+        return self._index
+
+    def refresh(self):
+        """Catch the index up with the log again (long-lived callers)."""
+        return self.index.catch_up()
+
+    def close(self):
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
+    @property
+    def origin(self):
+        path = os.path.join(self._require_store(), "origin")
+        o = (_read_text(path) or "").strip()
+        if not o:
+            o = new_id("o_")
+            _write_file_atomic(path, o + "\n")
+        return o
+
+    def _emit(self, events):
+        """Append events to the log, then project them. The only write path."""
+        if not events:
+            return
+        self.log.append(events)
+        self.index.catch_up()
+        self._after_write()
+
+    def _after_write(self):
+        """Hook run after every write (autosync, daemon notification)."""
+        if _parse_bool(self.env.get("THRUM_AUTOSYNC", "0") or "0"):
+            try:
+                self.sync_force()
+            except ThrumError as e:
+                _warn("autosync failed: %s" % e.message)
+
+    def _event(self, etype, **fields):
+        return make_event(etype, self.origin, **fields)
+
+    # -- identity --------------------------------------------------------------
+    def _identity_file(self, name, worktree=None):
+        return _safe_name_path(os.path.join(worktree or self.loc.worktree, THRUM_DIR,
+                                            "identities"), name, ".json")
+
+    @staticmethod
+    def _read_identity(path):
+        text = _read_text(path)
+        if text is None:
+            return None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise NotSetUpError("identity file %s is corrupt" % path,
+                                hint="re-run 'thrum quickstart' for that agent")
+        if not isinstance(data, dict) or not NAME_RE_OK(data.get("agent_id", "")):
+            raise NotSetUpError("identity file %s is not a thrum identity" % path)
+        data["identity_file"] = path
+        return data
+
+    def _write_identity(self, ident):
+        data = {k: v for k, v in ident.items() if k != "identity_file"}
+        data["updated_at"] = now_ts()
+        path = ident.get("identity_file") or self._identity_file(data["agent_id"])
+        _write_file_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", 0o600)
+        ident["identity_file"] = path
+        ident["updated_at"] = data["updated_at"]
+
+    def identities_here(self):
+        """Names with an identity file in this worktree."""
+        try:
+            names = os.listdir(self.loc.identities)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and NAME_RE_OK(n[:-5]))
+
+    def me(self, agent=None):
+        """Resolve the calling agent's identity (SPEC §4). Never guesses."""
+        self._require_store()
+        name = _strip_at(agent) if agent else self.env.get("THRUM_NAME") or None
+        here = self.identities_here()
+        if name:
+            if not NAME_RE_OK(name):
+                raise UsageError("invalid agent name %r in %s" % (
+                    name, "--agent" if agent else "THRUM_NAME"))
+            if name in here:
+                ident = self._read_identity(self._identity_file(name))
+            elif not here:
+                ident = self._identity_elsewhere(name)
+            else:
+                ident = None
+            if ident is None:
+                raise NotSetUpError(
+                    "%s=%s does not name an identity in this worktree"
+                    % ("--agent" if agent else "THRUM_NAME", name),
+                    hint=("available here: %s" % ", ".join(here)) if here else
+                    "register it with 'thrum quickstart --name %s --role R --module M'"
+                    % name)
+        elif len(here) == 1:
+            ident = self._read_identity(self._identity_file(here[0]))
+        elif not here:
+            raise NotSetUpError("no agent identity in this worktree",
+                                hint="register with 'thrum quickstart --name NAME "
+                                     "--role ROLE --module MODULE'")
+        else:
+            raise NotSetUpError("several identities in this worktree (%s); "
+                                "cannot choose" % ", ".join(here),
+                                hint="set THRUM_NAME to one of: %s" % ", ".join(here))
+        row = self.index.q1("SELECT role FROM agents WHERE agent_id = ? AND "
+                            + ACTIVE_AGENT_SQL, (ident["agent_id"],))
+        if row is None:
+            raise NotSetUpError("agent %s is not registered in this store (deleted?)"
+                                % ident["agent_id"],
+                                hint="re-register with 'thrum quickstart --name %s "
+                                     "--role R --module M'" % ident["agent_id"])
+        return ident
+
+    def _identity_elsewhere(self, name):
+        """An identity of another worktree of this store (helper processes)."""
+        row = self.index.q1("SELECT agent_id, role, module, display, worktree FROM agents "
+                            "WHERE agent_id = ? AND " + ACTIVE_AGENT_SQL, (name,))
+        if row is None:
+            return None
+        if row[4]:
+            ident = self._read_identity(self._identity_file(name, row[4]))
+            if ident:
+                return ident
+        return {"agent_id": row[0], "role": row[1], "module": row[2], "display": row[3],
+                "worktree": row[4], "intent": None, "session_id": None,
+                "identity_file": None}
+
+    def _agent_row(self, name):
+        return self.index.q1("SELECT agent_id, role, module, display, worktree, hostname, "
+                             "registered_at FROM agents WHERE agent_id = ? AND "
+                             + ACTIVE_AGENT_SQL, (name,))
+
+    def _require_agent(self, name, what="agent"):
+        name = _strip_at(name)
+        if not NAME_RE_OK(name or ""):
+            raise UsageError("invalid agent name %r" % name)
+        row = self._agent_row(name)
+        if row is None:
+            raise NotFoundError("unknown %s @%s" % (what, name),
+                                hint="see registered agents with 'thrum team --all'")
+        return row
+
+    def _active_agents(self):
+        return {r[0]: r[1] for r in self.index.q(
+            "SELECT agent_id, role FROM agents WHERE " + ACTIVE_AGENT_SQL)}
+
+    def _active_groups(self):
+        return {r[0] for r in self.index.q(
+            "SELECT name FROM groups WHERE create_key IS NOT NULL AND "
+            "(delete_key IS NULL OR create_key > delete_key)")}
+
+    def _open_session(self, agent_id):
+        return self.index.q1("SELECT session_id, started_at FROM sessions WHERE agent_id = ? "
+                             "AND ended_at IS NULL AND started_at IS NOT NULL "
+                             "ORDER BY started_at DESC LIMIT 1", (agent_id,))
+
+    # -- setup -------------------------------------------------------------------
+    def init(self, local=False, force=False):
+        """Create `.thrum/`, the sync branch and its worktree. Idempotent.
+
+        Returns {store, log_dir, git, branch, created, adopted_remote, local_only}.
+        """
+        loc = self.loc
+        created = []
+        if loc.store is None and loc.git_common:
+            main = _main_checkout(loc.git_common)
+            store_root = main if main and os.path.isdir(main) else loc.worktree
+        elif loc.store is None:
+            store_root = loc.worktree if os.path.isdir(os.path.join(loc.worktree, THRUM_DIR)) \
+                else os.path.abspath(os.getcwd() if loc.worktree == os.path.abspath(
+                    os.getcwd()) else loc.worktree)
+        else:
+            store_root = loc.store_root
+        store = os.path.join(store_root, THRUM_DIR)
+        if not _is_store(store):
+            for sub in ("identities", "context", "var"):
+                os.makedirs(os.path.join(store, sub), exist_ok=True)
+            flat = {"sync.local_only": True} if local else {}
+            _write_file_atomic(os.path.join(store, "config.toml"), _dump_toml(flat))
+            created.append(store)
+        elif local:
+            Config(store, self.env).set("sync.local_only", "true")
+        os.makedirs(os.path.join(store, "var"), exist_ok=True)
+        self.loc = locate(loc.worktree)
+        self.config = Config(self.loc.store, self.env)
+        self._log = self._index = None
+        result = {"store": store, "git": bool(self.loc.git_common), "branch": self.branch,
+                  "created": created, "adopted_remote": False,
+                  "local_only": self.config.get("sync.local_only")}
+        if self.loc.git_common:
+            result.update(self._init_git(force))
+        else:
+            os.makedirs(self.log.root, exist_ok=True)
+        result["log_dir"] = self.log.root
+        self.index  # build the index now
+        return result
+
+    def _git_root(self):
+        return self.loc.store_root
+
+    def _exclude_thrum(self, common):
+        path = os.path.join(common, "info", "exclude")
+        text = _read_text(path, "")
+        if any(l.strip() in (".thrum", ".thrum/", "/.thrum", "/.thrum/")
+               for l in text.splitlines()):
+            return False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            if text and not text.endswith("\n"):
+                f.write("\n")
+            f.write("# thrum's local state (messages live on the a-sync branch)\n.thrum/\n")
+        return True
+
+    def _init_git(self, force=False):
+        common = self.loc.git_common
+        out = {"adopted_remote": False}
+        out["excluded"] = self._exclude_thrum(common)
+        sync = SyncEngine(self)
+        out.update(sync.ensure_branch_and_worktree())
+        return out
+
+    def setup(self, main_repo=None):
+        """In a linked worktree, write `.thrum/redirect` to the main checkout's store."""
+        loc = self.loc
+        if main_repo:
+            target_root = os.path.abspath(main_repo)
+            target = target_root if os.path.basename(target_root) == THRUM_DIR else \
+                os.path.join(target_root, THRUM_DIR)
+        else:
+            if not loc.git_common:
+                raise UsageError("not inside a git worktree; pass --main-repo PATH")
+            main = _main_checkout(loc.git_common)
+            if not main:
+                raise UsageError("cannot find the main checkout of this bare repository",
+                                 hint="pass --main-repo PATH")
+            target = os.path.join(main, THRUM_DIR)
+        if not _is_store(target):
+            raise NotSetUpError("%s is not an initialised thrum store" % target,
+                                hint="run 'thrum init' in the main checkout first")
+        here = os.path.join(loc.worktree, THRUM_DIR)
+        if os.path.normpath(here) == os.path.normpath(target):
+            raise UsageError("this is the main checkout; setup is for linked worktrees")
+        os.makedirs(os.path.join(here, "identities"), exist_ok=True)
+        _write_file_atomic(os.path.join(here, "redirect"), target + "\n")
+        self.loc = locate(loc.worktree)
+        self.config = Config(self.loc.store, self.env)
+        return {"worktree": loc.worktree, "store": target,
+                "redirect": os.path.join(here, "redirect")}
+
+    # -- agents -------------------------------------------------------------------
+    def register(self, name, role, module, display=None, intent=None, force=False,
+                 pid=None):
+        """Register NAME in this worktree (SPEC §4). Idempotent from the same worktree.
+
+        Returns {agent_id, status: registered|updated|unchanged, identity_file}.
+        """
+        name = _check_name(_strip_at(name) if name else name)
+        if not role:
+            raise UsageError("--role is required (or set THRUM_ROLE)")
+        if not module:
+            raise UsageError("--module is required (or set THRUM_MODULE)")
+        role = _check_name(role, "role")
+        module = _check_text(module, "module", 200)
+        display = _check_text(display, "display name", 200)
+        intent = _check_text(intent, "intent", 1000, allow_empty=True)
+        if name == role:
+            raise UsageError("agent name %r cannot be the same as its role" % name,
+                             hint="use a distinct name, e.g. %s_1" % name)
+        agents = self._active_agents()
+        roles = {r for a, r in agents.items() if a != name}
+        groups = self._active_groups()
+        if name in roles:
+            raise UsageError("agent name %r is already a role of other agents" % name,
+                             hint="pick another name so @%s stays unambiguous" % name)
+        if role in agents and role != name:
+            raise UsageError("role %r is already the name of an agent" % role,
+                             hint="pick another role")
+        if name in groups:
+            raise UsageError("agent name %r is already a group name" % name)
+        if role in groups:
+            raise UsageError("role %r is already a group name" % role)
+        worktree = os.path.realpath(self.loc.worktree)
+        host = os.uname().nodename
+        row = self._agent_row(name)
+        status = "registered"
+        if row is not None:
+            if (row[4] and os.path.realpath(row[4]) != worktree or
+                    row[5] and row[5] != host) and not force:
+                raise RefusedError(
+                    "agent name %r is already registered from %s%s" % (
+                        name, row[4], "" if row[5] == host else " on " + str(row[5])),
+                    hint="pick another name, or take it over with --force")
+            status = "updated"
+        display = display or (row[3] if row and row[2] == module and row[1] == role
+                              else None) or "%s (%s)" % (role.capitalize(), module)
+        path = self._identity_file(name)
+        ident = self._read_identity(path) if os.path.exists(path) else None
+        events = []
+        if (row is None or force or (row[1], row[2], row[3], row[4]) !=
+                (role, module, display, worktree)):
+            events.append(self._event("agent.register", agent_id=name, role=role,
+                                      module=module, display=display, worktree=worktree,
+                                      hostname=host))
+        else:
+            status = "unchanged"
+        now = now_ts()
+        if ident is None:
+            ident = {"agent_id": name, "created_at": now, "session_id": None,
+                     "intent": None}
+        ident.update({"agent_id": name, "role": role, "module": module, "display": display,
+                      "worktree": worktree})
+        if intent is not None:
+            ident["intent"] = intent
+        if pid:
+            ident["pid"] = int(pid)
+        self._emit(events)
+        self._write_identity(ident)
+        return {"agent_id": name, "role": role, "module": module, "display": display,
+                "worktree": worktree, "status": status,
+                "identity_file": ident["identity_file"]}
+
+    def quickstart(self, name, role, module, intent=None, display=None, force=False):
+        """init if needed, register, start a session and set the intent."""
+        if not self.loc.store:
+            self.init()
+        if not name:
+            raise UsageError("quickstart needs a name: --name NAME, a NAME argument or "
+                             "THRUM_NAME")
+        if not role or not module:
+            raise UsageError("--role and --module are required (or set THRUM_ROLE and "
+                             "THRUM_MODULE)")
+        reg = self.register(name, role, module, display=display, force=force)
+        ses = self.session_start(agent=reg["agent_id"])
+        if not intent:
+            repo = os.path.basename(self.loc.store_root)
+            intent = _ROLE_INTENTS.get(reg["role"], "Working in %s") % repo
+        it = self.session_set_intent(intent, agent=reg["agent_id"])
+        return {"register": reg, "session": ses, "intent": it}
+
+    def whoami(self, agent=None):
+        """My identity and session."""
+        ident = self.me(agent)
+        ses = self._open_session(ident["agent_id"])
+        fields = self._agent_fields(ident["agent_id"])
+        return {"agent_id": ident["agent_id"], "role": ident.get("role"),
+                "module": ident.get("module"), "display": ident.get("display"),
+                "worktree": ident.get("worktree"),
+                "intent": fields.get("intent", ident.get("intent")),
+                "task": fields.get("task"), "branch": fields.get("branch"),
+                "session_id": ses[0] if ses else None,
+                "session_started_at": ses[1] if ses else None,
+                "tmux_session": ident.get("tmux_session"),
+                "identity_file": ident.get("identity_file")}
+
+    def _agent_fields(self, agent_id):
+        return {f: json.loads(v) for f, v in self.index.q(
+            "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
+
+    def agent_list(self, context=False, include_deleted=False):
+        """Registered agents with their work context."""
+        return {"agents": self._members(all_agents=True, with_files=context)}
+
+    def _members(self, all_agents, with_files=False, me=None):
+        db = self.index
+        counts = {r[0]: (r[1], r[2]) for r in db.q(
+            "SELECT agent_id, count(*), sum(read_at IS NULL) FROM deliveries "
+            "WHERE deleted = 0 GROUP BY agent_id")}
+        fields = {}
+        for aid, f, v in db.q("SELECT agent_id, field, value FROM agent_fields"):
+            fields.setdefault(aid, {})[f] = json.loads(v)
+        seen = dict(db.q("SELECT agent_id, ts FROM seen"))
+        sessions = {r[0]: (r[1], r[2]) for r in db.q(
+            "SELECT agent_id, session_id, max(started_at) FROM sessions WHERE ended_at IS "
+            "NULL AND started_at IS NOT NULL GROUP BY agent_id")}
+        out = []
+        for aid, role, module, display, wt, host, reg in db.q(
+                "SELECT agent_id, role, module, display, worktree, hostname, registered_at "
+                "FROM agents WHERE " + ACTIVE_AGENT_SQL + " ORDER BY agent_id"):
+            ses = sessions.get(aid)
+            if not all_agents and not ses:
+                continue
+            f = fields.get(aid, {})
+            total, unread = counts.get(aid, (0, 0))
+            m = {"agent_id": aid, "role": role, "module": module, "display": display,
+                 "status": "active" if ses else "offline",
+                 "intent": f.get("intent"), "task": f.get("task"),
+                 "branch": f.get("branch"), "last_seen_at": seen.get(aid) or reg,
+                 "session_id": ses[0] if ses else None,
+                 "session_started_at": ses[1] if ses else None,
+                 "worktree": wt, "hostname": host, "registered_at": reg,
+                 "unread": unread or 0, "total": total}
+            if with_files:
+                m["files"] = f.get("files") or []
+            out.append(m)
+        return out
+
+    def agent_delete(self, name, force=False, agent=None):
+        """Delete an agent (needs force). Removes its identity file when local."""
+        self._require_store()
+        row = self._require_agent(name)
+        if not force:
+            raise RefusedError("deleting agent @%s needs --force" % row[0],
+                               hint="thrum agent delete %s --force" % row[0])
+        by = None
+        try:
+            by = self.me(agent)["agent_id"]
+        except ThrumError:
+            pass
+        self._emit([self._event("agent.delete", agent_id=row[0], by=by or row[0])])
+        removed = None
+        if row[4] and (row[5] in (None, os.uname().nodename)):
+            path = self._identity_file(row[0], row[4])
+            try:
+                os.unlink(path)
+                removed = path
+            except FileNotFoundError:
+                pass
+        return {"agent_id": row[0], "deleted": True, "identity_file_removed": removed}
+
+    def agent_cleanup(self, dry_run=False, force=False, agent=None):
+        """Find agents whose worktree is gone (on this host) or silent too long."""
+        if dry_run and force:
+            raise UsageError("--dry-run and --force cannot be used together")
+        stale = self.config.get("agents.stale_after")
+        cutoff = now_ts(time.time() - parse_duration(stale))
+        host = os.uname().nodename
+        orphans = []
+        for m in self._members(all_agents=True):
+            reasons = []
+            if m["hostname"] == host and m["worktree"] and not os.path.isdir(m["worktree"]):
+                reasons.append("worktree missing")
+            if (m["last_seen_at"] or "") < cutoff:
+                reasons.append("silent since %s" % (m["last_seen_at"] or "registration"))
+            if reasons:
+                orphans.append({"agent_id": m["agent_id"], "role": m["role"],
+                                "worktree": m["worktree"], "last_seen_at": m["last_seen_at"],
+                                "reasons": reasons})
+        deleted = []
+        if force and orphans:
+            for o in orphans:
+                self.agent_delete(o["agent_id"], force=True, agent=agent)
+                deleted.append(o["agent_id"])
+        return {"orphans": orphans, "deleted": deleted, "dry_run": not force,
+                "stale_after": stale}
+
+    # -- sessions & work context -----------------------------------------------
+    def session_start(self, pid=None, agent=None):
+        """Start a session, ending any open one (reason `superseded`)."""
+        ident = self.me(agent)
+        aid = ident["agent_id"]
+        events = [self._event("agent.session.end", agent_id=aid, session_id=r[0],
+                              reason="superseded") for r in self.index.q(
+            "SELECT session_id FROM sessions WHERE agent_id = ? AND ended_at IS NULL "
+            "AND started_at IS NOT NULL", (aid,))]
+        sid = new_id("ses_")
+        fields = {"pid": int(pid)} if pid else {}
+        start = self._event("agent.session.start", agent_id=aid, session_id=sid, **fields)
+        events.append(start)
+        self._emit(events)
+        ident["session_id"] = sid
+        if pid:
+            ident["pid"] = int(pid)
+        if ident.get("identity_file"):
+            self._write_identity(ident)
+        return {"session_id": sid, "agent_id": aid, "started_at": start["timestamp"],
+                "ended": [e["session_id"] for e in events[:-1]]}
+
+    def session_end(self, reason="normal", session_id=None, agent=None):
+        ident = self.me(agent)
+        aid = ident["agent_id"]
+        if session_id:
+            row = self.index.q1("SELECT session_id, started_at FROM sessions WHERE "
+                                "session_id = ? AND agent_id = ? AND ended_at IS NULL",
+                                (session_id, aid))
+        else:
+            row = self._open_session(aid)
+        if row is None:
+            raise NotFoundError("no open session to end for @%s" % aid,
+                                hint="start one with 'thrum session start'")
+        reason = _check_text(reason or "normal", "reason", 200)
+        ev = self._event("agent.session.end", agent_id=aid, session_id=row[0], reason=reason)
+        self._emit([ev])
+        if ident.get("session_id") == row[0] and ident.get("identity_file"):
+            ident["session_id"] = None
+            self._write_identity(ident)
+        dur = parse_ts(ev["timestamp"]) - parse_ts(row[1]) if row[1] else None
+        return {"session_id": row[0], "agent_id": aid, "ended_at": ev["timestamp"],
+                "duration_ms": int(dur * 1000) if dur is not None else None,
+                "reason": reason}
+
+    def session_list(self, agent_filter=None, active=False, agent=None):
+        if agent_filter:
+            aid = self._require_agent(agent_filter)[0]
+        else:
+            aid = self.me(agent)["agent_id"]
+        sql = ("SELECT session_id, agent_id, started_at, ended_at, end_reason FROM sessions "
+               "WHERE agent_id = ?" + (" AND ended_at IS NULL" if active else "") +
+               " ORDER BY started_at DESC")
+        return {"sessions": [
+            {"session_id": r[0], "agent_id": r[1], "started_at": r[2], "ended_at": r[3],
+             "end_reason": r[4], "status": "ended" if r[3] else "active"}
+            for r in self.index.q(sql, (aid,))]}
+
+    def _update_fields(self, aid, **fields):
+        ev = self._event("agent.update", agent_id=aid, **fields)
+        self._emit([ev])
+        return ev
+
+    def session_set_intent(self, text, agent=None):
+        ident = self.me(agent)
+        text = _check_text(text, "intent", 1000, allow_empty=True)
+        ev = self._update_fields(ident["agent_id"], intent=text)
+        if ident.get("identity_file"):
+            ident["intent"] = text
+            self._write_identity(ident)
+        ses = self._open_session(ident["agent_id"])
+        return {"agent_id": ident["agent_id"], "session_id": ses[0] if ses else None,
+                "intent": text, "intent_updated_at": ev["timestamp"]}
+
+    def session_set_task(self, text, agent=None):
+        ident = self.me(agent)
+        text = _check_text(text, "task", 1000, allow_empty=True)
+        ev = self._update_fields(ident["agent_id"], task=text)
+        ses = self._open_session(ident["agent_id"])
+        return {"agent_id": ident["agent_id"], "session_id": ses[0] if ses else None,
+                "task": text, "task_updated_at": ev["timestamp"]}
+
+    def session_heartbeat(self, agent=None):
+        """Record liveness and my worktree's git state (branch, changed files)."""
+        ident = self.me(agent)
+        ses = self._open_session(ident["agent_id"])
+        if ses is None:
+            raise NotFoundError("no open session for @%s" % ident["agent_id"],
+                                hint="start one with 'thrum session start'")
+        wc = work_context(ident.get("worktree") or self.loc.worktree)
+        ev = self._update_fields(ident["agent_id"], branch=wc.get("branch"),
+                                 files=wc.get("files", []))
+        return {"agent_id": ident["agent_id"], "session_id": ses[0],
+                "last_seen_at": ev["timestamp"], "branch": wc.get("branch"),
+                "files": wc.get("files", [])}
+
+    # -- context -------------------------------------------------------------------
+    def _context_path(self, name):
+        return _safe_name_path(os.path.join(self._require_store(), "context"), name, ".md")
+
+    def _context_agent(self, agent_filter, agent):
+        if agent_filter:
+            return self._require_agent(agent_filter)[0]
+        return self.me(agent)["agent_id"]
+
+    def context_save(self, content, agent_filter=None, agent=None):
+        name = self._context_agent(agent_filter, agent)
+        if not isinstance(content, str):
+            raise UsageError("context must be text")
+        path = self._context_path(name)
+        _write_file_atomic(path, content, 0o600)
+        return {"agent_id": name, "path": path, "bytes": len(content.encode("utf-8"))}
+
+    def context_show(self, agent_filter=None, agent=None):
+        name = self._context_agent(agent_filter, agent)
+        path = self._context_path(name)
+        text = _read_text(path)
+        st = os.stat(path) if text is not None else None
+        return {"agent_id": name, "path": path, "content": text,
+                "bytes": len(text.encode("utf-8")) if text is not None else 0,
+                "updated_at": now_ts(st.st_mtime) if st else None}
+
+    def context_clear(self, agent_filter=None, agent=None):
+        name = self._context_agent(agent_filter, agent)
+        path = self._context_path(name)
+        try:
+            os.unlink(path)
+            existed = True
+        except FileNotFoundError:
+            existed = False
+        return {"agent_id": name, "cleared": existed}
+
+    # -- addressing ------------------------------------------------------------------
+    def _group_members(self, name):
+        """Agent names of a group (agents and role members), now."""
+        agents = self._active_agents()
+        out = set()
+        for mtype, member in self.index.q(
+                "SELECT gm.member_type, gm.member FROM group_members gm JOIN groups g "
+                "ON g.name = gm.name WHERE gm.name = ? AND gm.add_key IS NOT NULL AND "
+                "(gm.remove_key IS NULL OR gm.add_key > gm.remove_key) AND "
+                "(g.delete_key IS NULL OR gm.add_key > g.delete_key)", (name,)):
+            if mtype == "agent" and member in agents:
+                out.add(member)
+            elif mtype == "role":
+                out.update(a for a, r in agents.items() if r == member)
+        return out
+
+    def resolve_targets(self, targets, me):
+        """Targets -> (recipients, audiences, unknown). SPEC §5."""
+        agents = self._active_agents()
+        groups = self._active_groups()
+        recipients, audiences, unknown = [], [], []
+
+        def add(names):
+            for n in sorted(names):
+                if n not in recipients:
+                    recipients.append(n)
+        for raw in targets:
+            t = _strip_at(raw.strip()) if isinstance(raw, str) else raw
+            if not isinstance(t, str) or not t:
+                unknown.append(str(raw))
+                continue
+            if t == "everyone":
+                aud = {"type": "everyone", "value": "everyone"}
+                add(a for a in agents if a != me)
+            elif t in agents:
+                aud = {"type": "agent", "value": t}
+                add([t])
+            elif t in groups:
+                aud = {"type": "group", "value": t}
+                add(self._group_members(t) - {me})
+            elif t in set(agents.values()):
+                aud = {"type": "role", "value": t}
+                add(a for a, r in agents.items() if r == t and a != me)
+            else:
+                unknown.append("@" + t)
+                continue
+            if aud not in audiences:
+                audiences.append(aud)
+        return recipients, audiences, unknown
+
+    def _check_body(self, content, fmt="markdown", structured=None):
+        if not isinstance(content, str):
+            raise UsageError("message body must be text")
+        if not content.strip():
+            raise UsageError("empty message body",
+                             hint="pass the text as an argument, with --stdin or --body-file")
+        limit = self.config.get("messages.max_body_bytes")
+        size = len(content.encode("utf-8"))
+        if size > limit:
+            raise UsageError("message body is %d bytes, over the limit of %d bytes"
+                             % (size, limit),
+                             hint="shorten it, or raise messages.max_body_bytes")
+        if fmt not in BODY_FORMATS:
+            raise UsageError("invalid format %r (must be markdown, plain or json)" % fmt)
+        if structured is not None:
+            if isinstance(structured, str):
+                try:
+                    structured = json.loads(structured)
+                except ValueError as e:
+                    raise UsageError("invalid --structured data: not JSON (%s)" % e)
+            if not isinstance(structured, dict):
+                raise UsageError("invalid --structured data: must be a JSON object")
+        body = {"format": fmt, "content": content}
+        if structured is not None:
+            body["structured"] = structured
+        return body
+
+    def send(self, content, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
+             fmt="markdown", structured=None, agent=None, _reply=None):
+        """Send a message. Returns {message_id, thread_id, created_at, recipients,
+        audiences, warnings}. Stores nothing on any error."""
+        ident = self.me(agent)
+        me = ident["agent_id"]
+        targets = list(to or ())
+        if broadcast:
+            targets.append("everyone")
+        mention_list = [_strip_at(m.strip()) for m in mentions or () if isinstance(m, str)]
+        if not targets and not mention_list and _reply is None:
+            raise UsageError("missing recipient",
+                             hint="add --to @agent (or a role, group, everyone), "
+                                  "--mention @x, or --broadcast")
+        body = self._check_body(content, fmt, structured)
+        scopes = [parse_tag(s, "scope") for s in scopes or ()]
+        refs = [parse_tag(r, "ref") for r in refs or ()]
+        warnings = []
+        if _reply is not None:
+            recipients, audiences, reply_to, thread_id = _reply
+        else:
+            recipients, audiences, unknown = self.resolve_targets(targets + mention_list, me)
+            if unknown:
+                raise UsageError("unknown recipient%s: %s" % (
+                    "s" if len(unknown) > 1 else "", ", ".join(unknown)),
+                    hint="see registered agents, roles and groups with 'thrum team --all' "
+                         "and 'thrum group list'")
+            reply_to = thread_id = None
+            for m in mention_list:
+                ref = {"type": "mention", "value": m}
+                if ref not in refs:
+                    refs.append(ref)
+        if not recipients:
+            warnings.append("no agent received this message (the targets have no other "
+                            "members)")
+        ses = self._open_session(me)
+        fields = dict(message_id=new_id("msg_"), agent_id=me,
+                      session_id=ses[0] if ses else None, body=body,
+                      recipients=recipients, audiences=audiences, scopes=scopes, refs=refs)
+        if reply_to:
+            fields["reply_to"] = reply_to
+            fields["thread_id"] = thread_id
+        ev = self._event("message.create", **fields)
+        self._emit([ev])
+        self._notify(ev)
+        return {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
+                "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
+                "recipients": recipients, "audiences": audiences, "warnings": warnings}
+
+    def _notify(self, ev):
+        """Hook for delivery nudges (tmux) after a message is written."""
+
+    def reply(self, message_id, content, fmt="markdown", structured=None, scopes=(),
+              refs=(), agent=None):
+        """Reply to a message: its author and recipients except me; joins its thread."""
+        ident = self.me(agent)
+        me = ident["agent_id"]
+        mid = self.resolve_message_id(message_id)
+        parent = self.index.q1("SELECT agent_id, recipients, thread_id FROM messages "
+                               "WHERE message_id = ?", (mid,))
+        agents = self._active_agents()
+        recips = []
+        for n in [parent[0]] + json.loads(parent[1]):
+            if n != me and n in agents and n not in recips:
+                recips.append(n)
+        if not recips:
+            raise UsageError("nobody to reply to: %s was only between you and yourself"
+                             % mid)
+        thread = parent[2] or new_id("thr_")
+        res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
+                        agent=me, _reply=(recips, [{"type": "agent", "value": n}
+                                                   for n in recips], mid, thread))
+        self._mark_read(me, [mid])
+        return res
+
+    # -- reading -----------------------------------------------------------------------
+    _MSG_COLS = ("m.message_id, m.thread_id, m.reply_to, m.agent_id, m.recipients, "
+                 "m.audiences, m.format, m.content, m.structured, m.scopes, m.refs, "
+                 "m.created_at, m.updated_at, m.deleted, m.version, m.session_id")
+
+    @staticmethod
+    def _msg(row, is_read):
+        return {"message_id": row[0], "thread_id": row[1], "reply_to": row[2],
+                "agent_id": row[3], "recipients": json.loads(row[4]),
+                "audiences": json.loads(row[5]),
+                "body": {"format": row[6], "content": row[7],
+                         "structured": json.loads(row[8]) if row[8] else None},
+                "scopes": json.loads(row[9]), "refs": json.loads(row[10]),
+                "created_at": row[11], "updated_at": row[12], "deleted": bool(row[13]),
+                "version": row[14], "session_id": row[15], "is_read": bool(is_read)}
+
+    def resolve_message_id(self, text):
+        """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14."""
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError("missing message id")
+        s = text.strip()
+        if s[:4].lower() == "msg_":
+            s = s[4:]
+        s = s.upper()
+        if not s or not set(s) <= _ULID_CHARS or len(s) > 26:
+            raise UsageError("invalid message id %r" % text)
+        if len(s) < 8:
+            raise UsageError("message id prefix %r is too short: give at least 8 "
+                             "characters after msg_" % text)
+        rows = self.index.q("SELECT message_id FROM messages WHERE message_id >= ? AND "
+                            "message_id < ? ORDER BY message_id LIMIT 6",
+                            ("msg_" + s, "msg_" + s + "~"))
+        if not rows:
+            raise NotFoundError("message not found: %s" % text)
+        if len(rows) > 1:
+            raise UsageError("message id prefix %r is ambiguous: matches %s%s" % (
+                text, ", ".join(r[0] for r in rows[:5]), ", ..." if len(rows) > 5 else ""),
+                hint="give more characters")
+        return rows[0][0]
+
+    def _mark_read(self, me, mids):
+        """Write receipts for the given messages addressed to me and still unread."""
+        if not mids:
+            return 0
+        todo = []
+        for i in range(0, len(mids), 500):
+            chunk = list(mids[i:i + 500])
+            todo += [r[0] for r in self.index.q(
+                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
+                "AND message_id IN (%s)" % ",".join("?" * len(chunk)), [me] + chunk)]
+        if todo:
+            self._emit([self._event("message.receipt", message_id=m, agent_id=me)
+                        for m in todo])
+        return len(todo)
+
+    def inbox(self, unread=False, mentions=False, scope=None, ref=None, sender=None,
+              thread=None, all=False, limit=10, page=1, oldest=False, mark_read=None,
+              agent=None):
+        """Messages to me, newest first (SPEC §6, §14). Marks displayed rows read
+        unless `unread` (or mark_read=False). `unread` in the result is the count
+        before marking."""
+        ident = self.me(agent)
+        me, role = ident["agent_id"], ident.get("role")
+        limit, page = self._paging(limit, page)
+        where, params = [], []
+        if all:
+            frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
+                   "d.agent_id = ?")
+            params.append(me)
+            where.append("m.deleted = 0")
+            order_col = "m.created_at"
+        else:
+            frm = "deliveries d JOIN messages m ON m.message_id = d.message_id"
+            where += ["d.agent_id = ?", "d.deleted = 0"]
+            params.append(me)
+            order_col = "d.created_at"
+        if mentions:
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
+                         "AND t.kind = 'aud' AND ((t.type = 'agent' AND t.value = ?) OR "
+                         "(t.type = 'role' AND t.value = ?)))")
+            params += [me, role]
+        for kind, text in (("scope", scope), ("ref", ref)):
+            if text:
+                tag = parse_tag(text, kind)
+                where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id"
+                             " AND t.kind = ? AND t.type = ? AND t.value = ?)")
+                params += [kind, tag["type"], tag["value"]]
+        if sender:
+            where.append("m.agent_id = ?")
+            params.append(self._require_agent(sender)[0])
+        if thread:
+            tid = self._resolve_thread(thread)
+            where.append("(m.thread_id = ? OR m.message_id = ?)")
+            params += [tid, tid]
+        unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
+        base_where = " AND ".join(where)
+        if unread:
+            where.append(unread_sql)
+        wsql = " AND ".join(where)
+        total = self.index.q1("SELECT count(*) FROM %s WHERE %s" % (frm, wsql), params)[0]
+        n_unread = self.index.q1("SELECT count(*) FROM %s WHERE %s AND %s"
+                                 % (frm, base_where, unread_sql), params)[0]
+        rows = self.index.q(
+            "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL, d.agent_id IS NOT NULL "
+            "FROM %s WHERE %s ORDER BY %s %s, m.message_id %s LIMIT ? OFFSET ?" % (
+                self._MSG_COLS, frm, wsql, order_col, "ASC" if oldest else "DESC",
+                "ASC" if oldest else "DESC"), params + [limit, (page - 1) * limit])
+        msgs = [self._msg(r, r[16]) for r in rows]
+        if mark_read is None:
+            mark_read = not unread
+        if mark_read:
+            self._mark_read(me, [m["message_id"] for m, r in zip(msgs, rows)
+                                 if r[17] and not m["is_read"]])
+        return {"messages": msgs, "total": total, "unread": n_unread, "page": page,
+                "page_size": limit, "total_pages": max(1, -(-total // limit)),
+                "agent_id": me}
+
+    @staticmethod
+    def _paging(limit, page):
+        try:
+            limit, page = int(limit), int(page)
+        except (TypeError, ValueError):
+            raise UsageError("--limit and --page must be whole numbers")
+        if limit < 1 or limit > 1000:
+            raise UsageError("--limit must be between 1 and 1000")
+        if page < 1:
+            raise UsageError("--page must be 1 or more")
+        return limit, page
+
+    def _resolve_thread(self, text):
+        t = text.strip()
+        if t.startswith("thr_"):
+            if not self.index.q1("SELECT 1 FROM messages WHERE thread_id = ?", (t,)):
+                raise NotFoundError("thread not found: %s" % t)
+            return t
+        mid = self.resolve_message_id(t)
+        row = self.index.q1("SELECT thread_id FROM messages WHERE message_id = ?", (mid,))
+        return row[0] or mid
+
+    def sent(self, to=None, unread=False, limit=10, page=1, agent=None):
+        """What I sent, newest first, with per-recipient read state."""
+        ident = self.me(agent)
+        me = ident["agent_id"]
+        limit, page = self._paging(limit, page)
+        where, params = ["m.agent_id = ?", "m.deleted = 0"], [me]
+        if to:
+            t = _strip_at(to)
+            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
+                         "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
+                         "WHERE t.message_id = m.message_id AND t.kind = 'aud' AND "
+                         "t.value = ?))")
+            params += [t, t]
+        if unread:
+            where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
+                         "m.message_id AND x.read_at IS NULL)")
+        wsql = " AND ".join(where)
+        total = self.index.q1("SELECT count(*) FROM messages m WHERE " + wsql, params)[0]
+        rows = self.index.q("SELECT %s FROM messages m WHERE %s ORDER BY m.created_at DESC, "
+                            "m.message_id DESC LIMIT ? OFFSET ?" % (self._MSG_COLS, wsql),
+                            params + [limit, (page - 1) * limit])
+        msgs = []
+        for r in rows:
+            m = self._msg(r, True)
+            m["receipts"] = self._receipts(m)
+            m["read_count"] = sum(1 for x in m["receipts"] if x["read_at"])
+            msgs.append(m)
+        return {"messages": msgs, "total": total, "page": page, "page_size": limit,
+                "total_pages": max(1, -(-total // limit))}
+
+    def _receipts(self, m):
+        got = dict(self.index.q("SELECT agent_id, read_at FROM deliveries WHERE "
+                                "message_id = ?", (m["message_id"],)))
+        return [{"agent_id": a, "read_at": got.get(a)} for a in m["recipients"]]
+
+    def message_get(self, message_id, agent=None):
+        """One message with its edits and receipts; marks it read for me."""
+        self._require_store()
+        mid = self.resolve_message_id(message_id)
+        me = None
+        try:
+            me = self.me(agent)["agent_id"]
+        except NotSetUpError:
+            pass
+        row = self.index.q1("SELECT %s FROM messages m WHERE m.message_id = ?"
+                            % self._MSG_COLS, (mid,))
+        d = self.index.q1("SELECT read_at FROM deliveries WHERE message_id = ? AND "
+                          "agent_id = ?", (mid, me)) if me else None
+        m = self._msg(row, d is None or d[0] is not None)
+        m["edits"] = [{"edited_at": r[0], "content": r[1]} for r in self.index.q(
+            "SELECT ts, content FROM edits WHERE message_id = ? AND agent_id = ? "
+            "ORDER BY ts, event_id", (mid, m["agent_id"]))]
+        m["receipts"] = self._receipts(m)
+        dl = self.index.q1("SELECT deleted_at, delete_reason FROM messages WHERE "
+                           "message_id = ?", (mid,))
+        m["deleted_at"], m["delete_reason"] = dl
+        if me and not m["deleted"]:
+            self._mark_read(me, [mid])
+        return {"message": m}
+
+    def _own_message(self, message_id, me, verb):
+        mid = self.resolve_message_id(message_id)
+        author, deleted, fmt = self.index.q1(
+            "SELECT agent_id, deleted, format FROM messages WHERE message_id = ?", (mid,))
+        if author != me:
+            raise RefusedError("only the author can %s %s (author: @%s, you: @%s)"
+                               % (verb, mid, author, me))
+        if deleted:
+            raise RefusedError("cannot %s %s: it was deleted" % (verb, mid))
+        return mid, fmt
+
+    def message_edit(self, message_id, content, fmt=None, structured=None, agent=None):
+        """Replace a message's body (author only). Returns {message_id, updated_at, version}."""
+        me = self.me(agent)["agent_id"]
+        mid, old_fmt = self._own_message(message_id, me, "edit")
+        body = self._check_body(content, fmt or old_fmt, structured)
+        ev = self._event("message.edit", message_id=mid, agent_id=me, body=body)
+        self._emit([ev])
+        version = self.index.q1("SELECT version FROM messages WHERE message_id = ?", (mid,))[0]
+        return {"message_id": mid, "updated_at": ev["timestamp"], "version": version}
+
+    def message_delete(self, message_id, force=False, reason=None, agent=None):
+        """Soft-delete my message (needs force)."""
+        me = self.me(agent)["agent_id"]
+        mid, _ = self._own_message(message_id, me, "delete")
+        if not force:
+            raise RefusedError("deleting %s needs --force" % mid,
+                               hint="thrum message delete %s --force" % mid)
+        fields = {"reason": _check_text(reason, "reason", 500)} if reason else {}
+        ev = self._event("message.delete", message_id=mid, agent_id=me, **fields)
+        self._emit([ev])
+        return {"message_id": mid, "deleted_at": ev["timestamp"]}
+
+    def message_read(self, message_ids=(), all=False, agent=None):
+        """Mark messages (or all my unread) read. Returns {marked_count}."""
+        me = self.me(agent)["agent_id"]
+        if not message_ids and not all:
+            raise UsageError("give message ids or --all")
+        if all:
+            mids = [r[0] for r in self.index.q(
+                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
+                "AND deleted = 0", (me,))]
+        else:
+            mids = [self.resolve_message_id(m) for m in message_ids]
+        return {"marked_count": self._mark_read(me, mids), "message_ids": mids}
+
+    # -- waiting -------------------------------------------------------------------
+    def wait(self, timeout=30.0, after=None, unread=False, scope=None, agent=None,
+             poll=0.05, wake=None):
+        """Block until a message to me (not by me) arrives after the start point.
+
+        Returns {status: received|timeout, messages}. Marks nothing read. `wake`
+        is an optional callable(seconds) that sleeps or returns early (daemon).
+        """
+        ident = self.me(agent)
+        me = ident["agent_id"]
+        timeout = float(timeout)
+        if timeout < 0 or timeout > MAX_TIMEOUT:
+            raise UsageError("--timeout must be between 0 and 24h")
+        if after is None:
+            start = time.time() - 1.0
+        else:
+            start = float(after)
+        tag = parse_tag(scope, "scope") if scope else None
+        where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
+        params = [me, me]
+        if tag:
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
+                         "AND t.kind = 'scope' AND t.type = ? AND t.value = ?)")
+            params += [tag["type"], tag["value"]]
+        base = ("SELECT %s, d.read_at IS NOT NULL FROM deliveries d JOIN messages m ON "
+                "m.message_id = d.message_id WHERE %s" % (self._MSG_COLS, " AND ".join(where)))
+        if unread:
+            rows = self.index.q(base + " AND d.read_at IS NULL ORDER BY d.created_at", params)
+            if rows:
+                return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
+        since = now_ts(start)
+        deadline = time.monotonic() + timeout
+        sleep = wake or time.sleep
+        while True:
+            rows = self.index.q(base + " AND d.created_at > ? ORDER BY d.created_at",
+                                params + [since])
+            if rows:
+                return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"status": "timeout", "messages": []}
+            sleep(min(poll, left))
+            self.index.catch_up()
+
+    # -- team & status --------------------------------------------------------------
+    def team(self, all=False):
+        """Agents with an open session (all=True: everyone)."""
+        return {"members": self._members(all_agents=all)}
+
+    def _inbox_counts(self, me):
+        r = self.index.q1("SELECT count(*), coalesce(sum(read_at IS NULL), 0) FROM "
+                          "deliveries WHERE agent_id = ? AND deleted = 0", (me,))
+        return {"total": r[0], "unread": r[1]}
+
+    def status(self, agent=None):
+        """Me, my session, inbox counts, daemon and sync state."""
+        who = self.whoami(agent)
+        ses = ({"session_id": who["session_id"], "started_at": who["session_started_at"]}
+               if who["session_id"] else None)
+        sync = self.sync_status()
+        return {"agent": who, "session": ses, "inbox": self._inbox_counts(who["agent_id"]),
+                "daemon": self.daemon_info(),
+                "sync": {"state": sync["state"], "last_sync_at": sync["last_sync_at"],
+                         "remote": sync["remote"], "last_error": sync["last_error"]}}
+
+    def daemon_info(self):
+        """Whether a daemon runs for this store (pid file + live pid)."""
+        info = {"running": False, "pid": None}
+        text = _read_text(os.path.join(self.loc.var, "daemon.pid")) if self.loc.store else None
+        if text:
+            try:
+                data = json.loads(text)
+                if _pid_alive(data.get("pid")):
+                    info = {"running": True, "pid": data.get("pid"),
+                            "socket": data.get("socket")}
+            except (ValueError, AttributeError):
+                pass
+        return info
+
+    def overview(self, agent=None):
+        st = self.status(agent)
+        st["team"] = self._members(all_agents=False)
+        return st
+
+    def prime(self, agent=None):
+        """Recovery briefing after a restart: nothing is marked read."""
+        who = self.whoami(agent)
+        me = who["agent_id"]
+        rows = self.index.q(
+            "SELECT %s, 0 FROM deliveries d JOIN messages m ON m.message_id = d.message_id "
+            "WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL "
+            "ORDER BY d.created_at" % self._MSG_COLS, (me,))
+        ctx = self.context_show(agent=me)
+        wc = work_context(who.get("worktree") or self.loc.worktree)
+        wc["intent"], wc["task"] = who.get("intent"), who.get("task")
+        return {"agent": who,
+                "session": {"session_id": who["session_id"],
+                            "started_at": who["session_started_at"]}
+                if who["session_id"] else None,
+                "unread": [self._msg(r, False) for r in rows],
+                "inbox": self._inbox_counts(me),
+                "team": self._members(all_agents=False),
+                "work_context": wc,
+                "context": ctx["content"]}
+
+    def ping(self, name):
+        """Is the agent active; last seen; intent."""
+        row = self._require_agent(name)
+        for m in self._members(all_agents=True):
+            if m["agent_id"] == row[0]:
+                return m
+        raise NotFoundError("unknown agent @%s" % name)  # pragma: no cover
+
+    def who_has(self, path):
+        """Agents whose worktree has PATH changed or uncommitted (asks git live for
+        local worktrees; uses the last recorded context for others)."""
+        self._require_store()
+        rel = self._repo_relpath(path)
+        host = os.uname().nodename
+        found = []
+        for m in self._members(all_agents=True, with_files=True):
+            wt = m["worktree"]
+            if m["hostname"] == host and wt and os.path.isdir(wt):
+                wc = work_context(wt)
+                files, branch, live = wc.get("files", []), wc.get("branch"), True
+            else:
+                files, branch, live = m.get("files") or [], m.get("branch"), False
+            for f in files:
+                if f.get("path") == rel:
+                    found.append({"agent_id": m["agent_id"], "branch": branch,
+                                  "status": f.get("status"), "live": live,
+                                  "worktree": wt})
+                    break
+        return {"path": rel, "agents": found}
+
+    def _repo_relpath(self, path):
+        if not path or not isinstance(path, str):
+            raise UsageError("who-has needs a PATH")
+        root = os.path.realpath(self.loc.worktree)
+        ap = os.path.realpath(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+        if ap == root or ap.startswith(root + os.sep):
+            return os.path.relpath(ap, root).replace(os.sep, "/")
+        if os.path.isabs(path):
+            # A path inside another worktree of this clone: strip that worktree root.
+            for m in self._members(all_agents=True):
+                wt = m["worktree"] and os.path.realpath(m["worktree"])
+                if wt and ap.startswith(wt + os.sep):
+                    return os.path.relpath(ap, wt).replace(os.sep, "/")
+            raise UsageError("%s is outside this repository (%s)" % (path, root))
+        return os.path.normpath(path).replace(os.sep, "/")
+
+    # -- groups -----------------------------------------------------------------------
+    def _group_row(self, name):
+        return self.index.q1("SELECT name, group_id, description, created_by, created_at "
+                             "FROM groups WHERE name = ? AND create_key IS NOT NULL AND "
+                             "(delete_key IS NULL OR create_key > delete_key)", (name,))
+
+    def _by(self, agent):
+        try:
+            return self.me(agent)["agent_id"]
+        except NotSetUpError:
+            return None
+
+    def group_create(self, name, description=None, agent=None):
+        self._require_store()
+        name = _check_name(_strip_at(name), "group name")
+        description = _check_text(description, "description", 500)
+        agents = self._active_agents()
+        if name in agents:
+            raise UsageError("group name %r is already an agent name" % name)
+        if name in set(agents.values()):
+            raise UsageError("group name %r is already a role" % name)
+        if self._group_row(name):
+            raise RefusedError("group %r already exists" % name)
+        ev = self._event("group.create", group=name, group_id=new_id("grp_"),
+                         description=description, by=self._by(agent))
+        self._emit([ev])
+        return {"group": name, "group_id": ev["group_id"], "description": description,
+                "created_at": ev["timestamp"]}
+
+    def _require_group(self, name):
+        name = _strip_at(name)
+        row = self._group_row(name) if NAME_RE_OK(name or "") else None
+        if row is None:
+            raise NotFoundError("unknown group %r" % name,
+                                hint="see groups with 'thrum group list'")
+        return row
+
+    def group_delete(self, name, agent=None):
+        self._require_store()
+        row = self._require_group(name)
+        self._emit([self._event("group.delete", group=row[0], by=self._by(agent))])
+        return {"group": row[0], "deleted": True}
+
+    def _parse_members(self, members):
+        out = []
+        agents = self._active_agents()
+        for raw in members:
+            if not isinstance(raw, str) or not raw.strip():
+                raise UsageError("empty group member")
+            s = raw.strip()
+            if s.startswith("role:"):
+                role = s[5:]
+                _check_name(role, "role")
+                out.append(("role", role))
+            else:
+                name = _strip_at(s)
+                if not NAME_RE_OK(name):
+                    raise UsageError("invalid member %r: use @agent or role:ROLE" % raw)
+                if name not in agents:
+                    raise NotFoundError("unknown agent @%s" % name,
+                                        hint="roles need the role: prefix, e.g. role:%s"
+                                        % name)
+                out.append(("agent", name))
+        if not out:
+            raise UsageError("give at least one member (@agent or role:ROLE)")
+        return out
+
+    def group_add(self, name, members, agent=None):
+        self._require_store()
+        row = self._require_group(name)
+        parsed = self._parse_members(members)
+        by = self._by(agent)
+        self._emit([self._event("group.member.add", group=row[0], member_type=t, member=m,
+                                by=by) for t, m in parsed])
+        return self.group_info(row[0])
+
+    def group_remove(self, name, members, agent=None):
+        self._require_store()
+        row = self._require_group(name)
+        current = {(m["type"], m["value"]) for m in self.group_info(row[0])["members"]}
+        parsed = []
+        for raw in members:
+            s = raw.strip()
+            key = ("role", s[5:]) if s.startswith("role:") else ("agent", _strip_at(s))
+            if key not in current:
+                raise NotFoundError("%s is not a member of group %s" % (raw, row[0]))
+            parsed.append(key)
+        by = self._by(agent)
+        self._emit([self._event("group.member.remove", group=row[0], member_type=t,
+                                member=m, by=by) for t, m in parsed])
+        return self.group_info(row[0])
+
+    def group_list(self):
+        self._require_store()
+        out = []
+        for name, gid, desc, by, at in self.index.q(
+                "SELECT name, group_id, description, created_by, created_at FROM groups "
+                "WHERE create_key IS NOT NULL AND (delete_key IS NULL OR "
+                "create_key > delete_key) ORDER BY name"):
+            info = self.group_info(name)
+            out.append({"group": name, "group_id": gid, "description": desc,
+                        "created_by": by, "created_at": at,
+                        "member_count": len(info["members"]),
+                        "agents": info["agents"]})
+        return {"groups": out}
+
+    def group_info(self, name):
+        self._require_store()
+        row = self._require_group(name)
+        members = [{"type": t, "value": m, "added_by": b, "added_at": a}
+                   for t, m, b, a in self.index.q(
+                       "SELECT gm.member_type, gm.member, gm.added_by, gm.added_at FROM "
+                       "group_members gm JOIN groups g ON g.name = gm.name WHERE gm.name = ? "
+                       "AND gm.add_key IS NOT NULL AND (gm.remove_key IS NULL OR "
+                       "gm.add_key > gm.remove_key) AND (g.delete_key IS NULL OR "
+                       "gm.add_key > g.delete_key) ORDER BY gm.member_type, gm.member",
+                       (row[0],))]
+        return {"group": row[0], "group_id": row[1], "description": row[2],
+                "created_by": row[3], "created_at": row[4], "members": members,
+                "agents": sorted(self._group_members(row[0]))}
+
+    # -- config ---------------------------------------------------------------------------
+    def config_show(self):
+        return {"repo_file": self.config.repo_file, "user_file": self.config.user_file,
+                "values": {k: {"value": v, "source": s} for k, v, s in self.config.items()}}
+
+    def config_get(self, key):
+        if key not in CONFIG_KEYS:
+            raise UsageError("unknown config key %r" % key,
+                             hint="known keys: " + ", ".join(CONFIG_KEYS))
+        return {"key": key, "value": self.config.get(key), "source": self.config.source(key)}
+
+    def config_set(self, key, value):
+        self._require_store()
+        v = self.config.set(key, value)
+        return {"key": key, "value": v, "file": self.config.repo_file}
+
+    # -- health -------------------------------------------------------------------------------
+    def doctor(self, fix=False):
+        """Check (and with fix, repair) the index, log lines, sync worktree, daemon files.
+
+        Returns {ok, checks: [{name, ok, detail, fixed}]}.
+        """
+        self._require_store()
+        checks = []
+
+        def check(name, ok, detail, fixed=False):
+            checks.append({"name": name, "ok": bool(ok), "detail": detail, "fixed": fixed})
+        # log lines
+        torn = self.log.torn_files()
+        if torn and fix:
+            self.log.repair()
+        check("log: torn lines", not torn, ", ".join("%s (%d bytes)" % t for t in torn)
+              or "none", fixed=bool(torn and fix))
+        bad = 0
+        for rel, path, _ in self.log.files():
+            with open(path, "rb") as f:
+                data = f.read()
+            _, n = parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)
+            bad += n
+        check("log: corrupt lines", True, "%d corrupt line(s) are skipped" % bad
+              if bad else "none")
+        # index
+        problem = None
+        try:
+            idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
+            idx.open()
+            res = idx.db.execute("PRAGMA quick_check").fetchone()[0]
+            if res != "ok":
+                problem = "integrity check: %s" % res
+            else:
+                idx.catch_up()
+                problem = self._index_differs(idx)
+            idx.close()
+        except (sqlite3.DatabaseError, ThrumError) as e:
+            problem = str(e)
+        if problem and fix:
+            idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
+            idx.rebuild()
+            idx.close()
+        check("index", not problem, problem or "matches the log", fixed=bool(problem and fix))
+        # sync worktree
+        if self.loc.git_common:
+            try:
+                eng = SyncEngine(self)
+                issue = eng.worktree_problem()
+                if issue and fix:
+                    eng.ensure_branch_and_worktree()
+                check("sync worktree", not issue, issue or "ok", fixed=bool(issue and fix))
+            except ThrumError as e:
+                check("sync worktree", False, e.message)
+        # stale daemon files
+        pidf = os.path.join(self.loc.var, "daemon.pid")
+        if os.path.exists(pidf) and not self.daemon_info()["running"]:
+            if fix:
+                for n in ("daemon.pid", "thrum.sock"):
+                    try:
+                        os.unlink(os.path.join(self.loc.var, n))
+                    except FileNotFoundError:
+                        pass
+            check("daemon files", False, "stale daemon.pid (no such process)", fixed=fix)
+        ok = all(c["ok"] or c["fixed"] for c in checks)
+        return {"ok": ok, "checks": checks}
+
+    def _index_differs(self, idx):
+        """Compare the live index with a rebuild in memory; None when they agree."""
+        mem = Index(":memory:", self.log)
+        mem.db = sqlite3.connect(":memory:", isolation_level=None)
+        mem.db.executescript(_SCHEMA)
+        mem.db.execute("BEGIN")
+        evs = []
+        for rel, path, _ in self.log.files():
+            with open(path, "rb") as f:
+                data = f.read()
+            evs += parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)[0]
+        mem.apply(evs)
+        mem.db.execute("COMMIT")
+        for table, cols in (("messages", "message_id, content, deleted, thread_id, version"),
+                            ("deliveries", "agent_id, message_id, read_at, deleted"),
+                            ("agents", "agent_id, role, reg_key, del_key")):
+            a = idx.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
+            b = mem.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
+            if a != b:
+                mem.db.close()
+                return "%s differ from the log (%d rows vs %d)" % (table, len(a), len(b))
+        mem.db.close()
+        return None
+
+    def rebuild_index(self):
+        self._require_store()
+        self.close()
+        idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
+        n = idx.rebuild()
+        self._index = idx
+        return {"events": n}
+
+
+def work_context(worktree):
+    """Branch and changed files of a worktree, asking git (read-only, no locks).
+
+    files: [{path, status}] with status modified|added|deleted|renamed|untracked
+    (uncommitted) or committed (changed on the branch since its base).
+    """
+    if not os.path.isdir(worktree) or not git_dirs(worktree):
+        return {"branch": None, "files": []}
+    ro = ["--no-optional-locks"]
+    try:
+        branch = git(ro + ["symbolic-ref", "--quiet", "--short", "HEAD"], worktree,
+                     check=False, timeout=10).stdout.strip() or None
+        st = git(ro + ["status", "--porcelain=v1", "-z", "--untracked-files=all"], worktree,
+                 check=False, timeout=20)
+    except ThrumError:
+        return {"branch": None, "files": []}
+    files, seen = [], set()
+    names = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed", "C": "copied",
+             "?": "untracked", "U": "conflicted", "T": "modified"}
+    entries = st.stdout.split("\0") if st.returncode == 0 else []
+    i = 0
+    while i < len(entries):
+        e = entries[i]
+        i += 1
+        if len(e) < 4:
+            continue
+        code, path = e[:2], e[3:]
+        if code[0] in "RC":
+            i += 1  # the next entry is the rename source
+        letter = code[0] if code[0] not in " ?" else code[1]
+        if code == "??":
+            letter = "?"
+        if path.startswith(".thrum/") or path == ".thrum":
+            continue
+        seen.add(path)
+        files.append({"path": path, "status": names.get(letter, "modified")})
+    base = None
+    for ref in ("refs/remotes/origin/HEAD", "refs/remotes/origin/main",
+                "refs/remotes/origin/master", "refs/heads/main", "refs/heads/master"):
+        if branch and ref.endswith("/" + branch):
+            continue
+        p = git(ro + ["rev-parse", "--verify", "--quiet", ref + "^{commit}"], worktree,
+                check=False, timeout=10)
+        if p.returncode == 0:
+            base = ref
+            break
+    if base:
+        d = git(ro + ["diff", "--name-only", "-z", base + "...HEAD"], worktree, check=False,
+                timeout=20)
+        if d.returncode == 0:
+            for path in d.stdout.split("\0"):
+                if path and path not in seen:
+                    files.append({"path": path, "status": "committed"})
+    return {"branch": branch, "files": files}
+
+
+# === 8. Git sync ==============================================================
+#
+# The log lives in a worktree of the orphan branch `a-sync` under
+# <git-common-dir>/thrum-sync/. A cycle merges the remote branch into the local
+# files by appending remote-only events (union by event_id; never rewriting a
+# file, so concurrent appenders lose nothing), then records the files' complete
+# lines as ONE commit whose parent is the fetched remote tip and pushes it.
+# Commits are built with plumbing (temporary index, commit-tree, update-ref):
+# the user's HEAD, index and working tree are never touched.
+
+_EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+_REJECTED = ("rejected", "non-fast-forward", "fetch first", "failed to update ref",
+             "cannot lock ref", "stale info", "incorrect old value")
+
+
+def _event_ids(data):
+    """event_ids of the complete lines in `data` (cheap substring scan + JSON fallback)."""
+    ids = set()
+    for line in data.split(b"\n"):
+        i = line.find(b'"event_id":"')
+        if i >= 0:
+            j = line.find(b'"', i + 12)
+            if j > 0:
+                ids.add(line[i + 12:j])
+                continue
+        if line.strip():
+            try:
+                ids.add(json.loads(line)["event_id"].encode())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass
+    return ids
+
+
+class SyncEngine:
+    """One clone's side of git sync. Uses the Service's location and config."""
+
+    def __init__(self, svc):
+        self.svc = svc
+        self.loc = svc.loc
+        if not self.loc.git_common:
+            raise ThrumError("sync needs a git repository; this store (%s) is outside git"
+                             % self.loc.store, hint="run 'git init' and 'thrum init' to "
+                             "use sync")
+        self.root = self.loc.store_root
+        self.branch = svc.config.get("sync.branch")
+        self.ref = "refs/heads/" + self.branch
+        self.remote = svc.config.get("sync.remote")
+        self.local_only = svc.config.get("sync.local_only")
+        self.wt = self.loc.log_dir(self.branch)
+        self.state_file = os.path.join(self.loc.var, "sync.json")
+
+    # -- git helpers ------------------------------------------------------------
+    def git(self, *args, check=True, input=None, timeout=60, env_extra=None, cwd=None):
+        return git(list(args), cwd or self.root, check=check, input=input,
+                   timeout=timeout, env_extra=env_extra)
+
+    def rev(self, ref):
+        p = self.git("rev-parse", "--verify", "--quiet", ref + "^{commit}", check=False)
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    def has_remote(self):
+        if self.local_only:
+            return False
+        p = self.git("remote", check=False)
+        return self.remote in p.stdout.split()
+
+    @property
+    def tracking(self):
+        return "refs/remotes/%s/%s" % (self.remote, self.branch)
+
+    # -- bootstrap ----------------------------------------------------------------
+    def ensure_branch_and_worktree(self):
+        """Create (or adopt from the remote) the branch and its worktree. Idempotent."""
+        out = {"adopted_remote": False, "created_branch": False, "repaired_worktree": None}
+        if self.rev(self.ref) is None:
+            if self.has_remote() and self.rev(self.tracking) is None:
+                self.fetch(quiet=True)
+            remote_tip = self.rev(self.tracking) if not self.local_only else None
+            if remote_tip:
+                self.git("update-ref", self.ref, remote_tip, "")
+                out["adopted_remote"] = True
+            else:
+                tree = self.git("mktree", input="").stdout.strip()
+                c = self.git("commit-tree", tree, "-m", "thrum: start the %s branch"
+                             % self.branch).stdout.strip()
+                p = self.git("update-ref", self.ref, c, "", check=False)
+                if p.returncode != 0 and self.rev(self.ref) is None:
+                    raise GitError(["update-ref", self.ref], p.returncode, p.stderr)
+            out["created_branch"] = True
+        problem = self.worktree_problem()
+        if problem:
+            self._recreate_worktree(problem)
+            out["repaired_worktree"] = problem
+        return out
+
+    def worktree_problem(self):
+        """None when the sync worktree is healthy, else what is wrong."""
+        if not os.path.isdir(self.wt):
+            return "missing"
+        gd = git_dirs(self.wt)
+        if not gd or not os.path.isdir(gd[0]):
+            return "not a git worktree"
+        p = self.git("worktree", "list", "--porcelain", check=False)
+        listed = {os.path.realpath(l[9:]) for l in p.stdout.splitlines()
+                  if l.startswith("worktree ")}
+        if os.path.realpath(self.wt) not in listed:
+            return "not registered"
+        head = _read_text(os.path.join(gd[0], "HEAD"), "").strip()
+        if head != "ref: " + self.ref:
+            return "on the wrong branch (%s)" % head
+        return None
+
+    def _recreate_worktree(self, problem):
+        """Recreate the worktree from the branch, keeping any events it held."""
+        rescue = None
+        if os.path.exists(self.wt):
+            rescue = "%s.rescue-%s" % (self.wt, new_id(""))
+            os.rename(self.wt, rescue)
+        self.git("worktree", "prune", check=False)
+        os.makedirs(os.path.dirname(self.wt), exist_ok=True)
+        p = self.git("worktree", "add", "--force", "--quiet", self.wt, self.branch,
+                     check=False)
+        if p.returncode != 0:
+            if rescue and not os.path.exists(self.wt):
+                os.rename(rescue, self.wt)
+            raise GitError(["worktree", "add"], p.returncode, p.stderr)
+        if rescue:
+            self._merge_dir(rescue)
+            import shutil
+            shutil.rmtree(rescue, ignore_errors=True)
+        if problem != "missing":
+            _warn("sync worktree was %s; recreated it at %s" % (problem, self.wt))
+
+    def _merge_dir(self, other):
+        """Union the log files of another directory into the worktree."""
+        for dirpath, _, names in os.walk(other):
+            for n in names:
+                src = os.path.join(dirpath, n)
+                rel = os.path.relpath(src, other).replace(os.sep, "/")
+                with open(src, "rb") as f:
+                    data = f.read()
+                self._merge_file(rel, data)
+
+    # -- merging ------------------------------------------------------------------
+    def _merge_file(self, rel, remote_data):
+        """Append the remote's complete lines whose event_id this file lacks.
+
+        Holds the file's flock (the same lock appenders take). Returns the
+        number of lines appended.
+        """
+        if ".." in rel.split("/") or rel.startswith("/"):
+            return 0
+        path = os.path.join(self.wt, rel)
+        if not rel.endswith(".jsonl"):
+            if not os.path.exists(path):  # context files: first copy wins locally
+                _write_file_atomic(path, remote_data)
+            return 0
+        remote_data = remote_data[:remote_data.rfind(b"\n") + 1]
+        if not remote_data:
+            return 0
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.svc.log._repair_tail(fd, rel) if os.fstat(fd).st_size else None
+            size = os.fstat(fd).st_size
+            local = os.pread(fd, size, 0) if size else b""
+            have = _event_ids(local)
+            add = []
+            for line in remote_data.split(b"\n"):
+                if not line.strip():
+                    continue
+                ids = _event_ids(line)
+                if not ids:
+                    continue  # a corrupt remote line: nothing to keep
+                if not ids & have:
+                    add.append(line)
+                    have |= ids
+            if add:
+                data = b"\n".join(add) + b"\n"
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            return len(add)
+        finally:
+            os.close(fd)
+
+    def _tree_files(self, commit):
+        """{path: blob_sha} of a commit's tree."""
+        if not commit:
+            return {}
+        p = self.git("ls-tree", "-r", "-z", commit)
+        out = {}
+        for entry in p.stdout.split("\0"):
+            if entry:
+                meta, path = entry.split("\t", 1)
+                out[path] = meta.split()[2]
+        return out
+
+    def _read_blobs(self, shas):
+        """{sha: bytes} through one `git cat-file --batch` process."""
+        if not shas:
+            return {}
+        import subprocess
+        p = subprocess.run(["git", "cat-file", "--batch"], cwd=self.root,
+                           input=("\n".join(shas) + "\n").encode(), capture_output=True,
+                           timeout=120, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        if p.returncode != 0:
+            raise GitError(["cat-file", "--batch"], p.returncode, p.stderr.decode(
+                "utf-8", "replace"))
+        out, data, i = {}, p.stdout, 0
+        for sha in shas:
+            nl = data.index(b"\n", i)
+            header = data[i:nl].split()
+            if len(header) < 3:
+                raise GitError(["cat-file"], 1, "missing object %s" % sha)
+            size = int(header[2])
+            out[sha] = data[nl + 1:nl + 1 + size]
+            i = nl + 1 + size + 1
+        return out
+
+    def merge_commit(self, commit, base=None):
+        """Merge a commit's files into the worktree. Returns events appended."""
+        theirs = self._tree_files(commit)
+        ours = self._tree_files(base) if base else {}
+        todo = {p: s for p, s in theirs.items() if ours.get(p) != s}
+        blobs = self._read_blobs(sorted(set(todo.values())))
+        return sum(self._merge_file(p, blobs[s]) for p, s in sorted(todo.items()))
+
+    # -- committing -------------------------------------------------------------------
+    def _snapshot_tree(self):
+        """Write a tree of the worktree's files (complete lines only)."""
+        import tempfile
+        entries = []
+        with tempfile.TemporaryDirectory(prefix="thrum-sync-") as tmp:
+            paths = []
+            for dirpath, dirs, names in os.walk(self.wt):
+                dirs[:] = [d for d in dirs if d != ".git"]
+                for n in sorted(names):
+                    if n == ".git" or ".tmp." in n:
+                        continue
+                    full = os.path.join(dirpath, n)
+                    rel = os.path.relpath(full, self.wt).replace(os.sep, "/")
+                    with open(full, "rb") as f:
+                        if n.endswith(".jsonl"):
+                            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+                        data = f.read()
+                    if n.endswith(".jsonl"):
+                        data = data[:data.rfind(b"\n") + 1]  # never commit a torn tail
+                    copy = os.path.join(tmp, "%d" % len(paths))
+                    with open(copy, "wb") as f:
+                        f.write(data)
+                    paths.append((rel, copy))
+            if paths:
+                shas = self.git("hash-object", "-w", "--stdin-paths",
+                                input="\n".join(c for _, c in paths) + "\n").stdout.split()
+                entries = ["100644 %s\t%s" % (sha, rel) for (rel, _), sha in zip(paths, shas)]
+            index = os.path.join(tmp, "index")
+            env = {"GIT_INDEX_FILE": index}
+            self.git("read-tree", "--empty", env_extra=env)
+            if entries:
+                self.git("update-index", "--add", "--index-info",
+                         input="\n".join(entries) + "\n", env_extra=env)
+            return self.git("write-tree", env_extra=env).stdout.strip()
+
+    def _commit(self, parent):
+        """Commit the worktree's files on top of `parent`; returns the new tip."""
+        tree = self._snapshot_tree()
+        if parent and self.git("rev-parse", parent + "^{tree}").stdout.strip() == tree:
+            return parent, False
+        args = ["commit-tree", tree, "-m", "thrum: sync %s" % now_ts()]
+        if parent:
+            args[2:2] = ["-p", parent]
+        return self.git(*args).stdout.strip(), True
+
+    def _set_local(self, commit):
+        self.git("update-ref", self.ref, commit)
+        # Keep the worktree's index in step with its HEAD (files stay as they are).
+        self.git("read-tree", "HEAD", cwd=self.wt, check=False)
+
+    # -- network --------------------------------------------------------------------
+    def fetch(self, quiet=False):
+        """Fetch the remote branch. Returns 'ok', 'absent' (no such branch) or raises."""
+        p = self.git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self.remote,
+                     "+%s:%s" % (self.ref, self.tracking), check=False, timeout=120)
+        if p.returncode == 0:
+            return "ok"
+        err = p.stderr.lower()
+        if "couldn't find remote ref" in err or "could not find remote ref" in err:
+            return "absent"
+        if quiet:
+            return "error"
+        raise GitError(["fetch", self.remote], p.returncode, p.stderr)
+
+    def push(self, commit, expect):
+        """Push commit to the remote branch; False when rejected (someone was faster)."""
+        args = ["push", "--quiet", "--no-verify", "--porcelain"]
+        if expect:
+            args.append("--force-with-lease=%s:%s" % (self.ref, expect))
+        else:
+            args.append("--force-with-lease=%s:" % self.ref)
+        p = self.git(*(args + [self.remote, "%s:%s" % (commit, self.ref)]), check=False,
+                     timeout=120)
+        if p.returncode == 0:
+            self.git("update-ref", self.tracking, commit, check=False)
+            return True
+        text = (p.stdout + p.stderr).lower()
+        if any(r in text for r in _REJECTED):
+            return False
+        raise GitError(["push", self.remote], p.returncode, p.stderr or p.stdout)
+
+    # -- the cycle ----------------------------------------------------------------------
+    def _lock(self, wait=30.0):
+        os.makedirs(self.loc.var, exist_ok=True)
+        fd = os.open(os.path.join(self.loc.var, "sync.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ThrumError("another sync is still running for this clone",
+                                     hint="retry in a moment")
+                time.sleep(0.05)
+
+    def _save_state(self, **kw):
+        state = self.load_state()
+        state.update(kw)
+        _write_file_atomic(self.state_file, json.dumps(state, indent=2) + "\n")
+
+    def load_state(self):
+        try:
+            return json.loads(_read_text(self.state_file, "{}") or "{}")
+        except ValueError:
+            return {}
+
+    def cycle(self, max_attempts=8):
+        """Commit, fetch, merge, commit on the remote tip, push; retry on contention.
+
+        Returns {pulled, committed, pushed, attempts, local_only, remote}.
+        """
+        fd = self._lock()
+        try:
+            self.ensure_branch_and_worktree()
+            self.svc.log.repair()
+            res = {"pulled": 0, "committed": False, "pushed": False, "attempts": 0,
+                   "local_only": self.local_only, "remote": None}
+            if not self.has_remote():
+                tip, made = self._commit(self.rev(self.ref))
+                if made:
+                    self._set_local(tip)
+                res["committed"] = made
+                self._save_state(last_sync_at=now_ts(), last_error=None)
+                return res
+            res["remote"] = self.remote
+            import random
+            last_err = None
+            for attempt in range(1, max_attempts + 1):
+                res["attempts"] = attempt
+                try:
+                    status = self.fetch()
+                except GitError as e:
+                    # Offline: keep the local commit so nothing waits uncommitted.
+                    tip, made = self._commit(self.rev(self.ref))
+                    if made:
+                        self._set_local(tip)
+                    res["committed"] = res["committed"] or made
+                    self._save_state(last_error=e.message, last_attempt_at=now_ts())
+                    raise ThrumError("sync failed: cannot fetch from %s: %s" % (
+                        self.remote, (e.stderr or "").strip().splitlines()[-1:] or e.message),
+                        hint="local changes are committed; run 'thrum sync force' again "
+                             "when the remote is reachable")
+                remote_tip = self.rev(self.tracking) if status == "ok" else None
+                if remote_tip:
+                    res["pulled"] += self.merge_commit(remote_tip, self.rev(self.ref))
+                tip, made = self._commit(remote_tip or self.rev(self.ref))
+                res["committed"] = res["committed"] or made
+                if remote_tip and tip == remote_tip:
+                    self._set_local(tip)
+                    break
+                if self.push(tip, remote_tip):
+                    self._set_local(tip)
+                    res["pushed"] = True
+                    break
+                last_err = "push rejected (the remote moved)"
+                time.sleep(random.uniform(0.05, 0.2) * attempt)
+            else:
+                self._save_state(last_error=last_err, last_attempt_at=now_ts())
+                raise ThrumError("sync failed: %s after %d attempts" % (last_err, max_attempts),
+                                 hint="nothing is lost; run 'thrum sync force' again")
+            self._save_state(last_sync_at=now_ts(), last_error=None)
+            return res
+        finally:
+            os.close(fd)
+            self.svc.index.catch_up()
+
+    def status(self):
+        """Sync state without touching the network (SPEC §6 shape)."""
+        st = self.load_state()
+        has_remote = self.has_remote()
+        out = {"remote": self.remote if has_remote else None, "branch": self.branch,
+               "local_only": self.local_only, "last_sync_at": st.get("last_sync_at"),
+               "last_error": st.get("last_error"), "ahead": 0, "behind": 0,
+               "worktree": self.wt}
+        local = self.rev(self.ref)
+        pending = False
+        if local and os.path.isdir(self.wt):
+            p = self.git("--no-optional-locks", "status", "--porcelain", cwd=self.wt,
+                         check=False)
+            pending = bool(p.stdout.strip())
+        remote_tip = self.rev(self.tracking) if has_remote else None
+        if local and remote_tip:
+            p = self.git("rev-list", "--left-right", "--count",
+                         "%s...%s" % (local, remote_tip), check=False)
+            if p.returncode == 0:
+                a, b = p.stdout.split()
+                out["ahead"], out["behind"] = int(a), int(b)
+        elif local and has_remote:
+            out["ahead"] = 1
+        out["ahead"] += 1 if pending else 0
+        out["pending_changes"] = pending
+        if self.local_only:
+            state = "local-only"
+        elif not has_remote:
+            state = "no-remote"
+        elif out["last_error"]:
+            state = "error"
+        elif not out["last_sync_at"]:
+            state = "never"
+        elif out["ahead"] and out["behind"]:
+            state = "diverged"
+        elif out["ahead"]:
+            state = "ahead"
+        elif out["behind"]:
+            state = "behind"
+        else:
+            state = "synced"
+        out["state"] = state
+        return out
+
+
+def _service_sync_methods():
+    """Sync operations on the Service (kept beside the engine they drive)."""
+
+    def sync_force(self):
+        """Run one sync cycle now. Returns the sync status plus what the cycle did."""
+        self._require_store()
+        eng = SyncEngine(self)
+        res = eng.cycle()
+        st = eng.status()
+        st.update(res)
+        return st
+
+    def sync_status(self):
+        """Sync state: {remote, branch, local_only, last_sync_at, last_error, ahead,
+        behind, state}. Outside git: state `no-remote` with git false."""
+        self._require_store()
+        if not self.loc.git_common:
+            return {"remote": None, "branch": self.branch, "local_only": True,
+                    "last_sync_at": None, "last_error": None, "ahead": 0, "behind": 0,
+                    "state": "no-remote", "git": False}
+        st = SyncEngine(self).status()
+        st["git"] = True
+        return st
+
+    def context_sync(self, agent=None):
+        """Publish my saved context on the sync branch, then run a sync cycle."""
+        me = self.me(agent)["agent_id"]
+        text = _read_text(self._context_path(me))
+        if text is None:
+            raise NotFoundError("no saved context for @%s" % me,
+                                hint="save one with 'thrum context save'")
+        eng = SyncEngine(self)
+        _write_file_atomic(os.path.join(eng.wt, "context", me + ".md"), text)
+        res = self.sync_force()
+        res["agent_id"] = me
+        return res
+
+    Service.sync_force = sync_force
+    Service.sync_status = sync_status
+    Service.context_sync = context_sync
+
+
+_service_sync_methods()
+
+
+# === 12. Rendering / output ===================================================
+
+class Output:
+    """Writes results: one JSON document with --json, compact text otherwise."""
+
+    def __init__(self, json_mode=False, quiet=False, verbose=False, stream=None):
+        self.json = json_mode
+        self.quiet = quiet
+        self.verbose = verbose
+        self.stream = stream or sys.stdout
+        self.color = (not json_mode and "NO_COLOR" not in os.environ
+                      and hasattr(self.stream, "isatty") and self.stream.isatty())
+
+    def c(self, code, text):
+        return "\033[%sm%s\033[0m" % (code, text) if self.color else text
+
+    def emit(self, data, lines=None):
+        """Print `data` as JSON, or the human `lines` (a list or a callable)."""
+        if self.json:
+            self.stream.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            return
+        if callable(lines):
+            lines = lines(data)
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+
+    def ok(self, data, *lines):
+        """A confirmation: `✓ first line` plus detail lines (hidden by --quiet)."""
+        if self.json:
+            return self.emit(data)
+        if self.quiet:
+            return
+        out = [self.c("32", "✓") + " " + lines[0]] + [l for l in lines[1:] if l]
+        self.emit(data, out)
+
+
+def _who(names):
+    return ", ".join("@" + n for n in names) if names else "(nobody)"
+
+
+def _aud_str(auds):
+    return ", ".join(a["value"] if a["type"] == "agent" else "%s:%s" % (a["type"], a["value"])
+                     for a in auds)
+
+
+def _body_lines(text, indent, max_lines=20, width=80):
+    import textwrap
+    out = []
+    lines = text.split("\n")
+    for line in lines:
+        wrapped = textwrap.wrap(line, max(20, width - len(indent)), break_long_words=True,
+                                replace_whitespace=False, drop_whitespace=True) or [""]
+        out.extend(indent + w for w in wrapped)
+    if len(out) > max_lines:
+        more = len(out) - max_lines
+        out = out[:max_lines] + [indent + "… %d more line%s" % (more, "s" * (more != 1))]
+    return out
+
+
+def render_message_rows(out, msgs, full_ids=True):
+    """Inbox-style rows with replies nested under parents shown on the same page."""
+    by_id = {m["message_id"]: m for m in msgs}
+    children = {}
+    roots = []
+    for m in msgs:
+        if m.get("reply_to") in by_id and m["reply_to"] != m["message_id"]:
+            children.setdefault(m["reply_to"], []).append(m)
+        else:
+            roots.append(m)
+    lines = []
+
+    def row(m, depth):
+        ind = "  " * depth
+        mark = out.c("1;33", "●") if not m["is_read"] else "○"
+        arrow = "↳ " if m.get("reply_to") else ""
+        re = "" if depth or not m.get("reply_to") else "  (re %s)" % m["reply_to"]
+        edited = "  (edited)" if m.get("updated_at") else ""
+        lines.append("%s%s%s %s  %s  %s%s%s" % (ind, arrow, mark, m["message_id"],
+                                                out.c("1", "@" + m["agent_id"]),
+                                                relative_time(m["created_at"]), edited, re))
+        content = m["body"]["content"]
+        lines.extend(_body_lines(content, ind + ("    " if arrow else "  ")))
+        if m["body"].get("structured"):
+            lines.append(ind + "  data: " + _dumps(m["body"]["structured"])[:200])
+        for c in children.get(m["message_id"], []):
+            row(c, depth + 1)
+    for m in roots:
+        row(m, 0)
+    return lines
+
+
+def _page_footer(res, noun="messages", extra=""):
+    if not res["total"]:
+        return []
+    first = (res["page"] - 1) * res["page_size"] + 1
+    last = min(res["total"], first + len(res["messages"]) - 1)
+    if not res["messages"]:
+        return ["Page %d is past the end (%d %s)" % (res["page"], res["total"], noun)]
+    return ["Showing %d-%d of %d %s%s" % (first, last, res["total"], noun, extra)]
+
+
+def render_member(out, m):
+    mark = out.c("32", "●") if m["status"] == "active" else "○"
+    head = "%s @%s  %s (%s)" % (mark, m["agent_id"], m["role"], m["module"])
+    if m.get("intent"):
+        head += " — " + m["intent"]
+    bits = []
+    if m.get("task"):
+        bits.append("task: " + m["task"])
+    if m.get("branch"):
+        bits.append("branch: " + m["branch"])
+    bits.append("seen " + relative_time(m.get("last_seen_at")))
+    bits.append("inbox %d unread / %d" % (m["unread"], m["total"]))
+    return [head, "    " + " · ".join(bits)]
+
+
+# === 13. CLI parser & commands ================================================
+
+#: Options whose value may start with "-" (`--after -15s`): argv is rewritten
+#: to `--after=-15s` before argparse sees it.
+_VALUE_OPTS = ("--after", "--timeout", "--to", "--mention", "--scope", "--ref", "--reason",
+               "--intent", "--task", "--description", "--display", "--from", "--body-file",
+               "--format", "--structured", "--name", "--role", "--module", "--limit", "--page")
+
+
+def _argparse():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(message, hint="see '%s --help'" % self.prog)
+
+    return argparse, Parser
+
+
+def split_global_flags(argv):
+    """Pull global flags (--json, --quiet, --verbose, --repo, --version, --debug) out of
+    argv wherever they appear (before a `--`)."""
+    flags = {"json": False, "quiet": False, "verbose": False, "repo": None,
+             "version": False, "debug": False}
+    rest, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest.extend(argv[i:])
+            break
+        if a == "--json":
+            flags["json"] = True
+        elif a in ("--quiet", "-q"):
+            flags["quiet"] = True
+        elif a in ("--verbose", "-v"):
+            flags["verbose"] = True
+        elif a == "--version":
+            flags["version"] = True
+        elif a == "--debug":
+            flags["debug"] = True
+        elif a == "--repo":
+            if i + 1 >= len(argv):
+                raise UsageError("--repo needs a PATH")
+            flags["repo"] = argv[i + 1]
+            i += 1
+        elif a.startswith("--repo="):
+            flags["repo"] = a[7:]
+        elif a in _VALUE_OPTS and i + 1 < len(argv) and argv[i + 1] != "--":
+            rest.append(a + "=" + argv[i + 1])
+            i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return flags, rest
+
+
+def _add_body_args(p, positional=True):
+    if positional:
+        p.add_argument("body", nargs="*", metavar="BODY",
+                       help="message text ('-' reads standard input)")
+    p.add_argument("--stdin", action="store_true", help="read the body from standard input")
+    p.add_argument("--body-file", metavar="PATH", help="read the body from a file")
+    p.add_argument("--format", dest="fmt", default=None, metavar="FMT",
+                   help="markdown (default), plain or json")
+    p.add_argument("--structured", metavar="JSON", help="a JSON object of structured data")
+
+
+def _add_paging(p, default=10):
+    p.add_argument("--limit", "--page-size", type=int, default=default, metavar="N",
+                   help="messages per page (default %d)" % default)
+    p.add_argument("--page", type=int, default=1, metavar="N", help="page number")
+
+
+def read_body(args, stdin=None):
+    """Exactly one body source; stdin/file bodies lose one trailing newline (SPEC §14)."""
+    words = getattr(args, "body", None) or []
+    positional = " ".join(words) if words else None
+    use_stdin = bool(getattr(args, "stdin", False)) or positional == "-"
+    sources = [n for n, on in (("an argument", positional not in (None, "-")),
+                               ("standard input", use_stdin),
+                               ("--body-file", bool(getattr(args, "body_file", None)))) if on]
+    if not sources:
+        raise UsageError("no message body",
+                         hint="give the text as an argument, '-' or --stdin for standard "
+                              "input, or --body-file PATH")
+    if len(sources) > 1:
+        raise UsageError("message body is ambiguous: got %s; give exactly one"
+                         % " and ".join(sources))
+    if positional not in (None, "-"):
+        return positional
+    if use_stdin:
+        data = (stdin or sys.stdin.buffer).read()
+    else:
+        try:
+            with open(args.body_file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UsageError("cannot read --body-file %s: %s" % (args.body_file,
+                                                                   e.strerror or e))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError("message body is not valid UTF-8 (byte %d)" % e.start)
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    return text
+
+
+def _parse_after(text):
+    """--after: a negative duration (ago) or a UTC timestamp -> epoch seconds."""
+    if text is None:
+        return None
+    t = text.strip()
+    try:
+        secs = parse_duration(t)
+    except ValueError:
+        try:
+            return parse_ts(t)
+        except ValueError:
+            raise UsageError("invalid --after %r: use a negative duration such as -15s, "
+                             "or a UTC timestamp" % text)
+    if secs > 0 or (secs == 0 and not t.startswith("-")):
+        raise UsageError("invalid --after %r: a duration must be negative (-15s means "
+                         "fifteen seconds ago)" % text)
+    return time.time() + secs
+
+
+def _parse_timeout(text):
+    try:
+        secs = parse_duration(text)
+    except ValueError as e:
+        raise UsageError("invalid --timeout: %s" % e)
+    if secs < 0 or secs > MAX_TIMEOUT:
+        raise UsageError("invalid --timeout %r: must be between 0 and 24h" % text)
+    return secs
+
+
+# -- command handlers -------------------------------------------------------------
+# Each takes (args, svc, out) and returns an exit code (None = 0).
+
+def cmd_init(args, svc, out):
+    res = svc.init(local=args.local, force=args.force)
+    extra = []
+    if res.get("adopted_remote"):
+        extra.append("  Adopted the remote's %s branch (full history)" % res["branch"])
+    if res.get("git"):
+        extra.append("  Log: %s branch, worktree %s" % (res["branch"], res["log_dir"]))
+    else:
+        extra.append("  Log: %s (not a git repository: sync is off)" % res["log_dir"])
+    if res["local_only"]:
+        extra.append("  Sync: local only")
+    extra.append("  Next: thrum quickstart --name NAME --role ROLE --module MODULE")
+    out.ok(res, ("Initialised thrum in %s" if res["created"] else
+                 "thrum is already initialised in %s") % os.path.dirname(res["store"]), *extra)
+
+
+def cmd_setup(args, svc, out):
+    res = svc.setup(args.main_repo)
+    out.ok(res, "This worktree now uses the store at %s" % res["store"])
+
+
+def _quickstart_name(args, env):
+    return args.name or args.name_pos or env.get("THRUM_NAME")
+
+
+def cmd_quickstart(args, svc, out):
+    name = _quickstart_name(args, svc.env)
+    role = args.role or svc.env.get("THRUM_ROLE")
+    module = args.module or svc.env.get("THRUM_MODULE")
+    res = svc.quickstart(name, role, module, intent=args.intent, display=args.display,
+                         force=args.force)
+    reg = res["register"]
+    out.ok(res, "Registered as @%s (%s, %s)%s" % (
+        reg["agent_id"], reg["role"], reg["module"],
+        "" if reg["status"] == "registered" else " — " + reg["status"]),
+        "  Session: %s" % res["session"]["session_id"],
+        "  Intent:  %s" % res["intent"]["intent"],
+        "  Identity: %s" % reg["identity_file"])
+
+
+def cmd_whoami(args, svc, out):
+    res = svc.whoami()
+    if args.field:
+        if args.field not in res:
+            raise UsageError("unknown field %r (fields: %s)" % (args.field, ", ".join(res)))
+        v = res[args.field]
+        if out.json:
+            return out.emit({args.field: v})
+        out.stream.write(("" if v is None else str(v)) + "\n")
+        return
+    out.emit(res, lambda r: [
+        "@%s  %s (%s)" % (r["agent_id"], r["role"], r["module"]),
+        "  Display:  %s" % (r["display"] or ""),
+        "  Intent:   %s" % (r["intent"] or ""),
+        "  Session:  %s" % ("%s (started %s)" % (r["session_id"], relative_time(
+            r["session_started_at"])) if r["session_id"] else
+            "none (thrum session start)"),
+        "  Worktree: %s" % r["worktree"],
+        "  Identity: %s" % r["identity_file"]])
+
+
+def _status_lines(out, r):
+    a = r["agent"]
+    lines = ["@%s  %s (%s)" % (a["agent_id"], a["role"], a["module"])]
+    if a.get("intent"):
+        lines.append("  Intent:  " + a["intent"])
+    lines.append("  Session: %s" % (r["session"]["session_id"] if r["session"] else "none"))
+    ib = r["inbox"]
+    lines.append("  Inbox:   %d unread / %d" % (ib["unread"], ib["total"]))
+    d = r["daemon"]
+    lines.append("  Daemon:  %s" % ("running (pid %s)" % d["pid"] if d["running"]
+                                     else "not running (pure-CLI mode)"))
+    s = r["sync"]
+    lines.append("  Sync:    %s%s" % (s["state"], ", last %s" % relative_time(
+        s["last_sync_at"]) if s.get("last_sync_at") else ""))
+    if s.get("last_error"):
+        lines.append("           last error: %s" % s["last_error"])
+    return lines
+
+
+def cmd_status(args, svc, out):
+    out.emit(svc.status(), lambda r: _status_lines(out, r))
+
+
+def cmd_overview(args, svc, out):
+    def lines(r):
+        ls = _status_lines(out, r) + ["", "Team (%d active):" % len(r["team"])]
+        for m in r["team"]:
+            ls.extend("  " + l for l in render_member(out, m))
+        return ls
+    out.emit(svc.overview(), lines)
+
+
+def cmd_team(args, svc, out):
+    def lines(r):
+        if not r["members"]:
+            return ["No active agents." + ("" if args.all else
+                                           " Use --all to include offline agents.")]
+        ls = []
+        for m in r["members"]:
+            ls.extend(render_member(out, m))
+        return ls
+    out.emit(svc.team(all=args.all), lines)
+
+
+def cmd_prime(args, svc, out):
+    def lines(r):
+        a = r["agent"]
+        ls = ["# thrum briefing for @%s" % a["agent_id"],
+              "You are @%s, role %s, module %s." % (a["agent_id"], a["role"], a["module"])]
+        if a.get("intent"):
+            ls.append("Intent: " + a["intent"])
+        if a.get("task"):
+            ls.append("Task: " + a["task"])
+        ls.append("Session: %s" % (r["session"]["session_id"] if r["session"] else
+                                   "none (start one: thrum session start)"))
+        wc = r["work_context"]
+        if wc.get("branch"):
+            ls.append("Branch: %s, %d changed file(s)" % (wc["branch"], len(wc["files"])))
+        ls.append("")
+        ls.append("## Unread messages: %d (of %d) — handle these before new work"
+                  % (len(r["unread"]), r["inbox"]["total"]))
+        ls.extend(render_message_rows(out, r["unread"][-20:]))
+        if len(r["unread"]) > 20:
+            ls.append("(%d older unread not shown: thrum inbox --unread)"
+                      % (len(r["unread"]) - 20))
+        ls.append("")
+        ls.append("## Team (%d active)" % len(r["team"]))
+        for m in r["team"]:
+            ls.extend(render_member(out, m))
+        if r["context"]:
+            ls += ["", "## Saved context", r["context"]]
+        ls += ["", "Commands: thrum inbox | thrum reply ID TEXT | thrum send TEXT --to @x | "
+               "thrum wait --timeout 5m"]
+        return ls
+    out.emit(svc.prime(), lines)
+
+
+def _send_lines(r, verb="Message sent"):
+    ls = ["%s: %s" % (verb, r["message_id"])]
+    if r.get("thread_id"):
+        ls.append("  Thread: %s" % r["thread_id"])
+    ls.append("  To: %s" % _who(r["recipients"]))
+    return ls
+
+
+def _warnings(r):
+    for w in r.get("warnings") or ():
+        _warn(w)
+
+
+def cmd_send(args, svc, out):
+    svc.me()  # set-up is checked before the arguments' meaning
+    if not (args.to or args.mention or args.broadcast):
+        raise UsageError("missing recipient",
+                         hint="add --to @agent (or a role, group, everyone), --mention @x, "
+                              "or --broadcast")
+    to = [t for item in args.to or () for t in item.split(",") if t.strip()]
+    mentions = [t for item in args.mention or () for t in item.split(",") if t.strip()]
+    body = read_body(args)
+    r = svc.send(body, to=to, mentions=mentions, broadcast=args.broadcast,
+                 scopes=args.scope or (), refs=args.ref or (), fmt=args.fmt or "markdown",
+                 structured=args.structured)
+    _warnings(r)
+    out.ok(r, *_send_lines(r))
+
+
+def cmd_reply(args, svc, out):
+    svc.me()
+    body = read_body(args)
+    r = svc.reply(args.message_id, body, fmt=args.fmt or "markdown",
+                  structured=args.structured, scopes=args.scope or (), refs=args.ref or ())
+    _warnings(r)
+    out.ok(r, *_send_lines(r, "Reply sent"))
+
+
+def cmd_inbox(args, svc, out):
+    r = svc.inbox(unread=args.unread, mentions=args.mentions, scope=args.scope, ref=args.ref,
+                  sender=args.sender, thread=args.thread, all=args.all, limit=args.limit,
+                  page=args.page, oldest=args.oldest)
+
+    def lines(r):
+        if not r["total"]:
+            if args.unread:
+                return ["No unread messages."]
+            filt = [f for f, on in (("--scope " + str(args.scope), args.scope),
+                                    ("--ref " + str(args.ref), args.ref),
+                                    ("--from " + str(args.sender), args.sender),
+                                    ("--thread " + str(args.thread), args.thread),
+                                    ("--mentions", args.mentions)) if on]
+            if filt:
+                return ["No messages matching %s." % " ".join(filt)]
+            return ["No messages%s." % ("" if args.all else " for @" + r["agent_id"])]
+        return render_message_rows(out, r["messages"]) + _page_footer(
+            r, "messages", " (%d unread)" % r["unread"])
+    out.emit(r, lines)
+
+
+def cmd_sent(args, svc, out):
+    r = svc.sent(to=args.to, unread=args.unread, limit=args.limit, page=args.page)
+
+    def lines(r):
+        if not r["total"]:
+            return ["No sent messages."]
+        ls = []
+        for m in r["messages"]:
+            ls.append("%s  to %s  %s  %d/%d read" % (
+                m["message_id"], _aud_str(m["audiences"]) or _who(m["recipients"]),
+                relative_time(m["created_at"]), m["read_count"], len(m["receipts"])))
+            ls.extend(_body_lines(m["body"]["content"], "  ", 6))
+            if m["receipts"]:
+                ls.append("  " + ", ".join("@%s(%s)" % (x["agent_id"], "read" if x["read_at"]
+                                                         else "unread") for x in m["receipts"]))
+        return ls + _page_footer(r, "sent messages")
+    out.emit(r, lines)
+
+
+def cmd_message(args, svc, out):
+    if args.sub == "get":
+        r = svc.message_get(args.message_id)
+
+        def lines(r):
+            m = r["message"]
+            ls = ["Message: %s" % m["message_id"],
+                  "  From:    @%s" % m["agent_id"],
+                  "  Time:    %s (%s)" % (m["created_at"], relative_time(m["created_at"])),
+                  "  To:      %s" % (_aud_str(m["audiences"]) or "(nobody)")]
+            if m["thread_id"]:
+                ls.append("  Thread:  %s" % m["thread_id"])
+            if m["reply_to"]:
+                ls.append("  Reply to: %s" % m["reply_to"])
+            if m["scopes"]:
+                ls.append("  Scopes:  %s" % ", ".join(map(_tag_str, m["scopes"])))
+            if m["refs"]:
+                ls.append("  Refs:    %s" % ", ".join(map(_tag_str, m["refs"])))
+            if m["edits"]:
+                ls.append("  Edited:  %d time(s), last %s" % (len(m["edits"]), relative_time(
+                    m["updated_at"])))
+            ls.append("  Read by: %s" % (", ".join(
+                "@%s(%s)" % (x["agent_id"], "read" if x["read_at"] else "unread")
+                for x in m["receipts"]) or "-"))
+            if m["deleted"]:
+                ls.append("  Status:  DELETED")
+            ls.append("")
+            ls.extend(m["body"]["content"].split("\n"))
+            if m["body"].get("structured") is not None:
+                ls += ["", "Structured: " + json.dumps(m["body"]["structured"],
+                                                       ensure_ascii=False)]
+            return ls
+        return out.emit(r, lines)
+    if args.sub == "edit":
+        svc.me()
+        body = read_body(args)
+        r = svc.message_edit(args.message_id, body, fmt=args.fmt, structured=args.structured)
+        return out.ok(r, "Message edited: %s (version %d)" % (r["message_id"], r["version"]))
+    if args.sub == "delete":
+        r = svc.message_delete(args.message_id, force=args.force, reason=args.reason)
+        return out.ok(r, "Message deleted: %s" % r["message_id"])
+    if args.sub == "read":
+        r = svc.message_read(args.message_ids, all=args.all)
+        if not out.json and r["marked_count"] == 0:
+            return out.emit(r, ["No unread messages to mark."] if not out.quiet else [])
+        return out.ok(r, "Marked %d message%s as read" % (r["marked_count"],
+                                                          "" if r["marked_count"] == 1 else "s"))
+
+
+def cmd_wait(args, svc, out):
+    svc.me()
+    timeout = _parse_timeout(args.timeout)
+    after = _parse_after(args.after)
+    r = svc.wait(timeout=timeout, after=after, unread=args.unread, scope=args.scope)
+    if r["status"] == "timeout":
+        if out.json:
+            out.emit(r)
+        else:
+            out.stream.write("NO_MESSAGES_TIMEOUT\n")
+        return EXIT_FAIL
+
+    def lines(r):
+        ls = ["MESSAGES_RECEIVED"]
+        for m in r["messages"]:
+            ls += ["---", "FROM: @%s" % m["agent_id"], "ID: %s" % m["message_id"],
+                   "CONTENT: %s" % m["body"]["content"], "TIMESTAMP: %s" % m["created_at"]]
+        return ls + ["---"]
+    out.emit(r, lines)
+
+
+def cmd_who_has(args, svc, out):
+    r = svc.who_has(args.path)
+
+    def lines(r):
+        if not r["agents"]:
+            return ["No agent is editing %s" % r["path"]]
+        return ["@%s is editing %s (branch %s)%s" % (
+            a["agent_id"], r["path"], a["branch"] or "detached",
+            "" if a["status"] in (None, "modified") else " [%s]" % a["status"])
+            for a in r["agents"]]
+    out.emit(r, lines)
+
+
+def cmd_ping(args, svc, out):
+    r = svc.ping(args.name)
+
+    def lines(m):
+        ls = ["@%s: %s, last seen %s" % (m["agent_id"], m["status"],
+                                         relative_time(m["last_seen_at"]))]
+        for k in ("intent", "task", "branch"):
+            if m.get(k):
+                ls.append("  %s: %s" % (k.capitalize(), m[k]))
+        return ls
+    out.emit(r, lines)
+
+
+def cmd_agent(args, svc, out):
+    if args.sub == "register":
+        name = args.name or args.name_pos or svc.env.get("THRUM_NAME")
+        if not name:
+            raise UsageError("agent register needs a name: --name NAME or THRUM_NAME")
+        r = svc.register(name, args.role or svc.env.get("THRUM_ROLE"),
+                         args.module or svc.env.get("THRUM_MODULE"), display=args.display,
+                         intent=args.intent, force=args.force)
+        return out.ok(r, "Agent %s: @%s (%s, %s)" % (r["status"], r["agent_id"], r["role"],
+                                                     r["module"]))
+    if args.sub == "list":
+        r = svc.agent_list(context=args.context)
+
+        def lines(r):
+            if not r["agents"]:
+                return ["No agents registered."]
+            ls = []
+            for m in r["agents"]:
+                ls.extend(render_member(out, m))
+                if args.context:
+                    for f in m.get("files") or []:
+                        ls.append("      %s %s" % (f.get("status", "?")[:9].ljust(9),
+                                                   f.get("path")))
+            return ls
+        return out.emit(r, lines)
+    if args.sub == "delete":
+        r = svc.agent_delete(args.name, force=args.force)
+        return out.ok(r, "Agent @%s deleted" % r["agent_id"])
+    if args.sub == "cleanup":
+        r = svc.agent_cleanup(dry_run=args.dry_run, force=args.force)
+
+        def lines(r):
+            if not r["orphans"]:
+                return ["No stale agents (threshold %s)." % r["stale_after"]]
+            ls = ["%s @%s (%s): %s" % ("Deleted" if o["agent_id"] in r["deleted"] else
+                                       "Stale", o["agent_id"], o["role"], "; ".join(o["reasons"]))
+                  for o in r["orphans"]]
+            if not r["deleted"]:
+                ls.append("Run 'thrum agent cleanup --force' to delete them.")
+            return ls
+        return out.emit(r, lines)
+
+
+def cmd_session(args, svc, out):
+    if args.sub == "start":
+        r = svc.session_start(pid=args.pid)
+        return out.ok(r, "Session started: %s" % r["session_id"])
+    if args.sub == "end":
+        r = svc.session_end(reason=args.reason, session_id=args.session_id)
+        return out.ok(r, "Session ended: %s" % r["session_id"])
+    if args.sub == "list":
+        r = svc.session_list(agent_filter=args.agent, active=args.active)
+        return out.emit(r, lambda r: ["%s  %s  @%s  started %s%s" % (
+            s["session_id"], s["status"], s["agent_id"], relative_time(s["started_at"]),
+            ", ended %s (%s)" % (relative_time(s["ended_at"]), s["end_reason"])
+            if s["ended_at"] else "") for s in r["sessions"]] or ["No sessions."])
+    if args.sub == "heartbeat":
+        r = svc.session_heartbeat()
+        return out.ok(r, "Heartbeat: %s" % r["session_id"],
+                      "  Branch: %s, %d changed file(s)" % (r["branch"], len(r["files"])))
+    text = " ".join(args.text)
+    if args.sub == "set-intent":
+        r = svc.session_set_intent(text)
+        return out.ok(r, "Intent set: %s" % (text or "(cleared)"))
+    if args.sub == "set-task":
+        r = svc.session_set_task(text)
+        return out.ok(r, "Task set: %s" % (text or "(cleared)"))
+
+
+def cmd_context(args, svc, out):
+    if args.sub == "save":
+        if args.agent is None:
+            svc.me()
+        if args.file:
+            try:
+                with open(args.file, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise UsageError("cannot read --file %s: %s" % (args.file, e.strerror or e))
+        else:
+            data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("context is not valid UTF-8")
+        r = svc.context_save(text, agent_filter=args.agent)
+        return out.ok(r, "Context saved for @%s (%d bytes)" % (r["agent_id"], r["bytes"]))
+    if args.sub == "show":
+        r = svc.context_show(agent_filter=args.agent)
+        if r["content"] is None:
+            return out.emit(r, ["No context saved for @%s" % r["agent_id"]])
+        return out.emit(r, [r["content"]] if r["content"].endswith("\n") is False
+                        else [r["content"][:-1]])
+    if args.sub == "clear":
+        r = svc.context_clear(agent_filter=args.agent)
+        return out.ok(r, "Context cleared for @%s" % r["agent_id"])
+    if args.sub == "sync":
+        r = svc.context_sync()
+        return out.ok(r, "Context published for @%s (sync %s)" % (r["agent_id"], r["state"]))
+
+
+def cmd_group(args, svc, out):
+    def info_lines(r):
+        ls = ["%s  (%s)%s" % (r["group"], r["group_id"], " — " + r["description"]
+                             if r.get("description") else "")]
+        ls += ["  %s" % ("@" + m["value"] if m["type"] == "agent" else "role:" + m["value"])
+               for m in r["members"]] or ["  (no members)"]
+        ls.append("  Reaches: %s" % _who(r["agents"]))
+        return ls
+    if args.sub == "create":
+        r = svc.group_create(args.name, description=args.description)
+        return out.ok(r, "Group created: %s" % r["group"])
+    if args.sub == "delete":
+        r = svc.group_delete(args.name)
+        return out.ok(r, "Group deleted: %s" % r["group"])
+    if args.sub in ("add", "remove"):
+        fn = svc.group_add if args.sub == "add" else svc.group_remove
+        r = fn(args.name, args.members)
+        if out.json:
+            return out.emit(r)
+        if not out.quiet:
+            out.emit(r, info_lines)
+        return
+    if args.sub == "list":
+        r = svc.group_list()
+        return out.emit(r, lambda r: ["%s  %d member(s)%s  reaches %s" % (
+            g["group"], g["member_count"], " — " + g["description"] if g["description"]
+            else "", _who(g["agents"])) for g in r["groups"]] or ["No groups."])
+    if args.sub == "info":
+        return out.emit(svc.group_info(args.name), info_lines)
+
+
+def _fmt_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def cmd_config(args, svc, out):
+    if args.sub == "show":
+        r = svc.config_show()
+        return out.emit(r, lambda r: ["%s = %s  (%s)" % (k, _fmt_value(v["value"]), v["source"])
+                                      for k, v in r["values"].items()] +
+                        ["", "repo file: %s" % r["repo_file"], "user file: %s" % r["user_file"]])
+    if args.sub == "get":
+        r = svc.config_get(args.key)
+        return out.emit(r, [_fmt_value(r["value"])])
+    if args.sub == "set":
+        r = svc.config_set(args.key, args.value)
+        return out.ok(r, "%s = %s" % (r["key"], _fmt_value(r["value"])))
+
+
+def _sync_lines(r):
+    ls = ["  State:   %s" % r["state"],
+          "  Remote:  %s" % (r["remote"] or "(none)"),
+          "  Branch:  %s" % r["branch"],
+          "  Last sync: %s" % (relative_time(r["last_sync_at"]) if r["last_sync_at"] else "never")]
+    if r.get("ahead") or r.get("behind"):
+        ls.append("  Ahead %d, behind %d" % (r["ahead"], r["behind"]))
+    if r.get("last_error"):
+        ls.append("  Last error: %s" % r["last_error"])
+    return ls
+
+
+def cmd_sync(args, svc, out):
+    if args.sub == "force":
+        r = svc.sync_force()
+        if r["local_only"] or not r["remote"]:
+            head = "Sync committed locally (%s: nothing fetched or pushed)" % r["state"]
+        else:
+            head = "Synced with %s: %d event(s) pulled%s" % (
+                r["remote"], r["pulled"], ", pushed" if r["pushed"] else "")
+        return out.ok(r, head, *_sync_lines(r))
+    r = svc.sync_status()
+    if not r.get("git"):
+        return out.emit(r, ["Sync needs git: this store is outside a git repository."])
+    out.emit(r, lambda r: ["Sync status"] + _sync_lines(r))
+
+
+def cmd_doctor(args, svc, out):
+    r = svc.doctor(fix=args.fix)
+
+    def lines(r):
+        ls = []
+        for c in r["checks"]:
+            mark = "✓" if c["ok"] else ("fixed" if c["fixed"] else "✗")
+            ls.append("%s %s: %s" % (mark, c["name"], c["detail"]))
+        ls.append("All good." if r["ok"] and all(c["ok"] for c in r["checks"]) else
+                  ("Repaired." if r["ok"] else "Problems found: run 'thrum doctor --fix'."))
+        return ls
+    out.emit(r, lines)
+    return EXIT_OK if r["ok"] else EXIT_FAIL
+
+
+def cmd_rebuild(args, svc, out):
+    r = svc.rebuild_index()
+    out.ok(r, "Index rebuilt from the log (%d events)" % r["events"])
+
+
+def cmd_demo(args, svc, out):
+    return run_demo(out)
+
+
+# -- the parser -----------------------------------------------------------------------
+
+def _args_init(p):
+    p.add_argument("--local", action="store_true", help="never fetch or push (sync.local_only)")
+    p.add_argument("--force", action="store_true", help="re-check and repair the setup")
+
+
+def _args_setup(p):
+    p.add_argument("--main-repo", metavar="PATH", help="the main checkout (default: found "
+                   "through git)")
+
+
+def _args_quickstart(p):
+    p.add_argument("name_pos", nargs="?", metavar="NAME")
+    p.add_argument("--name", help="agent name (else NAME, else THRUM_NAME)")
+    p.add_argument("--role", help="role, e.g. implementer (or THRUM_ROLE)")
+    p.add_argument("--module", help="module or area, e.g. auth (or THRUM_MODULE)")
+    p.add_argument("--intent", help="what you are working on")
+    p.add_argument("--display", help="display name")
+    p.add_argument("--force", action="store_true", help="take the name over from another "
+                   "worktree")
+
+
+def _args_whoami(p):
+    p.add_argument("--field", metavar="F", help="print one field's bare value")
+
+
+def _args_team(p):
+    p.add_argument("--all", action="store_true", help="include offline agents")
+
+
+def _args_send(p):
+    _add_body_args(p)
+    p.add_argument("--to", action="append", metavar="T", help="@agent, role, group or "
+                   "everyone (repeatable, comma lists)")
+    p.add_argument("--mention", action="append", metavar="T", help="deliver like --to and "
+                   "record a mention")
+    p.add_argument("--broadcast", action="store_true", help="same as --to everyone")
+    p.add_argument("--scope", action="append", metavar="TYPE:VALUE")
+    p.add_argument("--ref", action="append", metavar="TYPE:VALUE", help="e.g. bd:bd-123")
+
+
+def _args_reply(p):
+    p.add_argument("message_id", metavar="MSG_ID")
+    _add_body_args(p)
+    p.add_argument("--scope", action="append", metavar="TYPE:VALUE")
+    p.add_argument("--ref", action="append", metavar="TYPE:VALUE")
+
+
+def _args_inbox(p):
+    p.add_argument("--unread", action="store_true", help="only unread; marks nothing read")
+    p.add_argument("--mentions", action="store_true", help="only messages naming me or my role")
+    p.add_argument("--scope", metavar="TYPE:VALUE")
+    p.add_argument("--ref", metavar="TYPE:VALUE")
+    p.add_argument("--from", dest="sender", metavar="AGENT")
+    p.add_argument("--thread", metavar="THREAD", help="thr_... id or a message id in it")
+    p.add_argument("--all", action="store_true", help="every message in the store")
+    p.add_argument("--oldest", action="store_true", help="oldest first")
+    _add_paging(p)
+
+
+def _args_sent(p):
+    p.add_argument("--to", metavar="T")
+    p.add_argument("--unread", action="store_true", help="not yet read by every recipient")
+    _add_paging(p)
+
+
+def _args_message(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    g = sub.add_parser("get", help="show one message (marks it read)")
+    g.add_argument("message_id", metavar="MSG_ID")
+    e = sub.add_parser("edit", help="replace the body of my message")
+    e.add_argument("message_id", metavar="MSG_ID")
+    _add_body_args(e)
+    d = sub.add_parser("delete", help="delete my message (needs --force)")
+    d.add_argument("message_id", metavar="MSG_ID")
+    d.add_argument("--force", action="store_true")
+    d.add_argument("--reason")
+    r = sub.add_parser("read", help="mark messages read")
+    r.add_argument("message_ids", nargs="*", metavar="MSG_ID")
+    r.add_argument("--all", action="store_true", help="all my unread messages")
+
+
+def _args_wait(p):
+    p.add_argument("--timeout", default="30s", metavar="D", help="how long (default 30s, "
+                   "max 24h; 0 checks once)")
+    p.add_argument("--after", metavar="D", help="start point: -15s (ago) or a UTC timestamp")
+    p.add_argument("--unread", action="store_true", help="return at once if I have unread "
+                   "messages")
+    p.add_argument("--scope", metavar="TYPE:VALUE", help="only messages with this scope")
+
+
+def _args_who_has(p):
+    p.add_argument("path", metavar="PATH")
+
+
+def _args_ping(p):
+    p.add_argument("name", metavar="NAME")
+
+
+def _args_agent(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    r = sub.add_parser("register", help="register an agent in this worktree")
+    r.add_argument("name_pos", nargs="?", metavar="NAME")
+    for flag in ("--name", "--role", "--module", "--display", "--intent"):
+        r.add_argument(flag)
+    r.add_argument("--force", action="store_true")
+    ls = sub.add_parser("list", help="registered agents")
+    ls.add_argument("--context", action="store_true", help="with changed files")
+    d = sub.add_parser("delete", help="delete an agent (needs --force)")
+    d.add_argument("name", metavar="NAME")
+    d.add_argument("--force", action="store_true")
+    c = sub.add_parser("cleanup", help="find (and with --force delete) stale agents")
+    c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--force", action="store_true")
+
+
+def _args_session(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    s = sub.add_parser("start", help="start a session")
+    s.add_argument("--pid", type=int, help="a long-lived process whose death ends the session")
+    e = sub.add_parser("end", help="end my session")
+    e.add_argument("--reason", default="normal")
+    e.add_argument("--session-id")
+    ls = sub.add_parser("list", help="my sessions")
+    ls.add_argument("--agent", metavar="NAME")
+    ls.add_argument("--active", action="store_true")
+    sub.add_parser("heartbeat", help="record liveness and git work context")
+    for name in ("set-intent", "set-task"):
+        x = sub.add_parser(name, help="set my %s (empty clears)" % name[4:])
+        x.add_argument("text", nargs="*", metavar="TEXT")
+
+
+def _args_context(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    s = sub.add_parser("save", help="save context from --file or standard input")
+    s.add_argument("--file", metavar="F")
+    for name, h in (("show", "show saved context"), ("clear", "delete saved context")):
+        x = sub.add_parser(name, help=h)
+        x.add_argument("--agent", metavar="NAME")
+    s.add_argument("--agent", metavar="NAME")
+    sub.add_parser("sync", help="publish my saved context on the sync branch")
+
+
+def _args_group(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    c = sub.add_parser("create", help="create a group")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--description")
+    d = sub.add_parser("delete", help="delete a group")
+    d.add_argument("name", metavar="NAME")
+    for name in ("add", "remove"):
+        x = sub.add_parser(name, help="%s members (@agent or role:ROLE)" % name)
+        x.add_argument("name", metavar="NAME")
+        x.add_argument("members", nargs="+", metavar="MEMBER")
+    sub.add_parser("list", help="all groups")
+    i = sub.add_parser("info", help="a group's members")
+    i.add_argument("name", metavar="NAME")
+
+
+def _args_config(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    sub.add_parser("show", help="every key with its value and source")
+    g = sub.add_parser("get", help="print one value")
+    g.add_argument("key", metavar="KEY")
+    s = sub.add_parser("set", help="set a value in .thrum/config.toml")
+    s.add_argument("key", metavar="KEY")
+    s.add_argument("value", metavar="VALUE")
+
+
+def _args_sync(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    sub.add_parser("force", help="run one sync cycle now")
+    sub.add_parser("status", help="sync state")
+
+
+def _args_doctor(p):
+    p.add_argument("--fix", action="store_true", help="repair what can be repaired")
+
+
+def _no_args(p):
+    pass
+
+
+#: name -> (help, argument builder, handler, needs a store). One table, so the
+#: parser, the help text and dispatch cannot drift apart.
+COMMANDS = {
+    "init": ("create .thrum/, the a-sync branch and its worktree", _args_init, cmd_init, False),
+    "setup": ("point a linked worktree at the main checkout's store", _args_setup, cmd_setup,
+              False),
+    "quickstart": ("init if needed, register, start a session, set intent", _args_quickstart,
+                   cmd_quickstart, False),
+    "whoami": ("my identity and session", _args_whoami, cmd_whoami, True),
+    "status": ("me, my session, inbox counts, daemon and sync state", _no_args, cmd_status,
+               True),
+    "team": ("agents with an open session (--all: everyone)", _args_team, cmd_team, True),
+    "overview": ("status + team in one view", _no_args, cmd_overview, True),
+    "prime": ("recovery briefing after a restart (marks nothing read)", _no_args, cmd_prime,
+              True),
+    "send": ("send a message", _args_send, cmd_send, True),
+    "reply": ("reply to a message (joins its thread)", _args_reply, cmd_reply, True),
+    "inbox": ("messages to me, newest first", _args_inbox, cmd_inbox, True),
+    "sent": ("messages I sent, with read receipts", _args_sent, cmd_sent, True),
+    "message": ("get | edit | delete | read", _args_message, cmd_message, True),
+    "wait": ("block until a message to me arrives", _args_wait, cmd_wait, True),
+    "who-has": ("which agents have PATH changed or uncommitted", _args_who_has, cmd_who_has,
+                True),
+    "ping": ("is an agent active; last seen; intent", _args_ping, cmd_ping, True),
+    "agent": ("register | list | delete | cleanup", _args_agent, cmd_agent, True),
+    "session": ("start | end | list | heartbeat | set-intent | set-task", _args_session,
+                cmd_session, True),
+    "context": ("save | show | clear | sync: notes that survive restarts", _args_context,
+                cmd_context, True),
+    "group": ("create | delete | add | remove | list | info", _args_group, cmd_group, True),
+    "sync": ("force | status: git sync of the a-sync branch", _args_sync, cmd_sync, True),
+    "config": ("show | get | set", _args_config, cmd_config, False),
+    "doctor": ("check and repair the index, log, sync worktree", _args_doctor, cmd_doctor,
+               True),
+    "rebuild": ("rebuild the index from the log", _no_args, cmd_rebuild, True),
+    "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo, False),
+}
+
+_EPILOG = """global flags (anywhere): --json --quiet --verbose --repo PATH --version --debug
+exit codes: 0 ok, 1 failure/timeout, 2 usage, 3 not set up, 4 not found, 5 refused
+
+Start:  thrum quickstart --name alice --role implementer --module auth
+Then:   thrum send "hi" --to @bob | thrum inbox | thrum wait --timeout 5m"""
+
+
+def build_parser(command=None):
+    """The argparse parser. Only `command`'s arguments are built (fast start-up)."""
+    argparse, Parser = _argparse()
+    p = Parser(prog="thrum", description="Persistent, git-backed messaging for AI coding "
+               "agents.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, builder, _, _) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if command is None or name == command:
+            builder(sp)
+    return p
+
+
+# === 14. main ===================================================================
+
+def _version_text():
+    import hashlib
+    try:
+        with open(os.path.abspath(__file__), "rb") as f:
+            h = hashlib.sha256(f.read()).hexdigest()[:10]
+    except OSError:  # pragma: no cover
+        h = "unknown"
+    return "thrum %s (file %s, python %s)" % (__version__, h, sys.version.split()[0])
+
+
+def main(argv=None):
+    """Command-line entry point. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {"json": "--json" in argv, "debug": "--debug" in argv}
+    out = Output(json_mode=flags["json"])
+    try:
+        flags, rest = split_global_flags(argv)
+        out = Output(json_mode=flags["json"], quiet=flags["quiet"], verbose=flags["verbose"])
+        if flags["version"]:
+            if out.json:
+                out.emit({"version": __version__})
+            else:
+                print(_version_text())
+            return EXIT_OK
+        command = next((a for a in rest if not a.startswith("-")), None)
+        if command not in COMMANDS:
+            command = None
+        parser = build_parser(command)
+        try:
+            args = parser.parse_args(rest)
+        except SystemExit as e:  # --help
+            return e.code if isinstance(e.code, int) else EXIT_OK
+        if not args.command:
+            parser.print_help()
+            return EXIT_USAGE if rest else EXIT_OK
+        handler = COMMANDS[args.command][2]
+        svc = Service(start=flags["repo"])
+        try:
+            code = handler(args, svc, out)
+        finally:
+            svc.close()
+        return EXIT_OK if code is None else code
+    except ThrumError as e:
+        return _report(out, e.message, e.exit_code, e.hint)
+    except KeyboardInterrupt:
+        return _report(out, "interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:  # pragma: no cover
+            pass
+        return EXIT_FAIL
+    except Exception as e:  # a bug: say so in one line; the traceback needs --debug
+        if flags.get("debug"):
+            raise
+        return _report(out, "internal error: %s: %s" % (type(e).__name__, e), EXIT_FAIL,
+                       "re-run with --debug for the traceback, and please report it")
+
+
+def _report(out, message, code, hint=None):
+    sys.stderr.write("thrum: error: %s\n" % message)
+    if hint:
+        sys.stderr.write("  hint: %s\n" % hint)
+    if out.json:
+        err = {"message": message, "exit_code": code}
+        if hint:
+            err["hint"] = hint
+        out.emit({"error": err})
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
