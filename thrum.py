@@ -23,7 +23,6 @@ it). Everything prefixed with `_` is private.
 
 __version__ = "0.1.0"
 
-import errno
 import fcntl
 import json
 import os
@@ -92,14 +91,22 @@ class RefusedError(ThrumError):
     exit_code = EXIT_REFUSED
 
 
+def git_reason(stderr):
+    """The line of git's stderr that says what went wrong."""
+    lines = [l.strip() for l in (stderr or "").splitlines() if l.strip()]
+    for l in lines:
+        for prefix in ("fatal:", "error:"):
+            if l.lower().startswith(prefix):
+                return l[len(prefix):].strip()
+    return lines[-1] if lines else "no output"
+
+
 class GitError(ThrumError):
     """A git command failed (exit 1)."""
 
     def __init__(self, args, code, stderr):
-        msg = "git %s failed (exit %s): %s" % (
-            " ".join(args[:3]), code, (stderr or "").strip().splitlines()[-1:] and
-            (stderr or "").strip().splitlines()[-1] or "no output")
-        super().__init__(msg)
+        super().__init__("git %s failed (exit %s): %s" % (" ".join(args[:2]), code,
+                                                          git_reason(stderr)))
         self.git_args, self.returncode, self.stderr = args, code, stderr
 
 
@@ -351,6 +358,8 @@ def _load_toml(path):
             data = f.read()
     except (FileNotFoundError, NotADirectoryError):
         return {}
+    if b"=" not in data:
+        return {}  # only comments: skip importing tomllib (start-up time)
     import tomllib
     try:
         return _flatten(tomllib.loads(data.decode("utf-8")))
@@ -844,6 +853,44 @@ AGENT_FIELDS = ("intent", "task", "status", "branch", "files")
 ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
 
 
+def _is_str(v):
+    return isinstance(v, str) and v != ""
+
+
+def _event_problem(ev):
+    """Why an event cannot be projected (None when it can)."""
+    t = ev["type"]
+    if t.startswith("message."):
+        if not _is_str(ev.get("message_id")) or not _is_str(ev.get("agent_id")):
+            return "needs message_id and agent_id"
+        if t in ("message.create", "message.edit"):
+            body = ev.get("body")
+            if not isinstance(body, dict) or not isinstance(body.get("content"), str):
+                return "needs a body with content"
+        if t == "message.create":
+            for f in ("recipients", "audiences", "scopes", "refs"):
+                v = ev.get(f) or []
+                if not isinstance(v, list):
+                    return "%s must be a list" % f
+            if not all(_is_str(r) for r in ev.get("recipients") or []):
+                return "recipients must be names"
+            for f in ("audiences", "scopes", "refs"):
+                if not all(isinstance(x, dict) for x in ev.get(f) or []):
+                    return "%s must hold objects" % f
+    elif t.startswith("agent."):
+        if not _is_str(ev.get("agent_id")):
+            return "needs agent_id"
+        if t.startswith("agent.session.") and not _is_str(ev.get("session_id")):
+            return "needs session_id"
+    elif t.startswith("group."):
+        if not _is_str(ev.get("group")):
+            return "needs group"
+        if t.startswith("group.member.") and not (_is_str(ev.get("member_type"))
+                                                  and _is_str(ev.get("member"))):
+            return "needs member_type and member"
+    return None
+
+
 def _key(ev):
     """Total order of events: timestamp then event id (both fixed width)."""
     return ev["timestamp"] + "|" + ev["event_id"]
@@ -1048,6 +1095,10 @@ class Index:
         seen = {}
         for ev in events:
             t = ev["type"]
+            problem = _event_problem(ev)
+            if problem:
+                _warn("skipping malformed %s event %s: %s" % (t, ev.get("event_id"), problem))
+                continue
             try:
                 writer = _event_writer(ev)
                 if writer:
@@ -1579,9 +1630,7 @@ class Service:
             main = _main_checkout(loc.git_common)
             store_root = main if main and os.path.isdir(main) else loc.worktree
         elif loc.store is None:
-            store_root = loc.worktree if os.path.isdir(os.path.join(loc.worktree, THRUM_DIR)) \
-                else os.path.abspath(os.getcwd() if loc.worktree == os.path.abspath(
-                    os.getcwd()) else loc.worktree)
+            store_root = loc.worktree  # outside git: where `.thrum/` was found, or here
         else:
             store_root = loc.store_root
         store = os.path.join(store_root, THRUM_DIR)
@@ -1973,6 +2022,10 @@ class Service:
         name = self._context_agent(agent_filter, agent)
         path = self._context_path(name)
         text = _read_text(path)
+        if text is None:  # published from another machine with `context sync`
+            synced = os.path.join(self.log.root, "context", name + ".md")
+            text = _read_text(synced)
+            path = synced if text is not None else path
         st = os.stat(path) if text is not None else None
         return {"agent_id": name, "path": path, "content": text,
                 "bytes": len(text.encode("utf-8")) if text is not None else 0,
@@ -2673,6 +2726,43 @@ class Service:
         v = self.config.set(key, value)
         return {"key": key, "value": v, "file": self.config.repo_file}
 
+    # -- sync (the engine is section 8) ---------------------------------------------------
+    def sync_force(self):
+        """Run one sync cycle now. Returns the sync status plus what the cycle did:
+        {remote, branch, local_only, last_sync_at, last_error, ahead, behind, state,
+        pulled, committed, pushed, attempts}."""
+        self._require_store()
+        eng = SyncEngine(self)
+        res = eng.cycle()
+        st = eng.status()
+        st.update(res)
+        return st
+
+    def sync_status(self):
+        """Sync state without network: {remote, branch, local_only, last_sync_at,
+        last_error, ahead, behind, state, git}."""
+        self._require_store()
+        if not self.loc.git_common:
+            return {"remote": None, "branch": self.branch, "local_only": True,
+                    "last_sync_at": None, "last_error": None, "ahead": 0, "behind": 0,
+                    "state": "no-remote", "git": False}
+        st = SyncEngine(self).status()
+        st["git"] = True
+        return st
+
+    def context_sync(self, agent=None):
+        """Publish my saved context on the sync branch (context/<name>.md), then sync."""
+        me = self.me(agent)["agent_id"]
+        text = _read_text(self._context_path(me))
+        if text is None:
+            raise NotFoundError("no saved context for @%s" % me,
+                                hint="save one with 'thrum context save'")
+        eng = SyncEngine(self)
+        _write_file_atomic(os.path.join(eng.wt, "context", me + ".md"), text)
+        res = self.sync_force()
+        res["agent_id"] = me
+        return res
+
     # -- health -------------------------------------------------------------------------------
     def doctor(self, fix=False):
         """Check (and with fix, repair) the index, log lines, sync worktree, daemon files.
@@ -2979,7 +3069,8 @@ class SyncEngine:
         Holds the file's flock (the same lock appenders take). Returns the
         number of lines appended.
         """
-        if ".." in rel.split("/") or rel.startswith("/"):
+        parts = rel.split("/")
+        if ".." in parts or rel.startswith("/") or parts[0].startswith(".git"):
             return 0
         path = os.path.join(self.wt, rel)
         if not rel.endswith(".jsonl"):
@@ -3170,62 +3261,69 @@ class SyncEngine:
     def cycle(self, max_attempts=8):
         """Commit, fetch, merge, commit on the remote tip, push; retry on contention.
 
-        Returns {pulled, committed, pushed, attempts, local_only, remote}.
+        Returns {pulled, committed, pushed, attempts, local_only, remote}. Any
+        failure is recorded as `last_error` in the sync state before it is raised.
         """
         fd = self._lock()
         try:
-            self.ensure_branch_and_worktree()
-            self.svc.log.repair()
-            res = {"pulled": 0, "committed": False, "pushed": False, "attempts": 0,
-                   "local_only": self.local_only, "remote": None}
-            if not self.has_remote():
-                tip, made = self._commit(self.rev(self.ref))
-                if made:
-                    self._set_local(tip)
-                res["committed"] = made
-                self._save_state(last_sync_at=now_ts(), last_error=None)
-                return res
-            res["remote"] = self.remote
-            import random
-            last_err = None
-            for attempt in range(1, max_attempts + 1):
-                res["attempts"] = attempt
-                try:
-                    status = self.fetch()
-                except GitError as e:
-                    # Offline: keep the local commit so nothing waits uncommitted.
-                    tip, made = self._commit(self.rev(self.ref))
-                    if made:
-                        self._set_local(tip)
-                    res["committed"] = res["committed"] or made
-                    self._save_state(last_error=e.message, last_attempt_at=now_ts())
-                    raise ThrumError("sync failed: cannot fetch from %s: %s" % (
-                        self.remote, (e.stderr or "").strip().splitlines()[-1:] or e.message),
-                        hint="local changes are committed; run 'thrum sync force' again "
-                             "when the remote is reachable")
-                remote_tip = self.rev(self.tracking) if status == "ok" else None
-                if remote_tip:
-                    res["pulled"] += self.merge_commit(remote_tip, self.rev(self.ref))
-                tip, made = self._commit(remote_tip or self.rev(self.ref))
-                res["committed"] = res["committed"] or made
-                if remote_tip and tip == remote_tip:
-                    self._set_local(tip)
-                    break
-                if self.push(tip, remote_tip):
-                    self._set_local(tip)
-                    res["pushed"] = True
-                    break
-                last_err = "push rejected (the remote moved)"
-                time.sleep(random.uniform(0.05, 0.2) * attempt)
-            else:
-                self._save_state(last_error=last_err, last_attempt_at=now_ts())
-                raise ThrumError("sync failed: %s after %d attempts" % (last_err, max_attempts),
-                                 hint="nothing is lost; run 'thrum sync force' again")
-            self._save_state(last_sync_at=now_ts(), last_error=None)
-            return res
+            return self._cycle(max_attempts)
+        except ThrumError as e:
+            self._save_state(last_error=e.message, last_attempt_at=now_ts())
+            raise
         finally:
             os.close(fd)
             self.svc.index.catch_up()
+
+    def _cycle(self, max_attempts):
+        self.ensure_branch_and_worktree()
+        self.svc.log.repair()
+        res = {"pulled": 0, "committed": False, "pushed": False, "attempts": 0,
+               "local_only": self.local_only, "remote": None}
+        if not self.has_remote():
+            tip, made = self._commit(self.rev(self.ref))
+            if made:
+                self._set_local(tip)
+            res["committed"] = made
+            self._save_state(last_sync_at=now_ts(), last_error=None)
+            return res
+        res["remote"] = self.remote
+        import random
+        last_err = None
+        for attempt in range(1, max_attempts + 1):
+            res["attempts"] = attempt
+            try:
+                status = self.fetch()
+            except GitError as e:
+                # Offline: keep the local commit so nothing waits uncommitted.
+                tip, made = self._commit(self.rev(self.ref))
+                if made:
+                    self._set_local(tip)
+                res["committed"] = res["committed"] or made
+                self._save_state(last_error=e.message, last_attempt_at=now_ts())
+                raise ThrumError("sync failed: cannot fetch from %s: %s" % (
+                    self.remote, git_reason(e.stderr)),
+                    hint="local changes are committed; run 'thrum sync force' again "
+                         "when the remote is reachable")
+            remote_tip = self.rev(self.tracking) if status == "ok" else None
+            if remote_tip:
+                res["pulled"] += self.merge_commit(remote_tip, self.rev(self.ref))
+            tip, made = self._commit(remote_tip or self.rev(self.ref))
+            res["committed"] = res["committed"] or made
+            if remote_tip and tip == remote_tip:
+                self._set_local(tip)
+                break
+            if self.push(tip, remote_tip):
+                self._set_local(tip)
+                res["pushed"] = True
+                break
+            last_err = "push rejected (the remote moved)"
+            time.sleep(random.uniform(0.05, 0.2) * attempt)
+        else:
+            self._save_state(last_error=last_err, last_attempt_at=now_ts())
+            raise ThrumError("sync failed: %s after %d attempts" % (last_err, max_attempts),
+                             hint="nothing is lost; run 'thrum sync force' again")
+        self._save_state(last_sync_at=now_ts(), last_error=None)
+        return res
 
     def status(self):
         """Sync state without touching the network (SPEC §6 shape)."""
@@ -3271,50 +3369,6 @@ class SyncEngine:
         out["state"] = state
         return out
 
-
-def _service_sync_methods():
-    """Sync operations on the Service (kept beside the engine they drive)."""
-
-    def sync_force(self):
-        """Run one sync cycle now. Returns the sync status plus what the cycle did."""
-        self._require_store()
-        eng = SyncEngine(self)
-        res = eng.cycle()
-        st = eng.status()
-        st.update(res)
-        return st
-
-    def sync_status(self):
-        """Sync state: {remote, branch, local_only, last_sync_at, last_error, ahead,
-        behind, state}. Outside git: state `no-remote` with git false."""
-        self._require_store()
-        if not self.loc.git_common:
-            return {"remote": None, "branch": self.branch, "local_only": True,
-                    "last_sync_at": None, "last_error": None, "ahead": 0, "behind": 0,
-                    "state": "no-remote", "git": False}
-        st = SyncEngine(self).status()
-        st["git"] = True
-        return st
-
-    def context_sync(self, agent=None):
-        """Publish my saved context on the sync branch, then run a sync cycle."""
-        me = self.me(agent)["agent_id"]
-        text = _read_text(self._context_path(me))
-        if text is None:
-            raise NotFoundError("no saved context for @%s" % me,
-                                hint="save one with 'thrum context save'")
-        eng = SyncEngine(self)
-        _write_file_atomic(os.path.join(eng.wt, "context", me + ".md"), text)
-        res = self.sync_force()
-        res["agent_id"] = me
-        return res
-
-    Service.sync_force = sync_force
-    Service.sync_status = sync_status
-    Service.context_sync = context_sync
-
-
-_service_sync_methods()
 
 
 # === 12. Rendering / output ===================================================
@@ -3431,6 +3485,96 @@ def render_member(out, m):
     bits.append("seen " + relative_time(m.get("last_seen_at")))
     bits.append("inbox %d unread / %d" % (m["unread"], m["total"]))
     return [head, "    " + " · ".join(bits)]
+
+
+# === 12b. Demo ==================================================================
+
+def run_demo(out):
+    """A self-contained tour: two agents in a throw-away repo, a waiter that wakes,
+    a threaded reply, read state, and a second clone syncing through a local bare
+    remote. Prints each step; removes everything it created."""
+    import shutil
+    import subprocess
+    import tempfile
+    me = os.path.abspath(__file__)
+    tmp = tempfile.mkdtemp(prefix="thrum-demo-")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("THRUM_") and not k.startswith("GIT_")}
+    env.update({"NO_COLOR": "1", "GIT_TERMINAL_PROMPT": "0"})
+    w = out.stream.write
+
+    def sh(argv, cwd):
+        subprocess.run(argv, cwd=cwd, env=env, check=True, capture_output=True)
+
+    def step(title):
+        w("\n== %s\n" % title)
+
+    def thrum(cwd, who, *args, show=True):
+        e = dict(env, THRUM_NAME=who) if who else env
+        label = ("THRUM_NAME=%s " % who if who else "") + "thrum " + " ".join(
+            a if " " not in a else repr(a) for a in args)
+        p = subprocess.run([sys.executable, me] + list(args), cwd=cwd, env=e,
+                           capture_output=True, text=True)
+        if show:
+            w("$ %s\n" % label)
+            text = (p.stdout + p.stderr).rstrip()
+            if text:
+                w("".join("  " + l + "\n" for l in text.splitlines()))
+        if p.returncode not in (0,):
+            raise ThrumError("demo step failed (exit %d): %s" % (p.returncode, label))
+        return p
+    try:
+        remote = os.path.join(tmp, "remote.git")
+        a = os.path.join(tmp, "laptop")
+        b = os.path.join(tmp, "ci-runner")
+        ident = ["-c", "user.name=demo", "-c", "user.email=demo@example.invalid"]
+        step("A repository with a shared remote (%s)" % tmp)
+        sh(["git", "init", "-q", "--bare", remote], tmp)
+        sh(["git", "init", "-q", a], tmp)
+        sh(["git"] + ident + ["commit", "-q", "--allow-empty", "-m", "start"], a)
+        sh(["git", "remote", "add", "origin", remote], a)
+        sh(["git", "push", "-q", "origin", "HEAD"], a)
+        w("created %s and a bare remote\n" % a)
+        step("Two agents register in one worktree")
+        thrum(a, "alice", "quickstart", "--name", "alice", "--role", "coordinator",
+              "--module", "core")
+        thrum(a, "bob", "quickstart", "--name", "bob", "--role", "implementer",
+              "--module", "auth")
+        step("bob waits for a message; alice sends one; bob wakes up")
+        waiter = subprocess.Popen([sys.executable, me, "wait", "--timeout", "30s"], cwd=a,
+                                  env=dict(env, THRUM_NAME="bob"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        thrum(a, "alice", "send", "Please add rate limiting to src/auth.py", "--to", "@bob")
+        got, _ = waiter.communicate(timeout=30)
+        w("$ THRUM_NAME=bob thrum wait --timeout 30s   (woke %.0f ms after the send)\n"
+          % ((time.monotonic() - t0) * 1000))
+        w("".join("  " + l + "\n" for l in got.rstrip().splitlines()))
+        step("bob reads his inbox (● unread) and replies in a thread")
+        p = thrum(a, "bob", "inbox", "--unread", "--json", show=False)
+        mid = json.loads(p.stdout)["messages"][0]["message_id"]
+        thrum(a, "bob", "inbox")
+        thrum(a, "bob", "reply", mid, "On it: token bucket, 10 req/s")
+        step("alice sees the reply under her message; bob's copy is now read (○)")
+        thrum(a, "alice", "inbox")
+        thrum(a, "bob", "inbox")
+        thrum(a, "alice", "sent")
+        step("Sync: the laptop pushes the a-sync branch; a CI runner clones and reads it")
+        thrum(a, None, "sync", "force")
+        sh(["git", "clone", "-q", remote, b], tmp)
+        thrum(b, "ci", "quickstart", "--name", "ci", "--role", "pipeline", "--module", "build")
+        thrum(b, "ci", "send", "build 123 passed", "--broadcast", "--structured",
+              '{"build": 123, "status": "passed"}')
+        thrum(b, None, "sync", "force")
+        thrum(a, None, "sync", "force")
+        thrum(a, "alice", "inbox", "--unread")
+        thrum(a, "alice", "team", "--all")
+        step("Done")
+        w("Everything above lived in %s, which is now removed.\n" % tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return EXIT_OK
 
 
 # === 13. CLI parser & commands ================================================
