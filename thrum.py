@@ -245,6 +245,14 @@ def locate(start=None):
         d = parent
 
 
+def head_branch(worktree):
+    """The checked-out branch of a worktree, read from HEAD (no git process)."""
+    gd = git_dirs(worktree)
+    head = _read_text(os.path.join(gd[0], "HEAD"), "") if gd else ""
+    head = head.strip()
+    return head[len("ref: refs/heads/"):] if head.startswith("ref: refs/heads/") else None
+
+
 def _safe_name_path(directory, name, suffix):
     """Path of `<directory>/<name><suffix>`; `name` must already be validated."""
     if not NAME_RE_OK(name):
@@ -1540,9 +1548,11 @@ class Service:
         name = _strip_at(agent) if agent else self.env.get("THRUM_NAME") or None
         here = self.identities_here()
         if name:
-            if not NAME_RE_OK(name):
+            if not NAME_RE_OK(name) or name in RESERVED_NAMES:
                 raise UsageError("invalid agent name %r in %s" % (
-                    name, "--agent" if agent else "THRUM_NAME"))
+                    name, "--agent" if agent else "THRUM_NAME"),
+                    hint="names are 1-64 lowercase letters, digits, '_' or '-', and not "
+                         "reserved")
             if name in here:
                 ident = self._read_identity(self._identity_file(name))
             elif not here:
@@ -1918,6 +1928,9 @@ class Service:
         fields = {"pid": int(pid)} if pid else {}
         start = self._event("agent.session.start", agent_id=aid, session_id=sid, **fields)
         events.append(start)
+        branch = head_branch(ident.get("worktree") or self.loc.worktree)
+        if branch:
+            events.append(self._event("agent.update", agent_id=aid, branch=branch))
         self._emit(events)
         ident["session_id"] = sid
         if pid:
@@ -1925,7 +1938,8 @@ class Service:
         if ident.get("identity_file"):
             self._write_identity(ident)
         return {"session_id": sid, "agent_id": aid, "started_at": start["timestamp"],
-                "ended": [e["session_id"] for e in events[:-1]]}
+                "branch": branch, "ended": [e["session_id"] for e in events
+                                            if e["type"] == "agent.session.end"]}
 
     def session_end(self, reason="normal", session_id=None, agent=None):
         ident = self.me(agent)
@@ -2557,11 +2571,13 @@ class Service:
         self._require_store()
         rel = self._repo_relpath(path)
         host = os.uname().nodename
-        found = []
+        found, contexts = [], {}
         for m in self._members(all_agents=True, with_files=True):
             wt = m["worktree"]
             if m["hostname"] == host and wt and os.path.isdir(wt):
-                wc = work_context(wt)
+                if wt not in contexts:  # agents sharing a worktree share one git query
+                    contexts[wt] = work_context(wt)
+                wc = contexts[wt]
                 files, branch, live = wc.get("files", []), wc.get("branch"), True
             else:
                 files, branch, live = m.get("files") or [], m.get("branch"), False
