@@ -2112,7 +2112,10 @@ class Service:
             raise UsageError("empty message body",
                              hint="pass the text as an argument, with --stdin or --body-file")
         limit = self.config.get("messages.max_body_bytes")
-        size = len(content.encode("utf-8"))
+        try:
+            size = len(content.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise UsageError("message body is not valid UTF-8")
         if size > limit:
             raise UsageError("message body is %d bytes, over the limit of %d bytes"
                              % (size, limit),
@@ -2271,49 +2274,59 @@ class Service:
         ident = self.me(agent)
         me, role = ident["agent_id"], ident.get("role")
         limit, page = self._paging(limit, page)
+        # Filters are written against deliveries (d.*) where they can be, so the
+        # counts need no join with messages and the page query walks the
+        # (agent_id, deleted, created_at) index in order.
         where, params = [], []
         if all:
             frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
                    "d.agent_id = ?")
+            count_frm, mid, author = frm, "m.message_id", "m.agent_id"
             params.append(me)
             where.append("m.deleted = 0")
-            order_col = "m.created_at"
+            order = "m.created_at %s, m.message_id %s"
         else:
             frm = "deliveries d JOIN messages m ON m.message_id = d.message_id"
+            count_frm, mid, author = "deliveries d", "d.message_id", "d.author"
             where += ["d.agent_id = ?", "d.deleted = 0"]
             params.append(me)
-            order_col = "d.created_at"
+            order = "d.created_at %s, d.message_id %s"
         if mentions:
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s "
                          "AND t.kind = 'aud' AND ((t.type = 'agent' AND t.value = ?) OR "
-                         "(t.type = 'role' AND t.value = ?)))")
+                         "(t.type = 'role' AND t.value = ?)))" % mid)
             params += [me, role]
         for kind, text in (("scope", scope), ("ref", ref)):
             if text:
                 tag = parse_tag(text, kind)
-                where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id"
-                             " AND t.kind = ? AND t.type = ? AND t.value = ?)")
+                where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s"
+                             " AND t.kind = ? AND t.type = ? AND t.value = ?)" % mid)
                 params += [kind, tag["type"], tag["value"]]
         if sender:
-            where.append("m.agent_id = ?")
+            where.append("%s = ?" % author)
             params.append(self._require_agent(sender)[0])
         if thread:
             tid = self._resolve_thread(thread)
             where.append("(m.thread_id = ? OR m.message_id = ?)")
             params += [tid, tid]
+            count_frm = frm
         unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
+        if not all:
+            unread_sql = "d.read_at IS NULL"  # matches the partial index deliveries_unread
         base_where = " AND ".join(where)
         if unread:
             where.append(unread_sql)
         wsql = " AND ".join(where)
-        total = self.index.q1("SELECT count(*) FROM %s WHERE %s" % (frm, wsql), params)[0]
+        total = self.index.q1("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql),
+                              params)[0]
         n_unread = self.index.q1("SELECT count(*) FROM %s WHERE %s AND %s"
-                                 % (frm, base_where, unread_sql), params)[0]
+                                 % (count_frm, base_where, unread_sql), params)[0]
+        direction = "ASC" if oldest else "DESC"
         rows = self.index.q(
             "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL, d.agent_id IS NOT NULL "
-            "FROM %s WHERE %s ORDER BY %s %s, m.message_id %s LIMIT ? OFFSET ?" % (
-                self._MSG_COLS, frm, wsql, order_col, "ASC" if oldest else "DESC",
-                "ASC" if oldest else "DESC"), params + [limit, (page - 1) * limit])
+            "FROM %s WHERE %s ORDER BY %s LIMIT ? OFFSET ?" % (
+                self._MSG_COLS, frm, wsql, order % (direction, direction)),
+            params + [limit, (page - 1) * limit])
         msgs = [self._msg(r, r[16]) for r in rows]
         if mark_read is None:
             mark_read = not unread
