@@ -38,7 +38,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ===================================================
 
-SCHEMA_VERSION = 3          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 4          #: index schema; an older index.db is rebuilt
 EVENT_VERSION = 1           #: the `v` field of every event
 THRUM_DIR = ".thrum"
 DEFAULT_BRANCH = "a-sync"
@@ -648,8 +648,41 @@ def make_event(etype, origin, **fields):
     return ev
 
 
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(obj):
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return "[]" if obj == [] else _ENCODE(obj)
+
+
+def _plain(s):
+    """True when a str needs no JSON escaping (names, tag values)."""
+    return s.isascii() and s.isprintable() and '"' not in s and "\\" not in s
+
+
+def _dumps_names(names):
+    """JSON of a list of names; a fast path for the index build (falls back)."""
+    try:
+        s = '","'.join(names)
+        if _plain(s):
+            return '["' + s + '"]' if names else "[]"
+    except TypeError:
+        pass
+    return _dumps(names)
+
+
+def _dumps_tags(tags):
+    """JSON of a list of {type, value} objects, with the same fast path."""
+    parts = []
+    try:
+        for t in tags:
+            ty, va = t["type"], t["value"]
+            if len(t) != 2 or not _plain(ty + va):
+                return _dumps(tags)
+            parts.append('{"type":"%s","value":"%s"}' % (ty, va))
+    except (TypeError, KeyError, AttributeError):
+        return _dumps(tags)
+    return "[" + ",".join(parts) + "]"
 
 
 class EventLog:
@@ -759,6 +792,17 @@ class EventLog:
         return fixed
 
 
+def _is_torn(f):
+    """True when a file's incomplete tail is not a write in progress: appenders hold
+    an exclusive flock while writing, so a free lock means a crash left it."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return True
+
+
 def parse_lines(data, rel, warn=True):
     """Parse complete JSONL lines from bytes. Returns (events, bad_count).
 
@@ -808,36 +852,28 @@ def parse_lines(data, rel, warn=True):
 # rows; derived columns are recomputed from them. So the index after any
 # interleaving of writes and syncs equals a rebuild from the log alone.
 
-_SCHEMA = """
+_SCHEMA_TABLES = """
 CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
                    offset INTEGER, tail BLOB);
 CREATE TABLE messages(
   message_id TEXT PRIMARY KEY, agent_id TEXT, session_id TEXT, created_at TEXT,
   event_id TEXT, origin TEXT, format0 TEXT, content0 TEXT, structured0 TEXT,
   recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT, thread0 TEXT,
+  -- the latest edit (NULL until edited; readers coalesce with the *0 columns)
   format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
-  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT);
-CREATE INDEX messages_author ON messages(agent_id, created_at);
-CREATE INDEX messages_created ON messages(created_at);
-CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
-CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
+  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT)
+  WITHOUT ROWID;
 CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
                         read_at TEXT, deleted INTEGER DEFAULT 0,
                         PRIMARY KEY(agent_id, message_id)) WITHOUT ROWID;
-CREATE INDEX deliveries_inbox ON deliveries(agent_id, deleted, created_at);
-CREATE INDEX deliveries_unread ON deliveries(agent_id) WHERE read_at IS NULL AND deleted = 0;
-CREATE INDEX deliveries_msg ON deliveries(message_id);
 CREATE TABLE tags(message_id TEXT, kind TEXT, type TEXT, value TEXT,
                   PRIMARY KEY(message_id, kind, type, value)) WITHOUT ROWID;
-CREATE INDEX tags_lookup ON tags(kind, type, value);
 CREATE TABLE receipts(message_id TEXT, agent_id TEXT, read_at TEXT,
                       PRIMARY KEY(message_id, agent_id)) WITHOUT ROWID;
 CREATE TABLE edits(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
                    format TEXT, content TEXT, structured TEXT);
-CREATE INDEX edits_msg ON edits(message_id);
 CREATE TABLE deletes(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
                      reason TEXT);
-CREATE INDEX deletes_msg ON deletes(message_id);
 CREATE TABLE agents(agent_id TEXT PRIMARY KEY, role TEXT, module TEXT, display TEXT,
                     worktree TEXT, hostname TEXT, origin TEXT, registered_at TEXT,
                     reg_key TEXT, del_key TEXT, deleted_by TEXT);
@@ -846,7 +882,6 @@ CREATE TABLE agent_fields(agent_id TEXT, field TEXT, value TEXT, key TEXT,
 CREATE TABLE seen(agent_id TEXT PRIMARY KEY, ts TEXT);
 CREATE TABLE sessions(session_id TEXT PRIMARY KEY, agent_id TEXT, started_at TEXT,
                       ended_at TEXT, end_reason TEXT, pid INTEGER);
-CREATE INDEX sessions_agent ON sessions(agent_id);
 CREATE TABLE groups(name TEXT PRIMARY KEY, group_id TEXT, description TEXT,
                     created_by TEXT, created_at TEXT, create_key TEXT, delete_key TEXT);
 CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEXT,
@@ -854,8 +889,24 @@ CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEX
                            PRIMARY KEY(name, member_type, member)) WITHOUT ROWID;
 """
 
+#: Secondary indexes: created after a bulk build, which is faster.
+_SCHEMA_INDEXES = """
+CREATE INDEX messages_author ON messages(agent_id, created_at);
+CREATE INDEX messages_created ON messages(created_at);
+CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
+CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
+CREATE INDEX deliveries_inbox ON deliveries(agent_id, deleted, created_at);
+CREATE INDEX deliveries_unread ON deliveries(agent_id) WHERE read_at IS NULL AND deleted = 0;
+CREATE INDEX deliveries_msg ON deliveries(message_id);
+CREATE INDEX tags_lookup ON tags(kind, type, value);
+CREATE INDEX edits_msg ON edits(message_id);
+CREATE INDEX deletes_msg ON deletes(message_id);
+CREATE INDEX sessions_agent ON sessions(agent_id);
+"""
+_SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
+
 #: Fields an agent.update may carry (work context); latest value wins per field.
-AGENT_FIELDS = ("intent", "task", "status", "branch", "files")
+AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context")
 
 #: An agent counts as registered when its latest register beats its latest delete.
 ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
@@ -865,15 +916,25 @@ def _is_str(v):
     return isinstance(v, str) and v != ""
 
 
+def _scalar(v):
+    return v is None or isinstance(v, (str, int, float))
+
+
 def _event_problem(ev):
-    """Why an event cannot be projected (None when it can)."""
+    """Why an event cannot be projected (None when it can). Only used when the
+    bulk projection of a batch failed, to find and skip the culprits."""
     t = ev["type"]
+    if not all(_scalar(v) for k, v in ev.items()
+               if k not in ("body", "recipients", "audiences", "scopes", "refs", "files",
+                            "context")):
+        return "a field that should be a plain value is not"
     if t.startswith("message."):
         if not _is_str(ev.get("message_id")) or not _is_str(ev.get("agent_id")):
             return "needs message_id and agent_id"
         if t in ("message.create", "message.edit"):
             body = ev.get("body")
-            if not isinstance(body, dict) or not isinstance(body.get("content"), str):
+            if not isinstance(body, dict) or not isinstance(body.get("content"), str) \
+                    or not _scalar(body.get("format")):
                 return "needs a body with content"
         if t == "message.create":
             for f in ("recipients", "audiences", "scopes", "refs"):
@@ -883,8 +944,9 @@ def _event_problem(ev):
             if not all(_is_str(r) for r in ev.get("recipients") or []):
                 return "recipients must be names"
             for f in ("audiences", "scopes", "refs"):
-                if not all(isinstance(x, dict) for x in ev.get(f) or []):
-                    return "%s must hold objects" % f
+                if not all(isinstance(x, dict) and _scalar(x.get("type"))
+                           and _scalar(x.get("value")) for x in ev.get(f) or []):
+                    return "%s must hold {type, value} objects" % f
     elif t.startswith("agent."):
         if not _is_str(ev.get("agent_id")):
             return "needs agent_id"
@@ -915,7 +977,8 @@ class Index:
         self.path = path
         self.log = log
         self.db = None
-        self.applied = 0     # events applied by the last catch_up
+        self.applied = 0     # events read by the last catch_up
+        self.built = 0       # events read by the last full build
 
     # -- opening, schema, rebuild --------------------------------------------
     def open(self):
@@ -961,7 +1024,12 @@ class Index:
         self.db = db
 
     def _create(self):
-        """(Re)create an empty index file under an exclusive lock."""
+        """Build a new index from the whole log, under an exclusive lock.
+
+        The new file is built beside the old one with journaling off and the
+        secondary indexes added after the bulk insert, then renamed into place
+        (so a crash mid-build leaves no half-built index) and switched to WAL.
+        """
         lock = self.path + ".lock"
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -980,11 +1048,20 @@ class Index:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 if os.path.exists(tmp + suffix):
                     os.unlink(tmp + suffix)
-            db = sqlite3.connect(tmp, isolation_level=None)
-            db.executescript("BEGIN;" + _SCHEMA + "PRAGMA user_version=%d; COMMIT;"
-                             % SCHEMA_VERSION)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.close()
+            db = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=OFF")
+                db.execute("PRAGMA synchronous=OFF")
+                db.execute("PRAGMA cache_size=-262144")  # 256 MiB while building
+                db.executescript(_SCHEMA_TABLES)
+                builder = Index(tmp, self.log)
+                builder.db = db
+                self.built = builder.catch_up()
+                db.executescript(_SCHEMA_INDEXES)
+                db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+                db.execute("PRAGMA journal_mode=WAL")
+            finally:
+                db.close()
             os.replace(tmp, self.path)
         finally:
             os.close(fd)
@@ -1002,11 +1079,11 @@ class Index:
             self.db = None
 
     def rebuild(self):
-        """Throw the index away and project the whole log again."""
+        """Throw the index away and project the whole log again. Returns the events read."""
         self.close()
         self._remove_files()
         self.open()
-        return self.catch_up()
+        return self.built + self.catch_up()
 
     # -- catching up with the log --------------------------------------------
     def catch_up(self):
@@ -1041,13 +1118,16 @@ class Index:
         self.close()
         self._remove_files()
         self.open()
-        return self.catch_up()
+        return self.built + self.catch_up()
+
+    #: Bytes read and projected per step (bounds memory on big logs).
+    CHUNK = 8 << 20
 
     def _catch_up_locked(self, changed):
         db = self.db
         db.execute("BEGIN IMMEDIATE")
+        total = 0
         try:
-            events, updates = [], []
             for rel, path, _ in changed:
                 row = db.execute("SELECT ino, size, mtime_ns, offset, tail FROM files "
                                  "WHERE path = ?", (rel,)).fetchone()
@@ -1066,25 +1146,35 @@ class Index:
                         if f.read(len(tail)) == tail:
                             offset = row[3]
                     f.seek(offset)
-                    data = f.read(st.st_size - offset)
-                end = data.rfind(b"\n") + 1  # consume complete lines only
-                evs, _ = parse_lines(data[:end], rel)
-                events.extend(evs)
-                new_off = offset + end
-                if new_off >= 64:
-                    tail = (data[max(0, end - 64):end] if end >= 64 else
-                            self._read_tail(path, new_off))
-                else:
-                    tail = data[:end] if offset == 0 else self._read_tail(path, new_off)
-                updates.append((rel, st.st_ino, st.st_size, st.st_mtime_ns, new_off, tail))
-            self.apply(events)
-            db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)", updates)
+                    left = st.st_size - offset
+                    carry = b""
+                    while left > 0:
+                        block = f.read(min(self.CHUNK, left))
+                        if not block:
+                            break
+                        left -= len(block)
+                        data = carry + block
+                        end = data.rfind(b"\n") + 1  # consume complete lines only
+                        carry = data[end:]
+                        evs, _ = parse_lines(data[:end], rel)
+                        self.apply(evs)
+                        total += len(evs)
+                        offset += end
+                    if carry and _is_torn(f):
+                        _warn("%s: skipping an incomplete last line (%d bytes; it is cut "
+                              "off at the next append)" % (rel, len(carry)))
+                db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+                           (rel, st.st_ino, st.st_size, st.st_mtime_ns, offset,
+                            self._read_tail(path, offset)))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
             raise
-        self.applied = len(events)
-        return len(events)
+        self.applied = total
+        return total
 
     @staticmethod
     def _read_tail(path, end):
@@ -1095,18 +1185,32 @@ class Index:
 
     # -- projection ----------------------------------------------------------
     def apply(self, events):
-        """Project events (any order, duplicates allowed) inside the open transaction."""
+        """Project events (any order, duplicates allowed) inside the open transaction.
+
+        The bulk path trusts the events' shapes; if a malformed event breaks it,
+        the events are checked one by one and the valid ones applied again
+        (safe: every projection is idempotent).
+        """
         if not events:
             return
+        try:
+            self._apply(events, checked=False)
+        except (KeyError, TypeError, AttributeError, ValueError, sqlite3.InterfaceError,
+                sqlite3.ProgrammingError, sqlite3.IntegrityError):
+            self._apply(events, checked=True)
+
+    def _apply(self, events, checked):
         db = self.db
         creates, edits, deletes, receipts = [], [], [], []
         seen = {}
         for ev in events:
             t = ev["type"]
-            problem = _event_problem(ev)
-            if problem:
-                _warn("skipping malformed %s event %s: %s" % (t, ev.get("event_id"), problem))
-                continue
+            if checked:
+                problem = _event_problem(ev)
+                if problem:
+                    _warn("skipping malformed %s event %s: %s" % (t, ev.get("event_id"),
+                                                                  problem))
+                    continue
             try:
                 writer = _event_writer(ev)
                 if writer:
@@ -1126,7 +1230,8 @@ class Index:
                 elif t.startswith("group."):
                     self._apply_group(ev)
                 # unknown types are ignored (a newer writer's events)
-            except (KeyError, TypeError, AttributeError) as e:
+            except (KeyError, TypeError, AttributeError, sqlite3.InterfaceError,
+                    sqlite3.ProgrammingError) as e:
                 _warn("skipping malformed %s event %s (%s)" % (t, ev.get("event_id"), e))
         touched = set()
         if creates:
@@ -1170,11 +1275,10 @@ class Index:
             msgs.append((mid, author, e.get("session_id"), ts, e["event_id"],
                          e.get("origin"), body.get("format", "markdown"),
                          body.get("content", ""), structured,
-                         _dumps(e.get("recipients") or []), _dumps(e.get("audiences") or []),
-                         _dumps(e.get("scopes") or []), _dumps(e.get("refs") or []),
-                         e.get("reply_to"), e.get("thread_id"),
-                         body.get("format", "markdown"), body.get("content", ""), structured,
-                         e.get("thread_id")))
+                         _dumps_names(e.get("recipients") or []),
+                         _dumps_tags(e.get("audiences") or []),
+                         _dumps_tags(e.get("scopes") or []), _dumps_tags(e.get("refs") or []),
+                         e.get("reply_to"), e.get("thread_id"), e.get("thread_id")))
             for r in e.get("recipients") or []:
                 dels.append((r, mid, ts, author))
             for kind, items in (("scope", e.get("scopes")), ("ref", e.get("refs")),
@@ -1184,8 +1288,8 @@ class Index:
         db.executemany(
             "INSERT OR IGNORE INTO messages(message_id, agent_id, session_id, created_at, "
             "event_id, origin, format0, content0, structured0, recipients, audiences, scopes, "
-            "refs, reply_to, thread0, format, content, structured, thread_id) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
+            "refs, reply_to, thread0, thread_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            msgs)
         db.executemany("INSERT OR IGNORE INTO deliveries(agent_id, message_id, created_at, "
                        "author) VALUES (?,?,?,?)", dels)
         db.executemany("INSERT OR IGNORE INTO tags VALUES (?,?,?,?)", tags)
@@ -1211,18 +1315,18 @@ class Index:
         """Recompute the derived columns of messages from the source tables."""
         db = self.db
         for mid in ids:
-            row = db.execute("SELECT agent_id, format0, content0, structured0, thread0 "
-                             "FROM messages WHERE message_id = ?", (mid,)).fetchone()
+            row = db.execute("SELECT agent_id, format0, thread0 FROM messages WHERE "
+                             "message_id = ?", (mid,)).fetchone()
             if row is None:
                 continue  # its create has not arrived yet; it will refresh then
-            author, fmt, content, structured, thread = row
+            author, fmt0, thread = row
             edits = db.execute(
                 "SELECT ts, format, content, structured FROM edits WHERE message_id = ? "
                 "AND agent_id = ? ORDER BY ts, event_id", (mid, author)).fetchall()
-            updated_at = None
+            updated_at = fmt = content = structured = None
             if edits:
-                updated_at, efmt, content, structured = edits[-1]
-                fmt = efmt or fmt
+                updated_at, fmt, content, structured = edits[-1]
+                fmt = fmt or fmt0
             dele = db.execute("SELECT ts, reason FROM deletes WHERE message_id = ? AND "
                               "agent_id = ? ORDER BY ts, event_id LIMIT 1",
                               (mid, author)).fetchone()
@@ -1439,6 +1543,7 @@ class Service:
         self.config = Config(self.loc.store, self.env, config)
         self._log = None
         self._index = None
+        self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
 
     # -- plumbing --------------------------------------------------------------
     def _require_store(self):
@@ -1497,11 +1602,18 @@ class Service:
 
     def _after_write(self):
         """Hook run after every write (autosync, daemon notification)."""
-        if _parse_bool(self.env.get("THRUM_AUTOSYNC", "0") or "0"):
+        if self._autosync:
             try:
                 self.sync_force()
             except ThrumError as e:
-                _warn("autosync failed: %s" % e.message)
+                self.autosync_error = e
+
+    @property
+    def _autosync(self):
+        try:
+            return _parse_bool(self.env.get("THRUM_AUTOSYNC") or "0")
+        except ValueError:
+            raise UsageError("THRUM_AUTOSYNC must be 1/0 or true/false")
 
     def _event(self, etype, **fields):
         return make_event(etype, self.origin, **fields)
@@ -1576,8 +1688,15 @@ class Service:
             raise NotSetUpError("several identities in this worktree (%s); "
                                 "cannot choose" % ", ".join(here),
                                 hint="set THRUM_NAME to one of: %s" % ", ".join(here))
-        row = self.index.q1("SELECT role FROM agents WHERE agent_id = ? AND "
+        row = self.index.q1("SELECT role, worktree FROM agents WHERE agent_id = ? AND "
                             + ACTIVE_AGENT_SQL, (ident["agent_id"],))
+        if row and row[1] and ident.get("worktree") and ident.get("identity_file") and \
+                os.path.realpath(row[1]) != os.path.realpath(ident["worktree"]):
+            raise NotSetUpError("agent @%s was taken over by the worktree %s"
+                                % (ident["agent_id"], row[1]),
+                                hint="register another name here, or take it back with "
+                                     "'thrum quickstart --name %s ... --force'"
+                                % ident["agent_id"])
         if row is None:
             raise NotSetUpError("agent %s is not registered in this store (deleted?)"
                                 % ident["agent_id"],
@@ -1664,7 +1783,10 @@ class Service:
         else:
             os.makedirs(self.log.root, exist_ok=True)
         result["log_dir"] = self.log.root
-        self.index  # build the index now
+        if force:
+            result["rebuilt_events"] = self.rebuild_index()["events"]
+        else:
+            self.index  # build the index now
         return result
 
     def _git_root(self):
@@ -1687,6 +1809,8 @@ class Service:
         common = self.loc.git_common
         out = {"adopted_remote": False}
         out["excluded"] = self._exclude_thrum(common)
+        if force:
+            self.log.repair()
         sync = SyncEngine(self)
         out.update(sync.ensure_branch_and_worktree())
         return out
@@ -1756,8 +1880,7 @@ class Service:
         row = self._agent_row(name)
         status = "registered"
         if row is not None:
-            if (row[4] and os.path.realpath(row[4]) != worktree or
-                    row[5] and row[5] != host) and not force:
+            if row[4] and os.path.realpath(row[4]) != worktree and not force:
                 raise RefusedError(
                     "agent name %r is already registered from %s%s" % (
                         name, row[4], "" if row[5] == host else " on " + str(row[5])),
@@ -1775,6 +1898,8 @@ class Service:
                                       hostname=host))
         else:
             status = "unchanged"
+        if intent is not None:
+            events.append(self._event("agent.update", agent_id=name, intent=intent))
         now = now_ts()
         if ident is None:
             ident = {"agent_id": name, "created_at": now, "session_id": None,
@@ -2036,14 +2161,21 @@ class Service:
         name = self._context_agent(agent_filter, agent)
         path = self._context_path(name)
         text = _read_text(path)
+        source = "local"
         if text is None:  # published from another machine with `context sync`
-            synced = os.path.join(self.log.root, "context", name + ".md")
-            text = _read_text(synced)
-            path = synced if text is not None else path
-        st = os.stat(path) if text is not None else None
-        return {"agent_id": name, "path": path, "content": text,
+            row = self.index.q1("SELECT value, key FROM agent_fields WHERE agent_id = ? AND "
+                                "field = 'context'", (name,))
+            if row and json.loads(row[0]) is not None:
+                text, source = json.loads(row[0]), "synced"
+                updated = row[1].split("|")[0]
+        if text is None:
+            source, updated = None, None
+        elif source == "local":
+            updated = now_ts(os.stat(path).st_mtime)
+        return {"agent_id": name, "path": path if source == "local" else None,
+                "content": text, "source": source,
                 "bytes": len(text.encode("utf-8")) if text is not None else 0,
-                "updated_at": now_ts(st.st_mtime) if st else None}
+                "updated_at": updated}
 
     def context_clear(self, agent_filter=None, agent=None):
         name = self._context_agent(agent_filter, agent)
@@ -2212,7 +2344,9 @@ class Service:
 
     # -- reading -----------------------------------------------------------------------
     _MSG_COLS = ("m.message_id, m.thread_id, m.reply_to, m.agent_id, m.recipients, "
-                 "m.audiences, m.format, m.content, m.structured, m.scopes, m.refs, "
+                 "m.audiences, coalesce(m.format, m.format0), coalesce(m.content, m.content0), "
+                 "CASE WHEN m.version > 0 THEN m.structured ELSE m.structured0 END, "
+                 "m.scopes, m.refs, "
                  "m.created_at, m.updated_at, m.deleted, m.version, m.session_id")
 
     @staticmethod
@@ -2422,7 +2556,8 @@ class Service:
     def _own_message(self, message_id, me, verb):
         mid = self.resolve_message_id(message_id)
         author, deleted, fmt = self.index.q1(
-            "SELECT agent_id, deleted, format FROM messages WHERE message_id = ?", (mid,))
+            "SELECT agent_id, deleted, coalesce(format, format0) FROM messages WHERE "
+            "message_id = ?", (mid,))
         if author != me:
             raise RefusedError("only the author can %s %s (author: @%s, you: @%s)"
                                % (verb, mid, author, me))
@@ -2434,6 +2569,10 @@ class Service:
         """Replace a message's body (author only). Returns {message_id, updated_at, version}."""
         me = self.me(agent)["agent_id"]
         mid, old_fmt = self._own_message(message_id, me, "edit")
+        if structured is None:  # an edit replaces the text; structured data stays
+            old = self.index.q1("SELECT CASE WHEN version > 0 THEN structured ELSE "
+                                "structured0 END FROM messages WHERE message_id = ?", (mid,))
+            structured = json.loads(old[0]) if old and old[0] else None
         body = self._check_body(content, fmt or old_fmt, structured)
         ev = self._event("message.edit", message_id=mid, agent_id=me, body=body)
         self._emit([ev])
@@ -2495,6 +2634,7 @@ class Service:
             rows = self.index.q(base + " AND d.read_at IS NULL ORDER BY d.created_at", params)
             if rows:
                 return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
+            base += " AND d.read_at IS NULL"  # and while waiting, only unread ones
         since = now_ts(start)
         deadline = time.monotonic() + timeout
         sleep = wake or time.sleep
@@ -2606,17 +2746,14 @@ class Service:
         if not path or not isinstance(path, str):
             raise UsageError("who-has needs a PATH")
         root = os.path.realpath(self.loc.worktree)
-        ap = os.path.realpath(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
-        if ap == root or ap.startswith(root + os.sep):
-            return os.path.relpath(ap, root).replace(os.sep, "/")
-        if os.path.isabs(path):
-            # A path inside another worktree of this clone: strip that worktree root.
-            for m in self._members(all_agents=True):
-                wt = m["worktree"] and os.path.realpath(m["worktree"])
-                if wt and ap.startswith(wt + os.sep):
-                    return os.path.relpath(ap, wt).replace(os.sep, "/")
-            raise UsageError("%s is outside this repository (%s)" % (path, root))
-        return os.path.normpath(path).replace(os.sep, "/")
+        ap = os.path.realpath(os.path.join(os.getcwd(), path))
+        # This worktree first, then any agent's worktree (linked worktrees of a clone).
+        roots = [root] + [os.path.realpath(m["worktree"]) for m in self._members(
+            all_agents=True) if m["worktree"]]
+        for r in sorted(set(roots), key=lambda r: (r != root, -len(r))):
+            if ap.startswith(r + os.sep):
+                return os.path.relpath(ap, r).replace(os.sep, "/")
+        raise UsageError("%s is outside this repository (%s)" % (path, root))
 
     # -- groups -----------------------------------------------------------------------
     def _group_row(self, name):
@@ -2780,14 +2917,15 @@ class Service:
         return st
 
     def context_sync(self, agent=None):
-        """Publish my saved context on the sync branch (context/<name>.md), then sync."""
+        """Publish my saved context on the sync branch (an agent.update event whose
+        `context` field is the text; the latest publication wins), then sync."""
         me = self.me(agent)["agent_id"]
         text = _read_text(self._context_path(me))
         if text is None:
             raise NotFoundError("no saved context for @%s" % me,
                                 hint="save one with 'thrum context save'")
-        eng = SyncEngine(self)
-        _write_file_atomic(os.path.join(eng.wt, "context", me + ".md"), text)
+        SyncEngine(self)  # outside git this raises: there is nothing to publish to
+        self._update_fields(me, context=text)
         res = self.sync_force()
         res["agent_id"] = me
         return res
@@ -2872,7 +3010,8 @@ class Service:
             evs += parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)[0]
         mem.apply(evs)
         mem.db.execute("COMMIT")
-        for table, cols in (("messages", "message_id, content, deleted, thread_id, version"),
+        for table, cols in (("messages", "message_id, content0, content, deleted, thread_id, "
+                                          "version"),
                             ("deliveries", "agent_id, message_id, read_at, deleted"),
                             ("agents", "agent_id, role, reg_key, del_key")):
             a = idx.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
@@ -3103,9 +3242,7 @@ class SyncEngine:
             return 0
         path = os.path.join(self.wt, rel)
         if not rel.endswith(".jsonl"):
-            if not os.path.exists(path):  # context files: first copy wins locally
-                _write_file_atomic(path, remote_data)
-            return 0
+            return 0  # thrum keeps everything in JSONL files
         remote_data = remote_data[:remote_data.rfind(b"\n") + 1]
         if not remote_data:
             return 0
@@ -3436,13 +3573,19 @@ class Output:
         self.emit(data, out)
 
 
+def clip(line, width=80):
+    """One display line cut to `width` columns (an ellipsis marks the cut)."""
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
 def _who(names):
     return ", ".join("@" + n for n in names) if names else "(nobody)"
 
 
 def _aud_str(auds):
-    return ", ".join(a["value"] if a["type"] == "agent" else "%s:%s" % (a["type"], a["value"])
-                     for a in auds)
+    return ", ".join("@" + a["value"] if a["type"] == "agent" else
+                     "everyone" if a["type"] == "everyone" else
+                     "%s:%s" % (a["type"], a["value"]) for a in auds)
 
 
 def _body_lines(text, indent, max_lines=20, width=80):
@@ -3513,7 +3656,7 @@ def render_member(out, m):
         bits.append("branch: " + m["branch"])
     bits.append("seen " + relative_time(m.get("last_seen_at")))
     bits.append("inbox %d unread / %d" % (m["unread"], m["total"]))
-    return [head, "    " + " · ".join(bits)]
+    return [clip(head), clip("    " + " · ".join(bits))]
 
 
 # === 12b. Demo ==================================================================
@@ -3798,7 +3941,7 @@ def cmd_whoami(args, svc, out):
             return out.emit({args.field: v})
         out.stream.write(("" if v is None else str(v)) + "\n")
         return
-    out.emit(res, lambda r: [
+    out.emit(res, lambda r: [clip(l) for l in [
         "@%s  %s (%s)" % (r["agent_id"], r["role"], r["module"]),
         "  Display:  %s" % (r["display"] or ""),
         "  Intent:   %s" % (r["intent"] or ""),
@@ -3806,7 +3949,7 @@ def cmd_whoami(args, svc, out):
             r["session_started_at"])) if r["session_id"] else
             "none (thrum session start)"),
         "  Worktree: %s" % r["worktree"],
-        "  Identity: %s" % r["identity_file"]])
+        "  Identity: %s" % r["identity_file"]]])
 
 
 def _status_lines(out, r):
@@ -3825,7 +3968,7 @@ def _status_lines(out, r):
         s["last_sync_at"]) if s.get("last_sync_at") else ""))
     if s.get("last_error"):
         lines.append("           last error: %s" % s["last_error"])
-    return lines
+    return [clip(l) for l in lines]
 
 
 def cmd_status(args, svc, out):
@@ -3836,7 +3979,7 @@ def cmd_overview(args, svc, out):
     def lines(r):
         ls = _status_lines(out, r) + ["", "Team (%d active):" % len(r["team"])]
         for m in r["team"]:
-            ls.extend("  " + l for l in render_member(out, m))
+            ls.extend(clip("  " + l) for l in render_member(out, m))
         return ls
     out.emit(svc.overview(), lines)
 
@@ -3954,9 +4097,9 @@ def cmd_sent(args, svc, out):
             return ["No sent messages."]
         ls = []
         for m in r["messages"]:
-            ls.append("%s  to %s  %s  %d/%d read" % (
+            ls.append(clip("%s  to %s  %s  %d/%d read" % (
                 m["message_id"], _aud_str(m["audiences"]) or _who(m["recipients"]),
-                relative_time(m["created_at"]), m["read_count"], len(m["receipts"])))
+                relative_time(m["created_at"]), m["read_count"], len(m["receipts"]))))
             ls.extend(_body_lines(m["body"]["content"], "  ", 6))
             if m["receipts"]:
                 ls.append("  " + ", ".join("@%s(%s)" % (x["agent_id"], "read" if x["read_at"]
@@ -4056,7 +4199,7 @@ def cmd_ping(args, svc, out):
                                          relative_time(m["last_seen_at"]))]
         for k in ("intent", "task", "branch"):
             if m.get(k):
-                ls.append("  %s: %s" % (k.capitalize(), m[k]))
+                ls.append(clip("  %s: %s" % (k.capitalize(), m[k])))
         return ls
     out.emit(r, lines)
 
@@ -4261,7 +4404,13 @@ def cmd_rebuild(args, svc, out):
 
 
 def cmd_demo(args, svc, out):
-    return run_demo(out)
+    if not out.json:
+        return run_demo(out)
+    import io
+    buf = io.StringIO()
+    code = run_demo(Output(stream=buf))
+    out.emit({"ok": code == EXIT_OK, "transcript": buf.getvalue()})
+    return code
 
 
 # -- the parser -----------------------------------------------------------------------
@@ -4549,6 +4698,10 @@ def main(argv=None):
             code = handler(args, svc, out)
         finally:
             svc.close()
+        if svc.autosync_error is not None:  # the write is stored; its sync is not
+            e = svc.autosync_error
+            return _report(out if not out.json else Output(), "saved locally, but "
+                           "THRUM_AUTOSYNC failed: " + e.message, EXIT_FAIL, e.hint)
         return EXIT_OK if code is None else code
     except ThrumError as e:
         return _report(out, e.message, e.exit_code, e.hint)
