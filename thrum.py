@@ -3098,8 +3098,10 @@ def work_context(worktree):
 # the user's HEAD, index and working tree are never touched.
 
 _EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
-_REJECTED = ("rejected", "non-fast-forward", "fetch first", "failed to update ref",
-             "cannot lock ref", "stale info", "incorrect old value")
+#: Push refusals that mean "someone else pushed first": fetch, merge and retry.
+#: Any other refusal (e.g. a pre-receive hook declining) fails at once.
+_CONTENTION = ("non-fast-forward", "fetch first", "stale info", "failed to update ref",
+               "cannot lock ref", "incorrect old value", "[rejected]")
 
 
 def _event_ids(data):
@@ -3392,10 +3394,13 @@ class SyncEngine:
         if p.returncode == 0:
             self.git("update-ref", self.tracking, commit, check=False)
             return True
-        text = (p.stdout + p.stderr).lower()
-        if any(r in text for r in _REJECTED):
+        text = p.stdout + p.stderr
+        if any(r in text.lower() for r in _CONTENTION):
             return False
-        raise GitError(["push", self.remote], p.returncode, p.stderr or p.stdout)
+        reason = [l.split("\t")[-1] for l in p.stdout.splitlines() if l.startswith("!")]
+        raise ThrumError("sync failed: %s refused the push: %s" % (
+            self.remote, reason[0] if reason else git_reason(p.stderr)),
+            hint="local changes are committed; fix the remote, then run 'thrum sync force'")
 
     # -- the cycle ----------------------------------------------------------------------
     def _lock(self, wait=30.0):
