@@ -4654,9 +4654,8 @@ def build_parser(command=None):
                "agents.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, builder, _, _) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
         if command is None or name == command:
-            builder(sp)
+            builder(sub.add_parser(name, help=help_, description=help_))
     return p
 
 
