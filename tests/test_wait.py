@@ -1,0 +1,176 @@
+"""wait (SPEC §7, §14 "wait", "wait details")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import THRUM_PY, TS_RE, assert_error
+
+
+class Waiter:
+    """`thrum wait ...` running in the background as `name`."""
+
+    def __init__(self, team, name, *args):
+        env = dict(team.env, THRUM_NAME=name)
+        self.args = ["wait", *args]
+        self.p = subprocess.Popen([sys.executable, THRUM_PY, *self.args], cwd=str(team.path),
+                                  env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        self.started = time.monotonic()
+
+    def running(self) -> bool:
+        return self.p.poll() is None
+
+    def finish(self, timeout=20):
+        try:
+            out, err = self.p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            out, err = self.p.communicate()
+            pytest.fail(f"`thrum {' '.join(self.args)}` did not return within {timeout}s\n"
+                        f"{out.decode()}\n{err.decode()}")
+        self.elapsed = time.monotonic() - self.started
+        self.code, self.out, self.err = self.p.returncode, out.decode(), err.decode()
+        assert "Traceback" not in self.err, self.err
+        return self
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.communicate()
+
+
+@pytest.fixture
+def waiters():
+    started = []
+
+    def start(team, name, *args):
+        w = Waiter(team, name, *args)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+def settle(w, seconds=1.2):
+    """Give the waiter time to start polling; it must still be waiting afterwards."""
+    time.sleep(seconds)
+    assert w.running(), f"wait returned early: {w.p.communicate()}"
+
+
+def test_wait_timeout(team):
+    start = time.monotonic()
+    r = team.t("wait", "--timeout", "1s", name="bob")
+    elapsed = time.monotonic() - start
+    assert r.code == 1, r.describe()
+    assert r.out.strip() == "NO_MESSAGES_TIMEOUT"
+    assert 0.9 <= elapsed < 15
+    r = team.t("wait", "--timeout", "500ms", "--json", name="bob")
+    assert r.code == 1, r.describe()
+    assert r.json == {"status": "timeout", "messages": []}
+
+
+def test_wait_wakes_on_message(team, waiters):
+    w = waiters(team, "bob", "--timeout", "20s")
+    settle(w)
+    sent = team.send("alice", "wake up bob", "--to", "bob")
+    w.finish()
+    assert w.code == 0, (w.out, w.err)
+    assert w.elapsed < 15
+    lines = w.out.splitlines()
+    assert lines[0] == "MESSAGES_RECEIVED"
+    assert "---" in lines
+    assert "FROM: @alice" in lines
+    assert f"ID: {sent['message_id']}" in lines
+    assert "CONTENT: wake up bob" in lines
+    assert any(ln.startswith("TIMESTAMP: ") for ln in lines)
+    assert lines[-1] == "---"
+    # wait marks nothing read
+    assert team.unread_ids("bob") == [sent["message_id"]]
+
+
+def test_wait_json_received(team, waiters):
+    w = waiters(team, "bob", "--timeout", "20s", "--json")
+    settle(w)
+    sent = team.send("alice", "json wake", "--to", "bob", "--scope", "module:api")
+    w.finish()
+    assert w.code == 0, (w.out, w.err)
+    import json
+    doc = json.loads(w.out)
+    assert doc["status"] == "received"
+    [m] = doc["messages"]
+    assert m["message_id"] == sent["message_id"] and m["agent_id"] == "alice"
+    assert m["body"]["content"] == "json wake" and TS_RE.match(m["created_at"])
+    assert m["is_read"] is False
+
+
+def test_wait_ignores_others_and_own_messages(team, waiters):
+    w = waiters(team, "bob", "--timeout", "4s")
+    settle(w, 1.0)
+    team.send("alice", "for carol only", "--to", "carol")
+    team.send("bob", "bob to alice", "--to", "alice")
+    team.send("bob", "bob to reviewers", "--to", "reviewer")  # bob is excluded from his fan-out
+    team.t("send", "note to self", "--to", "bob", name="bob")  # allowed or not, never wakes bob
+    w.finish()
+    assert w.code == 1, (w.out, w.err)
+    assert w.out.strip() == "NO_MESSAGES_TIMEOUT"
+    assert w.elapsed >= 3.5
+
+
+def test_wait_after_returns_older_messages(team):
+    sent = team.send("alice", "from the past", "--to", "bob")
+    time.sleep(1.5)
+    r = team.t("wait", "--timeout", "0", name="bob")
+    assert r.code == 1 and r.out.strip() == "NO_MESSAGES_TIMEOUT", r.describe()
+    r = team.t("wait", "--after", "-30s", "--timeout", "0", name="bob")
+    assert r.code == 0, r.describe()
+    assert f"ID: {sent['message_id']}" in r.out.splitlines()
+    r = team.t("wait", "--after=-30s", "--timeout", "0", "--json", name="bob")
+    assert [m["message_id"] for m in r.json["messages"]] == [sent["message_id"]]
+    assert team.unread_ids("bob") == [sent["message_id"]]
+
+
+def test_wait_after_timestamp(team):
+    sent = team.send("alice", "stamped", "--to", "bob")
+    r = team.t("wait", "--after", "2000-01-01T00:00:00.000000Z", "--timeout", "0", name="bob")
+    assert r.code == 0, r.describe()
+    assert sent["message_id"] in r.out
+
+
+def test_wait_unread_returns_at_once(team):
+    old = team.send("alice", "old but unread", "--to", "bob")
+    time.sleep(1.2)
+    start = time.monotonic()
+    r = team.t("wait", "--unread", "--timeout", "30s", name="bob")
+    assert r.code == 0, r.describe()
+    assert time.monotonic() - start < 10
+    assert f"ID: {old['message_id']}" in r.out
+    # still unread afterwards; once read, --unread waits like a plain wait
+    assert team.unread_ids("bob") == [old["message_id"]]
+    team.t.ok("inbox", name="bob")
+    r = team.t("wait", "--unread", "--timeout", "1s", name="bob")
+    assert r.code == 1 and r.out.strip() == "NO_MESSAGES_TIMEOUT", r.describe()
+
+
+def test_wait_scope_filters(team, waiters):
+    w = waiters(team, "bob", "--scope", "module:api", "--timeout", "15s")
+    settle(w)
+    team.send("alice", "unscoped", "--to", "bob")
+    team.send("alice", "other scope", "--to", "bob", "--scope", "module:db")
+    settle(w, 1.5)
+    scoped = team.send("alice", "scoped", "--to", "bob", "--scope", "module:api")
+    w.finish()
+    assert w.code == 0, (w.out, w.err)
+    assert f"ID: {scoped['message_id']}" in w.out
+    assert "CONTENT: unscoped" not in w.out and "CONTENT: other scope" not in w.out
+    r = team.t("wait", "--scope", "module:db", "--after", "-60s", "--timeout", "0", "--json",
+               name="bob")
+    assert r.code == 0, r.describe()
+    assert [m["body"]["content"] for m in r.json["messages"]] == ["other scope"]
+    assert_error(team.t("wait", "--scope", "nocolon", "--timeout", "0", name="bob"), 2)
