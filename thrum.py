@@ -1596,6 +1596,7 @@ class Service:
         """Append events to the log, then project them. The only write path."""
         if not events:
             return
+        self._autosync  # a bad THRUM_AUTOSYNC is refused before anything is written
         self.log.append(events)
         self.index.catch_up()
         self._after_write()
@@ -2185,7 +2186,13 @@ class Service:
             existed = True
         except FileNotFoundError:
             existed = False
-        return {"agent_id": name, "cleared": existed}
+        row = self.index.q1("SELECT value FROM agent_fields WHERE agent_id = ? AND "
+                            "field = 'context'", (name,))
+        unpublished = bool(row and json.loads(row[0]) is not None)
+        if unpublished:  # a copy published with `context sync` is withdrawn too
+            self._update_fields(name, context=None)
+        return {"agent_id": name, "cleared": existed or unpublished,
+                "unpublished": unpublished}
 
     # -- addressing ------------------------------------------------------------------
     def _group_members(self, name):
