@@ -509,10 +509,6 @@ def new_id(prefix):
     return prefix + ulid()
 
 
-def is_ulid(s):
-    return len(s) == 26 and set(s) <= _ULID_CHARS and s[0] in "01234567"
-
-
 def now_ts(t=None):
     """UTC timestamp in the fixed-width event format YYYY-MM-DDTHH:MM:SS.ffffffZ."""
     if t is None:
@@ -1500,8 +1496,9 @@ def _pid_alive(pid):
         return False
 
 
-def git(args, cwd, check=True, input=None, timeout=60, env_extra=None):
-    """Run git with an argv list (never a shell). Returns CompletedProcess (text).
+def git(args, cwd, check=True, input=None, timeout=60, env_extra=None, text=True):
+    """Run git with an argv list (never a shell). Returns CompletedProcess (text, or
+    bytes with text=False).
 
     Thrum's own commits use thrum's identity; hooks are disabled; prompts never
     block (GIT_TERMINAL_PROMPT=0).
@@ -1517,7 +1514,7 @@ def git(args, cwd, check=True, input=None, timeout=60, env_extra=None):
         env.update(env_extra)
     argv = ["git", "-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false"] + list(args)
     try:
-        p = subprocess.run(argv, cwd=cwd, input=input, capture_output=True, text=True,
+        p = subprocess.run(argv, cwd=cwd, input=input, capture_output=True, text=text,
                            env=env, timeout=timeout)
     except FileNotFoundError:
         raise ThrumError("git is not installed or not on PATH",
@@ -1525,7 +1522,8 @@ def git(args, cwd, check=True, input=None, timeout=60, env_extra=None):
     except subprocess.TimeoutExpired:
         raise GitError(list(args), "timeout", "timed out after %ss" % timeout)
     if check and p.returncode != 0:
-        raise GitError(list(args), p.returncode, p.stderr)
+        err = p.stderr if text else p.stderr.decode("utf-8", "replace")
+        raise GitError(list(args), p.returncode, err)
     return p
 
 
@@ -1789,9 +1787,6 @@ class Service:
         else:
             self.index  # build the index now
         return result
-
-    def _git_root(self):
-        return self.loc.store_root
 
     def _exclude_thrum(self, common):
         path = os.path.join(common, "info", "exclude")
@@ -3298,13 +3293,8 @@ class SyncEngine:
         """{sha: bytes} through one `git cat-file --batch` process."""
         if not shas:
             return {}
-        import subprocess
-        p = subprocess.run(["git", "cat-file", "--batch"], cwd=self.root,
-                           input=("\n".join(shas) + "\n").encode(), capture_output=True,
-                           timeout=120, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
-        if p.returncode != 0:
-            raise GitError(["cat-file", "--batch"], p.returncode, p.stderr.decode(
-                "utf-8", "replace"))
+        p = git(["cat-file", "--batch"], self.root, input=("\n".join(shas) + "\n").encode(),
+                timeout=120, text=False)
         out, data, i = {}, p.stdout, 0
         for sha in shas:
             nl = data.index(b"\n", i)
