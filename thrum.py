@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 import sys
 import time
 
@@ -509,6 +510,11 @@ def new_id(prefix):
     return prefix + ulid()
 
 
+def is_ulid(s):
+    """True for a 26-character Crockford base32 ULID."""
+    return len(s) == 26 and set(s) <= _ULID_CHARS and s[0] in "01234567"
+
+
 def now_ts(t=None):
     """UTC timestamp in the fixed-width event format YYYY-MM-DDTHH:MM:SS.ffffffZ."""
     if t is None:
@@ -611,6 +617,20 @@ def relative_time(ts, now=None):
 
 LOG_DIRS = ("agents", "messages", "receipts")
 GROUPS_FILE = "groups.jsonl"
+#: Appends never follow a symlink.
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+
+
+def log_relpath_ok(rel):
+    """Only these paths are log files: agents|messages|receipts/<name>.jsonl, groups.jsonl.
+
+    Sync reads, merges and commits nothing else, so a crafted remote branch cannot
+    make thrum touch other paths."""
+    if rel == GROUPS_FILE:
+        return True
+    parts = rel.split("/")
+    return (len(parts) == 2 and parts[0] in LOG_DIRS and parts[1].endswith(".jsonl")
+            and _name_ok(parts[1][:-6]))
 
 
 def _event_writer(ev):
@@ -699,11 +719,16 @@ class EventLog:
                 continue
             with it:
                 for e in it:
-                    if e.name.endswith(".jsonl") and e.is_file():
-                        out.append((sub + "/" + e.name, e.path, e.stat()))
+                    # Regular files only: a symlink (say, from a crafted remote branch)
+                    # is never read or appended to.
+                    if e.name.endswith(".jsonl") and e.is_file(follow_symlinks=False) \
+                            and log_relpath_ok(sub + "/" + e.name):
+                        out.append((sub + "/" + e.name, e.path, e.stat(follow_symlinks=False)))
         g = os.path.join(self.root, GROUPS_FILE)
         try:
-            out.append((GROUPS_FILE, g, os.stat(g)))
+            st = os.lstat(g)
+            if stat.S_ISREG(st.st_mode):
+                out.append((GROUPS_FILE, g, st))
         except FileNotFoundError:
             pass
         return out
@@ -720,10 +745,10 @@ class EventLog:
     def _append_bytes(self, rel, data):
         path = os.path.join(self.root, rel)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(path, _APPEND_FLAGS, 0o644)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(path, _APPEND_FLAGS, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._repair_tail(fd, rel)
@@ -778,7 +803,7 @@ class EventLog:
         """Cut every torn tail now (doctor --fix). Returns the files repaired."""
         fixed = []
         for rel, _ in self.torn_files():
-            fd = os.open(os.path.join(self.root, rel), os.O_RDWR | os.O_APPEND)
+            fd = os.open(os.path.join(self.root, rel), _APPEND_FLAGS)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 self._repair_tail(fd, rel)
@@ -799,6 +824,10 @@ def _is_torn(f):
     return True
 
 
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
 def parse_lines(data, rel, warn=True):
     """Parse complete JSONL lines from bytes. Returns (events, bad_count).
 
@@ -811,9 +840,14 @@ def parse_lines(data, rel, warn=True):
     if lines and lines[-1] == b"":
         lines.pop()
     events, bad = [], 0
-    try:  # fast path: the whole chunk at once
-        parsed = json.loads(b"[" + b",".join(l for l in lines if l.strip()) + b"]")
-    except (ValueError, UnicodeDecodeError):
+    lines = [l for l in lines if l.strip()]
+    try:  # fast path: the whole chunk at once, if no line can have joined another
+        parsed = None
+        if all(l[:1] == b"{" and l.rstrip()[-1:] == b"}" for l in lines):
+            parsed = json.loads(b"[" + b",".join(lines) + b"]", parse_constant=_no_constant)
+            if len(parsed) != len(lines):
+                parsed = None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         parsed = None
     if parsed is None:
         parsed = []
@@ -821,8 +855,8 @@ def parse_lines(data, rel, warn=True):
             if not line.strip():
                 continue
             try:
-                parsed.append(json.loads(line))
-            except (ValueError, UnicodeDecodeError):
+                parsed.append(json.loads(line, parse_constant=_no_constant))
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 bad += 1
                 if warn:
                     _warn("%s: skipping corrupt line (%d bytes): %r"
@@ -908,53 +942,109 @@ AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context")
 ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
 
 
-def _is_str(v):
-    return isinstance(v, str) and v != ""
+_NAME_MATCH = None
 
 
-def _scalar(v):
-    return v is None or isinstance(v, (str, int, float))
+def _name_ok(v):
+    """A valid agent/role/group name (compiled regex: this runs per projected event)."""
+    global _NAME_MATCH
+    if _NAME_MATCH is None:
+        import re
+        _NAME_MATCH = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z").match
+    return type(v) is str and _NAME_MATCH(v) is not None
+
+
+def _opt_str(ev, *fields):
+    for f in fields:
+        v = ev.get(f)
+        if v is not None and type(v) is not str:
+            return f
+    return None
+
+
+def _tag_list_ok(v):
+    if v is None:
+        return True
+    if type(v) is not list:
+        return False
+    for t in v:
+        if type(t) is not dict or type(t.get("type")) is not str \
+                or type(t.get("value")) is not str:
+            return False
+    return True
+
+
+def _body_ok(b):
+    return (type(b) is dict and type(b.get("content")) is str
+            and (b.get("format") is None or type(b.get("format")) is str)
+            and (b.get("structured") is None or type(b.get("structured")) is dict))
 
 
 def _event_problem(ev):
-    """Why an event cannot be projected (None when it can). Only used when the
-    bulk projection of a batch failed, to find and skip the culprits."""
+    """Why an event cannot be projected (None when it can).
+
+    Every event is checked the same way whatever batch it arrives in, so the
+    index never depends on how the log was read. Fields that become file
+    names or SQL values must have the right types; agent names must be valid.
+    """
     t = ev["type"]
-    if not all(_scalar(v) for k, v in ev.items()
-               if k not in ("body", "recipients", "audiences", "scopes", "refs", "files",
-                            "context")):
-        return "a field that should be a plain value is not"
+    bad = _opt_str(ev, "origin")
+    if bad:
+        return "%s must be text" % bad
     if t.startswith("message."):
-        if not _is_str(ev.get("message_id")) or not _is_str(ev.get("agent_id")):
-            return "needs message_id and agent_id"
-        if t in ("message.create", "message.edit"):
-            body = ev.get("body")
-            if not isinstance(body, dict) or not isinstance(body.get("content"), str) \
-                    or not _scalar(body.get("format")):
-                return "needs a body with content"
+        if type(ev.get("message_id")) is not str or not _name_ok(ev.get("agent_id")):
+            return "needs message_id and a valid agent_id"
         if t == "message.create":
-            for f in ("recipients", "audiences", "scopes", "refs"):
-                v = ev.get(f) or []
-                if not isinstance(v, list):
-                    return "%s must be a list" % f
-            if not all(_is_str(r) for r in ev.get("recipients") or []):
-                return "recipients must be names"
+            if not _body_ok(ev.get("body")):
+                return "needs a body {format, content, structured: object}"
+            bad = _opt_str(ev, "session_id", "reply_to", "thread_id")
+            if bad:
+                return "%s must be text" % bad
+            r = ev.get("recipients")
+            if r is not None and (type(r) is not list or not all(_name_ok(x) for x in r)):
+                return "recipients must be agent names"
             for f in ("audiences", "scopes", "refs"):
-                if not all(isinstance(x, dict) and _scalar(x.get("type"))
-                           and _scalar(x.get("value")) for x in ev.get(f) or []):
-                    return "%s must hold {type, value} objects" % f
+                if not _tag_list_ok(ev.get(f)):
+                    return "%s must be [{type, value}] with text" % f
+        elif t == "message.edit":
+            if not _body_ok(ev.get("body")):
+                return "needs a body {format, content, structured: object}"
+        elif t == "message.delete":
+            if _opt_str(ev, "reason"):
+                return "reason must be text"
     elif t.startswith("agent."):
-        if not _is_str(ev.get("agent_id")):
-            return "needs agent_id"
-        if t.startswith("agent.session.") and not _is_str(ev.get("session_id")):
+        if not _name_ok(ev.get("agent_id")):
+            return "needs a valid agent_id"
+        if t.startswith("agent.session.") and type(ev.get("session_id")) is not str:
             return "needs session_id"
+        bad = _opt_str(ev, "role", "module", "display", "worktree", "hostname", "reason",
+                       "intent", "task", "status", "branch", "context")
+        if bad:
+            return "%s must be text" % bad
+        if ev.get("by") is not None and not _name_ok(ev.get("by")):
+            return "by must be an agent name"
+        files = ev.get("files")
+        if files is not None and (type(files) is not list or not all(
+                type(f) is dict and type(f.get("path")) is str and
+                (f.get("status") is None or type(f.get("status")) is str) for f in files)):
+            return "files must be [{path, status}]"
     elif t.startswith("group."):
-        if not _is_str(ev.get("group")):
-            return "needs group"
-        if t.startswith("group.member.") and not (_is_str(ev.get("member_type"))
-                                                  and _is_str(ev.get("member"))):
-            return "needs member_type and member"
+        if not _name_ok(ev.get("group")):
+            return "needs a valid group name"
+        bad = _opt_str(ev, "group_id", "description")
+        if bad:
+            return "%s must be text" % bad
+        if ev.get("by") is not None and not _name_ok(ev.get("by")):
+            return "by must be an agent name"
+        if t.startswith("group.member.") and not (
+                ev.get("member_type") in ("agent", "role") and _name_ok(ev.get("member"))):
+            return "needs member_type agent|role and a valid member"
     return None
+
+
+def _valid_pid(v):
+    """A plausible process id, else None (a bad pid never breaks projection)."""
+    return v if type(v) is int and 0 < v < 2 ** 31 else None
 
 
 def _key(ev):
@@ -1136,7 +1226,9 @@ class Index:
                     if row and row[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
                         continue  # another process caught up meanwhile
                     offset = 0
-                    if row and row[3] <= st.st_size:
+                    # Same file (inode), not shorter, same bytes before the offset:
+                    # continue from there; otherwise read it all again (idempotent).
+                    if row and row[0] == st.st_ino and row[3] <= st.st_size:
                         tail = row[4] or b""
                         f.seek(row[3] - len(tail))
                         if f.read(len(tail)) == tail:
@@ -1183,30 +1275,20 @@ class Index:
     def apply(self, events):
         """Project events (any order, duplicates allowed) inside the open transaction.
 
-        The bulk path trusts the events' shapes; if a malformed event breaks it,
-        the events are checked one by one and the valid ones applied again
-        (safe: every projection is idempotent).
+        Each event is checked (`_event_problem`) and skipped with a warning when
+        malformed, the same way in every batch, so a rebuild gives the same index.
         """
         if not events:
             return
-        try:
-            self._apply(events, checked=False)
-        except (KeyError, TypeError, AttributeError, ValueError, sqlite3.InterfaceError,
-                sqlite3.ProgrammingError, sqlite3.IntegrityError):
-            self._apply(events, checked=True)
-
-    def _apply(self, events, checked):
         db = self.db
         creates, edits, deletes, receipts = [], [], [], []
         seen = {}
         for ev in events:
             t = ev["type"]
-            if checked:
-                problem = _event_problem(ev)
-                if problem:
-                    _warn("skipping malformed %s event %s: %s" % (t, ev.get("event_id"),
-                                                                  problem))
-                    continue
+            problem = _event_problem(ev)
+            if problem:
+                _warn("skipping malformed %s event %s: %s" % (t, ev.get("event_id"), problem))
+                continue
             try:
                 writer = _event_writer(ev)
                 if writer:
@@ -1269,7 +1351,7 @@ class Index:
             ts = e["timestamp"]
             structured = _json_or_none(body.get("structured"))
             msgs.append((mid, author, e.get("session_id"), ts, e["event_id"],
-                         e.get("origin"), body.get("format", "markdown"),
+                         e.get("origin"), body.get("format") or "markdown",
                          body.get("content", ""), structured,
                          _dumps_names(e.get("recipients") or []),
                          _dumps_tags(e.get("audiences") or []),
@@ -1372,7 +1454,7 @@ class Index:
                 "INSERT INTO sessions(session_id, agent_id, started_at, pid) VALUES (?,?,?,?) "
                 "ON CONFLICT(session_id) DO UPDATE SET agent_id = excluded.agent_id, "
                 "started_at = excluded.started_at, pid = excluded.pid",
-                (ev["session_id"], aid, ev["timestamp"], ev.get("pid")))
+                (ev["session_id"], aid, ev["timestamp"], _valid_pid(ev.get("pid"))))
         elif t == "agent.session.end":
             db.execute(
                 "INSERT INTO sessions(session_id, agent_id, ended_at, end_reason) "
@@ -3226,13 +3308,10 @@ class SyncEngine:
 
     def _merge_dir(self, other):
         """Union the log files of another directory into the worktree."""
-        for dirpath, _, names in os.walk(other):
-            for n in names:
-                src = os.path.join(dirpath, n)
-                rel = os.path.relpath(src, other).replace(os.sep, "/")
-                with open(src, "rb") as f:
-                    data = f.read()
-                self._merge_file(rel, data)
+        for rel, path, _ in EventLog(other, self.svc.log.torn_dir).files():
+            with open(path, "rb") as f:
+                data = f.read()
+            self._merge_file(rel, data)
 
     # -- merging ------------------------------------------------------------------
     def _merge_file(self, rel, remote_data):
@@ -3241,17 +3320,18 @@ class SyncEngine:
         Holds the file's flock (the same lock appenders take). Returns the
         number of lines appended.
         """
-        parts = rel.split("/")
-        if ".." in parts or rel.startswith("/") or parts[0].startswith(".git"):
-            return 0
+        if not log_relpath_ok(rel):
+            return 0  # only log files are merged (see log_relpath_ok)
         path = os.path.join(self.wt, rel)
-        if not rel.endswith(".jsonl"):
-            return 0  # thrum keeps everything in JSONL files
         remote_data = remote_data[:remote_data.rfind(b"\n") + 1]
         if not remote_data:
             return 0
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, _APPEND_FLAGS, 0o644)
+        except OSError as e:  # a symlink or directory where a log file belongs
+            _warn("sync: not merging into %s: %s" % (rel, e.strerror))
+            return 0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self.svc.log._repair_tail(fd, rel) if os.fstat(fd).st_size else None
@@ -3278,7 +3358,8 @@ class SyncEngine:
             os.close(fd)
 
     def _tree_files(self, commit):
-        """{path: blob_sha} of a commit's tree."""
+        """{path: blob_sha} of a commit's regular log files (symlinks, submodules and
+        other paths are ignored)."""
         if not commit:
             return {}
         p = self.git("ls-tree", "-r", "-z", commit)
@@ -3286,7 +3367,9 @@ class SyncEngine:
         for entry in p.stdout.split("\0"):
             if entry:
                 meta, path = entry.split("\t", 1)
-                out[path] = meta.split()[2]
+                mode, kind, sha = meta.split()
+                if kind == "blob" and mode in ("100644", "100755") and log_relpath_ok(path):
+                    out[path] = sha
         return out
 
     def _read_blobs(self, shas):
@@ -3321,23 +3404,18 @@ class SyncEngine:
         entries = []
         with tempfile.TemporaryDirectory(prefix="thrum-sync-") as tmp:
             paths = []
-            for dirpath, dirs, names in os.walk(self.wt):
-                dirs[:] = [d for d in dirs if d != ".git"]
-                for n in sorted(names):
-                    if n == ".git" or ".tmp." in n:
-                        continue
-                    full = os.path.join(dirpath, n)
-                    rel = os.path.relpath(full, self.wt).replace(os.sep, "/")
-                    with open(full, "rb") as f:
-                        if n.endswith(".jsonl"):
-                            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-                        data = f.read()
-                    if n.endswith(".jsonl"):
-                        data = data[:data.rfind(b"\n") + 1]  # never commit a torn tail
-                    copy = os.path.join(tmp, "%d" % len(paths))
-                    with open(copy, "wb") as f:
-                        f.write(data)
-                    paths.append((rel, copy))
+            # Only regular log files (EventLog.files): nothing else in the worktree,
+            # and never through a symlink, is committed.
+            for rel, full, _ in sorted(EventLog(self.wt, self.svc.log.torn_dir).files()):
+                fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                with os.fdopen(fd, "rb") as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+                    data = f.read()
+                data = data[:data.rfind(b"\n") + 1]  # never commit a torn tail
+                copy = os.path.join(tmp, "%d" % len(paths))
+                with open(copy, "wb") as f:
+                    f.write(data)
+                paths.append((rel, copy))
             if paths:
                 shas = self.git("hash-object", "-w", "--stdin-paths",
                                 input="\n".join(c for _, c in paths) + "\n").stdout.split()
