@@ -124,12 +124,16 @@ def _warn(msg):
 # Discovery never runs git: the send path must stay free of git processes, so
 # `.git` files and `commondir` pointers are parsed directly.
 
-def _read_text(path, default=None):
+def _read_text(path, default=None, errors="strict"):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors=errors) as f:
             return f.read()
     except (FileNotFoundError, NotADirectoryError):
         return default
+    except UnicodeDecodeError:
+        raise ThrumError("%s is not UTF-8 text" % path,
+                         hint="fix or remove the file (thrum doctor --fix repairs the index "
+                              "and log)")
 
 
 def git_dirs(root):
@@ -316,8 +320,8 @@ def _parse_duration_value(v):
         secs = float(v)
     else:
         secs = parse_duration(str(v))
-    if secs <= 0:
-        raise ValueError("must be a positive duration")
+    if not 0.001 <= secs <= 100 * 365 * 86400:  # also refuses inf and nan
+        raise ValueError("must be between 1ms and 100 years")
     return format_duration(secs)
 
 
@@ -377,6 +381,24 @@ def _load_toml(path):
                          hint="fix or delete the file, then retry")
 
 
+def _toml_key(k):
+    if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k):
+        return k
+    return json.dumps(k, ensure_ascii=False)
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float, str)):
+        return json.dumps(v, ensure_ascii=False)  # TOML basic strings accept this form
+    if hasattr(v, "isoformat"):
+        return v.isoformat()  # TOML dates and times
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ValueError("cannot write %r to TOML" % (v,))
+
+
 def _dump_toml(flat):
     """Serialise a flat {section.key: scalar} dict as TOML."""
     nested = {}
@@ -387,15 +409,14 @@ def _dump_toml(flat):
         import tomli_w  # optional
         return "# thrum repository configuration (see `thrum config show`)\n" + \
             tomli_w.dumps(nested)
-    except ImportError:
+    except (ImportError, TypeError, ValueError):
         pass
     lines = ["# thrum repository configuration (see `thrum config show`)"]
     for section in sorted(nested):
         lines.append("")
-        lines.append("[%s]" % section)
+        lines.append("[%s]" % ".".join(_toml_key(p) for p in section.split(".")))
         for name, v in nested[section].items():
-            lines.append("%s = %s" % (name, json.dumps(v) if not isinstance(v, bool)
-                                      else ("true" if v else "false")))
+            lines.append("%s = %s" % (_toml_key(name), _toml_value(v)))
     return "\n".join(lines) + "\n"
 
 
@@ -1714,8 +1735,12 @@ class Service:
         except ValueError:
             raise NotSetUpError("identity file %s is corrupt" % path,
                                 hint="re-run 'thrum quickstart' for that agent")
-        if not isinstance(data, dict) or not NAME_RE_OK(data.get("agent_id", "")):
-            raise NotSetUpError("identity file %s is not a thrum identity" % path)
+        if not isinstance(data, dict) or not NAME_RE_OK(data.get("agent_id", "")) or any(
+                data.get(k) is not None and not isinstance(data.get(k), str) for k in (
+                    "role", "module", "display", "worktree", "intent", "session_id",
+                    "tmux_session", "created_at", "updated_at")):
+            raise NotSetUpError("identity file %s is not a valid thrum identity" % path,
+                                hint="re-run 'thrum quickstart' for that agent")
         data["identity_file"] = path
         return data
 
@@ -1872,7 +1897,7 @@ class Service:
 
     def _exclude_thrum(self, common):
         path = os.path.join(common, "info", "exclude")
-        text = _read_text(path, "")
+        text = _read_text(path, "", errors="replace")
         if any(l.strip() in (".thrum", ".thrum/", "/.thrum", "/.thrum/")
                for l in text.splitlines()):
             return False
@@ -1988,8 +2013,15 @@ class Service:
             ident["intent"] = intent
         if pid:
             ident["pid"] = int(pid)
-        self._emit(events)
+        # The identity file first: if it cannot be written, nothing reaches the log.
+        existed = os.path.exists(path)
         self._write_identity(ident)
+        try:
+            self._emit(events)
+        except BaseException:
+            if not existed:
+                os.unlink(path)
+            raise
         return {"agent_id": name, "role": role, "module": module, "display": display,
                 "worktree": worktree, "status": status,
                 "identity_file": ident["identity_file"]}
@@ -2004,6 +2036,7 @@ class Service:
         if not role or not module:
             raise UsageError("--role and --module are required (or set THRUM_ROLE and "
                              "THRUM_MODULE)")
+        _check_text(intent, "intent", 1000, allow_empty=True)  # refuse before writing
         reg = self.register(name, role, module, display=display, force=force)
         ses = self.session_start(agent=reg["agent_id"])
         if not intent:
@@ -2341,9 +2374,10 @@ class Service:
         if structured is not None:
             if isinstance(structured, str):
                 try:
-                    structured = json.loads(structured)
-                except ValueError as e:
-                    raise UsageError("invalid --structured data: not JSON (%s)" % e)
+                    structured = json.loads(structured, parse_constant=_no_constant)
+                except (ValueError, RecursionError) as e:
+                    raise UsageError("invalid --structured data: not JSON (%s)"
+                                     % str(e)[:100])
             if not isinstance(structured, dict):
                 raise UsageError("invalid --structured data: must be a JSON object")
         body = {"format": fmt, "content": content}
@@ -2417,8 +2451,8 @@ class Service:
             if n != me and n in agents and n not in recips:
                 recips.append(n)
         if not recips:
-            raise UsageError("nobody to reply to: %s was only between you and yourself"
-                             % mid)
+            raise UsageError("nobody to reply to: the author and recipients of %s are you "
+                             "or no longer registered" % mid)
         thread = parent[2] or new_id("thr_")
         res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
                         agent=me, _reply=(recips, [{"type": "agent", "value": n}
@@ -2467,6 +2501,11 @@ class Service:
                 text, ", ".join(r[0] for r in rows[:5]), ", ..." if len(rows) > 5 else ""),
                 hint="give more characters")
         return rows[0][0]
+
+    def mark_read(self, message_ids, agent=None):
+        """Mark these exact message ids read for me (those addressed to me and unread).
+        Returns the number marked."""
+        return self._mark_read(self.me(agent)["agent_id"], list(message_ids))
 
     def _mark_read(self, me, mids):
         """Write receipts for the given messages addressed to me and still unread."""
@@ -2563,8 +2602,8 @@ class Service:
             raise UsageError("--limit and --page must be whole numbers")
         if limit < 1 or limit > 1000:
             raise UsageError("--limit must be between 1 and 1000")
-        if page < 1:
-            raise UsageError("--page must be 1 or more")
+        if page < 1 or page > 10 ** 9:
+            raise UsageError("--page must be between 1 and 1000000000")
         return limit, page
 
     def _resolve_thread(self, text):
@@ -2585,6 +2624,14 @@ class Service:
         where, params = ["m.agent_id = ?", "m.deleted = 0"], [me]
         if to:
             t = _strip_at(to)
+            if t != "everyone":
+                if not NAME_RE_OK(t or ""):
+                    raise UsageError("invalid --to %r" % to)
+                agents = self._active_agents()
+                if t not in agents and t not in set(agents.values()) and \
+                        t not in self._active_groups():
+                    raise NotFoundError("unknown agent, role or group @%s" % t,
+                                        hint="see 'thrum team --all' and 'thrum group list'")
             where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
                          "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
                          "WHERE t.message_id = m.message_id AND t.kind = 'aud' AND "
@@ -3623,10 +3670,15 @@ class Output:
     """Writes results: one JSON document with --json, compact text otherwise."""
 
     def __init__(self, json_mode=False, quiet=False, verbose=False, stream=None):
+        self.stream = stream or sys.stdout
+        self.document = None    # with --json: the one document, written by flush()
+        self.autosync_error = None
+        self.configure(json_mode, quiet, verbose)
+
+    def configure(self, json_mode=False, quiet=False, verbose=False):
         self.json = json_mode
         self.quiet = quiet
         self.verbose = verbose
-        self.stream = stream or sys.stdout
         self.color = (not json_mode and "NO_COLOR" not in os.environ
                       and hasattr(self.stream, "isatty") and self.stream.isatty())
 
@@ -3634,14 +3686,26 @@ class Output:
         return "\033[%sm%s\033[0m" % (code, text) if self.color else text
 
     def emit(self, data, lines=None):
-        """Print `data` as JSON, or the human `lines` (a list or a callable)."""
+        """Print `data` as JSON (held for flush), or the human `lines` (a list or a
+        callable), with control characters in them made visible."""
         if self.json:
-            self.stream.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            self.document = data
             return
         if callable(lines):
-            lines = lines(data)
+            lines = lines(_visible_data(data))
+        else:
+            lines = [_visible(l, "\t\n") for l in lines or ()]
         if lines:
             self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+
+    def flush(self):
+        """Write the held JSON document (exactly one per command)."""
+        if self.json and self.document is not None:
+            self.stream.write(json.dumps(self.document, indent=2, ensure_ascii=False,
+                                         allow_nan=False) + "\n")
+            self.stream.flush()
+            self.document = None
 
     def ok(self, data, *lines):
         """A confirmation: `✓ first line` plus detail lines (hidden by --quiet)."""
@@ -3649,8 +3713,28 @@ class Output:
             return self.emit(data)
         if self.quiet:
             return
-        out = [self.c("32", "✓") + " " + lines[0]] + [l for l in lines[1:] if l]
-        self.emit(data, out)
+        lines = [_visible(l) for l in lines if l]
+        self.emit(data, lambda _: [self.c("32", "✓") + " " + lines[0]] + lines[1:])
+
+
+def _visible(text, keep="\t"):
+    """Escape control characters (ESC, CR, ...) so stored text cannot drive the
+    terminal. Applied to data before rendering; colour is added afterwards."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch in keep else
+                   ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _visible_data(obj):
+    """_visible() over every string in a result (newlines kept for bodies)."""
+    if isinstance(obj, str):
+        return _visible(obj, "\t\n")
+    if isinstance(obj, dict):
+        return {k: _visible_data(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_visible_data(v) for v in obj]
+    return obj
 
 
 def clip(line, width=80):
@@ -3700,13 +3784,17 @@ def render_message_rows(out, msgs, full_ids=True):
         arrow = "↳ " if m.get("reply_to") else ""
         re = "" if depth or not m.get("reply_to") else "  (re %s)" % m["reply_to"]
         edited = "  (edited)" if m.get("updated_at") else ""
-        lines.append("%s%s%s %s  %s  %s%s%s" % (ind, arrow, mark, m["message_id"],
-                                                out.c("1", "@" + m["agent_id"]),
-                                                relative_time(m["created_at"]), edited, re))
+        head = "%s%s%s %s  @%s  %s%s%s" % (ind, arrow, "●" if not m["is_read"] else "○",
+                                           m["message_id"], m["agent_id"],
+                                           relative_time(m["created_at"]), edited, re)
+        head = clip(head)  # colour is added after measuring the width
+        head = head.replace("●", mark, 1).replace("@" + m["agent_id"],
+                                                  out.c("1", "@" + m["agent_id"]), 1)
+        lines.append(head)
         content = m["body"]["content"]
         lines.extend(_body_lines(content, ind + ("    " if arrow else "  ")))
         if m["body"].get("structured"):
-            lines.append(ind + "  data: " + _dumps(m["body"]["structured"])[:200])
+            lines.append(clip(ind + "  data: " + _dumps(m["body"]["structured"])))
         for c in children.get(m["message_id"], []):
             row(c, depth + 1)
     for m in roots:
@@ -3885,6 +3973,17 @@ def split_global_flags(argv):
     return flags, rest
 
 
+def _pid_arg(text):
+    try:
+        pid = int(text)
+    except ValueError:
+        pid = 0
+    if not 0 < pid < 2 ** 31:
+        import argparse
+        raise argparse.ArgumentTypeError("not a process id: %r" % text)
+    return pid
+
+
 def _add_body_args(p, positional=True):
     if positional:
         p.add_argument("body", nargs="*", metavar="BODY",
@@ -3920,7 +4019,7 @@ def read_body(args, stdin=None):
     if positional not in (None, "-"):
         return positional
     if use_stdin:
-        data = (stdin or sys.stdin.buffer).read()
+        data = _read_stdin(stdin)
     else:
         try:
             with open(args.body_file, "rb") as f:
@@ -3939,6 +4038,16 @@ def read_body(args, stdin=None):
     return text
 
 
+def _read_stdin(stream=None):
+    """All of standard input as bytes; a closed stdin is a usage error."""
+    if stream is None:
+        if sys.stdin is None or sys.stdin.closed:
+            raise UsageError("standard input is closed", hint="pipe the text in, or pass "
+                             "it as an argument or with a file option")
+        stream = sys.stdin.buffer
+    return stream.read()
+
+
 def _parse_after(text):
     """--after: a negative duration (ago) or a UTC timestamp -> epoch seconds."""
     if text is None:
@@ -3948,13 +4057,18 @@ def _parse_after(text):
         secs = parse_duration(t)
     except ValueError:
         try:
-            return parse_ts(t)
-        except ValueError:
+            ts = parse_ts(t)
+            if not 0 <= ts < 253402300800:  # 1970 .. 9999
+                raise ValueError(t)
+            return ts
+        except (ValueError, OverflowError):
             raise UsageError("invalid --after %r: use a negative duration such as -15s, "
                              "or a UTC timestamp" % text)
     if secs > 0 or (secs == 0 and not t.startswith("-")):
         raise UsageError("invalid --after %r: a duration must be negative (-15s means "
                          "fifteen seconds ago)" % text)
+    if secs < -100 * 365 * 86400:
+        raise UsageError("invalid --after %r: at most 100 years ago" % text)
     return time.time() + secs
 
 
@@ -4019,7 +4133,7 @@ def cmd_whoami(args, svc, out):
         v = res[args.field]
         if out.json:
             return out.emit({args.field: v})
-        out.stream.write(("" if v is None else str(v)) + "\n")
+        out.stream.write(("" if v is None else _visible(str(v))) + "\n")
         return
     out.emit(res, lambda r: [clip(l) for l in [
         "@%s  %s (%s)" % (r["agent_id"], r["role"], r["module"]),
@@ -4103,8 +4217,8 @@ def cmd_prime(args, svc, out):
             ls.extend(render_member(out, m))
         if r["context"]:
             ls += ["", "## Saved context", r["context"]]
-        ls += ["", "Commands: thrum inbox | thrum reply ID TEXT | thrum send TEXT --to @x | "
-               "thrum wait --timeout 5m"]
+        ls += ["", "Commands: thrum inbox | thrum reply ID TEXT | thrum send TEXT --to @x",
+               "          thrum wait --timeout 5m | thrum team | thrum who-has PATH"]
         return ls
     out.emit(svc.prime(), lines)
 
@@ -4148,9 +4262,11 @@ def cmd_reply(args, svc, out):
 
 
 def cmd_inbox(args, svc, out):
+    # Rows are marked read only after they were written out (a closed or broken
+    # stdout marks nothing).
     r = svc.inbox(unread=args.unread, mentions=args.mentions, scope=args.scope, ref=args.ref,
                   sender=args.sender, thread=args.thread, all=args.all, limit=args.limit,
-                  page=args.page, oldest=args.oldest)
+                  page=args.page, oldest=args.oldest, mark_read=False)
 
     def lines(r):
         if not r["total"]:
@@ -4167,6 +4283,9 @@ def cmd_inbox(args, svc, out):
         return render_message_rows(out, r["messages"]) + _page_footer(
             r, "messages", " (%d unread)" % r["unread"])
     out.emit(r, lines)
+    out.flush()
+    if not args.unread:
+        svc.mark_read([m["message_id"] for m in r["messages"] if not m["is_read"]])
 
 
 def cmd_sent(args, svc, out):
@@ -4336,10 +4455,10 @@ def cmd_session(args, svc, out):
         return out.ok(r, "Session ended: %s" % r["session_id"])
     if args.sub == "list":
         r = svc.session_list(agent_filter=args.agent, active=args.active)
-        return out.emit(r, lambda r: ["%s  %s  @%s  started %s%s" % (
+        return out.emit(r, lambda r: [clip("%s  %s  @%s  started %s%s" % (
             s["session_id"], s["status"], s["agent_id"], relative_time(s["started_at"]),
             ", ended %s (%s)" % (relative_time(s["ended_at"]), s["end_reason"])
-            if s["ended_at"] else "") for s in r["sessions"]] or ["No sessions."])
+            if s["ended_at"] else "")) for s in r["sessions"]] or ["No sessions."])
     if args.sub == "heartbeat":
         r = svc.session_heartbeat()
         return out.ok(r, "Heartbeat: %s" % r["session_id"],
@@ -4364,7 +4483,7 @@ def cmd_context(args, svc, out):
             except OSError as e:
                 raise UsageError("cannot read --file %s: %s" % (args.file, e.strerror or e))
         else:
-            data = sys.stdin.buffer.read()
+            data = _read_stdin()
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -4387,11 +4506,11 @@ def cmd_context(args, svc, out):
 
 def cmd_group(args, svc, out):
     def info_lines(r):
-        ls = ["%s  (%s)%s" % (r["group"], r["group_id"], " — " + r["description"]
-                             if r.get("description") else "")]
+        ls = [clip("%s  (%s)%s" % (r["group"], r["group_id"], " — " + r["description"]
+                                  if r.get("description") else ""))]
         ls += ["  %s" % ("@" + m["value"] if m["type"] == "agent" else "role:" + m["value"])
                for m in r["members"]] or ["  (no members)"]
-        ls.append("  Reaches: %s" % _who(r["agents"]))
+        ls.append(clip("  Reaches: %s" % _who(r["agents"])))
         return ls
     if args.sub == "create":
         r = svc.group_create(args.name, description=args.description)
@@ -4409,9 +4528,9 @@ def cmd_group(args, svc, out):
         return
     if args.sub == "list":
         r = svc.group_list()
-        return out.emit(r, lambda r: ["%s  %d member(s)%s  reaches %s" % (
+        return out.emit(r, lambda r: [clip("%s  %d member(s)%s  reaches %s" % (
             g["group"], g["member_count"], " — " + g["description"] if g["description"]
-            else "", _who(g["agents"])) for g in r["groups"]] or ["No groups."])
+            else "", _who(g["agents"]))) for g in r["groups"]] or ["No groups."])
     if args.sub == "info":
         return out.emit(svc.group_info(args.name), info_lines)
 
@@ -4613,7 +4732,8 @@ def _args_agent(p):
 def _args_session(p):
     sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = sub.add_parser("start", help="start a session")
-    s.add_argument("--pid", type=int, help="a long-lived process whose death ends the session")
+    s.add_argument("--pid", type=_pid_arg, help="a long-lived process whose death ends the "
+                   "session")
     e = sub.add_parser("end", help="end my session")
     e.add_argument("--reason", default="normal")
     e.add_argument("--session-id")
@@ -4749,65 +4869,101 @@ def _version_text():
 def main(argv=None):
     """Command-line entry point. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None or sys.stdout.closed:  # started with stdout closed (>&-)
+        sys.stdout = open(os.devnull, "w")
     flags = {"json": "--json" in argv, "debug": "--debug" in argv}
     out = Output(json_mode=flags["json"])
     try:
-        flags, rest = split_global_flags(argv)
-        out = Output(json_mode=flags["json"], quiet=flags["quiet"], verbose=flags["verbose"])
-        if flags["version"]:
-            if out.json:
-                out.emit({"version": __version__})
-            else:
-                print(_version_text())
-            return EXIT_OK
-        command = next((a for a in rest if not a.startswith("-")), None)
-        if command not in COMMANDS:
-            command = None
-        parser = build_parser(command)
         try:
-            args = parser.parse_args(rest)
-        except SystemExit as e:  # --help
-            return e.code if isinstance(e.code, int) else EXIT_OK
-        if not args.command:
-            parser.print_help()
-            return EXIT_USAGE if rest else EXIT_OK
-        handler = COMMANDS[args.command][2]
-        svc = Service(start=flags["repo"])
-        try:
-            code = handler(args, svc, out)
-        finally:
-            svc.close()
-        if svc.autosync_error is not None:  # the write is stored; its sync is not
-            e = svc.autosync_error
-            return _report(out if not out.json else Output(), "saved locally, but "
-                           "THRUM_AUTOSYNC failed: " + e.message, EXIT_FAIL, e.hint)
-        return EXIT_OK if code is None else code
-    except ThrumError as e:
-        return _report(out, e.message, e.exit_code, e.hint)
-    except KeyboardInterrupt:
-        return _report(out, "interrupted", EXIT_INTERRUPTED)
-    except BrokenPipeError:
+            code = _run(argv, out)
+            if out.autosync_error is not None:
+                e = out.autosync_error  # the write is stored; its sync is not
+                code = _report(out, "saved locally, but THRUM_AUTOSYNC failed: " + e.message,
+                               EXIT_FAIL, e.hint)
+        except ThrumError as e:
+            code = _report(out, e.message, e.exit_code, e.hint)
+        except KeyboardInterrupt:
+            code = _report(out, "interrupted", EXIT_INTERRUPTED)
+        except OSError as e:  # the environment refused: permissions, a dir where a file belongs...
+            if isinstance(e, BrokenPipeError):
+                raise
+            where = e.filename if e.filename else ""
+            code = _report(out, "%s%s" % ("%s: " % where if where else "",
+                                          e.strerror or e), EXIT_FAIL,
+                           "check the file's type and permissions; 'thrum doctor' can help")
+        except Exception as e:  # a bug: one line; the traceback needs --debug
+            if flags.get("debug"):
+                raise
+            code = _report(out, "internal error: %s: %s" % (type(e).__name__, e), EXIT_FAIL,
+                           "re-run with --debug for the traceback, and please report it")
+        out.flush()
+        return code
+    except BrokenPipeError:  # the reader went away (e.g. `| head`)
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:  # pragma: no cover
             pass
         return EXIT_FAIL
-    except Exception as e:  # a bug: say so in one line; the traceback needs --debug
-        if flags.get("debug"):
-            raise
-        return _report(out, "internal error: %s: %s" % (type(e).__name__, e), EXIT_FAIL,
-                       "re-run with --debug for the traceback, and please report it")
+
+
+def _run(argv, out):
+    flags, rest = split_global_flags(argv)
+    out.configure(json_mode=flags["json"], quiet=flags["quiet"], verbose=flags["verbose"])
+    if flags["version"]:
+        if out.json:
+            out.emit({"version": __version__})
+        else:
+            print(_version_text())
+        return EXIT_OK
+    command = next((a for a in rest if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command)
+    try:
+        if out.json:  # --help with --json: the help text inside one JSON document
+            import contextlib
+            import io
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                args = parser.parse_args(rest)
+        else:
+            args = parser.parse_args(rest)
+    except SystemExit as e:  # --help
+        if out.json:
+            out.emit({"help": buf.getvalue()})
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    if not args.command:
+        if out.json:
+            raise UsageError("missing command", hint="see 'thrum --help'")
+        parser.print_help()
+        return EXIT_USAGE if rest else EXIT_OK
+    _, _, handler, needs_store = COMMANDS[args.command]
+    svc = Service(start=flags["repo"])
+    try:
+        if needs_store:
+            svc._require_store()  # set-up is checked before the arguments' meaning
+        code = handler(args, svc, out)
+    finally:
+        svc.close()
+    out.autosync_error = svc.autosync_error
+    return EXIT_OK if code is None else code
 
 
 def _report(out, message, code, hint=None):
+    """The one-line error (plus a hint line) on stderr; with --json also the error
+    object, joined to the command's result when there is one."""
+    message = _visible(message)
     sys.stderr.write("thrum: error: %s\n" % message)
     if hint:
-        sys.stderr.write("  hint: %s\n" % hint)
+        sys.stderr.write("  hint: %s\n" % _visible(hint))
     if out.json:
         err = {"message": message, "exit_code": code}
         if hint:
             err["hint"] = hint
-        out.emit({"error": err})
+        if isinstance(out.document, dict):
+            out.document["error"] = err
+        else:
+            out.document = {"error": err}
     return code
 
 
