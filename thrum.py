@@ -1645,6 +1645,7 @@ class Service:
         self._log = None
         self._index = None
         self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
+        self._me = {}                # me() results of this call (cleared by identity writes)
 
     # -- plumbing --------------------------------------------------------------
     def _require_store(self):
@@ -1745,6 +1746,7 @@ class Service:
         return data
 
     def _write_identity(self, ident):
+        self._me.clear()
         data = {k: v for k, v in ident.items() if k != "identity_file"}
         data["updated_at"] = now_ts()
         path = ident.get("identity_file") or self._identity_file(data["agent_id"])
@@ -1762,6 +1764,12 @@ class Service:
 
     def me(self, agent=None):
         """Resolve the calling agent's identity (SPEC §4). Never guesses."""
+        if agent in self._me:
+            return self._me[agent]
+        self._me[agent] = ident = self._resolve_me(agent)
+        return ident
+
+    def _resolve_me(self, agent):
         self._require_store()
         name = _strip_at(agent) if agent else self.env.get("THRUM_NAME") or None
         here = self.identities_here()
@@ -2115,6 +2123,7 @@ class Service:
         except ThrumError:
             pass
         self._emit([self._event("agent.delete", agent_id=row[0], by=by or row[0])])
+        self._me.clear()
         removed = None
         if row[4] and (row[5] in (None, os.uname().nodename)):
             path = self._identity_file(row[0], row[4])
