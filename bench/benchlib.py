@@ -286,3 +286,16 @@ def meta(ws, **extra):
          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     d.update(extra)
     return d
+
+
+def report(benchmark, title, m, rows, info, as_json):
+    """Print a benchmark's results: JSON, or the table plus one line per info entry."""
+    if as_json:
+        json.dump({"benchmark": benchmark, "meta": m, "results": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    print_table(rows, "%s (python %s, thrum.py %s, %d runs, %.0fs)"
+                % (title, m["python"], m["thrum_py_sha256"][:12], m["runs"], m["elapsed_s"]))
+    for k, v in info.items():
+        shown = ", ".join("%s=%s" % kv for kv in v.items()) if isinstance(v, dict) else v
+        print("  %s: %s" % (k, shown))

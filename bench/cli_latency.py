@@ -32,7 +32,7 @@ import time
 sys.dont_write_bytecode = True  # leave no __pycache__ in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (BenchError, Workspace, make_repo, median, meta,  # noqa: E402
-                      print_table, run, summary, write_messages)
+                      report, run, summary, write_messages)
 
 TARGETS = {
     # name: (kind, limit, text)   kind: ratio (x baseline) | seconds | ms
@@ -258,15 +258,7 @@ def main(argv=None):
     except BenchError as e:
         sys.stderr.write("cli_latency: benchmark failed: %s\n" % e)
         return 1
-    if a.json:
-        json.dump({"benchmark": "cli_latency", "meta": m, "results": rows}, sys.stdout,
-                  indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_table(rows, "thrum CLI latency (python %s, thrum.py %s, %d runs, %.0fs)"
-                    % (m["python"], m["thrum_py_sha256"][:12], runs, m["elapsed_s"]))
-        for k, v in b.info.items():
-            print("  %s: %s" % (k, ", ".join("%s=%s" % kv for kv in v.items())))
+    report("cli_latency", "thrum CLI latency", m, rows, b.info, a.json)
     return 0
 
 

@@ -36,7 +36,7 @@ import time
 sys.dont_write_bytecode = True  # leave no __pycache__ in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (BenchError, Workspace, git, make_repo, median, meta,  # noqa: E402
-                      print_table, run, summary, write_messages)
+                      report, run, summary, write_messages)
 
 SYNC_TARGET_S = 2.0
 
@@ -207,16 +207,7 @@ def main(argv=None):
     for r in rows:
         if r["name"].startswith("git processes"):
             r["git_processes"] = counts[r["name"].split(": ")[1].split(" (")[0]]
-    if a.json:
-        json.dump({"benchmark": "sync_bench", "meta": m, "results": rows}, sys.stdout,
-                  indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_table(rows, "thrum sync (python %s, thrum.py %s, %d runs, %.0fs)"
-                    % (m["python"], m["thrum_py_sha256"][:12], runs, m["elapsed_s"]))
-        for k, v in info.items():
-            print("  %s: %s" % (k, v if isinstance(v, list) else ", ".join(
-                "%s=%s" % kv for kv in v.items())))
+    report("sync_bench", "thrum sync", m, rows, info, a.json)
     return 0
 
 
