@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import stat
 import sys
@@ -52,11 +53,13 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_SETUP, EXIT_NOT_FOUND, EXIT_REFUSED = r
 EXIT_INTERRUPTED = 130
 
 
-def NAME_RE_OK(name):
-    """Agent, role and group names: ^[a-z0-9][a-z0-9_-]{0,63}$ (checked without `re`)."""
-    return (isinstance(name, str) and 0 < len(name) <= 64 and name.isascii()
-            and (name[0].islower() or name[0].isdigit())
-            and all(c.islower() or c.isdigit() or c in "_-" for c in name))
+_NAME_MATCH = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z").match
+
+
+def name_ok(name):
+    """Agent, role and group names: ^[a-z0-9][a-z0-9_-]{0,63}$ (also used per projected
+    event, hence the compiled pattern)."""
+    return type(name) is str and _NAME_MATCH(name) is not None
 
 
 class ThrumError(Exception):
@@ -178,11 +181,10 @@ class Location:
     git_common the clone's git common dir (None outside git)
     """
 
-    def __init__(self, worktree, store, git_common, redirected=False):
+    def __init__(self, worktree, store, git_common):
         self.worktree = worktree
         self.store = store
         self.git_common = git_common
-        self.redirected = redirected
 
     @property
     def identities(self):
@@ -234,7 +236,7 @@ def locate(start=None):
                         "%s/redirect points at %s, which is not an initialised thrum store"
                         % (tdir, target), hint="run 'thrum setup' in this worktree, "
                         "or 'thrum init' in the main checkout")
-                return Location(d, target, common, redirected=True)
+                return Location(d, target, common)
             if has_thrum and _is_store(tdir):
                 return Location(d, tdir, common)
             if common:
@@ -242,7 +244,7 @@ def locate(start=None):
                 if main and os.path.normpath(main) != os.path.normpath(d):
                     mstore = os.path.join(main, THRUM_DIR)
                     if _is_store(mstore):
-                        return Location(d, mstore, common, redirected=True)
+                        return Location(d, mstore, common)
             return Location(d, None, common)
         parent = os.path.dirname(d)
         if parent == d:
@@ -260,7 +262,7 @@ def head_branch(worktree):
 
 def _safe_name_path(directory, name, suffix):
     """Path of `<directory>/<name><suffix>`; `name` must already be validated."""
-    if not NAME_RE_OK(name):
+    if not name_ok(name):
         raise UsageError("invalid name %r" % name)
     return os.path.join(directory, name + suffix)
 
@@ -334,7 +336,7 @@ def _parse_remote(v):
 
 def _parse_branch(v):
     s = str(v).strip()
-    if not NAME_RE_OK(s.replace("/", "-").lower()) or s.startswith("-") or ".." in s:
+    if not name_ok(s.replace("/", "-").lower()) or s.startswith("-") or ".." in s:
         raise ValueError("expected a simple branch name such as 'a-sync'")
     return s
 
@@ -651,7 +653,7 @@ def log_relpath_ok(rel):
         return True
     parts = rel.split("/")
     return (len(parts) == 2 and parts[0] in LOG_DIRS and parts[1].endswith(".jsonl")
-            and _name_ok(parts[1][:-6]))
+            and name_ok(parts[1][:-6]))
 
 
 def _event_writer(ev):
@@ -668,7 +670,7 @@ def event_relpath(ev):
     if t.startswith("group."):
         return GROUPS_FILE
     writer = _event_writer(ev)
-    if not NAME_RE_OK(writer):
+    if not name_ok(writer):
         raise UsageError("invalid writer %r for %s event" % (writer, t))
     if t == "message.receipt":
         return "receipts/%s.jsonl" % writer
@@ -759,8 +761,10 @@ class EventLog:
         by_file = {}
         for ev in events:
             by_file.setdefault(event_relpath(ev), []).append(ev)
-        for rel, evs in by_file.items():
-            data = "".join(_dumps(e) + "\n" for e in evs).encode("utf-8")
+        # Encode everything before writing anything.
+        datas = {rel: "".join(_dumps(e) + "\n" for e in evs).encode("utf-8")
+                 for rel, evs in by_file.items()}
+        for rel, data in datas.items():
             self._append_bytes(rel, data)
 
     def _append_bytes(self, rel, data):
@@ -882,6 +886,17 @@ def parse_lines(data, rel, warn=True):
                 if warn:
                     _warn("%s: skipping corrupt line (%d bytes): %r"
                           % (rel, len(line), line[:60]))
+    if b"\\ud" in data or b"\\uD" in data:  # lone surrogates cannot be stored: corrupt
+        ok = []
+        for ev in parsed:
+            try:
+                _ENCODE(ev).encode("utf-8")
+                ok.append(ev)
+            except (UnicodeEncodeError, TypeError, ValueError):
+                bad += 1
+                if warn:
+                    _warn("%s: skipping a line with invalid Unicode" % rel)
+        parsed = ok
     for ev in parsed:
         if (isinstance(ev, dict) and isinstance(ev.get("type"), str)
                 and isinstance(ev.get("event_id"), str)
@@ -963,18 +978,6 @@ AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context")
 ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
 
 
-_NAME_MATCH = None
-
-
-def _name_ok(v):
-    """A valid agent/role/group name (compiled regex: this runs per projected event)."""
-    global _NAME_MATCH
-    if _NAME_MATCH is None:
-        import re
-        _NAME_MATCH = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z").match
-    return type(v) is str and _NAME_MATCH(v) is not None
-
-
 def _opt_str(ev, *fields):
     for f in fields:
         v = ev.get(f)
@@ -1013,7 +1016,7 @@ def _event_problem(ev):
     if bad:
         return "%s must be text" % bad
     if t.startswith("message."):
-        if type(ev.get("message_id")) is not str or not _name_ok(ev.get("agent_id")):
+        if type(ev.get("message_id")) is not str or not name_ok(ev.get("agent_id")):
             return "needs message_id and a valid agent_id"
         if t == "message.create":
             if not _body_ok(ev.get("body")):
@@ -1022,7 +1025,7 @@ def _event_problem(ev):
             if bad:
                 return "%s must be text" % bad
             r = ev.get("recipients")
-            if r is not None and (type(r) is not list or not all(_name_ok(x) for x in r)):
+            if r is not None and (type(r) is not list or not all(name_ok(x) for x in r)):
                 return "recipients must be agent names"
             for f in ("audiences", "scopes", "refs"):
                 if not _tag_list_ok(ev.get(f)):
@@ -1034,7 +1037,7 @@ def _event_problem(ev):
             if _opt_str(ev, "reason"):
                 return "reason must be text"
     elif t.startswith("agent."):
-        if not _name_ok(ev.get("agent_id")):
+        if not name_ok(ev.get("agent_id")):
             return "needs a valid agent_id"
         if t.startswith("agent.session.") and type(ev.get("session_id")) is not str:
             return "needs session_id"
@@ -1042,7 +1045,7 @@ def _event_problem(ev):
                        "intent", "task", "status", "branch", "context")
         if bad:
             return "%s must be text" % bad
-        if ev.get("by") is not None and not _name_ok(ev.get("by")):
+        if ev.get("by") is not None and not name_ok(ev.get("by")):
             return "by must be an agent name"
         files = ev.get("files")
         if files is not None and (type(files) is not list or not all(
@@ -1050,15 +1053,15 @@ def _event_problem(ev):
                 (f.get("status") is None or type(f.get("status")) is str) for f in files)):
             return "files must be [{path, status}]"
     elif t.startswith("group."):
-        if not _name_ok(ev.get("group")):
+        if not name_ok(ev.get("group")):
             return "needs a valid group name"
         bad = _opt_str(ev, "group_id", "description")
         if bad:
             return "%s must be text" % bad
-        if ev.get("by") is not None and not _name_ok(ev.get("by")):
+        if ev.get("by") is not None and not name_ok(ev.get("by")):
             return "by must be an agent name"
         if t.startswith("group.member.") and not (
-                ev.get("member_type") in ("agent", "role") and _name_ok(ev.get("member"))):
+                ev.get("member_type") in ("agent", "role") and name_ok(ev.get("member"))):
             return "needs member_type agent|role and a valid member"
     return None
 
@@ -1084,8 +1087,8 @@ class Index:
         self.path = path
         self.log = log
         self.db = None
-        self.applied = 0     # events read by the last catch_up
         self.built = 0       # events read by the last full build
+        self.building = False
 
     # -- opening, schema, rebuild --------------------------------------------
     def open(self):
@@ -1163,6 +1166,7 @@ class Index:
                 db.executescript(_SCHEMA_TABLES)
                 builder = Index(tmp, self.log)
                 builder.db = db
+                builder.building = True
                 self.built = builder.catch_up()
                 db.executescript(_SCHEMA_INDEXES)
                 db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
@@ -1206,21 +1210,26 @@ class Index:
         try:
             known = {r[0]: r[1:] for r in self.db.execute(
                 "SELECT path, ino, size, mtime_ns FROM files")}
+        except sqlite3.OperationalError as e:
+            raise ThrumError("the index cannot be read: %s" % e, hint="retry; if it "
+                             "persists, check disk space and run 'thrum doctor --fix'")
         except sqlite3.DatabaseError as e:
             return self._recover(e)
         changed = [f for f in files
                    if known.get(f[0]) != (f[2].st_ino, f[2].st_size, f[2].st_mtime_ns)]
         if not changed:
-            self.applied = 0
             return 0
         try:
             return self._catch_up_locked(changed)
+        except sqlite3.OperationalError as e:  # busy, disk full, I/O: not corruption
+            raise ThrumError("the index cannot be updated: %s" % e, hint="retry; if it "
+                             "persists, check disk space and run 'thrum doctor --fix'")
         except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-                raise ThrumError("the index is busy: %s" % e, hint="retry the command")
             return self._recover(e)
 
     def _recover(self, err):
+        if self.building:  # a fresh build that fails is not retried from within
+            raise ThrumError("cannot build the index %s: %s" % (self.path, err))
         _warn("index %s is damaged (%s); rebuilding it from the log" % (self.path, err))
         self.close()
         self._remove_files()
@@ -1282,7 +1291,6 @@ class Index:
             except sqlite3.Error:
                 pass
             raise
-        self.applied = total
         return total
 
     @staticmethod
@@ -1538,7 +1546,7 @@ _ROLE_INTENTS = {
 
 
 def _check_name(name, what="agent name"):
-    if not isinstance(name, str) or not NAME_RE_OK(name):
+    if not isinstance(name, str) or not name_ok(name):
         raise UsageError(
             "invalid %s %r: use 1-64 lowercase letters, digits, '_' or '-', "
             "starting with a letter or digit" % (what, name))
@@ -1559,6 +1567,10 @@ def _check_text(value, what, limit=1000, allow_empty=False):
         raise UsageError("%s must be text" % what)
     if not allow_empty and not value.strip():
         raise UsageError("%s must not be empty" % what)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("%s is not valid UTF-8" % what)
     if len(value) > limit or "\n" in value or "\r" in value or "\x00" in value:
         raise UsageError("%s must be one line of at most %d characters" % (what, limit))
     return value
@@ -1575,10 +1587,18 @@ def parse_tag(text, what="scope"):
         t, v = text.split(":", 1)
     if (not isinstance(t, str) or not isinstance(v, str) or not t or not v.strip()
             or not all(c.isalnum() or c in "_.-" for c in t)
-            or any(c in v for c in "\n\r\x00") or len(v) > 500):
+            or any(c in v for c in "\n\r\x00") or len(v) > 500 or not _utf8_ok(v)):
         raise UsageError("invalid %s %r: expected type:value with a non-empty type "
                          "(letters, digits, _ . -) and value" % (what, text))
     return {"type": t, "value": v}
+
+
+def _utf8_ok(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _tag_str(tag):
@@ -1645,6 +1665,8 @@ class Service:
         self._log = None
         self._index = None
         self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
+        self.wrote = False           # this call appended events (see finish())
+        self._origin = None
         self._me = {}                # me() results of this call (cleared by identity writes)
 
     # -- plumbing --------------------------------------------------------------
@@ -1676,10 +1698,6 @@ class Service:
             self._index.catch_up()
         return self._index
 
-    def refresh(self):
-        """Catch the index up with the log again (long-lived callers)."""
-        return self.index.catch_up()
-
     def close(self):
         if self._index is not None:
             self._index.close()
@@ -1687,12 +1705,15 @@ class Service:
 
     @property
     def origin(self):
-        path = os.path.join(self._require_store(), "origin")
-        o = (_read_text(path) or "").strip()
-        if not o:
-            o = new_id("o_")
-            _write_file_atomic(path, o + "\n")
-        return o
+        """This clone's id (`.thrum/origin`), written on first use."""
+        if self._origin is None:
+            path = os.path.join(self._require_store(), "origin")
+            o = (_read_text(path) or "").strip()
+            if not o:
+                o = new_id("o_")
+                _write_file_atomic(path, o + "\n")
+            self._origin = o
+        return self._origin
 
     def _emit(self, events):
         """Append events to the log, then project them. The only write path."""
@@ -1701,11 +1722,13 @@ class Service:
         self._autosync  # a bad THRUM_AUTOSYNC is refused before anything is written
         self.log.append(events)
         self.index.catch_up()
-        self._after_write()
+        self.wrote = True
 
-    def _after_write(self):
-        """Hook run after every write (autosync, daemon notification)."""
-        if self._autosync:
+    def finish(self):
+        """End of one front-end call: with THRUM_AUTOSYNC, one sync cycle if the call
+        wrote anything (a failure is kept in `autosync_error`, the write stays)."""
+        if self.wrote and self._autosync and self.loc.git_common:
+            self.wrote = False
             try:
                 self.sync_force()
             except ThrumError as e:
@@ -1736,7 +1759,7 @@ class Service:
         except ValueError:
             raise NotSetUpError("identity file %s is corrupt" % path,
                                 hint="re-run 'thrum quickstart' for that agent")
-        if not isinstance(data, dict) or not NAME_RE_OK(data.get("agent_id", "")) or any(
+        if not isinstance(data, dict) or not name_ok(data.get("agent_id", "")) or any(
                 data.get(k) is not None and not isinstance(data.get(k), str) for k in (
                     "role", "module", "display", "worktree", "intent", "session_id",
                     "tmux_session", "created_at", "updated_at")):
@@ -1760,13 +1783,14 @@ class Service:
             names = os.listdir(self.loc.identities)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(n[:-5] for n in names if n.endswith(".json") and NAME_RE_OK(n[:-5]))
+        return sorted(n[:-5] for n in names if n.endswith(".json") and name_ok(n[:-5]))
 
     def me(self, agent=None):
         """Resolve the calling agent's identity (SPEC §4). Never guesses."""
         if agent in self._me:
             return self._me[agent]
         self._me[agent] = ident = self._resolve_me(agent)
+        self._me.setdefault(ident["agent_id"], ident)
         return ident
 
     def _resolve_me(self, agent):
@@ -1774,7 +1798,7 @@ class Service:
         name = _strip_at(agent) if agent else self.env.get("THRUM_NAME") or None
         here = self.identities_here()
         if name:
-            if not NAME_RE_OK(name) or name in RESERVED_NAMES:
+            if not name_ok(name) or name in RESERVED_NAMES:
                 raise UsageError("invalid agent name %r in %s" % (
                     name, "--agent" if agent else "THRUM_NAME"),
                     hint="names are 1-64 lowercase letters, digits, '_' or '-', and not "
@@ -1839,7 +1863,7 @@ class Service:
 
     def _require_agent(self, name, what="agent"):
         name = _strip_at(name)
-        if not NAME_RE_OK(name or ""):
+        if not name_ok(name or ""):
             raise UsageError("invalid agent name %r" % name)
         row = self._agent_row(name)
         if row is None:
@@ -1877,17 +1901,20 @@ class Service:
         else:
             store_root = loc.store_root
         store = os.path.join(store_root, THRUM_DIR)
+        pending_config = None
         if not _is_store(store):
             for sub in ("identities", "context", "var"):
                 os.makedirs(os.path.join(store, sub), exist_ok=True)
-            flat = {"sync.local_only": True} if local else {}
-            _write_file_atomic(os.path.join(store, "config.toml"), _dump_toml(flat))
+            # config.toml marks a finished store, so it is written last: other agents
+            # starting now run init too (and wait on the sync lock) instead of writing
+            # into a half-made sync worktree.
+            pending_config = _dump_toml({"sync.local_only": True} if local else {})
             created.append(store)
         elif local:
             Config(store, self.env).set("sync.local_only", "true")
         os.makedirs(os.path.join(store, "var"), exist_ok=True)
-        self.loc = locate(loc.worktree)
-        self.config = Config(self.loc.store, self.env)
+        self.loc = Location(loc.worktree, store, loc.git_common)
+        self.config = Config(store, self.env, {"sync.local_only": True} if local else None)
         self._log = self._index = None
         result = {"store": store, "git": bool(self.loc.git_common), "branch": self.branch,
                   "created": created, "adopted_remote": False,
@@ -1896,6 +1923,11 @@ class Service:
             result.update(self._init_git(force))
         else:
             os.makedirs(self.log.root, exist_ok=True)
+        if pending_config is not None and not _is_store(store):
+            _write_file_atomic(os.path.join(store, "config.toml"), pending_config)
+        self.loc = locate(loc.worktree)
+        self.config = Config(self.loc.store, self.env)
+        self._log = self._index = None
         result["log_dir"] = self.log.root
         if force:
             result["rebuilt_events"] = self.rebuild_index()["events"]
@@ -2072,7 +2104,7 @@ class Service:
         return {f: json.loads(v) for f, v in self.index.q(
             "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
 
-    def agent_list(self, context=False, include_deleted=False):
+    def agent_list(self, context=False):
         """Registered agents with their work context."""
         return {"agents": self._members(all_agents=True, with_files=context)}
 
@@ -2461,7 +2493,8 @@ class Service:
                 recips.append(n)
         if not recips:
             raise UsageError("nobody to reply to: the author and recipients of %s are you "
-                             "or no longer registered" % mid)
+                             "or no longer registered" % mid,
+                             hint="send a new message with 'thrum send TEXT --to @agent'")
         thread = parent[2] or new_id("thr_")
         res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
                         agent=me, _reply=(recips, [{"type": "agent", "value": n}
@@ -2504,7 +2537,8 @@ class Service:
                             "message_id < ? ORDER BY message_id LIMIT 6",
                             ("msg_" + s, "msg_" + s + "~"))
         if not rows:
-            raise NotFoundError("message not found: %s" % text)
+            raise NotFoundError("message not found: %s" % text,
+                                hint="see message ids with 'thrum inbox --all'")
         if len(rows) > 1:
             raise UsageError("message id prefix %r is ambiguous: matches %s%s" % (
                 text, ", ".join(r[0] for r in rows[:5]), ", ..." if len(rows) > 5 else ""),
@@ -2634,7 +2668,7 @@ class Service:
         if to:
             t = _strip_at(to)
             if t != "everyone":
-                if not NAME_RE_OK(t or ""):
+                if not name_ok(t or ""):
                     raise UsageError("invalid --to %r" % to)
                 agents = self._active_agents()
                 if t not in agents and t not in set(agents.values()) and \
@@ -2700,7 +2734,8 @@ class Service:
             "message_id = ?", (mid,))
         if author != me:
             raise RefusedError("only the author can %s %s (author: @%s, you: @%s)"
-                               % (verb, mid, author, me))
+                               % (verb, mid, author, me),
+                               hint="ask @%s, or reply to it instead" % author)
         if deleted:
             raise RefusedError("cannot %s %s: it was deleted" % (verb, mid))
         return mid, fmt
@@ -2926,7 +2961,7 @@ class Service:
 
     def _require_group(self, name):
         name = _strip_at(name)
-        row = self._group_row(name) if NAME_RE_OK(name or "") else None
+        row = self._group_row(name) if name_ok(name or "") else None
         if row is None:
             raise NotFoundError("unknown group %r" % name,
                                 hint="see groups with 'thrum group list'")
@@ -2951,7 +2986,7 @@ class Service:
                 out.append(("role", role))
             else:
                 name = _strip_at(s)
-                if not NAME_RE_OK(name):
+                if not name_ok(name):
                     raise UsageError("invalid member %r: use @agent or role:ROLE" % raw)
                 if name not in agents:
                     raise NotFoundError("unknown agent @%s" % name,
@@ -3300,8 +3335,17 @@ class SyncEngine:
         return "refs/remotes/%s/%s" % (self.remote, self.branch)
 
     # -- bootstrap ----------------------------------------------------------------
-    def ensure_branch_and_worktree(self):
-        """Create (or adopt from the remote) the branch and its worktree. Idempotent."""
+    def ensure_branch_and_worktree(self, locked=False):
+        """Create (or adopt from the remote) the branch and its worktree. Idempotent.
+
+        Holds the sync lock (unless the caller already does), so agents starting at
+        once in a fresh repository create one worktree, not several."""
+        if not locked:
+            fd = self._lock(wait=120)
+            try:
+                return self.ensure_branch_and_worktree(locked=True)
+            finally:
+                os.close(fd)
         out = {"adopted_remote": False, "created_branch": False, "repaired_worktree": None}
         if self.rev(self.ref) is None:
             if self.has_remote() and self.rev(self.tracking) is None:
@@ -3354,7 +3398,13 @@ class SyncEngine:
         if p.returncode != 0:
             if rescue and not os.path.exists(self.wt):
                 os.rename(rescue, self.wt)
-            raise GitError(["worktree", "add"], p.returncode, p.stderr)
+            elif rescue:  # keep what the old directory held, wherever the log is now
+                self._merge_dir(rescue)
+                import shutil
+                shutil.rmtree(rescue, ignore_errors=True)
+            e = GitError(["worktree", "add"], p.returncode, p.stderr)
+            e.hint = "run 'thrum doctor --fix'"
+            raise e
         if rescue:
             self._merge_dir(rescue)
             import shutil
@@ -3390,7 +3440,7 @@ class SyncEngine:
             return 0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self.svc.log._repair_tail(fd, rel) if os.fstat(fd).st_size else None
+            self.svc.log._repair_tail(fd, rel)
             size = os.fstat(fd).st_size
             local = os.pread(fd, size, 0) if size else b""
             have = _event_ids(local)
@@ -3454,8 +3504,10 @@ class SyncEngine:
         return sum(self._merge_file(p, blobs[s]) for p, s in sorted(todo.items()))
 
     # -- committing -------------------------------------------------------------------
-    def _snapshot_tree(self):
-        """Write a tree of the worktree's files (complete lines only)."""
+    def _snapshot_tree(self, parent=None):
+        """Write a tree: the parent's, with the worktree's log files (complete lines
+        only) laid over it. A log file missing here keeps the parent's copy, so a
+        damaged worktree never deletes history from the branch."""
         import tempfile
         entries = []
         with tempfile.TemporaryDirectory(prefix="thrum-sync-") as tmp:
@@ -3478,7 +3530,10 @@ class SyncEngine:
                 entries = ["100644 %s\t%s" % (sha, rel) for (rel, _), sha in zip(paths, shas)]
             index = os.path.join(tmp, "index")
             env = {"GIT_INDEX_FILE": index}
-            self.git("read-tree", "--empty", env_extra=env)
+            if parent:
+                self.git("read-tree", parent, env_extra=env)
+            else:
+                self.git("read-tree", "--empty", env_extra=env)
             if entries:
                 self.git("update-index", "--add", "--index-info",
                          input="\n".join(entries) + "\n", env_extra=env)
@@ -3486,7 +3541,7 @@ class SyncEngine:
 
     def _commit(self, parent):
         """Commit the worktree's files on top of `parent`; returns the new tip."""
-        tree = self._snapshot_tree()
+        tree = self._snapshot_tree(parent)
         if parent and self.git("rev-parse", parent + "^{tree}").stdout.strip() == tree:
             return parent, False
         args = ["commit-tree", tree, "-m", "thrum: sync %s" % now_ts()]
@@ -3574,10 +3629,13 @@ class SyncEngine:
             raise
         finally:
             os.close(fd)
-            self.svc.index.catch_up()
+            try:
+                self.svc.index.catch_up()
+            except ThrumError as e:  # never hide the sync's own outcome
+                _warn("after sync: %s" % e.message)
 
     def _cycle(self, max_attempts):
-        self.ensure_branch_and_worktree()
+        self.ensure_branch_and_worktree(locked=True)
         self.svc.log.repair()
         res = {"pulled": 0, "committed": False, "pushed": False, "attempts": 0,
                "local_only": self.local_only, "remote": None}
@@ -3601,7 +3659,6 @@ class SyncEngine:
                 if made:
                     self._set_local(tip)
                 res["committed"] = res["committed"] or made
-                self._save_state(last_error=e.message, last_attempt_at=now_ts())
                 raise ThrumError("sync failed: cannot fetch from %s: %s" % (
                     self.remote, git_reason(e.stderr)),
                     hint="local changes are committed; run 'thrum sync force' again "
@@ -3614,14 +3671,18 @@ class SyncEngine:
             if remote_tip and tip == remote_tip:
                 self._set_local(tip)
                 break
-            if self.push(tip, remote_tip):
+            try:
+                pushed = self.push(tip, remote_tip)
+            except ThrumError:
+                self._set_local(tip)  # the refusal's hint says local changes are committed
+                raise
+            if pushed:
                 self._set_local(tip)
                 res["pushed"] = True
                 break
             last_err = "push rejected (the remote moved)"
             time.sleep(random.uniform(0.05, 0.2) * attempt)
         else:
-            self._save_state(last_error=last_err, last_attempt_at=now_ts())
             raise ThrumError("sync failed: %s after %d attempts" % (last_err, max_attempts),
                              hint="nothing is lost; run 'thrum sync force' again")
         self._save_state(last_sync_at=now_ts(), last_error=None)
@@ -4952,6 +5013,7 @@ def _run(argv, out):
         if needs_store:
             svc._require_store()  # set-up is checked before the arguments' meaning
         code = handler(args, svc, out)
+        svc.finish()
     finally:
         svc.close()
     out.autosync_error = svc.autosync_error

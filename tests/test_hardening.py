@@ -156,3 +156,23 @@ def test_refusals_store_nothing(tmp_path, env):
     assert not (log_dir(repo) / "agents" / "carol.jsonl").exists()
     assert not (repo / ".thrum" / "identities" / "carol.json").exists()
     assert_error(run_thrum(["session", "start", "--pid", str(10 ** 20)], repo, env), 2)
+
+
+def test_agents_starting_at_once_in_a_fresh_repo_all_register(tmp_path, env):
+    import subprocess
+    import sys
+    from conftest import THRUM_PY
+    repo = make_repo(tmp_path / "r", env=env)
+    names = ["a1", "b2", "c3", "d4", "e5"]
+    procs = [subprocess.Popen([sys.executable, THRUM_PY, "quickstart", "--name", n, "--role",
+                               "r" + n, "--module", "m", "-q"], cwd=repo,
+                              env=dict(env, THRUM_NAME=n), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for n in names]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+        assert b"warning" not in err, err.decode()
+    assert run_thrum(["rebuild"], repo, env).code == 0
+    team = run_thrum(["team", "--all", "--json"], repo, env, name="a1").json
+    assert sorted(m["agent_id"] for m in team["members"]) == names
+    assert (log_dir(repo) / ".git").is_file(), "the sync worktree is a real git worktree"
