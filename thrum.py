@@ -1016,6 +1016,30 @@ def _event_problem(ev):
     names or SQL values must have the right types; agent names must be valid.
     """
     t = ev["type"]
+    if t == "message.create":  # the bulk of every log: the same rules, inlined
+        g = ev.get
+        aid, body = g("agent_id"), g("body")
+        if type(g("message_id")) is not str or type(aid) is not str \
+                or _NAME_MATCH(aid) is None:
+            return "needs message_id and a valid agent_id"
+        if type(body) is not dict or not _body_ok(body):
+            return "needs a body {format, content, structured: object}"
+        for f in ("origin", "session_id", "reply_to", "thread_id"):
+            v = g(f)
+            if v is not None and type(v) is not str:
+                return "%s must be text" % f
+        r = g("recipients")
+        if r:
+            if type(r) is not list:
+                return "recipients must be agent names"
+            for x in r:
+                if type(x) is not str or _NAME_MATCH(x) is None:
+                    return "recipients must be agent names"
+        for f in ("audiences", "scopes", "refs"):
+            v = g(f)
+            if v and not _tag_list_ok(v):
+                return "%s must be [{type, value}] with text" % f
+        return None
     bad = _opt_str(ev, "origin")
     if bad:
         return "%s must be text" % bad
@@ -1376,25 +1400,28 @@ class Index:
     def _apply_creates(self, creates):
         db = self.db
         msgs, dels, tags = [], [], []
+        add_msg, add_del, add_tag = msgs.append, dels.append, tags.append
         for e in creates:
-            body = e.get("body") or {}
-            mid = e["message_id"]
-            author = e["agent_id"]
-            ts = e["timestamp"]
-            structured = _json_or_none(body.get("structured"))
-            msgs.append((mid, author, e.get("session_id"), ts, e["event_id"],
-                         e.get("origin"), body.get("format") or "markdown",
-                         body.get("content", ""), structured,
-                         _dumps_names(e.get("recipients") or []),
-                         _dumps_tags(e.get("audiences") or []),
-                         _dumps_tags(e.get("scopes") or []), _dumps_tags(e.get("refs") or []),
-                         e.get("reply_to"), e.get("thread_id"), e.get("thread_id")))
-            for r in e.get("recipients") or []:
-                dels.append((r, mid, ts, author))
-            for kind, items in (("scope", e.get("scopes")), ("ref", e.get("refs")),
-                                ("aud", e.get("audiences"))):
-                for it in items or []:
-                    tags.append((mid, kind, it.get("type"), it.get("value")))
+            g = e.get
+            body = g("body")
+            mid, author, ts = e["message_id"], e["agent_id"], e["timestamp"]
+            st = body.get("structured")
+            recips, auds, scopes, refs = (g("recipients") or (), g("audiences") or (),
+                                          g("scopes") or (), g("refs") or ())
+            thread = g("thread_id")
+            add_msg((mid, author, g("session_id"), ts, e["event_id"], g("origin"),
+                     body.get("format") or "markdown", body["content"],
+                     None if st is None else _dumps(st),
+                     _dumps_names(recips) if recips else "[]",
+                     _dumps_tags(auds) if auds else "[]",
+                     _dumps_tags(scopes) if scopes else "[]",
+                     _dumps_tags(refs) if refs else "[]",
+                     g("reply_to"), thread, thread))
+            for r in recips:
+                add_del((r, mid, ts, author))
+            for kind, items in (("aud", auds), ("scope", scopes), ("ref", refs)):
+                for it in items:
+                    add_tag((mid, kind, it["type"], it["value"]))
         db.executemany(
             "INSERT OR IGNORE INTO messages(message_id, agent_id, session_id, created_at, "
             "event_id, origin, format0, content0, structured0, recipients, audiences, scopes, "
