@@ -3990,7 +3990,8 @@ def run_demo(out):
         t0 = time.monotonic()
         thrum(a, "alice", "send", "Please add rate limiting to src/auth.py", "--to", "@bob")
         got, _ = waiter.communicate(timeout=30)
-        w("$ THRUM_NAME=bob thrum wait --timeout 30s   (woke %.0f ms after the send)\n"
+        w("$ THRUM_NAME=bob thrum wait --timeout 30s   (woke %.0f ms after alice's send "
+          "started)\n"
           % ((time.monotonic() - t0) * 1000))
         w("".join("  " + l + "\n" for l in got.rstrip().splitlines()))
         step("bob reads his inbox (● unread) and replies in a thread")
