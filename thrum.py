@@ -1046,19 +1046,7 @@ def _event_problem(ev):
     if t.startswith("message."):
         if type(ev.get("message_id")) is not str or not name_ok(ev.get("agent_id")):
             return "needs message_id and a valid agent_id"
-        if t == "message.create":
-            if not _body_ok(ev.get("body")):
-                return "needs a body {format, content, structured: object}"
-            bad = _opt_str(ev, "session_id", "reply_to", "thread_id")
-            if bad:
-                return "%s must be text" % bad
-            r = ev.get("recipients")
-            if r is not None and (type(r) is not list or not all(name_ok(x) for x in r)):
-                return "recipients must be agent names"
-            for f in ("audiences", "scopes", "refs"):
-                if not _tag_list_ok(ev.get(f)):
-                    return "%s must be [{type, value}] with text" % f
-        elif t == "message.edit":
+        if t == "message.edit":  # (message.create is checked above)
             if not _body_ok(ev.get("body")):
                 return "needs a body {format, content, structured: object}"
         elif t == "message.delete":
