@@ -1296,9 +1296,10 @@ class Index:
                     if carry and _is_torn(f):
                         _warn("%s: skipping an incomplete last line (%d bytes; it is cut "
                               "off at the next append)" % (rel, len(carry)))
+                    f.seek(max(0, offset - 64))
+                    tail = f.read(offset - max(0, offset - 64))
                 db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
-                           (rel, st.st_ino, st.st_size, st.st_mtime_ns, offset,
-                            self._read_tail(path, offset)))
+                           (rel, st.st_ino, st.st_size, st.st_mtime_ns, offset, tail))
             db.execute("COMMIT")
         except BaseException:
             try:
@@ -1307,13 +1308,6 @@ class Index:
                 pass
             raise
         return total
-
-    @staticmethod
-    def _read_tail(path, end):
-        with open(path, "rb") as f:
-            start = max(0, end - 64)
-            f.seek(start)
-            return f.read(end - start)
 
     # -- projection ----------------------------------------------------------
     def apply(self, events):
@@ -2364,9 +2358,10 @@ class Service:
                 "unpublished": unpublished}
 
     # -- addressing ------------------------------------------------------------------
-    def _group_members(self, name):
+    def _group_members(self, name, agents=None):
         """Agent names of a group (agents and role members), now."""
-        agents = self._active_agents()
+        if agents is None:
+            agents = self._active_agents()
         out = set()
         for mtype, member in self.index.q(
                 "SELECT gm.member_type, gm.member FROM group_members gm JOIN groups g "
@@ -2382,6 +2377,7 @@ class Service:
     def resolve_targets(self, targets, me):
         """Targets -> (recipients, audiences, unknown). SPEC §5."""
         agents = self._active_agents()
+        roles = set(agents.values())
         groups = self._active_groups()
         recipients, audiences, unknown = [], [], []
 
@@ -2402,8 +2398,8 @@ class Service:
                 add([t])
             elif t in groups:
                 aud = {"type": "group", "value": t}
-                add(self._group_members(t) - {me})
-            elif t in set(agents.values()):
+                add(self._group_members(t, agents) - {me})
+            elif t in roles:
                 aud = {"type": "role", "value": t}
                 add(a for a, r in agents.items() if r == t and a != me)
             else:
@@ -2729,8 +2725,8 @@ class Service:
             me = self.me(agent)["agent_id"]
         except NotSetUpError:
             pass
-        row = self.index.q1("SELECT %s FROM messages m WHERE m.message_id = ?"
-                            % self._MSG_COLS, (mid,))
+        row = self.index.q1("SELECT %s, m.deleted_at, m.delete_reason FROM messages m "
+                            "WHERE m.message_id = ?" % self._MSG_COLS, (mid,))
         d = self.index.q1("SELECT read_at FROM deliveries WHERE message_id = ? AND "
                           "agent_id = ?", (mid, me)) if me else None
         m = self._msg(row, d is None or d[0] is not None)
@@ -2738,9 +2734,7 @@ class Service:
             "SELECT ts, content FROM edits WHERE message_id = ? AND agent_id = ? "
             "ORDER BY ts, event_id", (mid, m["agent_id"]))]
         m["receipts"] = self._receipts(m)
-        dl = self.index.q1("SELECT deleted_at, delete_reason FROM messages WHERE "
-                           "message_id = ?", (mid,))
-        m["deleted_at"], m["delete_reason"] = dl
+        m["deleted_at"], m["delete_reason"] = row[16], row[17]
         if me and not m["deleted"]:
             self._mark_read(me, [mid])
         return {"message": m}
