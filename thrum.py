@@ -40,7 +40,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ===================================================
 
-SCHEMA_VERSION = 4          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 5          #: index schema; an older index.db is rebuilt
 EVENT_VERSION = 1           #: the `v` field of every event
 THRUM_DIR = ".thrum"
 DEFAULT_BRANCH = "a-sync"
@@ -105,6 +105,20 @@ def git_reason(stderr):
     return lines[-1] if lines else "no output"
 
 
+class OutputError(ThrumError):
+    """Standard output could not be written (closed, disk full, broken pipe)."""
+
+    def __init__(self, err):
+        reason = "standard output is closed" if isinstance(err, ValueError) or \
+            getattr(err, "errno", None) == 9 else (err.strerror or str(err))
+        super().__init__("cannot write the output: %s" % reason)
+        self.broken_pipe = isinstance(err, BrokenPipeError)
+
+
+class GitMissingError(ThrumError):
+    """git is not installed or not on PATH (exit 1)."""
+
+
 class GitError(ThrumError):
     """A git command failed (exit 1)."""
 
@@ -166,6 +180,17 @@ def _is_store(thrum_dir):
     return os.path.isfile(os.path.join(thrum_dir, "config.toml"))
 
 
+def _looks_bare(d):
+    return (os.path.isfile(os.path.join(d, "HEAD")) and os.path.isdir(os.path.join(d, "objects"))
+            and os.path.isdir(os.path.join(d, "refs")) and _is_bare(d))
+
+
+def _is_bare(common_dir):
+    """True for a bare repository (its config says core.bare = true)."""
+    text = _read_text(os.path.join(common_dir, "config"), "", errors="replace")
+    return re.search(r"^\s*bare\s*=\s*true\s*$", text, re.M | re.I) is not None
+
+
 def _main_checkout(common_dir):
     """The main checkout of a clone, or None for a bare repository."""
     if os.path.basename(common_dir) == ".git":
@@ -218,7 +243,11 @@ def locate(start=None):
     points at another store; a linked worktree with no store of its own uses
     the main checkout's. Never raises for "not initialised": `store` is None.
     """
-    start = os.path.abspath(start or os.getcwd())
+    try:
+        start = os.path.abspath(start or os.getcwd())
+    except FileNotFoundError:
+        raise ThrumError("the current directory no longer exists (was it deleted?)",
+                         hint="cd into the repository (or pass --repo PATH) and retry")
     if not os.path.isdir(start):
         raise UsageError("--repo %s is not a directory" % start)
     d = start
@@ -226,6 +255,8 @@ def locate(start=None):
         tdir = os.path.join(d, THRUM_DIR)
         has_thrum = os.path.isdir(tdir)
         gd = git_dirs(d)
+        if gd is None and not has_thrum and _looks_bare(d):
+            return Location(d, None, d)  # a bare repository: init refuses it
         if has_thrum or gd or os.path.exists(os.path.join(d, ".git")):
             common = gd[1] if gd else None
             redirect = _read_text(os.path.join(tdir, "redirect")) if has_thrum else None
@@ -312,10 +343,18 @@ def _parse_bool(v):
     raise ValueError("expected true or false, got %r" % v)
 
 
+def _ascii_int(text):
+    """int() of ASCII digits only (int() alone takes '١' as 1)."""
+    s = str(text).strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", s):
+        raise ValueError("expected a whole number, got %r" % text)
+    return int(s)
+
+
 def _parse_positive_int(v):
     if isinstance(v, bool):
         raise ValueError("expected a whole number")
-    n = int(v)
+    n = v if isinstance(v, int) else _ascii_int(v)
     if n <= 0:
         raise ValueError("must be greater than 0")
     return n
@@ -331,17 +370,27 @@ def _parse_duration_value(v):
     return format_duration(secs)
 
 
+_REF_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z", re.ASCII).match
+
+
 def _parse_remote(v):
+    """A configured remote's name (`origin`), never a path or URL."""
     s = str(v).strip()
-    if not s or s.startswith("-") or any(c.isspace() for c in s):
-        raise ValueError("expected a git remote name such as 'origin'")
+    if not _REF_PART(s) or ".." in s or s.endswith((".", ".lock")) or len(s) > 100:
+        raise ValueError("expected the name of a git remote such as 'origin' (see "
+                         "'git remote'), not a path or URL")
     return s
 
 
 def _parse_branch(v):
+    """A short branch name (`a-sync`, `team/log`), not a full ref such as refs/heads/x."""
     s = str(v).strip()
-    if not name_ok(s.replace("/", "-").lower()) or s.startswith("-") or ".." in s:
-        raise ValueError("expected a simple branch name such as 'a-sync'")
+    parts = s.split("/")
+    if (not all(_REF_PART(p) and not p.endswith((".", ".lock")) for p in parts)
+            or ".." in s or parts[0] in ("refs", "heads", "remotes", "HEAD")
+            or len(s) > 100):
+        raise ValueError("expected a short branch name such as 'a-sync' (not a full ref "
+                         "like refs/heads/x)")
     return s
 
 
@@ -351,6 +400,7 @@ CONFIG_KEYS = {
     "sync.branch": (DEFAULT_BRANCH, _parse_branch),
     "sync.interval": ("60s", _parse_duration_value),
     "sync.local_only": (False, _parse_bool),
+    "sync.timeout": ("30s", _parse_duration_value),
     "messages.max_body_bytes": (1048576, _parse_positive_int),
     "daemon.autostart": (False, _parse_bool),
     "agents.stale_after": ("30d", _parse_duration_value),
@@ -448,7 +498,12 @@ class Config:
         vals, srcs = {}, {}
         for key, (default, _) in CONFIG_KEYS.items():
             vals[key], srcs[key] = default, "default"
-        layers = [("user", _load_toml(self.user_file))]
+        try:
+            layers = [("user", _load_toml(self.user_file))]
+        except (OSError, ThrumError) as e:  # optional: never a reason to stop
+            _warn("skipping the user config %s: %s" % (
+                self.user_file, getattr(e, "strerror", None) or getattr(e, "message", e)))
+            layers = []
         if self.repo_file:
             layers.append(("repo", _load_toml(self.repo_file)))
         layers.append(("env", {k: self.env[_env_var_for(k)] for k in CONFIG_KEYS
@@ -584,7 +639,7 @@ def parse_duration(text):
     if s[0] in "+-":
         sign = -1.0 if s[0] == "-" else 1.0
         s = s[1:]
-    if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", s):
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", s):
         return sign * float(s)
     try:
         return _parse_units(s, sign)
@@ -595,7 +650,7 @@ def parse_duration(text):
 
 def _parse_units(s, sign):
     import re
-    parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)", s)
+    parts = re.findall(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)", s)
     if not parts or "".join(a + b for a, b in parts) != s:
         raise ValueError(s)
     return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
@@ -692,10 +747,70 @@ def make_event(etype, origin, **fields):
 
 
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: The one encoder of log lines: no NaN/Infinity (strict readers skip them).
+_ENCODE_STRICT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                                  allow_nan=False).encode
 
 
 def _dumps(obj):
     return "[]" if obj == [] else _ENCODE(obj)
+
+
+def encode_event(ev):
+    """The log line (bytes, newline-terminated) of one event.
+
+    Every append goes through here, so nothing reaches the log that a strict
+    reader would skip: the line must encode (no NaN/Infinity, no lone surrogates,
+    no integers too long to read back), read back equal to the event, and pass
+    the same checks as projection. Raises UsageError (nothing is written).
+    """
+    try:
+        line = _ENCODE_STRICT(ev)
+        data = line.encode("utf-8")
+        back = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, TypeError, RecursionError, UnicodeError) as e:
+        raise UsageError("cannot store this %s event: %s" % (ev.get("type"), _short_reason(e)),
+                         hint="numbers must be finite and text valid Unicode")
+    if back != ev or not isinstance(back, dict):
+        raise UsageError("cannot store this %s event: it does not read back unchanged"
+                         % ev.get("type"))
+    problem = _event_problem(back)
+    if problem:
+        raise UsageError("cannot store this %s event: %s" % (ev.get("type"), problem))
+    return data + b"\n"
+
+
+def _short_reason(e):
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if isinstance(e, UnicodeError):
+        return "text is not valid Unicode (a lone surrogate?)"
+    text = str(e)
+    if "Out of range float" in text or "not JSON compliant" in text:
+        return "a number is not finite (NaN or Infinity)"
+    return text[:120]
+
+
+def check_json_value(obj, what="structured data"):
+    """Refuse a JSON value the log could not hold: non-finite numbers, lone
+    surrogates, integers too long, nesting deeper than 100. Returns obj."""
+    try:
+        _ENCODE_STRICT(obj).encode("utf-8")
+    except (ValueError, TypeError, RecursionError, UnicodeError) as e:
+        raise UsageError("invalid %s: %s" % (what, _short_reason(e)))
+    if _json_depth(obj) > 100:
+        raise UsageError("invalid %s: nested more than 100 levels deep" % what)
+    return obj
+
+
+def _json_depth(obj, depth=0):
+    if depth > 100:
+        return depth
+    if isinstance(obj, dict):
+        return max([_json_depth(v, depth + 1) for v in obj.values()] or [depth + 1])
+    if isinstance(obj, list):
+        return max([_json_depth(v, depth + 1) for v in obj] or [depth + 1])
+    return depth
 
 
 def _plain(s):
@@ -766,8 +881,7 @@ class EventLog:
         for ev in events:
             by_file.setdefault(event_relpath(ev), []).append(ev)
         # Encode everything before writing anything.
-        datas = {rel: "".join(_dumps(e) + "\n" for e in evs).encode("utf-8")
-                 for rel, evs in by_file.items()}
+        datas = {rel: b"".join(encode_event(e) for e in evs) for rel, evs in by_file.items()}
         for rel, data in datas.items():
             self._append_bytes(rel, data)
 
@@ -924,7 +1038,7 @@ def parse_lines(data, rel, warn=True):
 
 _SCHEMA_TABLES = """
 CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
-                   offset INTEGER, tail BLOB);
+                   offset INTEGER, tail BLOB, lines INTEGER);
 CREATE TABLE messages(
   message_id TEXT PRIMARY KEY, agent_id TEXT, session_id TEXT, created_at TEXT,
   event_id TEXT, origin TEXT, format0 TEXT, content0 TEXT, structured0 TEXT,
@@ -946,7 +1060,7 @@ CREATE TABLE deletes(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, 
                      reason TEXT);
 CREATE TABLE agents(agent_id TEXT PRIMARY KEY, role TEXT, module TEXT, display TEXT,
                     worktree TEXT, hostname TEXT, origin TEXT, registered_at TEXT,
-                    reg_key TEXT, del_key TEXT, deleted_by TEXT);
+                    reg_key TEXT, del_key TEXT, deleted_by TEXT, takeover INTEGER);
 CREATE TABLE agent_fields(agent_id TEXT, field TEXT, value TEXT, key TEXT,
                           PRIMARY KEY(agent_id, field)) WITHOUT ROWID;
 CREATE TABLE seen(agent_id TEXT PRIMARY KEY, ts TEXT);
@@ -1096,6 +1210,19 @@ def _json_or_none(v):
     return None if v is None else _dumps(v)
 
 
+def _count_lines(f):
+    """Complete lines in an open binary file."""
+    f.seek(0)
+    n = 0
+    for block in iter(lambda: f.read(1 << 20), b""):
+        n += block.count(b"\n")
+    return n
+
+
+class _LogRewritten(Exception):
+    """A log file no longer starts with the bytes the index read from it."""
+
+
 class Index:
     """The SQLite projection of the log at `path`."""
 
@@ -1236,11 +1363,18 @@ class Index:
             return 0
         try:
             return self._catch_up_locked(changed)
+        except _LogRewritten as e:
+            return self._rebuild_for("%s shrank or was replaced" % e.args[0])
         except sqlite3.OperationalError as e:  # busy, disk full, I/O: not corruption
             raise ThrumError("the index cannot be updated: %s" % e, hint="retry; if it "
                              "persists, check disk space and run 'thrum doctor --fix'")
         except sqlite3.DatabaseError as e:
             return self._recover(e)
+
+    def _rebuild_for(self, reason):
+        """The log lost lines the index holds: only a rebuild forgets them."""
+        _warn("%s; rebuilding the index from the log" % reason)
+        return self.rebuild()
 
     def _recover(self, err):
         if self.building:  # a fresh build that fails is not retried from within
@@ -1260,8 +1394,8 @@ class Index:
         total = 0
         try:
             for rel, path, _ in changed:
-                row = db.execute("SELECT ino, size, mtime_ns, offset, tail FROM files "
-                                 "WHERE path = ?", (rel,)).fetchone()
+                row = db.execute("SELECT ino, size, mtime_ns, offset, tail, lines FROM "
+                                 "files WHERE path = ?", (rel,)).fetchone()
                 try:
                     f = open(path, "rb")
                 except FileNotFoundError:
@@ -1270,14 +1404,21 @@ class Index:
                     st = os.fstat(f.fileno())
                     if row and row[:3] == (st.st_ino, st.st_size, st.st_mtime_ns):
                         continue  # another process caught up meanwhile
-                    offset = 0
+                    offset = lines = 0
                     # Same file (inode), not shorter, same bytes before the offset:
-                    # continue from there; otherwise read it all again (idempotent).
-                    if row and row[0] == st.st_ino and row[3] <= st.st_size:
+                    # continue from there. Otherwise the file was replaced or
+                    # rewritten: read it again (projection is idempotent), unless it
+                    # now holds fewer lines, which only a rebuild can forget.
+                    if row:
                         tail = row[4] or b""
-                        f.seek(row[3] - len(tail))
-                        if f.read(len(tail)) == tail:
-                            offset = row[3]
+                        same = row[0] == st.st_ino and row[3] <= st.st_size
+                        if same:
+                            f.seek(row[3] - len(tail))
+                            same = f.read(len(tail)) == tail
+                        if same:
+                            offset, lines = row[3], row[5] or 0
+                        elif _count_lines(f) < (row[5] or 0):
+                            raise _LogRewritten(rel)
                     f.seek(offset)
                     left = st.st_size - offset
                     carry = b""
@@ -1289,6 +1430,7 @@ class Index:
                         data = carry + block
                         end = data.rfind(b"\n") + 1  # consume complete lines only
                         carry = data[end:]
+                        lines += data.count(b"\n", 0, end)
                         evs, _ = parse_lines(data[:end], rel)
                         self.apply(evs)
                         total += len(evs)
@@ -1298,8 +1440,8 @@ class Index:
                               "off at the next append)" % (rel, len(carry)))
                     f.seek(max(0, offset - 64))
                     tail = f.read(offset - max(0, offset - 64))
-                db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
-                           (rel, st.st_ino, st.st_size, st.st_mtime_ns, offset, tail))
+                db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)",
+                           (rel, st.st_ino, st.st_size, st.st_mtime_ns, offset, tail, lines))
             db.execute("COMMIT")
         except BaseException:
             try:
@@ -1467,16 +1609,16 @@ class Index:
         if t == "agent.register":
             db.execute(
                 "INSERT INTO agents(agent_id, role, module, display, worktree, hostname, "
-                "origin, registered_at, reg_key) VALUES (?,?,?,?,?,?,?,?,?) "
+                "origin, registered_at, reg_key, takeover) VALUES (?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(agent_id) DO UPDATE SET role = excluded.role, "
                 "module = excluded.module, display = excluded.display, "
                 "worktree = excluded.worktree, hostname = excluded.hostname, "
                 "origin = excluded.origin, registered_at = excluded.registered_at, "
-                "reg_key = excluded.reg_key "
+                "reg_key = excluded.reg_key, takeover = excluded.takeover "
                 "WHERE agents.reg_key IS NULL OR excluded.reg_key > agents.reg_key",
                 (aid, ev.get("role"), ev.get("module"), ev.get("display"),
                  ev.get("worktree"), ev.get("hostname"), ev.get("origin"),
-                 ev["timestamp"], k))
+                 ev["timestamp"], k, 1 if ev.get("takeover") is True else 0))
         elif t == "agent.delete":
             db.execute(
                 "INSERT INTO agents(agent_id, del_key, deleted_by) VALUES (?,?,?) "
@@ -1648,18 +1790,46 @@ def git(args, cwd, check=True, input=None, timeout=60, env_extra=None, text=True
     if env_extra:
         env.update(env_extra)
     argv = ["git", "-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false"] + list(args)
+    if text and isinstance(input, str):
+        input = input.encode("utf-8", "surrogateescape")
     try:
-        p = subprocess.run(argv, cwd=cwd, input=input, capture_output=True, text=text,
-                           env=env, timeout=timeout)
+        # Its own process group (and no controlling terminal, so nothing can prompt):
+        # on a timeout the whole group is killed, including helpers such as ssh or
+        # git-remote-http that would otherwise keep the pipes open.
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True,
+                                stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
-        raise ThrumError("git is not installed or not on PATH",
-                         hint="install git, or run thrum outside a repository")
-    except subprocess.TimeoutExpired:
-        raise GitError(list(args), "timeout", "timed out after %ss" % timeout)
+        raise GitMissingError("git is not installed or not on PATH",
+                              hint="install git, or run thrum outside a repository")
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException as e:  # timeout, Ctrl-C: never leave git running
+        _kill_group(proc)
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise GitError(list(args), "timeout", "timed out after %s" % format_duration(
+                timeout)) from None
+        raise
+    if text:
+        out = out.decode("utf-8", "surrogateescape")
+        err = err.decode("utf-8", "surrogateescape")
+    p = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and p.returncode != 0:
-        err = p.stderr if text else p.stderr.decode("utf-8", "replace")
-        raise GitError(list(args), p.returncode, err)
+        raise GitError(list(args), p.returncode, err if text else err.decode("utf-8",
+                                                                              "replace"))
     return p
+
+
+def _kill_group(proc):
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        proc.communicate(timeout=5)
+    except Exception:  # pragma: no cover - a member escaped the group
+        pass
 
 
 class Service:
@@ -1763,20 +1933,22 @@ class Service:
 
     @staticmethod
     def _read_identity(path):
-        text = _read_text(path)
-        if text is None:
-            return None
+        name = os.path.basename(path)[:-5]
+        hint = ("repair it with 'thrum doctor --fix', or register again: 'thrum quickstart "
+                "--name %s --role ROLE --module MODULE'" % name)
         try:
+            text = _read_text(path)
+            if text is None:
+                return None
             data = json.loads(text)
-        except ValueError:
-            raise NotSetUpError("identity file %s is corrupt" % path,
-                                hint="re-run 'thrum quickstart' for that agent")
+        except (ValueError, ThrumError):
+            raise NotSetUpError("identity file %s is corrupt" % path, hint=hint)
         if not isinstance(data, dict) or not name_ok(data.get("agent_id", "")) or any(
                 data.get(k) is not None and not isinstance(data.get(k), str) for k in (
                     "role", "module", "display", "worktree", "intent", "session_id",
                     "tmux_session", "created_at", "updated_at")):
             raise NotSetUpError("identity file %s is not a valid thrum identity" % path,
-                                hint="re-run 'thrum quickstart' for that agent")
+                                hint=hint)
         data["identity_file"] = path
         return data
 
@@ -1838,15 +2010,21 @@ class Service:
             raise NotSetUpError("several identities in this worktree (%s); "
                                 "cannot choose" % ", ".join(here),
                                 hint="set THRUM_NAME to one of: %s" % ", ".join(here))
-        row = self.index.q1("SELECT role, worktree FROM agents WHERE agent_id = ? AND "
-                            + ACTIVE_AGENT_SQL, (ident["agent_id"],))
+        row = self.index.q1("SELECT role, worktree, hostname, takeover FROM agents WHERE "
+                            "agent_id = ? AND " + ACTIVE_AGENT_SQL, (ident["agent_id"],))
         if row and row[1] and ident.get("worktree") and ident.get("identity_file") and \
                 os.path.realpath(row[1]) != os.path.realpath(ident["worktree"]):
-            raise NotSetUpError("agent @%s was taken over by the worktree %s"
-                                % (ident["agent_id"], row[1]),
-                                hint="register another name here, or take it back with "
-                                     "'thrum quickstart --name %s ... --force'"
-                                % ident["agent_id"])
+            where = row[1] + ("" if row[2] in (None, os.uname().nodename) else
+                              " on " + str(row[2]))
+            hint = ("register another name here, or claim it back with 'thrum quickstart "
+                    "--name %s --role ROLE --module MODULE --force'" % ident["agent_id"])
+            if row[3]:
+                raise NotSetUpError("agent @%s was taken over (--force) by the worktree %s"
+                                    % (ident["agent_id"], where), hint=hint)
+            raise NotSetUpError(
+                "the name @%s is also registered from another worktree (%s), and that "
+                "registration is the newer one (two registrations met in a sync)"
+                % (ident["agent_id"], where), hint=hint)
         if row is None:
             raise NotSetUpError("agent %s is not registered in this store (deleted?)"
                                 % ident["agent_id"],
@@ -1905,6 +2083,12 @@ class Service:
         """
         loc = self.loc
         created = []
+        if loc.git_common and _is_bare(loc.git_common) and \
+                os.path.realpath(loc.worktree) == os.path.realpath(loc.git_common):
+            raise UsageError("%s is a bare git repository (no working tree), so thrum has "
+                             "no place for its store" % loc.worktree,
+                             hint="run thrum in a clone or a worktree of it "
+                                  "('git clone %s' or 'git worktree add')" % loc.worktree)
         if loc.store is None and loc.git_common:
             main = _main_checkout(loc.git_common)
             store_root = main if main and os.path.isdir(main) else loc.worktree
@@ -1914,6 +2098,7 @@ class Service:
             store_root = loc.store_root
         store = os.path.join(store_root, THRUM_DIR)
         pending_config = None
+        fresh = not os.path.exists(store)
         if not _is_store(store):
             for sub in ("identities", "context", "var"):
                 os.makedirs(os.path.join(store, sub), exist_ok=True)
@@ -1931,10 +2116,16 @@ class Service:
         result = {"store": store, "git": bool(self.loc.git_common), "branch": self.branch,
                   "created": created, "adopted_remote": False,
                   "local_only": self.config.get("sync.local_only")}
-        if self.loc.git_common:
-            result.update(self._init_git(force))
-        else:
-            os.makedirs(self.log.root, exist_ok=True)
+        try:
+            if self.loc.git_common:
+                result.update(self._init_git(force))
+            else:
+                os.makedirs(self.log.root, exist_ok=True)
+        except BaseException:
+            if fresh:  # a refused init leaves nothing behind
+                import shutil
+                shutil.rmtree(store, ignore_errors=True)
+            raise
         if pending_config is not None and not _is_store(store):
             _write_file_atomic(os.path.join(store, "config.toml"), pending_config)
         self.loc = locate(loc.worktree)
@@ -2044,13 +2235,19 @@ class Service:
         display = display or (row[3] if row and row[2] == module and row[1] == role
                               else None) or "%s (%s)" % (role.capitalize(), module)
         path = self._identity_file(name)
-        ident = self._read_identity(path) if os.path.exists(path) else None
+        try:
+            ident = self._read_identity(path) if os.path.exists(path) else None
+        except NotSetUpError as e:  # registering again is how a damaged file is repaired
+            _warn("%s; replacing it" % e.message)
+            ident = None
         events = []
         if (row is None or force or (row[1], row[2], row[3], row[4]) !=
                 (role, module, display, worktree)):
+            extra = {"takeover": True} if (force and row is not None and row[4] and
+                                           os.path.realpath(row[4]) != worktree) else {}
             events.append(self._event("agent.register", agent_id=name, role=role,
                                       module=module, display=display, worktree=worktree,
-                                      hostname=host))
+                                      hostname=host, **extra))
         else:
             status = "unchanged"
         if intent is not None:
@@ -2091,10 +2288,15 @@ class Service:
         _check_text(intent, "intent", 1000, allow_empty=True)  # refuse before writing
         reg = self.register(name, role, module, display=display, force=force)
         ses = self.session_start(agent=reg["agent_id"])
-        if not intent:
-            repo = os.path.basename(self.loc.store_root)
-            intent = _ROLE_INTENTS.get(reg["role"], "Working in %s") % repo
-        it = self.session_set_intent(intent, agent=reg["agent_id"])
+        current = self._agent_fields(reg["agent_id"]).get("intent")
+        if not intent and current:  # a re-run keeps the intent the agent set
+            it = {"agent_id": reg["agent_id"], "session_id": ses["session_id"],
+                  "intent": current, "intent_updated_at": None}
+        else:
+            if not intent:
+                repo = os.path.basename(self.loc.store_root)
+                intent = _ROLE_INTENTS.get(reg["role"], "Working in %s") % repo
+            it = self.session_set_intent(intent, agent=reg["agent_id"])
         return {"register": reg, "session": ses, "intent": it}
 
     def whoami(self, agent=None):
@@ -2233,12 +2435,18 @@ class Service:
     def session_end(self, reason="normal", session_id=None, agent=None):
         ident = self.me(agent)
         aid = ident["agent_id"]
+        current = self._open_session(aid)
         if session_id:
             row = self.index.q1("SELECT session_id, started_at FROM sessions WHERE "
                                 "session_id = ? AND agent_id = ? AND ended_at IS NULL",
                                 (session_id, aid))
+            if row is None:
+                raise NotFoundError(
+                    "%s is not an open session of @%s" % (session_id, aid),
+                    hint=("the open session is %s" % current[0]) if current else
+                    "@%s has no open session" % aid)
         else:
-            row = self._open_session(aid)
+            row = current
         if row is None:
             raise NotFoundError("no open session to end for @%s" % aid,
                                 hint="start one with 'thrum session start'")
@@ -2313,10 +2521,16 @@ class Service:
             return self._require_agent(agent_filter)[0]
         return self.me(agent)["agent_id"]
 
-    def context_save(self, content, agent_filter=None, agent=None):
+    def context_save(self, content, agent_filter=None, allow_empty=False, agent=None):
+        """Save my (or another agent's) context notes. An empty save would wipe the
+        notes, so it is refused unless allow_empty."""
         name = self._context_agent(agent_filter, agent)
         if not isinstance(content, str):
             raise UsageError("context must be text")
+        if not content.strip() and not allow_empty:
+            raise UsageError("refusing to save empty context (it would replace the saved "
+                             "notes)", hint="to clear them use 'thrum context clear'; to "
+                             "save an empty file, add --allow-empty")
         path = self._context_path(name)
         _write_file_atomic(path, content, 0o600)
         return {"agent_id": name, "path": path, "bytes": len(content.encode("utf-8"))}
@@ -2435,6 +2649,7 @@ class Service:
                                      % str(e)[:100])
             if not isinstance(structured, dict):
                 raise UsageError("invalid --structured data: must be a JSON object")
+            check_json_value(structured, "--structured data")
         body = {"format": fmt, "content": content}
         if structured is not None:
             body["structured"] = structured
@@ -2887,7 +3102,10 @@ class Service:
             "WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL "
             "ORDER BY d.created_at" % self._MSG_COLS, (me,))
         ctx = self.context_show(agent=me)
-        wc = work_context(who.get("worktree") or self.loc.worktree)
+        try:
+            wc = work_context(who.get("worktree") or self.loc.worktree)
+        except GitMissingError as e:  # the briefing still helps without git
+            wc = {"branch": None, "files": [], "error": e.message}
         wc["intent"], wc["task"] = who.get("intent"), who.get("task")
         return {"agent": who,
                 "session": {"session_id": who["session_id"],
@@ -3078,6 +3296,21 @@ class Service:
 
     def config_set(self, key, value):
         self._require_store()
+        if key == "sync.branch" and self.loc.git_common:
+            try:
+                branch = _parse_branch(value)
+            except ValueError:
+                branch = None  # Config.set below refuses it with the reason
+            if branch:
+                eng = SyncEngine(self, branch=branch)
+                remote_tip = eng.rev(eng.tracking)
+                problem = eng.branch_problem()
+                if not problem and remote_tip and eng.foreign_history(remote_tip):
+                    problem = "the remote's copy (%s/%s) is not a thrum log" % (
+                        eng.remote, branch)
+                if problem:
+                    raise UsageError("cannot use %r as the sync branch: %s" % (branch, problem),
+                                     hint=_BRANCH_HINT)
         v = self.config.set(key, value)
         return {"key": key, "value": v, "file": self.config.repo_file}
 
@@ -3173,6 +3406,9 @@ class Service:
                 check("sync worktree", not issue, issue or "ok", fixed=bool(issue and fix))
             except ThrumError as e:
                 check("sync worktree", False, e.message)
+        # identity files of this worktree
+        for name, problem, fixed in self._check_identities(fix):
+            check("identity @%s" % name, False, problem, fixed=fixed)
         # stale daemon files
         pidf = os.path.join(self.loc.var, "daemon.pid")
         if os.path.exists(pidf) and not self.daemon_info()["running"]:
@@ -3185,6 +3421,38 @@ class Service:
             check("daemon files", False, "stale daemon.pid (no such process)", fixed=fix)
         ok = all(c["ok"] or c["fixed"] for c in checks)
         return {"ok": ok, "checks": checks}
+
+    def _check_identities(self, fix):
+        """[(name, problem, fixed)] for damaged identity files of this worktree. A fix
+        rewrites the file from the agent's registration when it was made here, else
+        moves it aside (`<name>.json.corrupt`)."""
+        out = []
+        for name in self.identities_here():
+            path = self._identity_file(name)
+            try:
+                self._read_identity(path)
+                continue
+            except NotSetUpError as e:
+                problem = e.message
+            fixed = False
+            if fix:
+                row = self._agent_row(name)
+                here = os.path.realpath(self.loc.worktree)
+                if row and row[4] and os.path.realpath(row[4]) == here:
+                    ses = self._open_session(name)
+                    self._write_identity({
+                        "agent_id": name, "role": row[1], "module": row[2],
+                        "display": row[3], "worktree": here,
+                        "intent": self._agent_fields(name).get("intent"),
+                        "session_id": ses[0] if ses else None, "created_at": row[6],
+                        "identity_file": path})
+                    problem += "; rewritten from its registration"
+                else:
+                    os.replace(path, path + ".corrupt")
+                    problem += "; moved aside to %s.corrupt" % os.path.basename(path)
+                fixed = True
+            out.append((name, problem, fixed))
+        return out
 
     def _index_differs(self, idx):
         """Compare the live index with a rebuild in memory; None when they agree."""
@@ -3234,6 +3502,8 @@ def work_context(worktree):
                      check=False, timeout=10).stdout.strip() or None
         st = git(ro + ["status", "--porcelain=v1", "-z", "--untracked-files=all"], worktree,
                  check=False, timeout=20)
+    except GitMissingError:
+        raise  # a question we cannot answer is an error, not "no files"
     except ThrumError:
         return {"branch": None, "files": []}
     files, seen = [], set()
@@ -3286,7 +3556,8 @@ def work_context(worktree):
 # Commits are built with plumbing (temporary index, commit-tree, update-ref):
 # the user's HEAD, index and working tree are never touched.
 
-_EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+_BRANCH_HINT = ("choose a branch name that nothing else uses: "
+                "'thrum config set sync.branch thrum-log'")
 #: Push refusals that mean "someone else pushed first": fetch, merge and retry.
 #: Any other refusal (e.g. a pre-receive hook declining) fails at once.
 _CONTENTION = ("non-fast-forward", "fetch first", "stale info", "failed to update ref",
@@ -3314,7 +3585,7 @@ def _event_ids(data):
 class SyncEngine:
     """One clone's side of git sync. Uses the Service's location and config."""
 
-    def __init__(self, svc):
+    def __init__(self, svc, branch=None):
         self.svc = svc
         self.loc = svc.loc
         if not self.loc.git_common:
@@ -3322,12 +3593,15 @@ class SyncEngine:
                              % self.loc.store, hint="run 'git init' and 'thrum init' to "
                              "use sync")
         self.root = self.loc.store_root
-        self.branch = svc.config.get("sync.branch")
+        self.branch = branch or svc.config.get("sync.branch")
         self.ref = "refs/heads/" + self.branch
         self.remote = svc.config.get("sync.remote")
         self.local_only = svc.config.get("sync.local_only")
         self.wt = self.loc.log_dir(self.branch)
         self.state_file = os.path.join(self.loc.var, "sync.json")
+        #: Bound on every git call that talks to the remote (sync.timeout).
+        self.net_timeout = parse_duration(svc.config.get("sync.timeout"))
+        self._trees = {}  # commit -> its log files (commits never change)
 
     # -- git helpers ------------------------------------------------------------
     def git(self, *args, check=True, input=None, timeout=60, env_extra=None, cwd=None):
@@ -3361,11 +3635,14 @@ class SyncEngine:
             finally:
                 os.close(fd)
         out = {"adopted_remote": False, "created_branch": False, "repaired_worktree": None}
+        worktrees = self._worktrees()
+        self.check_branch(worktrees)
         if self.rev(self.ref) is None:
             if self.has_remote() and self.rev(self.tracking) is None:
                 self.fetch(quiet=True)
             remote_tip = self.rev(self.tracking) if not self.local_only else None
             if remote_tip:
+                self.check_remote_history(remote_tip)
                 self.git("update-ref", self.ref, remote_tip, "")
                 out["adopted_remote"] = True
             else:
@@ -3376,23 +3653,87 @@ class SyncEngine:
                 if p.returncode != 0 and self.rev(self.ref) is None:
                     raise GitError(["update-ref", self.ref], p.returncode, p.stderr)
             out["created_branch"] = True
-        problem = self.worktree_problem()
+        problem = self.worktree_problem(worktrees)
         if problem:
             self._recreate_worktree(problem)
             out["repaired_worktree"] = problem
         return out
 
-    def worktree_problem(self):
+    # -- is the branch thrum's own? --------------------------------------------------
+    #
+    # thrum commits only to a branch that is its own log: not checked out in any
+    # worktree but its sync worktree, and an orphan history whose root commits hold
+    # nothing but log files (thrum's own root is the empty tree). A branch made from
+    # the project's history (`git branch a-sync`, or `sync.branch = main`) fails both.
+
+    def _worktrees(self):
+        """{realpath: checked-out ref or None} of every worktree of the clone."""
+        p = self.git("worktree", "list", "--porcelain", check=False)
+        out, cur = {}, None
+        for line in p.stdout.splitlines():
+            if line.startswith("worktree "):
+                cur = os.path.realpath(line[9:])
+                out[cur] = None
+            elif line.startswith("branch ") and cur:
+                out[cur] = line[7:]
+        return out
+
+    def branch_problem(self, worktrees=None):
+        """Why the configured branch is not thrum's own log (None when it is)."""
+        mine = os.path.realpath(self.wt)
+        for path, ref in (self._worktrees() if worktrees is None else worktrees).items():
+            if ref == self.ref and path != mine:
+                return "it is checked out in %s" % path
+        local = self.rev(self.ref)
+        return self.foreign_history(local) if local else None
+
+    def check_branch(self, worktrees=None):
+        problem = self.branch_problem(worktrees)
+        if problem:
+            raise UsageError("the sync branch %r is not thrum's own log branch: %s"
+                             % (self.branch, problem), hint=_BRANCH_HINT)
+
+    def check_remote_history(self, tip):
+        problem = self.foreign_history(tip)
+        if problem:
+            raise ThrumError("the remote's %s branch (%s/%s) is not a thrum log: %s"
+                             % (self.branch, self.remote, self.branch, problem),
+                             hint="thrum will not commit onto it; " + _BRANCH_HINT)
+
+    def foreign_history(self, commit):
+        """None when every root commit of `commit` holds only log files, else what
+        the history holds. Roots found good are remembered (sync.json)."""
+        roots = self.git("rev-list", "--max-parents=0", commit).stdout.split()
+        known = self.load_state().get("log_roots") or []
+        new = []
+        for root in roots:
+            if root in known:
+                continue
+            names = [n for n in self.git("ls-tree", "-r", "--name-only", "-z",
+                                         root).stdout.split("\0") if n]
+            other = [n for n in names if not log_relpath_ok(n)]
+            if other:
+                return "its history starts from a commit holding other files (%s%s)" % (
+                    ", ".join(other[:3]), ", ..." if len(other) > 3 else "")
+            if not names:  # an empty root: thrum's own says so
+                msg = self.git("log", "-1", "--format=%s", root).stdout
+                if not msg.startswith("thrum:"):
+                    return "its history starts from an empty commit thrum did not make " \
+                           "(%s)" % msg.strip()[:60]
+            new.append(root)
+        if new:
+            self._save_state(log_roots=(known + new)[-20:])
+        return None
+
+    def worktree_problem(self, worktrees=None):
         """None when the sync worktree is healthy, else what is wrong."""
         if not os.path.isdir(self.wt):
             return "missing"
         gd = git_dirs(self.wt)
         if not gd or not os.path.isdir(gd[0]):
             return "not a git worktree"
-        p = self.git("worktree", "list", "--porcelain", check=False)
-        listed = {os.path.realpath(l[9:]) for l in p.stdout.splitlines()
-                  if l.startswith("worktree ")}
-        if os.path.realpath(self.wt) not in listed:
+        if os.path.realpath(self.wt) not in (self._worktrees() if worktrees is None
+                                             else worktrees):
             return "not registered"
         head = _read_text(os.path.join(gd[0], "HEAD"), "").strip()
         if head != "ref: " + self.ref:
@@ -3482,6 +3823,8 @@ class SyncEngine:
         other paths are ignored)."""
         if not commit:
             return {}
+        if commit in self._trees:
+            return self._trees[commit]
         p = self.git("ls-tree", "-r", "-z", commit)
         out = {}
         for entry in p.stdout.split("\0"):
@@ -3490,6 +3833,7 @@ class SyncEngine:
                 mode, kind, sha = meta.split()
                 if kind == "blob" and mode in ("100644", "100755") and log_relpath_ok(path):
                     out[path] = sha
+        self._trees[commit] = out
         return out
 
     def _read_blobs(self, shas):
@@ -3519,11 +3863,12 @@ class SyncEngine:
 
     # -- committing -------------------------------------------------------------------
     def _snapshot_tree(self, parent=None):
-        """Write a tree: the parent's, with the worktree's log files (complete lines
-        only) laid over it. A log file missing here keeps the parent's copy, so a
-        damaged worktree never deletes history from the branch."""
+        """Write a tree: the parent's log files, with the worktree's log files
+        (complete lines only) laid over them. A log file missing here keeps the
+        parent's copy, so a damaged worktree never deletes history from the branch;
+        anything on the parent that is not a log file is left out (cleaned up)."""
         import tempfile
-        entries = []
+        entries = {path: "100644 " + sha for path, sha in self._tree_files(parent).items()}
         with tempfile.TemporaryDirectory(prefix="thrum-sync-") as tmp:
             paths = []
             # Only regular log files (EventLog.files): nothing else in the worktree,
@@ -3541,16 +3886,13 @@ class SyncEngine:
             if paths:
                 shas = self.git("hash-object", "-w", "--stdin-paths",
                                 input="\n".join(c for _, c in paths) + "\n").stdout.split()
-                entries = ["100644 %s\t%s" % (sha, rel) for (rel, _), sha in zip(paths, shas)]
-            index = os.path.join(tmp, "index")
-            env = {"GIT_INDEX_FILE": index}
-            if parent:
-                self.git("read-tree", parent, env_extra=env)
-            else:
-                self.git("read-tree", "--empty", env_extra=env)
-            if entries:
-                self.git("update-index", "--add", "--index-info",
-                         input="\n".join(entries) + "\n", env_extra=env)
+                for (rel, _), sha in zip(paths, shas):
+                    entries[rel] = "100644 " + sha
+            if not entries:
+                return self.git("mktree", input="").stdout.strip()
+            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
+            self.git("update-index", "--add", "--index-info", env_extra=env,
+                     input="".join("%s\t%s\n" % (entries[p], p) for p in sorted(entries)))
             return self.git("write-tree", env_extra=env).stdout.strip()
 
     def _commit(self, parent):
@@ -3563,6 +3905,13 @@ class SyncEngine:
             args[2:2] = ["-p", parent]
         return self.git(*args).stdout.strip(), True
 
+    def _commit_locally(self):
+        """Commit pending log lines on the local branch only. Returns True if made."""
+        tip, made = self._commit(self.rev(self.ref))
+        if made:
+            self._set_local(tip)
+        return made
+
     def _set_local(self, commit):
         self.git("update-ref", self.ref, commit)
         # Keep the worktree's index in step with its HEAD (files stay as they are).
@@ -3572,7 +3921,8 @@ class SyncEngine:
     def fetch(self, quiet=False):
         """Fetch the remote branch. Returns 'ok', 'absent' (no such branch) or raises."""
         p = self.git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self.remote,
-                     "+%s:%s" % (self.ref, self.tracking), check=False, timeout=120)
+                     "+%s:%s" % (self.ref, self.tracking), check=False,
+                     timeout=self.net_timeout)
         if p.returncode == 0:
             return "ok"
         err = p.stderr.lower()
@@ -3590,7 +3940,7 @@ class SyncEngine:
         else:
             args.append("--force-with-lease=%s:" % self.ref)
         p = self.git(*(args + [self.remote, "%s:%s" % (commit, self.ref)]), check=False,
-                     timeout=120)
+                     timeout=self.net_timeout)
         if p.returncode == 0:
             self.git("update-ref", self.tracking, commit, check=False)
             return True
@@ -3654,10 +4004,7 @@ class SyncEngine:
         res = {"pulled": 0, "committed": False, "pushed": False, "attempts": 0,
                "local_only": self.local_only, "remote": None}
         if not self.has_remote():
-            tip, made = self._commit(self.rev(self.ref))
-            if made:
-                self._set_local(tip)
-            res["committed"] = made
+            res["committed"] = self._commit_locally()
             self._save_state(last_sync_at=now_ts(), last_error=None)
             return res
         res["remote"] = self.remote
@@ -3669,15 +4016,18 @@ class SyncEngine:
                 status = self.fetch()
             except GitError as e:
                 # Offline: keep the local commit so nothing waits uncommitted.
-                tip, made = self._commit(self.rev(self.ref))
-                if made:
-                    self._set_local(tip)
-                res["committed"] = res["committed"] or made
+                res["committed"] = self._commit_locally() or res["committed"]
                 raise ThrumError("sync failed: cannot fetch from %s: %s" % (
                     self.remote, git_reason(e.stderr)),
                     hint="local changes are committed; run 'thrum sync force' again "
                          "when the remote is reachable")
             remote_tip = self.rev(self.tracking) if status == "ok" else None
+            if remote_tip:
+                try:
+                    self.check_remote_history(remote_tip)
+                except ThrumError:
+                    self._commit_locally()
+                    raise
             if remote_tip:
                 res["pulled"] += self.merge_commit(remote_tip, self.rev(self.ref))
             tip, made = self._commit(remote_tip or self.rev(self.ref))
@@ -3702,6 +4052,25 @@ class SyncEngine:
         self._save_state(last_sync_at=now_ts(), last_error=None)
         return res
 
+    def pending_paths(self):
+        """Log files of the worktree that differ from the branch (other files are
+        not thrum's and never committed, so they are never pending)."""
+        p = self.git("--no-optional-locks", "status", "--porcelain", "-z",
+                     "--untracked-files=all", cwd=self.wt, check=False)
+        return [e[3:] for e in p.stdout.split("\0") if len(e) > 3 and e[2] == " "
+                and log_relpath_ok(e[3:])]
+
+    def stray_paths(self):
+        """Files in the sync worktree that are not log files (doctor reports them)."""
+        out = []
+        for d, dirs, files in os.walk(self.wt):
+            dirs[:] = [x for x in dirs if not (d == self.wt and x == ".git")]
+            for f in files:
+                rel = os.path.relpath(os.path.join(d, f), self.wt).replace(os.sep, "/")
+                if rel != ".git" and not log_relpath_ok(rel):
+                    out.append(rel)
+        return sorted(out)
+
     def status(self):
         """Sync state without touching the network (SPEC §6 shape)."""
         st = self.load_state()
@@ -3713,9 +4082,7 @@ class SyncEngine:
         local = self.rev(self.ref)
         pending = False
         if local and os.path.isdir(self.wt):
-            p = self.git("--no-optional-locks", "status", "--porcelain", cwd=self.wt,
-                         check=False)
-            pending = bool(p.stdout.strip())
+            pending = bool(self.pending_paths())
         remote_tip = self.rev(self.tracking) if has_remote else None
         if local and remote_tip:
             p = self.git("rev-list", "--left-right", "--count",
@@ -3756,6 +4123,8 @@ class Output:
     def __init__(self, json_mode=False, quiet=False, verbose=False, stream=None):
         self.stream = stream or sys.stdout
         self.document = None    # with --json: the one document, written by flush()
+        self.result = None      # the last result emitted (what an output error reports)
+        self.broken = False     # stdout failed: write nothing more
         self.autosync_error = None
         self.configure(json_mode, quiet, verbose)
 
@@ -3772,6 +4141,8 @@ class Output:
     def emit(self, data, lines=None):
         """Print `data` as JSON (held for flush), or the human `lines` (a list or a
         callable), with control characters in them made visible."""
+        if isinstance(data, dict):
+            self.result = data
         if self.json:
             self.document = data
             return
@@ -3780,16 +4151,24 @@ class Output:
         else:
             lines = [_visible(l, "\t\n") for l in lines or ()]
         if lines:
-            self.stream.write("\n".join(lines) + "\n")
+            self.write("\n".join(lines) + "\n")
+
+    def write(self, text):
+        """Write to stdout; a failure (closed, full disk, broken pipe) is OutputError."""
+        if self.broken:
+            return
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except (OSError, ValueError) as e:
+            self.broken = True
+            raise OutputError(e) from None
 
     def flush(self):
         """Write the held JSON document (exactly one per command)."""
         if self.json and self.document is not None:
-            self.stream.write(json.dumps(self.document, indent=2, ensure_ascii=False,
-                                         allow_nan=False) + "\n")
-            self.stream.flush()
-            self.document = None
+            doc, self.document = self.document, None
+            self.write(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
     def ok(self, data, *lines):
         """A confirmation: `✓ first line` plus detail lines (hidden by --quiet)."""
@@ -3868,9 +4247,10 @@ def render_message_rows(out, msgs, full_ids=True):
         arrow = "↳ " if m.get("reply_to") else ""
         re = "" if depth or not m.get("reply_to") else "  (re %s)" % m["reply_to"]
         edited = "  (edited)" if m.get("updated_at") else ""
-        head = "%s%s%s %s  @%s  %s%s%s" % (ind, arrow, "●" if not m["is_read"] else "○",
-                                           m["message_id"], m["agent_id"],
-                                           relative_time(m["created_at"]), edited, re)
+        to = " → " + _aud_str(m["audiences"]) if m.get("audiences") else ""
+        head = "%s%s%s %s  @%s%s  %s%s%s" % (ind, arrow, "●" if not m["is_read"] else "○",
+                                             m["message_id"], m["agent_id"], to,
+                                             relative_time(m["created_at"]), edited, re)
         head = clip(head)  # colour is added after measuring the width
         head = head.replace("●", mark, 1).replace("@" + m["agent_id"],
                                                   out.c("1", "@" + m["agent_id"]), 1)
@@ -4015,6 +4395,10 @@ def _argparse():
     import argparse
 
     class Parser(argparse.ArgumentParser):
+        def __init__(self, *a, **kw):
+            kw.setdefault("allow_abbrev", False)  # `--un` is not `--unread`, anywhere
+            super().__init__(*a, **kw)
+
         def error(self, message):
             raise UsageError(message, hint="see '%s --help'" % self.prog)
 
@@ -4043,12 +4427,14 @@ def split_global_flags(argv):
         elif a == "--debug":
             flags["debug"] = True
         elif a == "--repo":
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or not argv[i + 1]:
                 raise UsageError("--repo needs a PATH")
             flags["repo"] = argv[i + 1]
             i += 1
         elif a.startswith("--repo="):
             flags["repo"] = a[7:]
+            if not flags["repo"]:
+                raise UsageError("--repo needs a PATH")
         elif a in _VALUE_OPTS and i + 1 < len(argv) and argv[i + 1] != "--":
             rest.append(a + "=" + argv[i + 1])
             i += 1
@@ -4060,7 +4446,7 @@ def split_global_flags(argv):
 
 def _pid_arg(text):
     try:
-        pid = int(text)
+        pid = _ascii_int(text)
     except ValueError:
         pid = 0
     if not 0 < pid < 2 ** 31:
@@ -4080,10 +4466,18 @@ def _add_body_args(p, positional=True):
     p.add_argument("--structured", metavar="JSON", help="a JSON object of structured data")
 
 
+def _int_arg(text):
+    try:
+        return _ascii_int(text)
+    except ValueError:
+        import argparse
+        raise argparse.ArgumentTypeError("not a whole number: %r" % text)
+
+
 def _add_paging(p, default=10):
-    p.add_argument("--limit", "--page-size", type=int, default=default, metavar="N",
+    p.add_argument("--limit", "--page-size", type=_int_arg, default=default, metavar="N",
                    help="messages per page (default %d)" % default)
-    p.add_argument("--page", type=int, default=1, metavar="N", help="page number")
+    p.add_argument("--page", type=_int_arg, default=1, metavar="N", help="page number")
 
 
 def read_body(args, stdin=None):
@@ -4143,12 +4537,13 @@ def _parse_after(text):
     except ValueError:
         try:
             ts = parse_ts(t)
-            if not 0 <= ts < 253402300800:  # 1970 .. 9999
-                raise ValueError(t)
-            return ts
         except (ValueError, OverflowError):
             raise UsageError("invalid --after %r: use a negative duration such as -15s, "
-                             "or a UTC timestamp" % text)
+                             "or a UTC timestamp such as 2026-01-31T12:00:00Z" % text)
+        if not 0 <= ts < 253402300800:
+            raise UsageError("invalid --after %r: a timestamp must be between 1970 and 9999"
+                             % text)
+        return ts
     if secs > 0 or (secs == 0 and not t.startswith("-")):
         raise UsageError("invalid --after %r: a duration must be negative (-15s means "
                          "fifteen seconds ago)" % text)
@@ -4218,12 +4613,13 @@ def cmd_whoami(args, svc, out):
         v = res[args.field]
         if out.json:
             return out.emit({args.field: v})
-        out.stream.write(("" if v is None else _visible(str(v))) + "\n")
+        out.write(("" if v is None else _visible(str(v))) + "\n")
         return
     out.emit(res, lambda r: [clip(l) for l in [
         "@%s  %s (%s)" % (r["agent_id"], r["role"], r["module"]),
         "  Display:  %s" % (r["display"] or ""),
         "  Intent:   %s" % (r["intent"] or ""),
+        "  Task:     %s" % (r["task"] or ""),
         "  Session:  %s" % ("%s (started %s)" % (r["session_id"], relative_time(
             r["session_started_at"])) if r["session_id"] else
             "none (thrum session start)"),
@@ -4450,14 +4846,18 @@ def cmd_wait(args, svc, out):
         if out.json:
             out.emit(r)
         else:
-            out.stream.write("NO_MESSAGES_TIMEOUT\n")
+            out.write("NO_MESSAGES_TIMEOUT\n")
         return EXIT_FAIL
 
     def lines(r):
         ls = ["MESSAGES_RECEIVED"]
         for m in r["messages"]:
+            # Continuation lines are indented, so no body line can start a block or a
+            # field: agents parse this line by line.
+            first, *more = m["body"]["content"].split("\n")
             ls += ["---", "FROM: @%s" % m["agent_id"], "ID: %s" % m["message_id"],
-                   "CONTENT: %s" % m["body"]["content"], "TIMESTAMP: %s" % m["created_at"]]
+                   "CONTENT: %s" % first] + ["  " + l for l in more] + [
+                   "TIMESTAMP: %s" % m["created_at"]]
         return ls + ["---"]
     out.emit(r, lines)
 
@@ -4547,7 +4947,8 @@ def cmd_session(args, svc, out):
     if args.sub == "heartbeat":
         r = svc.session_heartbeat()
         return out.ok(r, "Heartbeat: %s" % r["session_id"],
-                      "  Branch: %s, %d changed file(s)" % (r["branch"], len(r["files"])))
+                      "  Branch: %s, %d changed file(s)" % (r["branch"] or "(detached HEAD)",
+                                                             len(r["files"])))
     text = " ".join(args.text)
     if args.sub == "set-intent":
         r = svc.session_set_intent(text)
@@ -4573,7 +4974,7 @@ def cmd_context(args, svc, out):
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError("context is not valid UTF-8")
-        r = svc.context_save(text, agent_filter=args.agent)
+        r = svc.context_save(text, agent_filter=args.agent, allow_empty=args.allow_empty)
         return out.ok(r, "Context saved for @%s (%d bytes)" % (r["agent_id"], r["bytes"]))
     if args.sub == "show":
         r = svc.context_show(agent_filter=args.agent)
@@ -4835,6 +5236,7 @@ def _args_context(p):
     sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = sub.add_parser("save", help="save context from --file or standard input")
     s.add_argument("--file", metavar="F")
+    s.add_argument("--allow-empty", action="store_true", help="save even empty input")
     for name, h in (("show", "show saved context"), ("clear", "delete saved context")):
         x = sub.add_parser(name, help=h)
         x.add_argument("--agent", metavar="NAME")
@@ -4954,41 +5356,67 @@ def _version_text():
 def main(argv=None):
     """Command-line entry point. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if sys.stdout is None or sys.stdout.closed:  # started with stdout closed (>&-)
+    closed = sys.stdout is None or sys.stdout.closed
+    if closed:  # started with stdout closed (>&-): output fails, stray prints do not
         sys.stdout = open(os.devnull, "w")
-    flags = {"json": "--json" in argv, "debug": "--debug" in argv}
-    out = Output(json_mode=flags["json"])
+    out = Output(json_mode="--json" in argv, stream=_ClosedStream() if closed else None)
     try:
-        try:
-            code = _run(argv, out)
-            if out.autosync_error is not None:
-                e = out.autosync_error  # the write is stored; its sync is not
-                code = _report(out, "saved locally, but THRUM_AUTOSYNC failed: " + e.message,
-                               EXIT_FAIL, e.hint)
-        except ThrumError as e:
-            code = _report(out, e.message, e.exit_code, e.hint)
-        except KeyboardInterrupt:
-            code = _report(out, "interrupted", EXIT_INTERRUPTED)
-        except OSError as e:  # the environment refused: permissions, a dir where a file belongs...
-            if isinstance(e, BrokenPipeError):
-                raise
-            where = e.filename if e.filename else ""
-            code = _report(out, "%s%s" % ("%s: " % where if where else "",
-                                          e.strerror or e), EXIT_FAIL,
-                           "check the file's type and permissions; 'thrum doctor' can help")
-        except Exception as e:  # a bug: one line; the traceback needs --debug
-            if flags.get("debug"):
-                raise
-            code = _report(out, "internal error: %s: %s" % (type(e).__name__, e), EXIT_FAIL,
-                           "re-run with --debug for the traceback, and please report it")
+        code = _run(argv, out)
+        if out.autosync_error is not None:
+            e = out.autosync_error  # the write is stored; its sync is not
+            code = _report(out, "saved locally, but THRUM_AUTOSYNC failed: " + e.message,
+                           EXIT_FAIL, e.hint)
         out.flush()
-        return code
-    except BrokenPipeError:  # the reader went away (e.g. `| head`)
+    except BaseException as e:  # noqa: B902 - every failure becomes one line
+        code = _fail(out, e, debug="--debug" in argv)
         try:
+            out.flush()
+        except OutputError as e2:
+            code = _fail(out, e2)
+    return code
+
+
+class _ClosedStream:
+    """Standard output when the process started with it closed."""
+
+    def write(self, text):
+        import errno
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    flush = write
+
+    def isatty(self):
+        return False
+
+
+def _fail(out, e, debug=False):
+    """Report an exception as the one-line error; returns the exit code."""
+    if isinstance(e, (SystemExit, MemoryError)) or (debug and not isinstance(
+            e, (ThrumError, KeyboardInterrupt))):
+        raise e
+    if isinstance(e, OutputError):
+        out.document = None
+        try:  # nothing more reaches stdout, not even Python's flush at exit
             sys.stdout = open(os.devnull, "w")
         except OSError:  # pragma: no cover
             pass
-        return EXIT_FAIL
+        stored = out.result.get("message_id") if isinstance(out.result, dict) else None
+        if stored and isinstance(stored, str):
+            return _report(out, "%s; the message WAS stored as %s (do not send it again)"
+                           % (e.message, stored), EXIT_FAIL, "see it with 'thrum sent'")
+        if e.broken_pipe:  # the reader went away (`| head`): nothing to say
+            return EXIT_FAIL
+        return _report(out, e.message, EXIT_FAIL)
+    if isinstance(e, ThrumError):
+        return _report(out, e.message, e.exit_code, e.hint)
+    if isinstance(e, KeyboardInterrupt):
+        return _report(out, "interrupted", EXIT_INTERRUPTED)
+    if isinstance(e, OSError):  # the environment refused: permissions, a dir for a file...
+        where = "%s: " % e.filename if e.filename else ""
+        return _report(out, "%s%s" % (where, e.strerror or e), EXIT_FAIL,
+                       "check the file's type and permissions; 'thrum doctor' can help")
+    return _report(out, "internal error: %s: %s" % (type(e).__name__, e), EXIT_FAIL,
+                   "re-run with --debug for the traceback, and please report it")
 
 
 def _run(argv, out):
@@ -4998,7 +5426,7 @@ def _run(argv, out):
         if out.json:
             out.emit({"version": __version__})
         else:
-            print(_version_text())
+            out.write(_version_text() + "\n")
         return EXIT_OK
     command = next((a for a in rest if not a.startswith("-")), None)
     if command not in COMMANDS:
@@ -5039,9 +5467,12 @@ def _report(out, message, code, hint=None):
     """The one-line error (plus a hint line) on stderr; with --json also the error
     object, joined to the command's result when there is one."""
     message = _visible(message)
-    sys.stderr.write("thrum: error: %s\n" % message)
-    if hint:
-        sys.stderr.write("  hint: %s\n" % _visible(hint))
+    try:
+        sys.stderr.write("thrum: error: %s\n" % message)
+        if hint:
+            sys.stderr.write("  hint: %s\n" % _visible(hint))
+    except (OSError, ValueError, AttributeError):  # stderr closed: the exit code remains
+        pass
     if out.json:
         err = {"message": message, "exit_code": code}
         if hint:
