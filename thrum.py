@@ -1232,16 +1232,26 @@ class Index:
         self.db = None
         self.built = 0       # events read by the last full build
         self.building = False
+        self.memory = False  # the store is read-only: the index lives in memory
 
     # -- opening, schema, rebuild --------------------------------------------
     def open(self):
         if self.db is not None:
             return self
+        if self.memory:
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            db.executescript(_SCHEMA)
+            self.db = db
+            return self
         for attempt in (1, 2):
             try:
                 self._connect()
                 return self
-            except sqlite3.DatabaseError as e:
+            except (sqlite3.DatabaseError, PermissionError) as e:
+                if self._unwritable(e):
+                    return self._open_in_memory(e)
+                if isinstance(e, PermissionError):
+                    raise
                 if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
                     raise ThrumError("the index is locked by another process: %s" % e)
                 if attempt == 2:
@@ -1251,6 +1261,21 @@ class Index:
                       % (self.path, e))
                 self._remove_files()
         return self  # pragma: no cover
+
+    def _unwritable(self, err):
+        """True when the index cannot be written here (a read-only store)."""
+        text = str(err).lower()
+        return (isinstance(err, PermissionError) or "readonly" in text or "read-only" in text
+                or ("unable to open" in text and not os.access(os.path.dirname(self.path),
+                                                               os.W_OK)))
+
+    def _open_in_memory(self, err):
+        """A read-only store still answers: project the log into memory instead."""
+        _warn("the index %s cannot be written (%s); reading the log directly"
+              % (self.path, err))
+        self.close()
+        self.memory = True
+        return self.open()
 
     def _connect(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -1334,7 +1359,8 @@ class Index:
     def rebuild(self):
         """Throw the index away and project the whole log again. Returns the events read."""
         self.close()
-        self._remove_files()
+        if not self.memory:
+            self._remove_files()
         self.open()
         return self.built + self.catch_up()
 
@@ -1366,6 +1392,9 @@ class Index:
         except _LogRewritten as e:
             return self._rebuild_for("%s shrank or was replaced" % e.args[0])
         except sqlite3.OperationalError as e:  # busy, disk full, I/O: not corruption
+            if not self.memory and self._unwritable(e):
+                self._open_in_memory(e)
+                return self.catch_up()
             raise ThrumError("the index cannot be updated: %s" % e, hint="retry; if it "
                              "persists, check disk space and run 'thrum doctor --fix'")
         except sqlite3.DatabaseError as e:
@@ -3400,12 +3429,33 @@ class Service:
         if self.loc.git_common:
             try:
                 eng = SyncEngine(self)
-                issue = eng.worktree_problem()
-                if issue and fix:
-                    eng.ensure_branch_and_worktree()
-                check("sync worktree", not issue, issue or "ok", fixed=bool(issue and fix))
+                wts = eng._worktrees()
+                branch_issue = eng.branch_problem(wts)
+                check("sync branch", not branch_issue, "%s: %s (%s)" % (
+                    eng.branch, branch_issue, _BRANCH_HINT) if branch_issue else
+                    "%s is thrum's own log branch" % eng.branch)
+                if not branch_issue:
+                    issue = eng.worktree_problem(wts)
+                    if issue and fix:
+                        eng.ensure_branch_and_worktree()
+                    check("sync worktree", not issue, issue or "ok",
+                          fixed=bool(issue and fix))
+                    stray = [] if issue else eng.stray_paths()
+                    if stray and fix:
+                        for rel in stray:
+                            os.unlink(os.path.join(eng.wt, rel))
+                    check("sync worktree: other files", not stray, "not log files, never "
+                          "committed: %s" % ", ".join(stray[:5]) if stray else "none",
+                          fixed=bool(stray and fix))
             except ThrumError as e:
                 check("sync worktree", False, e.message)
+        # can thrum write where it must?
+        for what, path, effect in (
+                ("log directory", self.log.root, "every write (send, reply, receipts) fails"),
+                ("store", self.loc.var, "the index is rebuilt in memory on every command")):
+            if os.path.isdir(path) and not os.access(path, os.W_OK):
+                check("%s writable" % what, False, "%s is read-only: %s (fix the "
+                      "permissions)" % (path, effect))
         # identity files of this worktree
         for name, problem, fixed in self._check_identities(fix):
             check("identity @%s" % name, False, problem, fixed=fixed)
@@ -3722,7 +3772,10 @@ class SyncEngine:
                            "(%s)" % msg.strip()[:60]
             new.append(root)
         if new:
-            self._save_state(log_roots=(known + new)[-20:])
+            try:
+                self._save_state(log_roots=(known + new)[-20:])
+            except OSError:  # only a cache (a read-only store still answers)
+                pass
         return None
 
     def worktree_problem(self, worktrees=None):
