@@ -23,6 +23,7 @@ it). Everything prefixed with `_` is private.
 
 __version__ = "0.1.0"
 
+import _thread
 import fcntl
 import json
 import os
@@ -103,6 +104,10 @@ def git_reason(stderr):
             if l.lower().startswith(prefix):
                 return l[len(prefix):].strip()
     return lines[-1] if lines else "no output"
+
+
+class MissingBodyError(UsageError):
+    """An operation that takes a body was called without one."""
 
 
 class OutputError(ThrumError):
@@ -236,18 +241,14 @@ class Location:
         return "Location(%r, %r, %r)" % (self.worktree, self.store, self.git_common)
 
 
-def locate(start=None):
-    """Find the worktree and store for a directory (default: the cwd).
+def locate(start):
+    """Find the worktree and store for a directory.
 
     Walks up to the first directory holding `.thrum/` or `.git`. A `.thrum/redirect`
     points at another store; a linked worktree with no store of its own uses
     the main checkout's. Never raises for "not initialised": `store` is None.
     """
-    try:
-        start = os.path.abspath(start or os.getcwd())
-    except FileNotFoundError:
-        raise ThrumError("the current directory no longer exists (was it deleted?)",
-                         hint="cd into the repository (or pass --repo PATH) and retry")
+    start = os.path.abspath(start)
     if not os.path.isdir(start):
         raise UsageError("--repo %s is not a directory" % start)
     d = start
@@ -298,17 +299,18 @@ def _safe_name_path(directory, name, suffix):
     return os.path.join(directory, name + suffix)
 
 
-def _user_config_dir():
-    """<user config dir>/thrum. On Linux that is the XDG rule, which is also what
-    platformdirs answers there, so the ~10 ms import is spent only elsewhere."""
+def _user_config_dir(env):
+    """<user config dir>/thrum for the environment `env`. On Linux that is the XDG
+    rule, which is also what platformdirs answers there, so the ~10 ms import is
+    spent only elsewhere."""
     if not sys.platform.startswith("linux"):
         try:
             import platformdirs  # optional
             return platformdirs.user_config_dir("thrum", appauthor=False)
         except ImportError:
             pass
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
-                                                             ".config")
+    home = env.get("HOME") or os.path.expanduser("~")
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
     return os.path.join(base, "thrum")
 
 
@@ -479,9 +481,9 @@ def _dump_toml(flat):
 class Config:
     """Layered configuration, validated once."""
 
-    def __init__(self, store=None, env=None, overrides=None):
+    def __init__(self, store, env, overrides=None):
         self.store = store
-        self.env = os.environ if env is None else env
+        self.env = env
         self.overrides = overrides or {}
         self._values = None
         self._sources = {}
@@ -492,9 +494,22 @@ class Config:
 
     @property
     def user_file(self):
-        return os.path.join(_user_config_dir(), "config.toml")
+        return os.path.join(_user_config_dir(self.env), "config.toml")
+
+    def _stamp(self):
+        try:
+            st = os.stat(self.repo_file) if self.repo_file else None
+        except OSError:
+            return None
+        return st and (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def changed(self):
+        """True when the repo config file changed since it was read (long-lived holders
+        re-read it)."""
+        return self._values is not None and self._stamp() != self._loaded
 
     def _load(self):
+        self._loaded = self._stamp()
         vals, srcs = {}, {}
         for key, (default, _) in CONFIG_KEYS.items():
             vals[key], srcs[key] = default, "default"
@@ -565,9 +580,13 @@ class _UlidGen:
     def __init__(self):
         self.last_ms = -1
         self.last_rand = 0
+        self._lock = _thread.allocate_lock()  # threads share one monotonic sequence
 
     def __call__(self, now_ms=None):
-        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            return self._next(int(time.time() * 1000) if now_ms is None else now_ms)
+
+    def _next(self, ms):
         if ms <= self.last_ms:
             ms = self.last_ms
             rand = self.last_rand + 1
@@ -894,7 +913,7 @@ class EventLog:
             fd = os.open(path, _APPEND_FLAGS, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._repair_tail(fd, rel)
+            self.repair_tail(fd, rel)
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
@@ -902,7 +921,7 @@ class EventLog:
         finally:
             os.close(fd)  # closing releases the flock
 
-    def _repair_tail(self, fd, rel):
+    def repair_tail(self, fd, rel):
         """Cut an incomplete last line (a crash mid-write), saving it under torn/."""
         size = os.fstat(fd).st_size
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
@@ -949,7 +968,7 @@ class EventLog:
             fd = os.open(os.path.join(self.root, rel), _APPEND_FLAGS)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                self._repair_tail(fd, rel)
+                self.repair_tail(fd, rel)
             finally:
                 os.close(fd)
             fixed.append(rel)
@@ -1219,6 +1238,13 @@ def _count_lines(f):
     return n
 
 
+def _file_ino(path):
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 class _LogRewritten(Exception):
     """A log file no longer starts with the bytes the index read from it."""
 
@@ -1229,15 +1255,30 @@ class Index:
     def __init__(self, path, log):
         self.path = path
         self.log = log
-        self.db = None
+        self._local = _thread._local()  # one SQLite connection per thread
         self.built = 0       # events read by the last full build
         self.building = False
         self.memory = False  # the store is read-only: the index lives in memory
 
     # -- opening, schema, rebuild --------------------------------------------
+    @property
+    def db(self):
+        """This thread's connection (None until open)."""
+        return getattr(self._local, "db", None)
+
+    @db.setter
+    def db(self, conn):
+        self._local.db = conn
+        self._local.ino = _file_ino(self.path) if conn is not None and not self.memory \
+            else None
+
     def open(self):
         if self.db is not None:
-            return self
+            if self.memory or self._local.ino == _file_ino(self.path):
+                return self
+            # index.db was replaced (a rebuild by another process) or deleted: reopen,
+            # which rebuilds a missing one.
+            self.close()
         if self.memory:
             db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             db.executescript(_SCHEMA)
@@ -1759,6 +1800,68 @@ def _check_text(value, what, limit=1000, allow_empty=False):
     return value
 
 
+def parse_after(text):
+    """A wait's start point: epoch seconds (a number), a negative duration meaning
+    "ago" (`-15s`) or a UTC timestamp -> epoch seconds."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not 0 <= text < 253402300800:
+            raise UsageError("invalid start point %r: must be between 1970 and 9999" % text)
+        return float(text)
+    if not isinstance(text, str):
+        raise UsageError("invalid start point %r" % (text,))
+    t = text.strip()
+    try:
+        secs = parse_duration(t)
+    except ValueError:
+        try:
+            ts = parse_ts(t)
+        except (ValueError, OverflowError):
+            raise UsageError("invalid start point (after) %r: use a negative duration such as -15s, "
+                             "or a UTC timestamp such as 2026-01-31T12:00:00Z" % text)
+        if not 0 <= ts < 253402300800:
+            raise UsageError("invalid start point (after) %r: a timestamp must be between 1970 and 9999"
+                             % text)
+        return ts
+    if secs > 0 or (secs == 0 and not t.startswith("-")):
+        raise UsageError("invalid start point (after) %r: a duration must be negative (-15s means "
+                         "fifteen seconds ago)" % text)
+    if secs < -100 * 365 * 86400:
+        raise UsageError("invalid start point (after) %r: at most 100 years ago" % text)
+    return time.time() + secs
+
+
+def parse_timeout(text):
+    """A wait's timeout: seconds (a number) or a duration (`8m`), 0 .. 24h."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        secs = float(text)
+    else:
+        try:
+            secs = parse_duration(text if isinstance(text, str) else "")
+        except ValueError as e:
+            raise UsageError("invalid timeout: %s" % e)
+    if not 0 <= secs <= MAX_TIMEOUT:  # also refuses nan
+        raise UsageError("invalid timeout %r: must be between 0 and 24h" % (text,))
+    return secs
+
+
+def _target_list(targets):
+    """Targets as a list of names: a string may hold a comma list; `@` is kept."""
+    if targets is None:
+        return []
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)):
+        raise UsageError("targets must be a name or a list of names")
+    out = []
+    for t in targets:
+        if not isinstance(t, str):
+            raise UsageError("invalid target %r: expected a name" % (t,))
+        out += [x.strip() for x in t.split(",") if x.strip()]
+    return out
+
+
 def parse_tag(text, what="scope"):
     """Parse `type:value` (or a {type, value} dict) for --scope/--ref."""
     if isinstance(text, dict):
@@ -1802,43 +1905,49 @@ def _pid_alive(pid):
         return False
 
 
-def git(args, cwd, check=True, input=None, timeout=60, env_extra=None, text=True):
-    """Run git with an argv list (never a shell). Returns CompletedProcess (text, or
-    bytes with text=False).
+def git(args, cwd, env, check=True, input=None, timeout=60, env_extra=None, text=True):
+    """Run git with an argv list (never a shell) in `cwd`, with the environment `env`
+    (the process environment the caller was given). Returns CompletedProcess (text,
+    or bytes with text=False).
 
-    Thrum's own commits use thrum's identity; hooks are disabled; prompts never
-    block (GIT_TERMINAL_PROMPT=0).
+    Thrum's own commits use thrum's identity; hooks are disabled; nothing can prompt
+    (GIT_TERMINAL_PROMPT=0, no controlling terminal); every call is time-bounded.
+    With THRUM_DEBUG=1 in `env`, each call is logged to stderr (argv, exit, time).
     """
     import subprocess
-    env = dict(os.environ)
-    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_AUTHOR_NAME": "thrum",
-                "GIT_AUTHOR_EMAIL": "thrum@localhost", "GIT_COMMITTER_NAME": "thrum",
-                "GIT_COMMITTER_EMAIL": "thrum@localhost", "LC_ALL": "C"})
+    genv = dict(env)
+    genv.update({"GIT_TERMINAL_PROMPT": "0", "GIT_AUTHOR_NAME": "thrum",
+                 "GIT_AUTHOR_EMAIL": "thrum@localhost", "GIT_COMMITTER_NAME": "thrum",
+                 "GIT_COMMITTER_EMAIL": "thrum@localhost", "LC_ALL": "C"})
     for k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR"):
-        env.pop(k, None)
+        genv.pop(k, None)
     if env_extra:
-        env.update(env_extra)
+        genv.update(env_extra)
     argv = ["git", "-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false"] + list(args)
     if text and isinstance(input, str):
         input = input.encode("utf-8", "surrogateescape")
+    t0 = time.monotonic()
     try:
         # Its own process group (and no controlling terminal, so nothing can prompt):
         # on a timeout the whole group is killed, including helpers such as ssh or
         # git-remote-http that would otherwise keep the pipes open.
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True,
+        proc = subprocess.Popen(argv, cwd=cwd, env=genv, start_new_session=True,
                                 stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
+        _trace(env, argv[5:], "not found", t0)
         raise GitMissingError("git is not installed or not on PATH",
                               hint="install git, or run thrum outside a repository")
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except BaseException as e:  # timeout, Ctrl-C: never leave git running
         _kill_group(proc)
+        _trace(env, argv[5:], "killed", t0)
         if isinstance(e, subprocess.TimeoutExpired):
             raise GitError(list(args), "timeout", "timed out after %s" % format_duration(
                 timeout)) from None
         raise
+    _trace(env, argv[5:], proc.returncode, t0)
     if text:
         out = out.decode("utf-8", "surrogateescape")
         err = err.decode("utf-8", "surrogateescape")
@@ -1847,6 +1956,20 @@ def git(args, cwd, check=True, input=None, timeout=60, env_extra=None, text=True
         raise GitError(list(args), p.returncode, err if text else err.decode("utf-8",
                                                                               "replace"))
     return p
+
+
+def debug_enabled(env):
+    """THRUM_DEBUG=1 (or --debug, which sets it) logs every git and tmux call."""
+    return env.get("THRUM_DEBUG", "") not in ("", "0", "false", "no", "off")
+
+
+def _trace(env, argv, result, t0, tool="git"):
+    if debug_enabled(env):
+        try:
+            sys.stderr.write("thrum: debug: %s %s -> %s (%.1f ms)\n" % (
+                tool, " ".join(argv), result, (time.monotonic() - t0) * 1000))
+        except (OSError, ValueError, AttributeError):  # pragma: no cover - closed stderr
+            pass
 
 
 def _kill_group(proc):
@@ -1861,40 +1984,160 @@ def _kill_group(proc):
         pass
 
 
-class Service:
-    """Every thrum operation, as one method taking and returning plain data.
+class Store:
+    """One thrum store, held open: its config, event log, index and origin.
 
-    The CLI, the daemon's RPC and the MCP server are thin front ends over this
-    class. `agent` parameters name the calling agent; None resolves it from the
-    environment (THRUM_NAME) and this worktree's identity files (SPEC §4).
+    The long-lived half of the service layer. A CLI process holds one for a single
+    call; the daemon and the MCP server hold one for hours and share it between
+    threads: ULIDs are minted under a lock, every thread gets its own SQLite
+    connection, and `refresh()` (run at the start of every request) catches the
+    index up with writes made by other processes.
     """
 
-    def __init__(self, start=None, env=None, config=None):
-        self.env = dict(os.environ) if env is None else env
-        self.loc = locate(start)
-        self.config = Config(self.loc.store, self.env, config)
-        self._log = None
-        self._index = None
-        self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
-        self.wrote = False           # this call appended events (see finish())
-        self._origin = None
-        self._me = {}                # me() results of this call (cleared by identity writes)
-
-    # -- plumbing --------------------------------------------------------------
-    def _require_store(self):
-        if not self.loc.store:
-            raise NotSetUpError("thrum is not initialised here (%s)" % self.loc.worktree,
+    def __init__(self, loc, env, overrides=None):
+        if not loc.store:
+            raise NotSetUpError("thrum is not initialised here (%s)" % loc.worktree,
                                 hint="run 'thrum init' (or 'thrum quickstart --name N "
                                      "--role R --module M')")
+        self.loc = Location(loc.store_root, loc.store, loc.git_common)
+        self.env = env
+        self.config = Config(loc.store, env, overrides)
+        self._overrides = overrides
+        self._log = self._index = self._origin = None
+        self._lock = _thread.allocate_lock()
+
+    @property
+    def path(self):
         return self.loc.store
+
+    @property
+    def branch(self):
+        return self.config.get("sync.branch")
 
     @property
     def log(self):
         if self._log is None:
-            self._require_store()
             self._log = EventLog(self.loc.log_dir(self.branch),
                                  os.path.join(self.loc.var, "torn"))
         return self._log
+
+    @property
+    def index(self):
+        """The index (not caught up: see refresh)."""
+        if self._index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = Index(os.path.join(self.loc.var, "index.db"), self.log)
+        return self._index
+
+    def refresh(self):
+        """See what other processes wrote: re-read a changed config file and catch
+        the index up with the log (cheap when nothing changed: file stats)."""
+        if self.config.changed():
+            self.config = Config(self.loc.store, self.env, self._overrides)
+            self._log = self._index = None
+        return self.index.catch_up()
+
+    @property
+    def origin(self):
+        """This clone's id (`.thrum/origin`), written on first use."""
+        if self._origin is None:
+            with self._lock:
+                path = os.path.join(self.loc.store, "origin")
+                o = (_read_text(path) or "").strip()
+                if not o:
+                    o = new_id("o_")
+                    _write_file_atomic(path, o + "\n")
+                self._origin = o
+        return self._origin
+
+    def event(self, etype, **fields):
+        return make_event(etype, self.origin, **fields)
+
+    def emit(self, events):
+        """Append events to the log, then project them. The only write path."""
+        if events:
+            self.log.append(events)
+            self.index.catch_up()
+
+    def sync_engine(self, branch=None):
+        return SyncEngine(self, branch=branch)
+
+    def close(self):
+        """Close this thread's index connection."""
+        if self._index is not None:
+            self._index.close()
+
+
+class Caller:
+    """Who is asking, as a plain value the front end builds: the directory the
+    request comes from (its worktree decides which identities are "here"), the
+    caller's environment (THRUM_NAME, THRUM_ROLE, THRUM_AUTOSYNC, ...) and an
+    explicit agent name (`--agent`), which wins over THRUM_NAME."""
+
+    __slots__ = ("cwd", "env", "agent")
+
+    def __init__(self, cwd, env, agent=None):
+        self.cwd = os.path.abspath(cwd)
+        self.env = dict(env)
+        self.agent = agent
+
+    def to_dict(self):
+        return {"cwd": self.cwd, "env": self.env, "agent": self.agent}
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict) or not isinstance(d.get("cwd"), str) or not \
+                isinstance(d.get("env", {}), dict):
+            raise UsageError("a caller needs cwd (text) and env (an object)")
+        return cls(d["cwd"], {str(k): str(v) for k, v in d.get("env", {}).items()},
+                   d.get("agent"))
+
+    def __repr__(self):  # pragma: no cover - debugging aid
+        return "Caller(%r, agent=%r)" % (self.cwd, self.agent)
+
+
+class Service:
+    """Every thrum operation, as one method taking and returning plain data.
+
+    One Service serves one request: it pairs the long-lived Store (None until
+    `init` makes one) with the Caller, and resolves "me" from the caller, never
+    from the process. Front ends go through `call()`, which builds it.
+    """
+
+    def __init__(self, store, caller):
+        self.caller = caller
+        self.env = caller.env
+        self.loc = locate(caller.cwd)
+        if store is not None and self.loc.store and \
+                os.path.realpath(self.loc.store) != os.path.realpath(store.path):
+            raise UsageError("%s belongs to the thrum store %s, not %s" % (
+                caller.cwd, self.loc.store, store.path))
+        if store is not None and not self.loc.store:
+            self.loc = Location(self.loc.worktree, store.path, store.loc.git_common)
+        if store is None and self.loc.store:
+            store = Store(self.loc, self.env)
+        self.store = store
+        self._fresh = False          # the store was refreshed for this request
+        self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
+        self.wrote = False           # this call appended events (see finish())
+        self._me = {}                # me() results of this call (cleared by identity writes)
+
+    # -- plumbing --------------------------------------------------------------
+    def require_store(self):
+        if self.store is None:
+            raise NotSetUpError("thrum is not initialised here (%s)" % self.loc.worktree,
+                                hint="run 'thrum init' (or 'thrum quickstart --name N "
+                                     "--role R --module M')")
+        return self.store
+
+    @property
+    def config(self):
+        return self.store.config if self.store else Config(None, self.env)
+
+    @property
+    def log(self):
+        return self.require_store().log
 
     @property
     def branch(self):
@@ -1902,42 +2145,33 @@ class Service:
 
     @property
     def index(self):
-        """The index, caught up with the log (once per Service; writes catch up again)."""
-        if self._index is None:
-            self._require_store()
-            self._index = Index(os.path.join(self.loc.var, "index.db"), self.log)
-            self._index.catch_up()
-        return self._index
+        """The index, caught up with the log once per request (writes catch up again)."""
+        store = self.require_store()
+        if not self._fresh:
+            self._fresh = True
+            store.refresh()
+        return store.index
 
     def close(self):
-        if self._index is not None:
-            self._index.close()
-            self._index = None
+        if self.store is not None:
+            self.store.close()
 
     @property
     def origin(self):
-        """This clone's id (`.thrum/origin`), written on first use."""
-        if self._origin is None:
-            path = os.path.join(self._require_store(), "origin")
-            o = (_read_text(path) or "").strip()
-            if not o:
-                o = new_id("o_")
-                _write_file_atomic(path, o + "\n")
-            self._origin = o
-        return self._origin
+        return self.require_store().origin
 
     def _emit(self, events):
         """Append events to the log, then project them. The only write path."""
         if not events:
             return
         self._autosync  # a bad THRUM_AUTOSYNC is refused before anything is written
-        self.log.append(events)
-        self.index.catch_up()
+        self.index  # caught up first, so the write's own catch-up reads only it
+        self.store.emit(events)
         self.wrote = True
 
     def finish(self):
-        """End of one front-end call: with THRUM_AUTOSYNC, one sync cycle if the call
-        wrote anything (a failure is kept in `autosync_error`, the write stays)."""
+        """End of one request: with THRUM_AUTOSYNC, one sync cycle if the call wrote
+        anything (a failure is kept in `autosync_error`, the write stays)."""
         if self.wrote and self._autosync and self.loc.git_common:
             self.wrote = False
             try:
@@ -1953,7 +2187,7 @@ class Service:
             raise UsageError("THRUM_AUTOSYNC must be 1/0 or true/false")
 
     def _event(self, etype, **fields):
-        return make_event(etype, self.origin, **fields)
+        return self.require_store().event(etype, **fields)
 
     # -- identity --------------------------------------------------------------
     def _identity_file(self, name, worktree=None):
@@ -2007,7 +2241,8 @@ class Service:
         return ident
 
     def _resolve_me(self, agent):
-        self._require_store()
+        self.require_store()
+        agent = agent or self.caller.agent
         name = _strip_at(agent) if agent else self.env.get("THRUM_NAME") or None
         here = self.identities_here()
         if name:
@@ -2140,8 +2375,8 @@ class Service:
             Config(store, self.env).set("sync.local_only", "true")
         os.makedirs(os.path.join(store, "var"), exist_ok=True)
         self.loc = Location(loc.worktree, store, loc.git_common)
-        self.config = Config(store, self.env, {"sync.local_only": True} if local else None)
-        self._log = self._index = None
+        self.store = Store(self.loc, self.env, {"sync.local_only": True} if local else None)
+        self._fresh = False
         result = {"store": store, "git": bool(self.loc.git_common), "branch": self.branch,
                   "created": created, "adopted_remote": False,
                   "local_only": self.config.get("sync.local_only")}
@@ -2158,8 +2393,8 @@ class Service:
         if pending_config is not None and not _is_store(store):
             _write_file_atomic(os.path.join(store, "config.toml"), pending_config)
         self.loc = locate(loc.worktree)
-        self.config = Config(self.loc.store, self.env)
-        self._log = self._index = None
+        self.store = Store(self.loc, self.env)
+        self._fresh = False
         result["log_dir"] = self.log.root
         if force:
             result["rebuilt_events"] = self.rebuild_index()["events"]
@@ -2186,7 +2421,7 @@ class Service:
         out["excluded"] = self._exclude_thrum(common)
         if force:
             self.log.repair()
-        sync = SyncEngine(self)
+        sync = self.store.sync_engine()
         out.update(sync.ensure_branch_and_worktree())
         return out
 
@@ -2214,7 +2449,8 @@ class Service:
         os.makedirs(os.path.join(here, "identities"), exist_ok=True)
         _write_file_atomic(os.path.join(here, "redirect"), target + "\n")
         self.loc = locate(loc.worktree)
-        self.config = Config(self.loc.store, self.env)
+        self.store = Store(self.loc, self.env)
+        self._fresh = False
         return {"worktree": loc.worktree, "store": target,
                 "redirect": os.path.join(here, "redirect")}
 
@@ -2227,9 +2463,11 @@ class Service:
         """
         name = _check_name(_strip_at(name) if name else name)
         if not role:
-            raise UsageError("--role is required (or set THRUM_ROLE)")
+            raise UsageError("a role is required (or set THRUM_ROLE)",
+                             hint="pass --role ROLE")
         if not module:
-            raise UsageError("--module is required (or set THRUM_MODULE)")
+            raise UsageError("a module is required (or set THRUM_MODULE)",
+                             hint="pass --module MODULE")
         role = _check_name(role, "role")
         module = _check_text(module, "module", 200)
         display = _check_text(display, "display name", 200)
@@ -2304,16 +2542,34 @@ class Service:
                 "worktree": worktree, "status": status,
                 "identity_file": ident["identity_file"]}
 
-    def quickstart(self, name, role, module, intent=None, display=None, force=False):
-        """init if needed, register, start a session and set the intent."""
+    def agent_register(self, name=None, role=None, module=None, display=None, intent=None,
+                       force=False):
+        """`agent register`: register (name, role and module fall back to THRUM_NAME,
+        THRUM_ROLE and THRUM_MODULE) without starting a session."""
+        name = name or self.env.get("THRUM_NAME")
+        if not name:
+            raise UsageError("agent register needs an agent name (or THRUM_NAME)",
+                             hint="thrum agent register --name NAME --role R --module M")
+        return self.register(name, role or self.env.get("THRUM_ROLE"),
+                             module or self.env.get("THRUM_MODULE"), display=display,
+                             intent=intent, force=force)
+
+    def quickstart(self, name=None, role=None, module=None, intent=None, display=None,
+                   force=False):
+        """init if needed, register, start a session and set the intent. The name,
+        role and module fall back to THRUM_NAME, THRUM_ROLE and THRUM_MODULE."""
+        name = name or self.env.get("THRUM_NAME")
+        role = role or self.env.get("THRUM_ROLE")
+        module = module or self.env.get("THRUM_MODULE")
         if not self.loc.store:
             self.init()
         if not name:
-            raise UsageError("quickstart needs a name: --name NAME, a NAME argument or "
-                             "THRUM_NAME")
+            raise UsageError("quickstart needs an agent name (or THRUM_NAME)",
+                             hint="thrum quickstart --name NAME --role ROLE --module MODULE")
         if not role or not module:
-            raise UsageError("--role and --module are required (or set THRUM_ROLE and "
-                             "THRUM_MODULE)")
+            raise UsageError("a role and a module are required (or set THRUM_ROLE and "
+                             "THRUM_MODULE)",
+                             hint="thrum quickstart --name NAME --role ROLE --module MODULE")
         _check_text(intent, "intent", 1000, allow_empty=True)  # refuse before writing
         reg = self.register(name, role, module, display=display, force=force)
         ses = self.session_start(agent=reg["agent_id"])
@@ -2387,7 +2643,7 @@ class Service:
 
     def agent_delete(self, name, force=False, agent=None):
         """Delete an agent (needs force). Removes its identity file when local."""
-        self._require_store()
+        self.require_store()
         row = self._require_agent(name)
         if not force:
             raise RefusedError("deleting agent @%s needs --force" % row[0],
@@ -2534,7 +2790,7 @@ class Service:
         if ses is None:
             raise NotFoundError("no open session for @%s" % ident["agent_id"],
                                 hint="start one with 'thrum session start'")
-        wc = work_context(ident.get("worktree") or self.loc.worktree)
+        wc = work_context(ident.get("worktree") or self.loc.worktree, self.store.env)
         ev = self._update_fields(ident["agent_id"], branch=wc.get("branch"),
                                  files=wc.get("files", []))
         return {"agent_id": ident["agent_id"], "session_id": ses[0],
@@ -2543,17 +2799,19 @@ class Service:
 
     # -- context -------------------------------------------------------------------
     def _context_path(self, name):
-        return _safe_name_path(os.path.join(self._require_store(), "context"), name, ".md")
+        return _safe_name_path(os.path.join(self.require_store().path, "context"), name, ".md")
 
     def _context_agent(self, agent_filter, agent):
         if agent_filter:
             return self._require_agent(agent_filter)[0]
         return self.me(agent)["agent_id"]
 
-    def context_save(self, content, agent_filter=None, allow_empty=False, agent=None):
+    def context_save(self, content=None, agent_filter=None, allow_empty=False, agent=None):
         """Save my (or another agent's) context notes. An empty save would wipe the
         notes, so it is refused unless allow_empty."""
         name = self._context_agent(agent_filter, agent)
+        if content is None:
+            raise MissingBodyError("no context to save", hint="pipe it in or pass --file F")
         if not isinstance(content, str):
             raise UsageError("context must be text")
         if not content.strip() and not allow_empty:
@@ -2653,6 +2911,10 @@ class Service:
         return recipients, audiences, unknown
 
     def _check_body(self, content, fmt="markdown", structured=None):
+        if content is None:
+            raise MissingBodyError("no message body",
+                                   hint="give the text as an argument, '-' or --stdin for "
+                                        "standard input, or --body-file PATH")
         if not isinstance(content, str):
             raise UsageError("message body must be text")
         if not content.strip():
@@ -2684,16 +2946,17 @@ class Service:
             body["structured"] = structured
         return body
 
-    def send(self, content, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
+    def send(self, content=None, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
              fmt="markdown", structured=None, agent=None, _reply=None):
-        """Send a message. Returns {message_id, thread_id, created_at, recipients,
-        audiences, warnings}. Stores nothing on any error."""
+        """Send a message to targets (`to`, `mentions`: names, roles, groups or
+        `everyone`; a list, or text with commas). Returns {message_id, thread_id,
+        created_at, recipients, audiences, warnings}. Stores nothing on any error."""
         ident = self.me(agent)
         me = ident["agent_id"]
-        targets = list(to or ())
+        targets = _target_list(to)
         if broadcast:
             targets.append("everyone")
-        mention_list = [_strip_at(m.strip()) for m in mentions or () if isinstance(m, str)]
+        mention_list = [_strip_at(m) for m in _target_list(mentions)]
         if not targets and not mention_list and _reply is None:
             raise UsageError("missing recipient",
                              hint="add --to @agent (or a role, group, everyone), "
@@ -2736,7 +2999,7 @@ class Service:
     def _notify(self, ev):
         """Hook for delivery nudges (tmux) after a message is written."""
 
-    def reply(self, message_id, content, fmt="markdown", structured=None, scopes=(),
+    def reply(self, message_id, content=None, fmt="markdown", structured=None, scopes=(),
               refs=(), agent=None):
         """Reply to a message: its author and recipients except me; joins its thread."""
         ident = self.me(agent)
@@ -2825,10 +3088,12 @@ class Service:
 
     def inbox(self, unread=False, mentions=False, scope=None, ref=None, sender=None,
               thread=None, all=False, limit=10, page=1, oldest=False, mark_read=None,
-              agent=None):
-        """Messages to me, newest first (SPEC §6, §14). Marks displayed rows read
-        unless `unread` (or mark_read=False). `unread` in the result is the count
-        before marking."""
+              defer_marks=False, agent=None):
+        """Messages to me, newest first (SPEC §6, §14). Marks the rows it returns
+        that are addressed to me read, unless `unread` (mark_read=True/False
+        overrides). `unread` in the result is the count before marking. With
+        defer_marks the receipts are not written: the result's `pending_marks`
+        lists them, for a front end that marks after it has delivered the rows."""
         ident = self.me(agent)
         me, role = ident["agent_id"], ident.get("role")
         limit, page = self._paging(limit, page)
@@ -2888,12 +3153,16 @@ class Service:
         msgs = [self._msg(r, r[16]) for r in rows]
         if mark_read is None:
             mark_read = not unread
-        if mark_read:
-            self._mark_read(me, [m["message_id"] for m, r in zip(msgs, rows)
-                                 if r[17] and not m["is_read"]])
-        return {"messages": msgs, "total": total, "unread": n_unread, "page": page,
-                "page_size": limit, "total_pages": max(1, -(-total // limit)),
-                "agent_id": me}
+        marks = [m["message_id"] for m, r in zip(msgs, rows)
+                 if r[17] and not m["is_read"]] if mark_read else []
+        res = {"messages": msgs, "total": total, "unread": n_unread, "page": page,
+               "page_size": limit, "total_pages": max(1, -(-total // limit)),
+               "agent_id": me}
+        if defer_marks:
+            res["pending_marks"] = marks
+        else:
+            self._mark_read(me, marks)
+        return res
 
     @staticmethod
     def _paging(limit, page):
@@ -2962,7 +3231,7 @@ class Service:
 
     def message_get(self, message_id, agent=None):
         """One message with its edits and receipts; marks it read for me."""
-        self._require_store()
+        self.require_store()
         mid = self.resolve_message_id(message_id)
         me = None
         try:
@@ -2996,7 +3265,7 @@ class Service:
             raise RefusedError("cannot %s %s: it was deleted" % (verb, mid))
         return mid, fmt
 
-    def message_edit(self, message_id, content, fmt=None, structured=None, agent=None):
+    def message_edit(self, message_id, content=None, fmt=None, structured=None, agent=None):
         """Replace a message's body (author only). Returns {message_id, updated_at, version}."""
         me = self.me(agent)["agent_id"]
         mid, old_fmt = self._own_message(message_id, me, "edit")
@@ -3036,7 +3305,7 @@ class Service:
         return {"marked_count": self._mark_read(me, mids), "message_ids": mids}
 
     # -- waiting -------------------------------------------------------------------
-    def wait(self, timeout=30.0, after=None, unread=False, scope=None, agent=None,
+    def wait(self, timeout="30s", after=None, unread=False, scope=None, agent=None,
              poll=0.05, wake=None):
         """Block until a message to me (not by me) arrives after the start point.
 
@@ -3045,13 +3314,10 @@ class Service:
         """
         ident = self.me(agent)
         me = ident["agent_id"]
-        timeout = float(timeout)
-        if timeout < 0 or timeout > MAX_TIMEOUT:
-            raise UsageError("--timeout must be between 0 and 24h")
-        if after is None:
+        timeout = parse_timeout(timeout)
+        start = parse_after(after)
+        if start is None:
             start = time.time() - 1.0
-        else:
-            start = float(after)
         tag = parse_tag(scope, "scope") if scope else None
         where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
         params = [me, me]
@@ -3132,7 +3398,7 @@ class Service:
             "ORDER BY d.created_at" % self._MSG_COLS, (me,))
         ctx = self.context_show(agent=me)
         try:
-            wc = work_context(who.get("worktree") or self.loc.worktree)
+            wc = work_context(who.get("worktree") or self.loc.worktree, self.store.env)
         except GitMissingError as e:  # the briefing still helps without git
             wc = {"branch": None, "files": [], "error": e.message}
         wc["intent"], wc["task"] = who.get("intent"), who.get("task")
@@ -3157,7 +3423,7 @@ class Service:
     def who_has(self, path):
         """Agents whose worktree has PATH changed or uncommitted (asks git live for
         local worktrees; uses the last recorded context for others)."""
-        self._require_store()
+        self.require_store()
         rel = self._repo_relpath(path)
         host = os.uname().nodename
         found, contexts = [], {}
@@ -3165,7 +3431,7 @@ class Service:
             wt = m["worktree"]
             if m["hostname"] == host and wt and os.path.isdir(wt):
                 if wt not in contexts:  # agents sharing a worktree share one git query
-                    contexts[wt] = work_context(wt)
+                    contexts[wt] = work_context(wt, self.store.env)
                 wc = contexts[wt]
                 files, branch, live = wc.get("files", []), wc.get("branch"), True
             else:
@@ -3182,7 +3448,7 @@ class Service:
         if not path or not isinstance(path, str):
             raise UsageError("who-has needs a PATH")
         root = os.path.realpath(self.loc.worktree)
-        ap = os.path.realpath(os.path.join(os.getcwd(), path))
+        ap = os.path.realpath(os.path.join(self.caller.cwd, path))
         # This worktree first, then any agent's worktree (linked worktrees of a clone).
         roots = [root] + [os.path.realpath(m["worktree"]) for m in self._members(
             all_agents=True) if m["worktree"]]
@@ -3204,7 +3470,7 @@ class Service:
             return None
 
     def group_create(self, name, description=None, agent=None):
-        self._require_store()
+        self.require_store()
         name = _check_name(_strip_at(name), "group name")
         description = _check_text(description, "description", 500)
         agents = self._active_agents()
@@ -3229,7 +3495,7 @@ class Service:
         return row
 
     def group_delete(self, name, agent=None):
-        self._require_store()
+        self.require_store()
         row = self._require_group(name)
         self._emit([self._event("group.delete", group=row[0], by=self._by(agent))])
         return {"group": row[0], "deleted": True}
@@ -3259,7 +3525,7 @@ class Service:
         return out
 
     def group_add(self, name, members, agent=None):
-        self._require_store()
+        self.require_store()
         row = self._require_group(name)
         parsed = self._parse_members(members)
         by = self._by(agent)
@@ -3268,7 +3534,7 @@ class Service:
         return self.group_info(row[0])
 
     def group_remove(self, name, members, agent=None):
-        self._require_store()
+        self.require_store()
         row = self._require_group(name)
         current = {(m["type"], m["value"]) for m in self.group_info(row[0])["members"]}
         parsed = []
@@ -3284,7 +3550,7 @@ class Service:
         return self.group_info(row[0])
 
     def group_list(self):
-        self._require_store()
+        self.require_store()
         out = []
         for name, gid, desc, by, at in self.index.q(
                 "SELECT name, group_id, description, created_by, created_at FROM groups "
@@ -3298,7 +3564,7 @@ class Service:
         return {"groups": out}
 
     def group_info(self, name):
-        self._require_store()
+        self.require_store()
         row = self._require_group(name)
         members = [{"type": t, "value": m, "added_by": b, "added_at": a}
                    for t, m, b, a in self.index.q(
@@ -3324,14 +3590,14 @@ class Service:
         return {"key": key, "value": self.config.get(key), "source": self.config.source(key)}
 
     def config_set(self, key, value):
-        self._require_store()
+        self.require_store()
         if key == "sync.branch" and self.loc.git_common:
             try:
                 branch = _parse_branch(value)
             except ValueError:
                 branch = None  # Config.set below refuses it with the reason
             if branch:
-                eng = SyncEngine(self, branch=branch)
+                eng = self.store.sync_engine(branch)
                 remote_tip = eng.rev(eng.tracking)
                 problem = eng.branch_problem()
                 if not problem and remote_tip and eng.foreign_history(remote_tip):
@@ -3348,8 +3614,8 @@ class Service:
         """Run one sync cycle now. Returns the sync status plus what the cycle did:
         {remote, branch, local_only, last_sync_at, last_error, ahead, behind, state,
         pulled, committed, pushed, attempts}."""
-        self._require_store()
-        eng = SyncEngine(self)
+        self.require_store()
+        eng = self.store.sync_engine()
         res = eng.cycle()
         st = eng.status()
         st.update(res)
@@ -3358,12 +3624,12 @@ class Service:
     def sync_status(self):
         """Sync state without network: {remote, branch, local_only, last_sync_at,
         last_error, ahead, behind, state, git}."""
-        self._require_store()
+        self.require_store()
         if not self.loc.git_common:
             return {"remote": None, "branch": self.branch, "local_only": True,
                     "last_sync_at": None, "last_error": None, "ahead": 0, "behind": 0,
                     "state": "no-remote", "git": False}
-        st = SyncEngine(self).status()
+        st = self.store.sync_engine().status()
         st["git"] = True
         return st
 
@@ -3375,7 +3641,7 @@ class Service:
         if text is None:
             raise NotFoundError("no saved context for @%s" % me,
                                 hint="save one with 'thrum context save'")
-        SyncEngine(self)  # outside git this raises: there is nothing to publish to
+        self.store.sync_engine()  # outside git this raises: there is nothing to publish to
         self._update_fields(me, context=text)
         res = self.sync_force()
         res["agent_id"] = me
@@ -3387,7 +3653,7 @@ class Service:
 
         Returns {ok, checks: [{name, ok, detail, fixed}]}.
         """
-        self._require_store()
+        self.require_store()
         checks = []
 
         def check(name, ok, detail, fixed=False):
@@ -3428,7 +3694,7 @@ class Service:
         # sync worktree
         if self.loc.git_common:
             try:
-                eng = SyncEngine(self)
+                eng = self.store.sync_engine()
                 wts = eng._worktrees()
                 branch_issue = eng.branch_problem(wts)
                 check("sync branch", not branch_issue, "%s: %s (%s)" % (
@@ -3530,15 +3796,145 @@ class Service:
         return None
 
     def rebuild_index(self):
-        self._require_store()
-        self.close()
-        idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
-        n = idx.rebuild()
-        self._index = idx
+        n = self.require_store().index.rebuild()
+        self._fresh = True
         return {"events": n}
 
 
-def work_context(worktree):
+#: What an operation needs before it runs: nothing, a store, or the caller's identity
+#: (checked in this order, before the arguments' meaning: SPEC §14).
+NEEDS_NOTHING, NEEDS_STORE, NEEDS_IDENTITY = 0, 1, 2
+
+#: Every operation a front end can call: name -> (Service method, what it needs).
+#: The CLI, the daemon's RPC and the MCP tools all go through call() with these names.
+OPS = {
+    "init": ("init", NEEDS_NOTHING),
+    "setup": ("setup", NEEDS_NOTHING),
+    "quickstart": ("quickstart", NEEDS_NOTHING),
+    "agent_register": ("agent_register", NEEDS_STORE),
+    "whoami": ("whoami", NEEDS_IDENTITY),
+    "status": ("status", NEEDS_IDENTITY),
+    "overview": ("overview", NEEDS_IDENTITY),
+    "prime": ("prime", NEEDS_IDENTITY),
+    "team": ("team", NEEDS_STORE),
+    "send": ("send", NEEDS_IDENTITY),
+    "reply": ("reply", NEEDS_IDENTITY),
+    "inbox": ("inbox", NEEDS_IDENTITY),
+    "sent": ("sent", NEEDS_IDENTITY),
+    "mark_read": ("mark_read", NEEDS_IDENTITY),
+    "message_get": ("message_get", NEEDS_STORE),
+    "message_edit": ("message_edit", NEEDS_IDENTITY),
+    "message_delete": ("message_delete", NEEDS_IDENTITY),
+    "message_read": ("message_read", NEEDS_IDENTITY),
+    "wait": ("wait", NEEDS_IDENTITY),
+    "who_has": ("who_has", NEEDS_STORE),
+    "ping": ("ping", NEEDS_STORE),
+    "agent_list": ("agent_list", NEEDS_STORE),
+    "agent_delete": ("agent_delete", NEEDS_STORE),
+    "agent_cleanup": ("agent_cleanup", NEEDS_STORE),
+    "session_start": ("session_start", NEEDS_IDENTITY),
+    "session_end": ("session_end", NEEDS_IDENTITY),
+    "session_list": ("session_list", NEEDS_STORE),
+    "session_heartbeat": ("session_heartbeat", NEEDS_IDENTITY),
+    "session_set_intent": ("session_set_intent", NEEDS_IDENTITY),
+    "session_set_task": ("session_set_task", NEEDS_IDENTITY),
+    "context_save": ("context_save", NEEDS_STORE),
+    "context_show": ("context_show", NEEDS_STORE),
+    "context_clear": ("context_clear", NEEDS_STORE),
+    "context_sync": ("context_sync", NEEDS_IDENTITY),
+    "group_create": ("group_create", NEEDS_STORE),
+    "group_delete": ("group_delete", NEEDS_STORE),
+    "group_add": ("group_add", NEEDS_STORE),
+    "group_remove": ("group_remove", NEEDS_STORE),
+    "group_list": ("group_list", NEEDS_STORE),
+    "group_info": ("group_info", NEEDS_STORE),
+    "config_show": ("config_show", NEEDS_NOTHING),
+    "config_get": ("config_get", NEEDS_NOTHING),
+    "config_set": ("config_set", NEEDS_STORE),
+    "sync_force": ("sync_force", NEEDS_STORE),
+    "sync_status": ("sync_status", NEEDS_STORE),
+    "doctor": ("doctor", NEEDS_STORE),
+    "rebuild_index": ("rebuild_index", NEEDS_STORE),
+}
+
+
+class AfterWriteError(ThrumError):
+    """The operation's write is stored, but the per-call sync after it failed
+    (THRUM_AUTOSYNC). Carries the operation's `result`."""
+
+    def __init__(self, error, result):
+        super().__init__("saved locally, but THRUM_AUTOSYNC failed: " + error.message,
+                         hint=error.hint)
+        self.error, self.result = error, result
+
+
+def _check_params(method, params):
+    """Refuse parameters a method does not take (or private ones) as a usage error."""
+    code = method.__code__
+    names = code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
+    allowed = {n for n in names if not n.startswith("_") and n != "agent"}
+    bad = sorted(k for k in params if k not in allowed)
+    if bad:
+        raise UsageError("unknown parameter%s for this operation: %s (known: %s)" % (
+            "s" if len(bad) > 1 else "", ", ".join(map(str, bad)),
+            ", ".join(sorted(allowed)) or "none"))
+    required = names[:code.co_argcount - 1 - len(method.__defaults__ or ())]
+    missing = [n for n in required if n not in params]
+    if missing:
+        raise UsageError("missing parameter%s: %s" % ("s" if len(missing) > 1 else "",
+                                                      ", ".join(missing)))
+
+
+def call(op, params, caller, store=None):
+    """Run one operation for one caller: the entry point of every front end.
+
+    `params` is a dict of plain data, `caller` a Caller, `store` an open Store (None:
+    located from the caller's directory). Checks what the operation needs, runs it,
+    then the per-call work (THRUM_AUTOSYNC's sync after a write). Returns plain data,
+    or raises ThrumError (AfterWriteError when only the sync after a write failed).
+    """
+    try:
+        name, needs = OPS[op]
+    except (KeyError, TypeError):
+        raise UsageError("unknown operation %r" % (op,))
+    params = dict(params or {})
+    svc = Service(store, caller)
+    try:
+        method = getattr(svc, name)
+        _check_params(method, params)
+        if needs >= NEEDS_STORE:
+            svc.require_store()
+        if needs >= NEEDS_IDENTITY:
+            svc.me()
+        result = method(**params)
+        svc.finish()
+    finally:
+        if store is None:  # a store opened for this call only
+            svc.close()
+    if svc.autosync_error is not None:
+        raise AfterWriteError(svc.autosync_error, result)
+    return result
+
+
+def error_payload(exc):
+    """The one shape every front end reports an error in: {message, exit_code, hint}
+    (the CLI's stderr line and --json error, an RPC error reply, an MCP isError
+    result). Anything that is not a ThrumError is a bug or an environment failure:
+    exit code 1 with a one-line message (the caller logs the traceback)."""
+    if isinstance(exc, ThrumError):
+        return {"message": exc.message, "exit_code": exc.exit_code, "hint": exc.hint}
+    if isinstance(exc, KeyboardInterrupt):
+        return {"message": "interrupted", "exit_code": EXIT_INTERRUPTED, "hint": None}
+    if isinstance(exc, OSError):  # the environment refused: permissions, a dir for a file
+        where = "%s: " % exc.filename if exc.filename else ""
+        return {"message": "%s%s" % (where, exc.strerror or exc), "exit_code": EXIT_FAIL,
+                "hint": "check the file's type and permissions; 'thrum doctor' can help"}
+    return {"message": "internal error: %s: %s" % (type(exc).__name__, exc),
+            "exit_code": EXIT_FAIL,
+            "hint": "re-run with --debug for the traceback, and please report it"}
+
+
+def work_context(worktree, env):
     """Branch and changed files of a worktree, asking git (read-only, no locks).
 
     files: [{path, status}] with status modified|added|deleted|renamed|untracked
@@ -3548,9 +3944,9 @@ def work_context(worktree):
         return {"branch": None, "files": []}
     ro = ["--no-optional-locks"]
     try:
-        branch = git(ro + ["symbolic-ref", "--quiet", "--short", "HEAD"], worktree,
+        branch = git(ro + ["symbolic-ref", "--quiet", "--short", "HEAD"], worktree, env,
                      check=False, timeout=10).stdout.strip() or None
-        st = git(ro + ["status", "--porcelain=v1", "-z", "--untracked-files=all"], worktree,
+        st = git(ro + ["status", "--porcelain=v1", "-z", "--untracked-files=all"], worktree, env,
                  check=False, timeout=20)
     except GitMissingError:
         raise  # a question we cannot answer is an error, not "no files"
@@ -3576,18 +3972,17 @@ def work_context(worktree):
             continue
         seen.add(path)
         files.append({"path": path, "status": names.get(letter, "modified")})
-    base = None
-    for ref in ("refs/remotes/origin/HEAD", "refs/remotes/origin/main",
-                "refs/remotes/origin/master", "refs/heads/main", "refs/heads/master"):
-        if branch and ref.endswith("/" + branch):
-            continue
-        p = git(ro + ["rev-parse", "--verify", "--quiet", ref + "^{commit}"], worktree,
-                check=False, timeout=10)
-        if p.returncode == 0:
-            base = ref
-            break
+    # The default branch to compare with: the first of these refs that exists (one
+    # git call lists them all).
+    wanted = ["refs/remotes/origin/HEAD", "refs/remotes/origin/main",
+              "refs/remotes/origin/master", "refs/heads/main", "refs/heads/master"]
+    wanted = [r for r in wanted if not (branch and r.endswith("/" + branch))]
+    p = git(ro + ["for-each-ref", "--format=%(refname)"] + wanted, worktree, env,
+            check=False, timeout=10)
+    have = set(p.stdout.split()) if p.returncode == 0 else set()
+    base = next((r for r in wanted if r in have), None)
     if base:
-        d = git(ro + ["diff", "--name-only", "-z", base + "...HEAD"], worktree, check=False,
+        d = git(ro + ["diff", "--name-only", "-z", base + "...HEAD"], worktree, env, check=False,
                 timeout=20)
         if d.returncode == 0:
             for path in d.stdout.split("\0"):
@@ -3633,29 +4028,29 @@ def _event_ids(data):
 
 
 class SyncEngine:
-    """One clone's side of git sync. Uses the Service's location and config."""
+    """One clone's side of git sync, over a store (its location, config and log)."""
 
-    def __init__(self, svc, branch=None):
-        self.svc = svc
-        self.loc = svc.loc
+    def __init__(self, store, branch=None):
+        self.store = store
+        self.loc = store.loc
         if not self.loc.git_common:
             raise ThrumError("sync needs a git repository; this store (%s) is outside git"
                              % self.loc.store, hint="run 'git init' and 'thrum init' to "
                              "use sync")
         self.root = self.loc.store_root
-        self.branch = branch or svc.config.get("sync.branch")
+        self.branch = branch or store.config.get("sync.branch")
         self.ref = "refs/heads/" + self.branch
-        self.remote = svc.config.get("sync.remote")
-        self.local_only = svc.config.get("sync.local_only")
+        self.remote = store.config.get("sync.remote")
+        self.local_only = store.config.get("sync.local_only")
         self.wt = self.loc.log_dir(self.branch)
         self.state_file = os.path.join(self.loc.var, "sync.json")
         #: Bound on every git call that talks to the remote (sync.timeout).
-        self.net_timeout = parse_duration(svc.config.get("sync.timeout"))
+        self.net_timeout = parse_duration(store.config.get("sync.timeout"))
         self._trees = {}  # commit -> its log files (commits never change)
 
     # -- git helpers ------------------------------------------------------------
     def git(self, *args, check=True, input=None, timeout=60, env_extra=None, cwd=None):
-        return git(list(args), cwd or self.root, check=check, input=input,
+        return git(list(args), cwd or self.root, self.store.env, check=check, input=input,
                    timeout=timeout, env_extra=env_extra)
 
     def rev(self, ref):
@@ -3740,8 +4135,11 @@ class SyncEngine:
     def check_branch(self, worktrees=None):
         problem = self.branch_problem(worktrees)
         if problem:
+            hint = _BRANCH_HINT if _is_store(self.loc.store) else (
+                "choose a branch name that nothing else uses: 'THRUM_SYNC_BRANCH=thrum-log "
+                "thrum init', then 'thrum config set sync.branch thrum-log' to keep it")
             raise UsageError("the sync branch %r is not thrum's own log branch: %s"
-                             % (self.branch, problem), hint=_BRANCH_HINT)
+                             % (self.branch, problem), hint=hint)
 
     def check_remote_history(self, tip):
         problem = self.foreign_history(tip)
@@ -3822,7 +4220,7 @@ class SyncEngine:
 
     def _merge_dir(self, other):
         """Union the log files of another directory into the worktree."""
-        for rel, path, _ in EventLog(other, self.svc.log.torn_dir).files():
+        for rel, path, _ in EventLog(other, self.store.log.torn_dir).files():
             with open(path, "rb") as f:
                 data = f.read()
             self._merge_file(rel, data)
@@ -3848,7 +4246,7 @@ class SyncEngine:
             return 0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self.svc.log._repair_tail(fd, rel)
+            self.store.log.repair_tail(fd, rel)
             size = os.fstat(fd).st_size
             local = os.pread(fd, size, 0) if size else b""
             have = _event_ids(local)
@@ -3893,7 +4291,8 @@ class SyncEngine:
         """{sha: bytes} through one `git cat-file --batch` process."""
         if not shas:
             return {}
-        p = git(["cat-file", "--batch"], self.root, input=("\n".join(shas) + "\n").encode(),
+        p = git(["cat-file", "--batch"], self.root, self.store.env,
+                input=("\n".join(shas) + "\n").encode(),
                 timeout=120, text=False)
         out, data, i = {}, p.stdout, 0
         for sha in shas:
@@ -3926,7 +4325,7 @@ class SyncEngine:
             paths = []
             # Only regular log files (EventLog.files): nothing else in the worktree,
             # and never through a symlink, is committed.
-            for rel, full, _ in sorted(EventLog(self.wt, self.svc.log.torn_dir).files()):
+            for rel, full, _ in sorted(EventLog(self.wt, self.store.log.torn_dir).files()):
                 fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
                 with os.fdopen(fd, "rb") as f:
                     fcntl.flock(f.fileno(), fcntl.LOCK_SH)
@@ -4047,13 +4446,13 @@ class SyncEngine:
         finally:
             os.close(fd)
             try:
-                self.svc.index.catch_up()
+                self.store.refresh()
             except ThrumError as e:  # never hide the sync's own outcome
                 _warn("after sync: %s" % e.message)
 
     def _cycle(self, max_attempts):
         self.ensure_branch_and_worktree(locked=True)
-        self.svc.log.repair()
+        self.store.log.repair()
         res = {"pulled": 0, "committed": False, "pushed": False, "attempts": 0,
                "local_only": self.local_only, "remote": None}
         if not self.has_remote():
@@ -4344,9 +4743,334 @@ def render_member(out, m):
     return [clip(head), clip("    " + " · ".join(bits))]
 
 
+# -- one renderer per result ---------------------------------------------------------
+# Each takes a result (plain data, as an operation returns it) and a style (anything
+# with `c(code, text)`: the CLI's Output, or PLAIN for MCP text) and returns lines.
+
+class _Plain:
+    """A style without colour (MCP text content, logs)."""
+
+    @staticmethod
+    def c(code, text):
+        return text
+
+
+PLAIN = _Plain()
+
+
+def render_init(r, style=PLAIN):
+    lines = [("Initialised thrum in %s" if r["created"] else
+              "thrum is already initialised in %s") % os.path.dirname(r["store"])]
+    if r.get("adopted_remote"):
+        lines.append("  Adopted the remote's %s branch (full history)" % r["branch"])
+    if r.get("git"):
+        lines.append("  Log: %s branch, worktree %s" % (r["branch"], r["log_dir"]))
+    else:
+        lines.append("  Log: %s (not a git repository: sync is off)" % r["log_dir"])
+    if r["local_only"]:
+        lines.append("  Sync: local only")
+    lines.append("  Next: thrum quickstart --name NAME --role ROLE --module MODULE")
+    return lines
+
+
+def render_quickstart(r, style=PLAIN):
+    reg = r["register"]
+    return ["Registered as @%s (%s, %s)%s" % (
+        reg["agent_id"], reg["role"], reg["module"],
+        "" if reg["status"] == "registered" else " — " + reg["status"]),
+        "  Session: %s" % r["session"]["session_id"],
+        "  Intent:  %s" % r["intent"]["intent"],
+        "  Identity: %s" % reg["identity_file"]]
+
+
+def render_whoami(r, style=PLAIN):
+    return [clip(l) for l in [
+        "@%s  %s (%s)" % (r["agent_id"], r["role"], r["module"]),
+        "  Display:  %s" % (r["display"] or ""),
+        "  Intent:   %s" % (r["intent"] or ""),
+        "  Task:     %s" % (r["task"] or ""),
+        "  Session:  %s" % ("%s (started %s)" % (r["session_id"], relative_time(
+            r["session_started_at"])) if r["session_id"] else
+            "none (thrum session start)"),
+        "  Worktree: %s" % r["worktree"],
+        "  Identity: %s" % r["identity_file"]]]
+
+
+def render_status(r, style=PLAIN):
+    a = r["agent"]
+    lines = ["@%s  %s (%s)" % (a["agent_id"], a["role"], a["module"])]
+    if a.get("intent"):
+        lines.append("  Intent:  " + a["intent"])
+    lines.append("  Session: %s" % (r["session"]["session_id"] if r["session"] else "none"))
+    ib = r["inbox"]
+    lines.append("  Inbox:   %d unread / %d" % (ib["unread"], ib["total"]))
+    d = r["daemon"]
+    lines.append("  Daemon:  %s" % ("running (pid %s)" % d["pid"] if d["running"]
+                                     else "not running (pure-CLI mode)"))
+    s = r["sync"]
+    lines.append("  Sync:    %s%s" % (s["state"], ", last %s" % relative_time(
+        s["last_sync_at"]) if s.get("last_sync_at") else ""))
+    if s.get("last_error"):
+        lines.append("           last error: %s" % s["last_error"])
+    return [clip(l) for l in lines]
+
+
+def render_overview(r, style=PLAIN):
+    ls = render_status(r, style) + ["", "Team (%d active):" % len(r["team"])]
+    for m in r["team"]:
+        ls.extend(clip("  " + l) for l in render_member(style, m))
+    return ls
+
+
+def render_team(r, style=PLAIN, all=False):
+    if not r["members"]:
+        return ["No active agents." + ("" if all else " Use --all to include offline agents.")]
+    ls = []
+    for m in r["members"]:
+        ls.extend(render_member(style, m))
+    return ls
+
+
+def render_prime(r, style=PLAIN):
+    a = r["agent"]
+    ls = ["# thrum briefing for @%s" % a["agent_id"],
+          "You are @%s, role %s, module %s." % (a["agent_id"], a["role"], a["module"])]
+    if a.get("intent"):
+        ls.append("Intent: " + a["intent"])
+    if a.get("task"):
+        ls.append("Task: " + a["task"])
+    ls.append("Session: %s" % (r["session"]["session_id"] if r["session"] else
+                               "none (start one: thrum session start)"))
+    wc = r["work_context"]
+    if wc.get("branch"):
+        ls.append("Branch: %s, %d changed file(s)" % (wc["branch"], len(wc["files"])))
+    ls.append("")
+    ls.append("## Unread messages: %d (of %d) — handle these before new work"
+              % (len(r["unread"]), r["inbox"]["total"]))
+    ls.extend(render_message_rows(style, r["unread"][-20:]))
+    if len(r["unread"]) > 20:
+        ls.append("(%d older unread not shown: thrum inbox --unread)" % (len(r["unread"]) - 20))
+    ls.append("")
+    ls.append("## Team (%d active)" % len(r["team"]))
+    for m in r["team"]:
+        ls.extend(render_member(style, m))
+    if r["context"]:
+        ls += ["", "## Saved context", r["context"]]
+    ls += ["", "Commands: thrum inbox | thrum reply ID TEXT | thrum send TEXT --to @x",
+           "          thrum wait --timeout 5m | thrum team | thrum who-has PATH"]
+    return ls
+
+
+def render_send(r, style=PLAIN, verb="Message sent"):
+    ls = ["%s: %s" % (verb, r["message_id"])]
+    if r.get("thread_id"):
+        ls.append("  Thread: %s" % r["thread_id"])
+    ls.append("  To: %s" % _who(r["recipients"]))
+    return ls
+
+
+def render_reply(r, style=PLAIN):
+    return render_send(r, style, "Reply sent")
+
+
+def render_inbox(r, style=PLAIN, unread=False, filters=(), all=False):
+    """`filters`: the filter flags given, as text (for the empty message)."""
+    if not r["total"]:
+        if unread:
+            return ["No unread messages."]
+        if filters:
+            return ["No messages matching %s." % " ".join(filters)]
+        return ["No messages%s." % ("" if all else " for @" + r["agent_id"])]
+    return render_message_rows(style, r["messages"]) + _page_footer(
+        r, "messages", " (%d unread)" % r["unread"])
+
+
+def render_sent(r, style=PLAIN):
+    if not r["total"]:
+        return ["No sent messages."]
+    ls = []
+    for m in r["messages"]:
+        ls.append(clip("%s  to %s  %s  %d/%d read" % (
+            m["message_id"], _aud_str(m["audiences"]) or _who(m["recipients"]),
+            relative_time(m["created_at"]), m["read_count"], len(m["receipts"]))))
+        ls.extend(_body_lines(m["body"]["content"], "  ", 6))
+        if m["receipts"]:
+            ls.append("  " + ", ".join("@%s(%s)" % (x["agent_id"], "read" if x["read_at"]
+                                                     else "unread") for x in m["receipts"]))
+    return ls + _page_footer(r, "sent messages")
+
+
+def render_message(r, style=PLAIN):
+    m = r["message"]
+    ls = ["Message: %s" % m["message_id"],
+          "  From:    @%s" % m["agent_id"],
+          "  Time:    %s (%s)" % (m["created_at"], relative_time(m["created_at"])),
+          "  To:      %s" % (_aud_str(m["audiences"]) or "(nobody)")]
+    if m["thread_id"]:
+        ls.append("  Thread:  %s" % m["thread_id"])
+    if m["reply_to"]:
+        ls.append("  Reply to: %s" % m["reply_to"])
+    if m["scopes"]:
+        ls.append("  Scopes:  %s" % ", ".join(map(_tag_str, m["scopes"])))
+    if m["refs"]:
+        ls.append("  Refs:    %s" % ", ".join(map(_tag_str, m["refs"])))
+    if m["edits"]:
+        ls.append("  Edited:  %d time(s), last %s" % (len(m["edits"]), relative_time(
+            m["updated_at"])))
+    ls.append("  Read by: %s" % (", ".join(
+        "@%s(%s)" % (x["agent_id"], "read" if x["read_at"] else "unread")
+        for x in m["receipts"]) or "-"))
+    if m["deleted"]:
+        ls.append("  Status:  DELETED")
+    ls.append("")
+    ls.extend(m["body"]["content"].split("\n"))
+    if m["body"].get("structured") is not None:
+        ls += ["", "Structured: " + json.dumps(m["body"]["structured"], ensure_ascii=False)]
+    return ls
+
+
+def render_wait(r, style=PLAIN):
+    """The listener format (SPEC §7). Continuation lines of a body are indented, so no
+    body line can start a block or a field: agents parse this line by line."""
+    if r["status"] == "timeout":
+        return ["NO_MESSAGES_TIMEOUT"]
+    ls = ["MESSAGES_RECEIVED"]
+    for m in r["messages"]:
+        first, *more = m["body"]["content"].split("\n")
+        ls += ["---", "FROM: @%s" % m["agent_id"], "ID: %s" % m["message_id"],
+               "CONTENT: %s" % first] + ["  " + l for l in more] + [
+               "TIMESTAMP: %s" % m["created_at"]]
+    return ls + ["---"]
+
+
+def render_who_has(r, style=PLAIN):
+    if not r["agents"]:
+        return ["No agent is editing %s" % r["path"]]
+    return ["@%s is editing %s (branch %s)%s" % (
+        a["agent_id"], r["path"], a["branch"] or "detached",
+        "" if a["status"] in (None, "modified") else " [%s]" % a["status"])
+        for a in r["agents"]]
+
+
+def render_ping(m, style=PLAIN):
+    ls = ["@%s: %s, last seen %s" % (m["agent_id"], m["status"],
+                                     relative_time(m["last_seen_at"]))]
+    for k in ("intent", "task", "branch"):
+        if m.get(k):
+            ls.append(clip("  %s: %s" % (k.capitalize(), m[k])))
+    return ls
+
+
+def render_agent_list(r, style=PLAIN, context=False):
+    if not r["agents"]:
+        return ["No agents registered."]
+    ls = []
+    for m in r["agents"]:
+        ls.extend(render_member(style, m))
+        if context:
+            for f in m.get("files") or []:
+                ls.append("      %s %s" % (f.get("status", "?")[:9].ljust(9), f.get("path")))
+    return ls
+
+
+def render_agent_cleanup(r, style=PLAIN):
+    if not r["orphans"]:
+        return ["No stale agents (threshold %s)." % r["stale_after"]]
+    ls = ["%s @%s (%s): %s" % ("Deleted" if o["agent_id"] in r["deleted"] else "Stale",
+                               o["agent_id"], o["role"], "; ".join(o["reasons"]))
+          for o in r["orphans"]]
+    if not r["deleted"]:
+        ls.append("Run 'thrum agent cleanup --force' to delete them.")
+    return ls
+
+
+def render_session_list(r, style=PLAIN):
+    return [clip("%s  %s  @%s  started %s%s" % (
+        s["session_id"], s["status"], s["agent_id"], relative_time(s["started_at"]),
+        ", ended %s (%s)" % (relative_time(s["ended_at"]), s["end_reason"])
+        if s["ended_at"] else "")) for s in r["sessions"]] or ["No sessions."]
+
+
+def render_heartbeat(r, style=PLAIN):
+    return ["Heartbeat: %s" % r["session_id"],
+            "  Branch: %s, %d changed file(s)" % (r["branch"] or "(detached HEAD)",
+                                                 len(r["files"]))]
+
+
+def render_context(r, style=PLAIN):
+    if r["content"] is None:
+        return ["No context saved for @%s" % r["agent_id"]]
+    return [r["content"][:-1] if r["content"].endswith("\n") else r["content"]]
+
+
+def render_group(r, style=PLAIN):
+    ls = [clip("%s  (%s)%s" % (r["group"], r["group_id"], " — " + r["description"]
+                              if r.get("description") else ""))]
+    ls += ["  %s" % ("@" + m["value"] if m["type"] == "agent" else "role:" + m["value"])
+           for m in r["members"]] or ["  (no members)"]
+    ls.append(clip("  Reaches: %s" % _who(r["agents"])))
+    return ls
+
+
+def render_group_list(r, style=PLAIN):
+    return [clip("%s  %d member(s)%s  reaches %s" % (
+        g["group"], g["member_count"], " — " + g["description"] if g["description"]
+        else "", _who(g["agents"]))) for g in r["groups"]] or ["No groups."]
+
+
+def _fmt_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def render_config(r, style=PLAIN):
+    return ["%s = %s  (%s)" % (k, _fmt_value(v["value"]), v["source"])
+            for k, v in r["values"].items()] + \
+        ["", "repo file: %s" % r["repo_file"], "user file: %s" % r["user_file"]]
+
+
+def _sync_lines(r):
+    ls = ["  State:   %s" % r["state"],
+          "  Remote:  %s" % (r["remote"] or "(none)"),
+          "  Branch:  %s" % r["branch"],
+          "  Last sync: %s" % (relative_time(r["last_sync_at"]) if r["last_sync_at"]
+                               else "never")]
+    if r.get("ahead") or r.get("behind"):
+        ls.append("  Ahead %d, behind %d" % (r["ahead"], r["behind"]))
+    if r.get("last_error"):
+        ls.append("  Last error: %s" % r["last_error"])
+    return ls
+
+
+def render_sync_force(r, style=PLAIN):
+    if r["local_only"] or not r["remote"]:
+        head = "Sync committed locally (%s: nothing fetched or pushed)" % r["state"]
+    else:
+        head = "Synced with %s: %d event(s) pulled%s" % (
+            r["remote"], r["pulled"], ", pushed" if r["pushed"] else "")
+    return [head] + _sync_lines(r)
+
+
+def render_sync_status(r, style=PLAIN):
+    if not r.get("git"):
+        return ["Sync needs git: this store is outside a git repository."]
+    return ["Sync status"] + _sync_lines(r)
+
+
+def render_doctor(r, style=PLAIN):
+    ls = []
+    for c in r["checks"]:
+        mark = "✓" if c["ok"] else ("fixed" if c["fixed"] else "✗")
+        ls.append("%s %s: %s" % (mark, c["name"], c["detail"]))
+    ls.append("All good." if r["ok"] and all(c["ok"] for c in r["checks"]) else
+              ("Repaired." if r["ok"] else "Problems found: run 'thrum doctor --fix'."))
+    return ls
+
+
 # === 12b. Demo ==================================================================
 
-def run_demo(out):
+def run_demo(out, env):
     """A self-contained tour: two agents in a throw-away repo, a waiter that wakes,
     a threaded reply, read state, and a second clone syncing through a local bare
     remote. Prints each step; removes everything it created."""
@@ -4355,7 +5079,7 @@ def run_demo(out):
     import tempfile
     me = os.path.abspath(__file__)
     tmp = tempfile.mkdtemp(prefix="thrum-demo-")
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in env.items()
            if not k.startswith("THRUM_") and not k.startswith("GIT_")}
     env.update({"NO_COLOR": "1", "GIT_TERMINAL_PROMPT": "0"})
     w = out.stream.write
@@ -4580,189 +5304,96 @@ def _read_stdin(stream=None):
     return stream.read()
 
 
-def _parse_after(text):
-    """--after: a negative duration (ago) or a UTC timestamp -> epoch seconds."""
-    if text is None:
-        return None
-    t = text.strip()
-    try:
-        secs = parse_duration(t)
-    except ValueError:
-        try:
-            ts = parse_ts(t)
-        except (ValueError, OverflowError):
-            raise UsageError("invalid --after %r: use a negative duration such as -15s, "
-                             "or a UTC timestamp such as 2026-01-31T12:00:00Z" % text)
-        if not 0 <= ts < 253402300800:
-            raise UsageError("invalid --after %r: a timestamp must be between 1970 and 9999"
-                             % text)
-        return ts
-    if secs > 0 or (secs == 0 and not t.startswith("-")):
-        raise UsageError("invalid --after %r: a duration must be negative (-15s means "
-                         "fifteen seconds ago)" % text)
-    if secs < -100 * 365 * 86400:
-        raise UsageError("invalid --after %r: at most 100 years ago" % text)
-    return time.time() + secs
-
-
-def _parse_timeout(text):
-    try:
-        secs = parse_duration(text)
-    except ValueError as e:
-        raise UsageError("invalid --timeout: %s" % e)
-    if secs < 0 or secs > MAX_TIMEOUT:
-        raise UsageError("invalid --timeout %r: must be between 0 and 24h" % text)
-    return secs
-
-
 # -- command handlers -------------------------------------------------------------
-# Each takes (args, svc, out) and returns an exit code (None = 0).
+# Each takes (args, cli, out): it turns the arguments into one operation's params,
+# calls it through `cli.call()` and renders the result. No policy lives here.
 
-def cmd_init(args, svc, out):
-    res = svc.init(local=args.local, force=args.force)
-    extra = []
-    if res.get("adopted_remote"):
-        extra.append("  Adopted the remote's %s branch (full history)" % res["branch"])
-    if res.get("git"):
-        extra.append("  Log: %s branch, worktree %s" % (res["branch"], res["log_dir"]))
-    else:
-        extra.append("  Log: %s (not a git repository: sync is off)" % res["log_dir"])
-    if res["local_only"]:
-        extra.append("  Sync: local only")
-    extra.append("  Next: thrum quickstart --name NAME --role ROLE --module MODULE")
-    out.ok(res, ("Initialised thrum in %s" if res["created"] else
-                 "thrum is already initialised in %s") % os.path.dirname(res["store"]), *extra)
+class Cli:
+    """The CLI's side of one process: the caller (cwd, environment, --repo) and the
+    store it opened, shared by the operations one command runs."""
+
+    def __init__(self, caller, out):
+        self.caller = caller
+        self.out = out
+        loc = locate(caller.cwd)
+        self.store = Store(loc, caller.env) if loc.store else None
+
+    def call(self, op, **params):
+        """Run an operation. A write whose THRUM_AUTOSYNC failed still returns its
+        result; the error is reported after the output (exit 1)."""
+        try:
+            return call(op, params, self.caller, self.store)
+        except AfterWriteError as e:
+            self.out.autosync_error = e.error
+            return e.result
+
+    def check(self, op, **params):
+        """Run `op` without its body, when the body could not be read: set-up and
+        the other arguments are checked first (SPEC §14), then the body error stands."""
+        try:
+            self.call(op, **params)
+        except MissingBodyError:
+            pass
+
+    def body(self, args, op, **params):
+        try:
+            return read_body(args)
+        except UsageError:
+            self.check(op, **params)
+            raise
+
+    def close(self):
+        if self.store is not None:
+            self.store.close()
 
 
-def cmd_setup(args, svc, out):
-    res = svc.setup(args.main_repo)
-    out.ok(res, "This worktree now uses the store at %s" % res["store"])
+def _split_list(items):
+    return [t for item in items or () for t in item.split(",") if t.strip()]
 
 
-def _quickstart_name(args, env):
-    return args.name or args.name_pos or env.get("THRUM_NAME")
+def cmd_init(args, cli, out):
+    r = cli.call("init", local=args.local, force=args.force)
+    out.ok(r, *render_init(r))
 
 
-def cmd_quickstart(args, svc, out):
-    name = _quickstart_name(args, svc.env)
-    role = args.role or svc.env.get("THRUM_ROLE")
-    module = args.module or svc.env.get("THRUM_MODULE")
-    res = svc.quickstart(name, role, module, intent=args.intent, display=args.display,
-                         force=args.force)
-    reg = res["register"]
-    out.ok(res, "Registered as @%s (%s, %s)%s" % (
-        reg["agent_id"], reg["role"], reg["module"],
-        "" if reg["status"] == "registered" else " — " + reg["status"]),
-        "  Session: %s" % res["session"]["session_id"],
-        "  Intent:  %s" % res["intent"]["intent"],
-        "  Identity: %s" % reg["identity_file"])
+def cmd_setup(args, cli, out):
+    r = cli.call("setup", main_repo=args.main_repo)
+    out.ok(r, "This worktree now uses the store at %s" % r["store"])
 
 
-def cmd_whoami(args, svc, out):
-    res = svc.whoami()
+def cmd_quickstart(args, cli, out):
+    r = cli.call("quickstart", name=args.name or args.name_pos, role=args.role,
+                 module=args.module, intent=args.intent, display=args.display,
+                 force=args.force)
+    out.ok(r, *render_quickstart(r))
+
+
+def cmd_whoami(args, cli, out):
+    r = cli.call("whoami")
     if args.field:
-        if args.field not in res:
-            raise UsageError("unknown field %r (fields: %s)" % (args.field, ", ".join(res)))
-        v = res[args.field]
+        if args.field not in r:
+            raise UsageError("unknown field %r (fields: %s)" % (args.field, ", ".join(r)))
+        v = r[args.field]
         if out.json:
             return out.emit({args.field: v})
-        out.write(("" if v is None else _visible(str(v))) + "\n")
-        return
-    out.emit(res, lambda r: [clip(l) for l in [
-        "@%s  %s (%s)" % (r["agent_id"], r["role"], r["module"]),
-        "  Display:  %s" % (r["display"] or ""),
-        "  Intent:   %s" % (r["intent"] or ""),
-        "  Task:     %s" % (r["task"] or ""),
-        "  Session:  %s" % ("%s (started %s)" % (r["session_id"], relative_time(
-            r["session_started_at"])) if r["session_id"] else
-            "none (thrum session start)"),
-        "  Worktree: %s" % r["worktree"],
-        "  Identity: %s" % r["identity_file"]]])
+        return out.write(("" if v is None else _visible(str(v))) + "\n")
+    out.emit(r, lambda r: render_whoami(r, out))
 
 
-def _status_lines(out, r):
-    a = r["agent"]
-    lines = ["@%s  %s (%s)" % (a["agent_id"], a["role"], a["module"])]
-    if a.get("intent"):
-        lines.append("  Intent:  " + a["intent"])
-    lines.append("  Session: %s" % (r["session"]["session_id"] if r["session"] else "none"))
-    ib = r["inbox"]
-    lines.append("  Inbox:   %d unread / %d" % (ib["unread"], ib["total"]))
-    d = r["daemon"]
-    lines.append("  Daemon:  %s" % ("running (pid %s)" % d["pid"] if d["running"]
-                                     else "not running (pure-CLI mode)"))
-    s = r["sync"]
-    lines.append("  Sync:    %s%s" % (s["state"], ", last %s" % relative_time(
-        s["last_sync_at"]) if s.get("last_sync_at") else ""))
-    if s.get("last_error"):
-        lines.append("           last error: %s" % s["last_error"])
-    return [clip(l) for l in lines]
+def cmd_status(args, cli, out):
+    out.emit(cli.call("status"), lambda r: render_status(r, out))
 
 
-def cmd_status(args, svc, out):
-    out.emit(svc.status(), lambda r: _status_lines(out, r))
+def cmd_overview(args, cli, out):
+    out.emit(cli.call("overview"), lambda r: render_overview(r, out))
 
 
-def cmd_overview(args, svc, out):
-    def lines(r):
-        ls = _status_lines(out, r) + ["", "Team (%d active):" % len(r["team"])]
-        for m in r["team"]:
-            ls.extend(clip("  " + l) for l in render_member(out, m))
-        return ls
-    out.emit(svc.overview(), lines)
+def cmd_team(args, cli, out):
+    out.emit(cli.call("team", all=args.all), lambda r: render_team(r, out, all=args.all))
 
 
-def cmd_team(args, svc, out):
-    def lines(r):
-        if not r["members"]:
-            return ["No active agents." + ("" if args.all else
-                                           " Use --all to include offline agents.")]
-        ls = []
-        for m in r["members"]:
-            ls.extend(render_member(out, m))
-        return ls
-    out.emit(svc.team(all=args.all), lines)
-
-
-def cmd_prime(args, svc, out):
-    def lines(r):
-        a = r["agent"]
-        ls = ["# thrum briefing for @%s" % a["agent_id"],
-              "You are @%s, role %s, module %s." % (a["agent_id"], a["role"], a["module"])]
-        if a.get("intent"):
-            ls.append("Intent: " + a["intent"])
-        if a.get("task"):
-            ls.append("Task: " + a["task"])
-        ls.append("Session: %s" % (r["session"]["session_id"] if r["session"] else
-                                   "none (start one: thrum session start)"))
-        wc = r["work_context"]
-        if wc.get("branch"):
-            ls.append("Branch: %s, %d changed file(s)" % (wc["branch"], len(wc["files"])))
-        ls.append("")
-        ls.append("## Unread messages: %d (of %d) — handle these before new work"
-                  % (len(r["unread"]), r["inbox"]["total"]))
-        ls.extend(render_message_rows(out, r["unread"][-20:]))
-        if len(r["unread"]) > 20:
-            ls.append("(%d older unread not shown: thrum inbox --unread)"
-                      % (len(r["unread"]) - 20))
-        ls.append("")
-        ls.append("## Team (%d active)" % len(r["team"]))
-        for m in r["team"]:
-            ls.extend(render_member(out, m))
-        if r["context"]:
-            ls += ["", "## Saved context", r["context"]]
-        ls += ["", "Commands: thrum inbox | thrum reply ID TEXT | thrum send TEXT --to @x",
-               "          thrum wait --timeout 5m | thrum team | thrum who-has PATH"]
-        return ls
-    out.emit(svc.prime(), lines)
-
-
-def _send_lines(r, verb="Message sent"):
-    ls = ["%s: %s" % (verb, r["message_id"])]
-    if r.get("thread_id"):
-        ls.append("  Thread: %s" % r["thread_id"])
-    ls.append("  To: %s" % _who(r["recipients"]))
-    return ls
+def cmd_prime(args, cli, out):
+    out.emit(cli.call("prime"), lambda r: render_prime(r, out))
 
 
 def _warnings(r):
@@ -4770,383 +5401,209 @@ def _warnings(r):
         _warn(w)
 
 
-def cmd_send(args, svc, out):
-    svc.me()  # set-up is checked before the arguments' meaning
-    if not (args.to or args.mention or args.broadcast):
-        raise UsageError("missing recipient",
-                         hint="add --to @agent (or a role, group, everyone), --mention @x, "
-                              "or --broadcast")
-    to = [t for item in args.to or () for t in item.split(",") if t.strip()]
-    mentions = [t for item in args.mention or () for t in item.split(",") if t.strip()]
-    body = read_body(args)
-    r = svc.send(body, to=to, mentions=mentions, broadcast=args.broadcast,
-                 scopes=args.scope or (), refs=args.ref or (), fmt=args.fmt or "markdown",
-                 structured=args.structured)
+def cmd_send(args, cli, out):
+    params = dict(to=_split_list(args.to), mentions=_split_list(args.mention),
+                  broadcast=args.broadcast, scopes=args.scope or (), refs=args.ref or (),
+                  fmt=args.fmt or "markdown", structured=args.structured)
+    r = cli.call("send", content=cli.body(args, "send", **params), **params)
     _warnings(r)
-    out.ok(r, *_send_lines(r))
+    out.ok(r, *render_send(r))
 
 
-def cmd_reply(args, svc, out):
-    svc.me()
-    body = read_body(args)
-    r = svc.reply(args.message_id, body, fmt=args.fmt or "markdown",
+def cmd_reply(args, cli, out):
+    params = dict(message_id=args.message_id, fmt=args.fmt or "markdown",
                   structured=args.structured, scopes=args.scope or (), refs=args.ref or ())
+    r = cli.call("reply", content=cli.body(args, "reply", **params), **params)
     _warnings(r)
-    out.ok(r, *_send_lines(r, "Reply sent"))
+    out.ok(r, *render_reply(r))
 
 
-def cmd_inbox(args, svc, out):
-    # Rows are marked read only after they were written out (a closed or broken
-    # stdout marks nothing).
-    r = svc.inbox(unread=args.unread, mentions=args.mentions, scope=args.scope, ref=args.ref,
-                  sender=args.sender, thread=args.thread, all=args.all, limit=args.limit,
-                  page=args.page, oldest=args.oldest, mark_read=False)
-
-    def lines(r):
-        if not r["total"]:
-            if args.unread:
-                return ["No unread messages."]
-            filt = [f for f, on in (("--scope " + str(args.scope), args.scope),
-                                    ("--ref " + str(args.ref), args.ref),
-                                    ("--from " + str(args.sender), args.sender),
-                                    ("--thread " + str(args.thread), args.thread),
-                                    ("--mentions", args.mentions)) if on]
-            if filt:
-                return ["No messages matching %s." % " ".join(filt)]
-            return ["No messages%s." % ("" if args.all else " for @" + r["agent_id"])]
-        return render_message_rows(out, r["messages"]) + _page_footer(
-            r, "messages", " (%d unread)" % r["unread"])
-    out.emit(r, lines)
+def cmd_inbox(args, cli, out):
+    # The operation decides which rows get marked read; they are marked only after
+    # they were written out (a closed or broken stdout marks nothing).
+    r = cli.call("inbox", unread=args.unread, mentions=args.mentions, scope=args.scope,
+                 ref=args.ref, sender=args.sender, thread=args.thread, all=args.all,
+                 limit=args.limit, page=args.page, oldest=args.oldest, defer_marks=True)
+    marks = r.pop("pending_marks", [])
+    filters = [f for f, on in (("--scope " + str(args.scope), args.scope),
+                               ("--ref " + str(args.ref), args.ref),
+                               ("--from " + str(args.sender), args.sender),
+                               ("--thread " + str(args.thread), args.thread),
+                               ("--mentions", args.mentions)) if on]
+    out.emit(r, lambda r: render_inbox(r, out, unread=args.unread, filters=filters,
+                                       all=args.all))
     out.flush()
-    if not args.unread:
-        svc.mark_read([m["message_id"] for m in r["messages"] if not m["is_read"]])
+    if marks:
+        cli.call("mark_read", message_ids=marks)
 
 
-def cmd_sent(args, svc, out):
-    r = svc.sent(to=args.to, unread=args.unread, limit=args.limit, page=args.page)
-
-    def lines(r):
-        if not r["total"]:
-            return ["No sent messages."]
-        ls = []
-        for m in r["messages"]:
-            ls.append(clip("%s  to %s  %s  %d/%d read" % (
-                m["message_id"], _aud_str(m["audiences"]) or _who(m["recipients"]),
-                relative_time(m["created_at"]), m["read_count"], len(m["receipts"]))))
-            ls.extend(_body_lines(m["body"]["content"], "  ", 6))
-            if m["receipts"]:
-                ls.append("  " + ", ".join("@%s(%s)" % (x["agent_id"], "read" if x["read_at"]
-                                                         else "unread") for x in m["receipts"]))
-        return ls + _page_footer(r, "sent messages")
-    out.emit(r, lines)
+def cmd_sent(args, cli, out):
+    r = cli.call("sent", to=args.to, unread=args.unread, limit=args.limit, page=args.page)
+    out.emit(r, lambda r: render_sent(r, out))
 
 
-def cmd_message(args, svc, out):
+def cmd_message(args, cli, out):
     if args.sub == "get":
-        r = svc.message_get(args.message_id)
-
-        def lines(r):
-            m = r["message"]
-            ls = ["Message: %s" % m["message_id"],
-                  "  From:    @%s" % m["agent_id"],
-                  "  Time:    %s (%s)" % (m["created_at"], relative_time(m["created_at"])),
-                  "  To:      %s" % (_aud_str(m["audiences"]) or "(nobody)")]
-            if m["thread_id"]:
-                ls.append("  Thread:  %s" % m["thread_id"])
-            if m["reply_to"]:
-                ls.append("  Reply to: %s" % m["reply_to"])
-            if m["scopes"]:
-                ls.append("  Scopes:  %s" % ", ".join(map(_tag_str, m["scopes"])))
-            if m["refs"]:
-                ls.append("  Refs:    %s" % ", ".join(map(_tag_str, m["refs"])))
-            if m["edits"]:
-                ls.append("  Edited:  %d time(s), last %s" % (len(m["edits"]), relative_time(
-                    m["updated_at"])))
-            ls.append("  Read by: %s" % (", ".join(
-                "@%s(%s)" % (x["agent_id"], "read" if x["read_at"] else "unread")
-                for x in m["receipts"]) or "-"))
-            if m["deleted"]:
-                ls.append("  Status:  DELETED")
-            ls.append("")
-            ls.extend(m["body"]["content"].split("\n"))
-            if m["body"].get("structured") is not None:
-                ls += ["", "Structured: " + json.dumps(m["body"]["structured"],
-                                                       ensure_ascii=False)]
-            return ls
-        return out.emit(r, lines)
+        return out.emit(cli.call("message_get", message_id=args.message_id),
+                        lambda r: render_message(r, out))
     if args.sub == "edit":
-        svc.me()
-        body = read_body(args)
-        r = svc.message_edit(args.message_id, body, fmt=args.fmt, structured=args.structured)
+        params = dict(message_id=args.message_id, fmt=args.fmt, structured=args.structured)
+        r = cli.call("message_edit", content=cli.body(args, "message_edit", **params),
+                     **params)
         return out.ok(r, "Message edited: %s (version %d)" % (r["message_id"], r["version"]))
     if args.sub == "delete":
-        r = svc.message_delete(args.message_id, force=args.force, reason=args.reason)
+        r = cli.call("message_delete", message_id=args.message_id, force=args.force,
+                     reason=args.reason)
         return out.ok(r, "Message deleted: %s" % r["message_id"])
     if args.sub == "read":
-        r = svc.message_read(args.message_ids, all=args.all)
+        r = cli.call("message_read", message_ids=args.message_ids, all=args.all)
         if not out.json and r["marked_count"] == 0:
             return out.emit(r, ["No unread messages to mark."] if not out.quiet else [])
         return out.ok(r, "Marked %d message%s as read" % (r["marked_count"],
                                                           "" if r["marked_count"] == 1 else "s"))
 
 
-def cmd_wait(args, svc, out):
-    svc.me()
-    timeout = _parse_timeout(args.timeout)
-    after = _parse_after(args.after)
-    r = svc.wait(timeout=timeout, after=after, unread=args.unread, scope=args.scope)
-    if r["status"] == "timeout":
-        if out.json:
-            out.emit(r)
-        else:
-            out.write("NO_MESSAGES_TIMEOUT\n")
-        return EXIT_FAIL
-
-    def lines(r):
-        ls = ["MESSAGES_RECEIVED"]
-        for m in r["messages"]:
-            # Continuation lines are indented, so no body line can start a block or a
-            # field: agents parse this line by line.
-            first, *more = m["body"]["content"].split("\n")
-            ls += ["---", "FROM: @%s" % m["agent_id"], "ID: %s" % m["message_id"],
-                   "CONTENT: %s" % first] + ["  " + l for l in more] + [
-                   "TIMESTAMP: %s" % m["created_at"]]
-        return ls + ["---"]
-    out.emit(r, lines)
+def cmd_wait(args, cli, out):
+    r = cli.call("wait", timeout=args.timeout, after=args.after, unread=args.unread,
+                 scope=args.scope)
+    out.emit(r, lambda r: render_wait(r, out))
+    return EXIT_FAIL if r["status"] == "timeout" else EXIT_OK
 
 
-def cmd_who_has(args, svc, out):
-    r = svc.who_has(args.path)
-
-    def lines(r):
-        if not r["agents"]:
-            return ["No agent is editing %s" % r["path"]]
-        return ["@%s is editing %s (branch %s)%s" % (
-            a["agent_id"], r["path"], a["branch"] or "detached",
-            "" if a["status"] in (None, "modified") else " [%s]" % a["status"])
-            for a in r["agents"]]
-    out.emit(r, lines)
+def cmd_who_has(args, cli, out):
+    out.emit(cli.call("who_has", path=args.path), lambda r: render_who_has(r, out))
 
 
-def cmd_ping(args, svc, out):
-    r = svc.ping(args.name)
-
-    def lines(m):
-        ls = ["@%s: %s, last seen %s" % (m["agent_id"], m["status"],
-                                         relative_time(m["last_seen_at"]))]
-        for k in ("intent", "task", "branch"):
-            if m.get(k):
-                ls.append(clip("  %s: %s" % (k.capitalize(), m[k])))
-        return ls
-    out.emit(r, lines)
+def cmd_ping(args, cli, out):
+    out.emit(cli.call("ping", name=args.name), lambda r: render_ping(r, out))
 
 
-def cmd_agent(args, svc, out):
+def cmd_agent(args, cli, out):
     if args.sub == "register":
-        name = args.name or args.name_pos or svc.env.get("THRUM_NAME")
-        if not name:
-            raise UsageError("agent register needs a name: --name NAME or THRUM_NAME")
-        r = svc.register(name, args.role or svc.env.get("THRUM_ROLE"),
-                         args.module or svc.env.get("THRUM_MODULE"), display=args.display,
-                         intent=args.intent, force=args.force)
+        r = cli.call("agent_register", name=args.name or args.name_pos, role=args.role,
+                     module=args.module, display=args.display, intent=args.intent,
+                     force=args.force)
         return out.ok(r, "Agent %s: @%s (%s, %s)" % (r["status"], r["agent_id"], r["role"],
                                                      r["module"]))
     if args.sub == "list":
-        r = svc.agent_list(context=args.context)
-
-        def lines(r):
-            if not r["agents"]:
-                return ["No agents registered."]
-            ls = []
-            for m in r["agents"]:
-                ls.extend(render_member(out, m))
-                if args.context:
-                    for f in m.get("files") or []:
-                        ls.append("      %s %s" % (f.get("status", "?")[:9].ljust(9),
-                                                   f.get("path")))
-            return ls
-        return out.emit(r, lines)
+        return out.emit(cli.call("agent_list", context=args.context),
+                        lambda r: render_agent_list(r, out, context=args.context))
     if args.sub == "delete":
-        r = svc.agent_delete(args.name, force=args.force)
+        r = cli.call("agent_delete", name=args.name, force=args.force)
         return out.ok(r, "Agent @%s deleted" % r["agent_id"])
     if args.sub == "cleanup":
-        r = svc.agent_cleanup(dry_run=args.dry_run, force=args.force)
-
-        def lines(r):
-            if not r["orphans"]:
-                return ["No stale agents (threshold %s)." % r["stale_after"]]
-            ls = ["%s @%s (%s): %s" % ("Deleted" if o["agent_id"] in r["deleted"] else
-                                       "Stale", o["agent_id"], o["role"], "; ".join(o["reasons"]))
-                  for o in r["orphans"]]
-            if not r["deleted"]:
-                ls.append("Run 'thrum agent cleanup --force' to delete them.")
-            return ls
-        return out.emit(r, lines)
+        return out.emit(cli.call("agent_cleanup", dry_run=args.dry_run, force=args.force),
+                        lambda r: render_agent_cleanup(r, out))
 
 
-def cmd_session(args, svc, out):
+def cmd_session(args, cli, out):
     if args.sub == "start":
-        r = svc.session_start(pid=args.pid)
+        r = cli.call("session_start", pid=args.pid)
         return out.ok(r, "Session started: %s" % r["session_id"])
     if args.sub == "end":
-        r = svc.session_end(reason=args.reason, session_id=args.session_id)
+        r = cli.call("session_end", reason=args.reason, session_id=args.session_id)
         return out.ok(r, "Session ended: %s" % r["session_id"])
     if args.sub == "list":
-        r = svc.session_list(agent_filter=args.agent, active=args.active)
-        return out.emit(r, lambda r: [clip("%s  %s  @%s  started %s%s" % (
-            s["session_id"], s["status"], s["agent_id"], relative_time(s["started_at"]),
-            ", ended %s (%s)" % (relative_time(s["ended_at"]), s["end_reason"])
-            if s["ended_at"] else "")) for s in r["sessions"]] or ["No sessions."])
+        return out.emit(cli.call("session_list", agent_filter=args.agent,
+                                 active=args.active), lambda r: render_session_list(r, out))
     if args.sub == "heartbeat":
-        r = svc.session_heartbeat()
-        return out.ok(r, "Heartbeat: %s" % r["session_id"],
-                      "  Branch: %s, %d changed file(s)" % (r["branch"] or "(detached HEAD)",
-                                                             len(r["files"])))
+        r = cli.call("session_heartbeat")
+        return out.ok(r, *render_heartbeat(r))
     text = " ".join(args.text)
     if args.sub == "set-intent":
-        r = svc.session_set_intent(text)
+        r = cli.call("session_set_intent", text=text)
         return out.ok(r, "Intent set: %s" % (text or "(cleared)"))
     if args.sub == "set-task":
-        r = svc.session_set_task(text)
+        r = cli.call("session_set_task", text=text)
         return out.ok(r, "Task set: %s" % (text or "(cleared)"))
 
 
-def cmd_context(args, svc, out):
-    if args.sub == "save":
-        if args.agent is None:
-            svc.me()
-        if args.file:
-            try:
-                with open(args.file, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise UsageError("cannot read --file %s: %s" % (args.file, e.strerror or e))
-        else:
-            data = _read_stdin()
+def _read_context_input(args):
+    if args.file:
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError("context is not valid UTF-8")
-        r = svc.context_save(text, agent_filter=args.agent, allow_empty=args.allow_empty)
+            with open(args.file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UsageError("cannot read --file %s: %s" % (args.file, e.strerror or e))
+    else:
+        data = _read_stdin()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("context is not valid UTF-8")
+
+
+def cmd_context(args, cli, out):
+    if args.sub == "save":
+        params = dict(agent_filter=args.agent, allow_empty=args.allow_empty)
+        cli.check("context_save", **params)  # who is saving, before reading the input
+        r = cli.call("context_save", content=_read_context_input(args), **params)
         return out.ok(r, "Context saved for @%s (%d bytes)" % (r["agent_id"], r["bytes"]))
     if args.sub == "show":
-        r = svc.context_show(agent_filter=args.agent)
-        if r["content"] is None:
-            return out.emit(r, ["No context saved for @%s" % r["agent_id"]])
-        return out.emit(r, [r["content"]] if r["content"].endswith("\n") is False
-                        else [r["content"][:-1]])
+        return out.emit(cli.call("context_show", agent_filter=args.agent),
+                        lambda r: render_context(r, out))
     if args.sub == "clear":
-        r = svc.context_clear(agent_filter=args.agent)
+        r = cli.call("context_clear", agent_filter=args.agent)
         return out.ok(r, "Context cleared for @%s" % r["agent_id"])
     if args.sub == "sync":
-        r = svc.context_sync()
+        r = cli.call("context_sync")
         return out.ok(r, "Context published for @%s (sync %s)" % (r["agent_id"], r["state"]))
 
 
-def cmd_group(args, svc, out):
-    def info_lines(r):
-        ls = [clip("%s  (%s)%s" % (r["group"], r["group_id"], " — " + r["description"]
-                                  if r.get("description") else ""))]
-        ls += ["  %s" % ("@" + m["value"] if m["type"] == "agent" else "role:" + m["value"])
-               for m in r["members"]] or ["  (no members)"]
-        ls.append(clip("  Reaches: %s" % _who(r["agents"])))
-        return ls
+def cmd_group(args, cli, out):
     if args.sub == "create":
-        r = svc.group_create(args.name, description=args.description)
+        r = cli.call("group_create", name=args.name, description=args.description)
         return out.ok(r, "Group created: %s" % r["group"])
     if args.sub == "delete":
-        r = svc.group_delete(args.name)
+        r = cli.call("group_delete", name=args.name)
         return out.ok(r, "Group deleted: %s" % r["group"])
     if args.sub in ("add", "remove"):
-        fn = svc.group_add if args.sub == "add" else svc.group_remove
-        r = fn(args.name, args.members)
-        if out.json:
-            return out.emit(r)
-        if not out.quiet:
-            out.emit(r, info_lines)
+        r = cli.call("group_" + args.sub, name=args.name, members=args.members)
+        if out.json or not out.quiet:
+            out.emit(r, lambda r: render_group(r, out))
         return
     if args.sub == "list":
-        r = svc.group_list()
-        return out.emit(r, lambda r: [clip("%s  %d member(s)%s  reaches %s" % (
-            g["group"], g["member_count"], " — " + g["description"] if g["description"]
-            else "", _who(g["agents"]))) for g in r["groups"]] or ["No groups."])
+        return out.emit(cli.call("group_list"), lambda r: render_group_list(r, out))
     if args.sub == "info":
-        return out.emit(svc.group_info(args.name), info_lines)
+        return out.emit(cli.call("group_info", name=args.name),
+                        lambda r: render_group(r, out))
 
 
-def _fmt_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def cmd_config(args, svc, out):
+def cmd_config(args, cli, out):
     if args.sub == "show":
-        r = svc.config_show()
-        return out.emit(r, lambda r: ["%s = %s  (%s)" % (k, _fmt_value(v["value"]), v["source"])
-                                      for k, v in r["values"].items()] +
-                        ["", "repo file: %s" % r["repo_file"], "user file: %s" % r["user_file"]])
+        return out.emit(cli.call("config_show"), lambda r: render_config(r, out))
     if args.sub == "get":
-        r = svc.config_get(args.key)
+        r = cli.call("config_get", key=args.key)
         return out.emit(r, [_fmt_value(r["value"])])
     if args.sub == "set":
-        r = svc.config_set(args.key, args.value)
+        r = cli.call("config_set", key=args.key, value=args.value)
         return out.ok(r, "%s = %s" % (r["key"], _fmt_value(r["value"])))
 
 
-def _sync_lines(r):
-    ls = ["  State:   %s" % r["state"],
-          "  Remote:  %s" % (r["remote"] or "(none)"),
-          "  Branch:  %s" % r["branch"],
-          "  Last sync: %s" % (relative_time(r["last_sync_at"]) if r["last_sync_at"] else "never")]
-    if r.get("ahead") or r.get("behind"):
-        ls.append("  Ahead %d, behind %d" % (r["ahead"], r["behind"]))
-    if r.get("last_error"):
-        ls.append("  Last error: %s" % r["last_error"])
-    return ls
-
-
-def cmd_sync(args, svc, out):
+def cmd_sync(args, cli, out):
     if args.sub == "force":
-        r = svc.sync_force()
-        if r["local_only"] or not r["remote"]:
-            head = "Sync committed locally (%s: nothing fetched or pushed)" % r["state"]
-        else:
-            head = "Synced with %s: %d event(s) pulled%s" % (
-                r["remote"], r["pulled"], ", pushed" if r["pushed"] else "")
-        return out.ok(r, head, *_sync_lines(r))
-    r = svc.sync_status()
-    if not r.get("git"):
-        return out.emit(r, ["Sync needs git: this store is outside a git repository."])
-    out.emit(r, lambda r: ["Sync status"] + _sync_lines(r))
+        r = cli.call("sync_force")
+        return out.ok(r, *render_sync_force(r))
+    out.emit(cli.call("sync_status"), lambda r: render_sync_status(r, out))
 
 
-def cmd_doctor(args, svc, out):
-    r = svc.doctor(fix=args.fix)
-
-    def lines(r):
-        ls = []
-        for c in r["checks"]:
-            mark = "✓" if c["ok"] else ("fixed" if c["fixed"] else "✗")
-            ls.append("%s %s: %s" % (mark, c["name"], c["detail"]))
-        ls.append("All good." if r["ok"] and all(c["ok"] for c in r["checks"]) else
-                  ("Repaired." if r["ok"] else "Problems found: run 'thrum doctor --fix'."))
-        return ls
-    out.emit(r, lines)
+def cmd_doctor(args, cli, out):
+    r = cli.call("doctor", fix=args.fix)
+    out.emit(r, lambda r: render_doctor(r, out))
     return EXIT_OK if r["ok"] else EXIT_FAIL
 
 
-def cmd_rebuild(args, svc, out):
-    r = svc.rebuild_index()
+def cmd_rebuild(args, cli, out):
+    r = cli.call("rebuild_index")
     out.ok(r, "Index rebuilt from the log (%d events)" % r["events"])
 
 
-def cmd_demo(args, svc, out):
+def cmd_demo(args, cli, out):
     if not out.json:
-        return run_demo(out)
+        return run_demo(out, cli.caller.env)
     import io
     buf = io.StringIO()
-    code = run_demo(Output(stream=buf))
+    code = run_demo(Output(stream=buf), cli.caller.env)
     out.emit({"ok": code == EXIT_OK, "transcript": buf.getvalue()})
     return code
 
@@ -5337,42 +5794,37 @@ def _no_args(p):
     pass
 
 
-#: name -> (help, argument builder, handler, needs a store). One table, so the
-#: parser, the help text and dispatch cannot drift apart.
+#: name -> (help, argument builder, handler). One table, so the parser, the help text
+#: and dispatch cannot drift apart (what each operation needs is in OPS).
 COMMANDS = {
-    "init": ("create .thrum/, the a-sync branch and its worktree", _args_init, cmd_init, False),
-    "setup": ("point a linked worktree at the main checkout's store", _args_setup, cmd_setup,
-              False),
+    "init": ("create .thrum/, the a-sync branch and its worktree", _args_init, cmd_init),
+    "setup": ("point a linked worktree at the main checkout's store", _args_setup, cmd_setup),
     "quickstart": ("init if needed, register, start a session, set intent", _args_quickstart,
-                   cmd_quickstart, False),
-    "whoami": ("my identity and session", _args_whoami, cmd_whoami, True),
-    "status": ("me, my session, inbox counts, daemon and sync state", _no_args, cmd_status,
-               True),
-    "team": ("agents with an open session (--all: everyone)", _args_team, cmd_team, True),
-    "overview": ("status + team in one view", _no_args, cmd_overview, True),
-    "prime": ("recovery briefing after a restart (marks nothing read)", _no_args, cmd_prime,
-              True),
-    "send": ("send a message", _args_send, cmd_send, True),
-    "reply": ("reply to a message (joins its thread)", _args_reply, cmd_reply, True),
-    "inbox": ("messages to me, newest first", _args_inbox, cmd_inbox, True),
-    "sent": ("messages I sent, with read receipts", _args_sent, cmd_sent, True),
-    "message": ("get | edit | delete | read", _args_message, cmd_message, True),
-    "wait": ("block until a message to me arrives", _args_wait, cmd_wait, True),
-    "who-has": ("which agents have PATH changed or uncommitted", _args_who_has, cmd_who_has,
-                True),
-    "ping": ("is an agent active; last seen; intent", _args_ping, cmd_ping, True),
-    "agent": ("register | list | delete | cleanup", _args_agent, cmd_agent, True),
+                   cmd_quickstart),
+    "whoami": ("my identity and session", _args_whoami, cmd_whoami),
+    "status": ("me, my session, inbox counts, daemon and sync state", _no_args, cmd_status),
+    "team": ("agents with an open session (--all: everyone)", _args_team, cmd_team),
+    "overview": ("status + team in one view", _no_args, cmd_overview),
+    "prime": ("recovery briefing after a restart (marks nothing read)", _no_args, cmd_prime),
+    "send": ("send a message", _args_send, cmd_send),
+    "reply": ("reply to a message (joins its thread)", _args_reply, cmd_reply),
+    "inbox": ("messages to me, newest first", _args_inbox, cmd_inbox),
+    "sent": ("messages I sent, with read receipts", _args_sent, cmd_sent),
+    "message": ("get | edit | delete | read", _args_message, cmd_message),
+    "wait": ("block until a message to me arrives", _args_wait, cmd_wait),
+    "who-has": ("which agents have PATH changed or uncommitted", _args_who_has, cmd_who_has),
+    "ping": ("is an agent active; last seen; intent", _args_ping, cmd_ping),
+    "agent": ("register | list | delete | cleanup", _args_agent, cmd_agent),
     "session": ("start | end | list | heartbeat | set-intent | set-task", _args_session,
-                cmd_session, True),
+                cmd_session),
     "context": ("save | show | clear | sync: notes that survive restarts", _args_context,
-                cmd_context, True),
-    "group": ("create | delete | add | remove | list | info", _args_group, cmd_group, True),
-    "sync": ("force | status: git sync of the a-sync branch", _args_sync, cmd_sync, True),
-    "config": ("show | get | set", _args_config, cmd_config, False),
-    "doctor": ("check and repair the index, log, sync worktree", _args_doctor, cmd_doctor,
-               True),
-    "rebuild": ("rebuild the index from the log", _no_args, cmd_rebuild, True),
-    "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo, False),
+                cmd_context),
+    "group": ("create | delete | add | remove | list | info", _args_group, cmd_group),
+    "sync": ("force | status: git sync of the a-sync branch", _args_sync, cmd_sync),
+    "config": ("show | get | set", _args_config, cmd_config),
+    "doctor": ("check and repair the index, log, sync worktree", _args_doctor, cmd_doctor),
+    "rebuild": ("rebuild the index from the log", _no_args, cmd_rebuild),
+    "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo),
 }
 
 _EPILOG = """global flags (anywhere): --json --quiet --verbose --repo PATH --version --debug
@@ -5388,7 +5840,7 @@ def build_parser(command=None):
     p = Parser(prog="thrum", description="Persistent, git-backed messaging for AI coding "
                "agents.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, builder, _, _) in COMMANDS.items():
+    for name, (help_, builder, _) in COMMANDS.items():
         if command is None or name == command:
             builder(sub.add_parser(name, help=help_, description=help_))
     return p
@@ -5453,7 +5905,8 @@ def _fail(out, e, debug=False):
             sys.stdout = open(os.devnull, "w")
         except OSError:  # pragma: no cover
             pass
-        stored = out.result.get("message_id") if isinstance(out.result, dict) else None
+        stored = out.result.get("message_id") if isinstance(out.result, dict) and \
+            "recipients" in out.result else None  # a send or reply was stored
         if stored and isinstance(stored, str):
             return _report(out, "%s; the message WAS stored as %s (do not send it again)"
                            % (e.message, stored), EXIT_FAIL, "see it with 'thrum sent'")
@@ -5503,17 +5956,25 @@ def _run(argv, out):
             raise UsageError("missing command", hint="see 'thrum --help'")
         parser.print_help()
         return EXIT_USAGE if rest else EXIT_OK
-    _, _, handler, needs_store = COMMANDS[args.command]
-    svc = Service(start=flags["repo"])
+    _, _, handler = COMMANDS[args.command]
+    env = dict(os.environ)
+    if flags["debug"]:
+        env["THRUM_DEBUG"] = "1"
+    cli = Cli(Caller(_cli_cwd(flags["repo"]), env), out)
     try:
-        if needs_store:
-            svc._require_store()  # set-up is checked before the arguments' meaning
-        code = handler(args, svc, out)
-        svc.finish()
+        code = handler(args, cli, out)
     finally:
-        svc.close()
-    out.autosync_error = svc.autosync_error
+        cli.close()
     return EXIT_OK if code is None else code
+
+
+def _cli_cwd(repo):
+    """Where the command runs: --repo PATH, else the current directory."""
+    try:
+        return os.path.abspath(repo) if repo else os.getcwd()
+    except FileNotFoundError:
+        raise ThrumError("the current directory no longer exists (was it deleted?)",
+                         hint="cd into the repository (or pass --repo PATH) and retry")
 
 
 def _report(out, message, code, hint=None):
