@@ -39,7 +39,7 @@ if __name__ == "__main__":
     sys.modules.setdefault("thrum", sys.modules[__name__])
 
 
-# === 1. Constants & errors ===================================================
+# === 1. Constants & errors ====================================================
 
 SCHEMA_VERSION = 5          #: index schema; an older index.db is rebuilt
 EVENT_VERSION = 1           #: the `v` field of every event
@@ -141,7 +141,25 @@ def _warn(msg):
         pass
 
 
-# === 2. Paths & repo discovery ===============================================
+def error_payload(exc):
+    """The one shape every front end reports an error in: {message, exit_code, hint}
+    (the CLI's stderr line and --json error, an RPC error reply, an MCP isError
+    result). Anything that is not a ThrumError is a bug or an environment failure:
+    exit code 1 with a one-line message (the caller logs the traceback)."""
+    if isinstance(exc, ThrumError):
+        return {"message": exc.message, "exit_code": exc.exit_code, "hint": exc.hint}
+    if isinstance(exc, KeyboardInterrupt):
+        return {"message": "interrupted", "exit_code": EXIT_INTERRUPTED, "hint": None}
+    if isinstance(exc, OSError):  # the environment refused: permissions, a dir for a file
+        where = "%s: " % exc.filename if exc.filename else ""
+        return {"message": "%s%s" % (where, exc.strerror or exc), "exit_code": EXIT_FAIL,
+                "hint": "check the file's type and permissions; 'thrum doctor' can help"}
+    return {"message": "internal error: %s: %s" % (type(exc).__name__, exc),
+            "exit_code": EXIT_FAIL,
+            "hint": "re-run with --debug for the traceback, and please report it"}
+
+
+# === 2. Paths & repo discovery ================================================
 #
 # Discovery never runs git: the send path must stay free of git processes, so
 # `.git` files and `commondir` pointers are parsed directly.
@@ -330,7 +348,149 @@ def _write_file_atomic(path, data, mode=0o644):
     os.replace(tmp, path)
 
 
-# === 3. Config ================================================================
+# === 3. IDs & time ============================================================
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ULID_CHARS = frozenset(_CROCKFORD)
+
+
+class _UlidGen:
+    """ULIDs: 48-bit ms timestamp + 80 random bits, monotonic within a process."""
+
+    def __init__(self):
+        self.last_ms = -1
+        self.last_rand = 0
+        self._lock = _thread.allocate_lock()  # threads share one monotonic sequence
+
+    def __call__(self, now_ms=None):
+        with self._lock:
+            return self._next(int(time.time() * 1000) if now_ms is None else now_ms)
+
+    def _next(self, ms):
+        if ms <= self.last_ms:
+            ms = self.last_ms
+            rand = self.last_rand + 1
+            if rand >= 1 << 80:  # pragma: no cover - 2^80 ids in one ms
+                ms += 1
+                rand = int.from_bytes(os.urandom(10), "big")
+        else:
+            rand = int.from_bytes(os.urandom(10), "big")
+        self.last_ms, self.last_rand = ms, rand
+        n = (ms << 80) | rand
+        out = []
+        for _ in range(26):
+            out.append(_CROCKFORD[n & 31])
+            n >>= 5
+        return "".join(reversed(out))
+
+
+ulid = _UlidGen()
+
+
+def new_id(prefix):
+    return prefix + ulid()
+
+
+def is_ulid(s):
+    """True for a 26-character Crockford base32 ULID."""
+    return len(s) == 26 and set(s) <= _ULID_CHARS and s[0] in "01234567"
+
+
+def now_ts(t=None):
+    """UTC timestamp in the fixed-width event format YYYY-MM-DDTHH:MM:SS.ffffffZ."""
+    if t is None:
+        t = time.time()
+    secs = int(t)
+    micros = int(round((t - secs) * 1e6))
+    if micros >= 1000000:
+        secs, micros = secs + 1, micros - 1000000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%06dZ" % micros
+
+
+def parse_ts(s):
+    """Parse a UTC timestamp (event format or ISO 8601 with Z/offset) to epoch seconds."""
+    import datetime
+    txt = s.strip()
+    if txt.endswith("Z") or txt.endswith("z"):
+        txt = txt[:-1] + "+00:00"
+    try:
+        dt = datetime.datetime.fromisoformat(txt)
+    except ValueError:
+        raise ValueError("not a timestamp: %r" % s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp()
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text):
+    """Parse `30s`, `8m`, `1h30m`, `1.5h`, `250ms`, `2d` or bare seconds (`45`, `-15s`).
+
+    Returns seconds (float, may be negative). Raises ValueError.
+    """
+    import re
+    s = text.strip().lower()
+    if not s:
+        raise ValueError("empty duration")
+    sign = 1.0
+    if s[0] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", s):
+        return sign * float(s)
+    try:
+        return _parse_units(s, sign)
+    except ValueError:
+        raise ValueError("invalid duration %r (use e.g. 30s, 8m, 1h30m, 1.5h, 250ms)"
+                         % text) from None
+
+
+def _parse_units(s, sign):
+    import re
+    parts = re.findall(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)", s)
+    if not parts or "".join(a + b for a, b in parts) != s:
+        raise ValueError(s)
+    return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def format_duration(secs):
+    """Compact duration text: 90 -> '1m30s', 0.25 -> '250ms', 86400 -> '1d'."""
+    if secs < 1 and secs != int(secs):
+        return "%dms" % round(secs * 1000)
+    secs = int(round(secs))
+    if secs == 0:
+        return "0s"
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if secs >= size:
+            out += "%d%s" % (secs // size, unit)
+            secs %= size
+    return out
+
+
+def relative_time(ts, now=None):
+    """'just now', '5m ago', '3h ago', '2d ago', else 'Jan 02'."""
+    if not ts:
+        return "never"
+    try:
+        t = parse_ts(ts)
+    except ValueError:
+        return ts
+    delta = (time.time() if now is None else now) - t
+    if delta < 60:
+        return "just now"
+    if delta < 3600:
+        return "%dm ago" % (delta // 60)
+    if delta < 86400:
+        return "%dh ago" % (delta // 3600)
+    if delta < 7 * 86400:
+        return "%dd ago" % (delta // 86400)
+    return time.strftime("%b %d", time.gmtime(t))
+
+
+# === 4. Config ================================================================
 #
 # Layers: defaults < user file < repo `.thrum/config.toml` < THRUM_* env < flags.
 
@@ -568,149 +728,7 @@ class Config:
         return value
 
 
-# === 4. IDs & time ============================================================
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_ULID_CHARS = frozenset(_CROCKFORD)
-
-
-class _UlidGen:
-    """ULIDs: 48-bit ms timestamp + 80 random bits, monotonic within a process."""
-
-    def __init__(self):
-        self.last_ms = -1
-        self.last_rand = 0
-        self._lock = _thread.allocate_lock()  # threads share one monotonic sequence
-
-    def __call__(self, now_ms=None):
-        with self._lock:
-            return self._next(int(time.time() * 1000) if now_ms is None else now_ms)
-
-    def _next(self, ms):
-        if ms <= self.last_ms:
-            ms = self.last_ms
-            rand = self.last_rand + 1
-            if rand >= 1 << 80:  # pragma: no cover - 2^80 ids in one ms
-                ms += 1
-                rand = int.from_bytes(os.urandom(10), "big")
-        else:
-            rand = int.from_bytes(os.urandom(10), "big")
-        self.last_ms, self.last_rand = ms, rand
-        n = (ms << 80) | rand
-        out = []
-        for _ in range(26):
-            out.append(_CROCKFORD[n & 31])
-            n >>= 5
-        return "".join(reversed(out))
-
-
-ulid = _UlidGen()
-
-
-def new_id(prefix):
-    return prefix + ulid()
-
-
-def is_ulid(s):
-    """True for a 26-character Crockford base32 ULID."""
-    return len(s) == 26 and set(s) <= _ULID_CHARS and s[0] in "01234567"
-
-
-def now_ts(t=None):
-    """UTC timestamp in the fixed-width event format YYYY-MM-DDTHH:MM:SS.ffffffZ."""
-    if t is None:
-        t = time.time()
-    secs = int(t)
-    micros = int(round((t - secs) * 1e6))
-    if micros >= 1000000:
-        secs, micros = secs + 1, micros - 1000000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%06dZ" % micros
-
-
-def parse_ts(s):
-    """Parse a UTC timestamp (event format or ISO 8601 with Z/offset) to epoch seconds."""
-    import datetime
-    txt = s.strip()
-    if txt.endswith("Z") or txt.endswith("z"):
-        txt = txt[:-1] + "+00:00"
-    try:
-        dt = datetime.datetime.fromisoformat(txt)
-    except ValueError:
-        raise ValueError("not a timestamp: %r" % s)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.timezone.utc)
-    return dt.timestamp()
-
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text):
-    """Parse `30s`, `8m`, `1h30m`, `1.5h`, `250ms`, `2d` or bare seconds (`45`, `-15s`).
-
-    Returns seconds (float, may be negative). Raises ValueError.
-    """
-    import re
-    s = text.strip().lower()
-    if not s:
-        raise ValueError("empty duration")
-    sign = 1.0
-    if s[0] in "+-":
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if re.fullmatch(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", s):
-        return sign * float(s)
-    try:
-        return _parse_units(s, sign)
-    except ValueError:
-        raise ValueError("invalid duration %r (use e.g. 30s, 8m, 1h30m, 1.5h, 250ms)"
-                         % text) from None
-
-
-def _parse_units(s, sign):
-    import re
-    parts = re.findall(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)", s)
-    if not parts or "".join(a + b for a, b in parts) != s:
-        raise ValueError(s)
-    return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-
-
-def format_duration(secs):
-    """Compact duration text: 90 -> '1m30s', 0.25 -> '250ms', 86400 -> '1d'."""
-    if secs < 1 and secs != int(secs):
-        return "%dms" % round(secs * 1000)
-    secs = int(round(secs))
-    if secs == 0:
-        return "0s"
-    out = ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if secs >= size:
-            out += "%d%s" % (secs // size, unit)
-            secs %= size
-    return out
-
-
-def relative_time(ts, now=None):
-    """'just now', '5m ago', '3h ago', '2d ago', else 'Jan 02'."""
-    if not ts:
-        return "never"
-    try:
-        t = parse_ts(ts)
-    except ValueError:
-        return ts
-    delta = (time.time() if now is None else now) - t
-    if delta < 60:
-        return "just now"
-    if delta < 3600:
-        return "%dm ago" % (delta // 60)
-    if delta < 86400:
-        return "%dh ago" % (delta // 3600)
-    if delta < 7 * 86400:
-        return "%dd ago" % (delta // 86400)
-    return time.strftime("%b %d", time.gmtime(t))
-
-
-# === 5. Event log =============================================================
+# === 5. Event log & event checks ==============================================
 #
 # The log is the truth: JSONL files, one event per line, one file per writer
 # (agents/<name>.jsonl, messages/<name>.jsonl, receipts/<name>.jsonl) plus the
@@ -1047,74 +1065,6 @@ def parse_lines(data, rel, warn=True):
     return events, bad
 
 
-# === 6. Projection / index ====================================================
-#
-# SQLite (WAL) cache of the log. Every projection is order-independent: source
-# tables (edits, deletes, receipts, register/delete keys) are keyed so that
-# applying the same events in any order, any number of times, gives the same
-# rows; derived columns are recomputed from them. So the index after any
-# interleaving of writes and syncs equals a rebuild from the log alone.
-
-_SCHEMA_TABLES = """
-CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
-                   offset INTEGER, tail BLOB, lines INTEGER);
-CREATE TABLE messages(
-  message_id TEXT PRIMARY KEY, agent_id TEXT, session_id TEXT, created_at TEXT,
-  event_id TEXT, origin TEXT, format0 TEXT, content0 TEXT, structured0 TEXT,
-  recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT, thread0 TEXT,
-  -- the latest edit (NULL until edited; readers coalesce with the *0 columns)
-  format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
-  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT)
-  WITHOUT ROWID;
-CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
-                        read_at TEXT, deleted INTEGER DEFAULT 0,
-                        PRIMARY KEY(agent_id, message_id)) WITHOUT ROWID;
-CREATE TABLE tags(message_id TEXT, kind TEXT, type TEXT, value TEXT,
-                  PRIMARY KEY(message_id, kind, type, value)) WITHOUT ROWID;
-CREATE TABLE receipts(message_id TEXT, agent_id TEXT, read_at TEXT,
-                      PRIMARY KEY(message_id, agent_id)) WITHOUT ROWID;
-CREATE TABLE edits(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
-                   format TEXT, content TEXT, structured TEXT);
-CREATE TABLE deletes(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
-                     reason TEXT);
-CREATE TABLE agents(agent_id TEXT PRIMARY KEY, role TEXT, module TEXT, display TEXT,
-                    worktree TEXT, hostname TEXT, origin TEXT, registered_at TEXT,
-                    reg_key TEXT, del_key TEXT, deleted_by TEXT, takeover INTEGER);
-CREATE TABLE agent_fields(agent_id TEXT, field TEXT, value TEXT, key TEXT,
-                          PRIMARY KEY(agent_id, field)) WITHOUT ROWID;
-CREATE TABLE seen(agent_id TEXT PRIMARY KEY, ts TEXT);
-CREATE TABLE sessions(session_id TEXT PRIMARY KEY, agent_id TEXT, started_at TEXT,
-                      ended_at TEXT, end_reason TEXT, pid INTEGER);
-CREATE TABLE groups(name TEXT PRIMARY KEY, group_id TEXT, description TEXT,
-                    created_by TEXT, created_at TEXT, create_key TEXT, delete_key TEXT);
-CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEXT,
-                           remove_key TEXT, added_by TEXT, added_at TEXT,
-                           PRIMARY KEY(name, member_type, member)) WITHOUT ROWID;
-"""
-
-#: Secondary indexes: created after a bulk build, which is faster.
-_SCHEMA_INDEXES = """
-CREATE INDEX messages_author ON messages(agent_id, created_at);
-CREATE INDEX messages_created ON messages(created_at);
-CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
-CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
-CREATE INDEX deliveries_inbox ON deliveries(agent_id, deleted, created_at);
-CREATE INDEX deliveries_unread ON deliveries(agent_id) WHERE read_at IS NULL AND deleted = 0;
-CREATE INDEX deliveries_msg ON deliveries(message_id);
-CREATE INDEX tags_lookup ON tags(kind, type, value);
-CREATE INDEX edits_msg ON edits(message_id);
-CREATE INDEX deletes_msg ON deletes(message_id);
-CREATE INDEX sessions_agent ON sessions(agent_id);
-"""
-_SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
-
-#: Fields an agent.update may carry (work context); latest value wins per field.
-AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context")
-
-#: An agent counts as registered when its latest register beats its latest delete.
-ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
-
-
 def _opt_str(ev, *fields):
     for f in fields:
         v = ev.get(f)
@@ -1213,6 +1163,74 @@ def _event_problem(ev):
                 ev.get("member_type") in ("agent", "role") and name_ok(ev.get("member"))):
             return "needs member_type agent|role and a valid member"
     return None
+
+
+# === 6. Index (the SQLite projection of the log) ==============================
+#
+# SQLite (WAL) cache of the log. Every projection is order-independent: source
+# tables (edits, deletes, receipts, register/delete keys) are keyed so that
+# applying the same events in any order, any number of times, gives the same
+# rows; derived columns are recomputed from them. So the index after any
+# interleaving of writes and syncs equals a rebuild from the log alone.
+
+_SCHEMA_TABLES = """
+CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
+                   offset INTEGER, tail BLOB, lines INTEGER);
+CREATE TABLE messages(
+  message_id TEXT PRIMARY KEY, agent_id TEXT, session_id TEXT, created_at TEXT,
+  event_id TEXT, origin TEXT, format0 TEXT, content0 TEXT, structured0 TEXT,
+  recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT, thread0 TEXT,
+  -- the latest edit (NULL until edited; readers coalesce with the *0 columns)
+  format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
+  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT)
+  WITHOUT ROWID;
+CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
+                        read_at TEXT, deleted INTEGER DEFAULT 0,
+                        PRIMARY KEY(agent_id, message_id)) WITHOUT ROWID;
+CREATE TABLE tags(message_id TEXT, kind TEXT, type TEXT, value TEXT,
+                  PRIMARY KEY(message_id, kind, type, value)) WITHOUT ROWID;
+CREATE TABLE receipts(message_id TEXT, agent_id TEXT, read_at TEXT,
+                      PRIMARY KEY(message_id, agent_id)) WITHOUT ROWID;
+CREATE TABLE edits(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
+                   format TEXT, content TEXT, structured TEXT);
+CREATE TABLE deletes(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
+                     reason TEXT);
+CREATE TABLE agents(agent_id TEXT PRIMARY KEY, role TEXT, module TEXT, display TEXT,
+                    worktree TEXT, hostname TEXT, origin TEXT, registered_at TEXT,
+                    reg_key TEXT, del_key TEXT, deleted_by TEXT, takeover INTEGER);
+CREATE TABLE agent_fields(agent_id TEXT, field TEXT, value TEXT, key TEXT,
+                          PRIMARY KEY(agent_id, field)) WITHOUT ROWID;
+CREATE TABLE seen(agent_id TEXT PRIMARY KEY, ts TEXT);
+CREATE TABLE sessions(session_id TEXT PRIMARY KEY, agent_id TEXT, started_at TEXT,
+                      ended_at TEXT, end_reason TEXT, pid INTEGER);
+CREATE TABLE groups(name TEXT PRIMARY KEY, group_id TEXT, description TEXT,
+                    created_by TEXT, created_at TEXT, create_key TEXT, delete_key TEXT);
+CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEXT,
+                           remove_key TEXT, added_by TEXT, added_at TEXT,
+                           PRIMARY KEY(name, member_type, member)) WITHOUT ROWID;
+"""
+
+#: Secondary indexes: created after a bulk build, which is faster.
+_SCHEMA_INDEXES = """
+CREATE INDEX messages_author ON messages(agent_id, created_at);
+CREATE INDEX messages_created ON messages(created_at);
+CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
+CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
+CREATE INDEX deliveries_inbox ON deliveries(agent_id, deleted, created_at);
+CREATE INDEX deliveries_unread ON deliveries(agent_id) WHERE read_at IS NULL AND deleted = 0;
+CREATE INDEX deliveries_msg ON deliveries(message_id);
+CREATE INDEX tags_lookup ON tags(kind, type, value);
+CREATE INDEX edits_msg ON edits(message_id);
+CREATE INDEX deletes_msg ON deletes(message_id);
+CREATE INDEX sessions_agent ON sessions(agent_id);
+"""
+_SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
+
+#: Fields an agent.update may carry (work context); latest value wins per field.
+AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context")
+
+#: An agent counts as registered when its latest register beats its latest delete.
+ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
 
 
 def _valid_pid(v):
@@ -1758,152 +1776,10 @@ class Index:
         return self.db.execute(sql, params).fetchone()
 
 
-# === 7. Store / service API ===================================================
-
-_ROLE_INTENTS = {
-    "implementer": "Implement features and fixes in %s",
-    "coordinator": "Coordinate agents and tasks in %s",
-    "reviewer": "Review changes in %s",
-    "tester": "Test changes in %s",
-    "pipeline": "Report CI results for %s",
-}
-
-
-def _check_name(name, what="agent name"):
-    if not isinstance(name, str) or not name_ok(name):
-        raise UsageError(
-            "invalid %s %r: use 1-64 lowercase letters, digits, '_' or '-', "
-            "starting with a letter or digit" % (what, name))
-    if name in RESERVED_NAMES:
-        raise UsageError("invalid %s %r: it is reserved (%s)"
-                         % (what, name, ", ".join(sorted(RESERVED_NAMES))))
-    return name
-
-
-def _strip_at(name):
-    return name[1:] if isinstance(name, str) and name.startswith("@") else name
-
-
-def _check_text(value, what, limit=1000, allow_empty=False):
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise UsageError("%s must be text" % what)
-    if not allow_empty and not value.strip():
-        raise UsageError("%s must not be empty" % what)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError("%s is not valid UTF-8" % what)
-    if len(value) > limit or "\n" in value or "\r" in value or "\x00" in value:
-        raise UsageError("%s must be one line of at most %d characters" % (what, limit))
-    return value
-
-
-def parse_after(text):
-    """A wait's start point: epoch seconds (a number), a negative duration meaning
-    "ago" (`-15s`) or a UTC timestamp -> epoch seconds."""
-    if text is None:
-        return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if not 0 <= text < 253402300800:
-            raise UsageError("invalid start point %r: must be between 1970 and 9999" % text)
-        return float(text)
-    if not isinstance(text, str):
-        raise UsageError("invalid start point %r" % (text,))
-    t = text.strip()
-    try:
-        secs = parse_duration(t)
-    except ValueError:
-        try:
-            ts = parse_ts(t)
-        except (ValueError, OverflowError):
-            raise UsageError("invalid start point (after) %r: use a negative duration such as -15s, "
-                             "or a UTC timestamp such as 2026-01-31T12:00:00Z" % text)
-        if not 0 <= ts < 253402300800:
-            raise UsageError("invalid start point (after) %r: a timestamp must be between 1970 and 9999"
-                             % text)
-        return ts
-    if secs > 0 or (secs == 0 and not t.startswith("-")):
-        raise UsageError("invalid start point (after) %r: a duration must be negative (-15s means "
-                         "fifteen seconds ago)" % text)
-    if secs < -100 * 365 * 86400:
-        raise UsageError("invalid start point (after) %r: at most 100 years ago" % text)
-    return time.time() + secs
-
-
-def parse_timeout(text):
-    """A wait's timeout: seconds (a number) or a duration (`8m`), 0 .. 24h."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        secs = float(text)
-    else:
-        try:
-            secs = parse_duration(text if isinstance(text, str) else "")
-        except ValueError as e:
-            raise UsageError("invalid timeout: %s" % e)
-    if not 0 <= secs <= MAX_TIMEOUT:  # also refuses nan
-        raise UsageError("invalid timeout %r: must be between 0 and 24h" % (text,))
-    return secs
-
-
-def _target_list(targets):
-    """Targets as a list of names: a string may hold a comma list; `@` is kept."""
-    if targets is None:
-        return []
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, (list, tuple)):
-        raise UsageError("targets must be a name or a list of names")
-    out = []
-    for t in targets:
-        if not isinstance(t, str):
-            raise UsageError("invalid target %r: expected a name" % (t,))
-        out += [x.strip() for x in t.split(",") if x.strip()]
-    return out
-
-
-def parse_tag(text, what="scope"):
-    """Parse `type:value` (or a {type, value} dict) for --scope/--ref."""
-    if isinstance(text, dict):
-        t, v = text.get("type"), text.get("value")
-    else:
-        if not isinstance(text, str) or ":" not in text:
-            raise UsageError("invalid %s %r: expected type:value (e.g. module:auth)"
-                             % (what, text))
-        t, v = text.split(":", 1)
-    if (not isinstance(t, str) or not isinstance(v, str) or not t or not v.strip()
-            or not all(c.isalnum() or c in "_.-" for c in t)
-            or any(c in v for c in "\n\r\x00") or len(v) > 500 or not _utf8_ok(v)):
-        raise UsageError("invalid %s %r: expected type:value with a non-empty type "
-                         "(letters, digits, _ . -) and value" % (what, text))
-    return {"type": t, "value": v}
-
-
-def _utf8_ok(text):
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _tag_str(tag):
-    return "%s:%s" % (tag["type"], tag["value"])
-
-
-def _pid_alive(pid):
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OSError, ValueError, OverflowError):
-        return False
-
+# === 7. Subprocess tools: git, work contexts ==================================
+#
+# Every git call goes through git(): an argv list (never a shell), a bound on its time,
+# its own process group, and a THRUM_DEBUG trace.
 
 def git(args, cwd, env, check=True, input=None, timeout=60, env_extra=None, text=True):
     """Run git with an argv list (never a shell) in `cwd`, with the environment `env`
@@ -1982,1956 +1858,6 @@ def _kill_group(proc):
         proc.communicate(timeout=5)
     except Exception:  # pragma: no cover - a member escaped the group
         pass
-
-
-class Store:
-    """One thrum store, held open: its config, event log, index and origin.
-
-    The long-lived half of the service layer. A CLI process holds one for a single
-    call; the daemon and the MCP server hold one for hours and share it between
-    threads: ULIDs are minted under a lock, every thread gets its own SQLite
-    connection, and `refresh()` (run at the start of every request) catches the
-    index up with writes made by other processes.
-    """
-
-    def __init__(self, loc, env, overrides=None):
-        if not loc.store:
-            raise NotSetUpError("thrum is not initialised here (%s)" % loc.worktree,
-                                hint="run 'thrum init' (or 'thrum quickstart --name N "
-                                     "--role R --module M')")
-        self.loc = Location(loc.store_root, loc.store, loc.git_common)
-        self.env = env
-        self.config = Config(loc.store, env, overrides)
-        self._overrides = overrides
-        self._log = self._index = self._origin = None
-        self._lock = _thread.allocate_lock()
-
-    @property
-    def path(self):
-        return self.loc.store
-
-    @property
-    def branch(self):
-        return self.config.get("sync.branch")
-
-    @property
-    def log(self):
-        if self._log is None:
-            self._log = EventLog(self.loc.log_dir(self.branch),
-                                 os.path.join(self.loc.var, "torn"))
-        return self._log
-
-    @property
-    def index(self):
-        """The index (not caught up: see refresh)."""
-        if self._index is None:
-            with self._lock:
-                if self._index is None:
-                    self._index = Index(os.path.join(self.loc.var, "index.db"), self.log)
-        return self._index
-
-    def refresh(self):
-        """See what other processes wrote: re-read a changed config file and catch
-        the index up with the log (cheap when nothing changed: file stats)."""
-        if self.config.changed():
-            self.config = Config(self.loc.store, self.env, self._overrides)
-            self._log = self._index = None
-        return self.index.catch_up()
-
-    @property
-    def origin(self):
-        """This clone's id (`.thrum/origin`), written on first use."""
-        if self._origin is None:
-            with self._lock:
-                path = os.path.join(self.loc.store, "origin")
-                o = (_read_text(path) or "").strip()
-                if not o:
-                    o = new_id("o_")
-                    _write_file_atomic(path, o + "\n")
-                self._origin = o
-        return self._origin
-
-    def event(self, etype, **fields):
-        return make_event(etype, self.origin, **fields)
-
-    def emit(self, events):
-        """Append events to the log, then project them. The only write path."""
-        if events:
-            self.log.append(events)
-            self.index.catch_up()
-
-    def sync_engine(self, branch=None):
-        return SyncEngine(self, branch=branch)
-
-    def close(self):
-        """Close this thread's index connection."""
-        if self._index is not None:
-            self._index.close()
-
-
-class Caller:
-    """Who is asking, as a plain value the front end builds: the directory the
-    request comes from (its worktree decides which identities are "here"), the
-    caller's environment (THRUM_NAME, THRUM_ROLE, THRUM_AUTOSYNC, ...) and an
-    explicit agent name (`--agent`), which wins over THRUM_NAME."""
-
-    __slots__ = ("cwd", "env", "agent")
-
-    def __init__(self, cwd, env, agent=None):
-        self.cwd = os.path.abspath(cwd)
-        self.env = dict(env)
-        self.agent = agent
-
-    def to_dict(self):
-        return {"cwd": self.cwd, "env": self.env, "agent": self.agent}
-
-    @classmethod
-    def from_dict(cls, d):
-        if not isinstance(d, dict) or not isinstance(d.get("cwd"), str) or not \
-                isinstance(d.get("env", {}), dict):
-            raise UsageError("a caller needs cwd (text) and env (an object)")
-        return cls(d["cwd"], {str(k): str(v) for k, v in d.get("env", {}).items()},
-                   d.get("agent"))
-
-    def __repr__(self):  # pragma: no cover - debugging aid
-        return "Caller(%r, agent=%r)" % (self.cwd, self.agent)
-
-
-class Service:
-    """Every thrum operation, as one method taking and returning plain data.
-
-    One Service serves one request: it pairs the long-lived Store (None until
-    `init` makes one) with the Caller, and resolves "me" from the caller, never
-    from the process. Front ends go through `call()`, which builds it.
-    """
-
-    def __init__(self, store, caller):
-        self.caller = caller
-        self.env = caller.env
-        self.loc = locate(caller.cwd)
-        if store is not None and self.loc.store and \
-                os.path.realpath(self.loc.store) != os.path.realpath(store.path):
-            raise UsageError("%s belongs to the thrum store %s, not %s" % (
-                caller.cwd, self.loc.store, store.path))
-        if store is not None and not self.loc.store:
-            self.loc = Location(self.loc.worktree, store.path, store.loc.git_common)
-        if store is None and self.loc.store:
-            store = Store(self.loc, self.env)
-        self.store = store
-        self._fresh = False          # the store was refreshed for this request
-        self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
-        self.wrote = False           # this call appended events (see finish())
-        self._me = {}                # me() results of this call (cleared by identity writes)
-
-    # -- plumbing --------------------------------------------------------------
-    def require_store(self):
-        if self.store is None:
-            raise NotSetUpError("thrum is not initialised here (%s)" % self.loc.worktree,
-                                hint="run 'thrum init' (or 'thrum quickstart --name N "
-                                     "--role R --module M')")
-        return self.store
-
-    @property
-    def config(self):
-        return self.store.config if self.store else Config(None, self.env)
-
-    @property
-    def log(self):
-        return self.require_store().log
-
-    @property
-    def branch(self):
-        return self.config.get("sync.branch")
-
-    @property
-    def index(self):
-        """The index, caught up with the log once per request (writes catch up again)."""
-        store = self.require_store()
-        if not self._fresh:
-            self._fresh = True
-            store.refresh()
-        return store.index
-
-    def close(self):
-        if self.store is not None:
-            self.store.close()
-
-    @property
-    def origin(self):
-        return self.require_store().origin
-
-    def _emit(self, events):
-        """Append events to the log, then project them. The only write path."""
-        if not events:
-            return
-        self._autosync  # a bad THRUM_AUTOSYNC is refused before anything is written
-        self.index  # caught up first, so the write's own catch-up reads only it
-        self.store.emit(events)
-        self.wrote = True
-
-    def finish(self):
-        """End of one request: with THRUM_AUTOSYNC, one sync cycle if the call wrote
-        anything (a failure is kept in `autosync_error`, the write stays)."""
-        if self.wrote and self._autosync and self.loc.git_common:
-            self.wrote = False
-            try:
-                self.sync_force()
-            except ThrumError as e:
-                self.autosync_error = e
-
-    @property
-    def _autosync(self):
-        try:
-            return _parse_bool(self.env.get("THRUM_AUTOSYNC") or "0")
-        except ValueError:
-            raise UsageError("THRUM_AUTOSYNC must be 1/0 or true/false")
-
-    def _event(self, etype, **fields):
-        return self.require_store().event(etype, **fields)
-
-    # -- identity --------------------------------------------------------------
-    def _identity_file(self, name, worktree=None):
-        return _safe_name_path(os.path.join(worktree or self.loc.worktree, THRUM_DIR,
-                                            "identities"), name, ".json")
-
-    @staticmethod
-    def _read_identity(path):
-        name = os.path.basename(path)[:-5]
-        hint = ("repair it with 'thrum doctor --fix', or register again: 'thrum quickstart "
-                "--name %s --role ROLE --module MODULE'" % name)
-        try:
-            text = _read_text(path)
-            if text is None:
-                return None
-            data = json.loads(text)
-        except (ValueError, ThrumError):
-            raise NotSetUpError("identity file %s is corrupt" % path, hint=hint)
-        if not isinstance(data, dict) or not name_ok(data.get("agent_id", "")) or any(
-                data.get(k) is not None and not isinstance(data.get(k), str) for k in (
-                    "role", "module", "display", "worktree", "intent", "session_id",
-                    "tmux_session", "created_at", "updated_at")):
-            raise NotSetUpError("identity file %s is not a valid thrum identity" % path,
-                                hint=hint)
-        data["identity_file"] = path
-        return data
-
-    def _write_identity(self, ident):
-        self._me.clear()
-        data = {k: v for k, v in ident.items() if k != "identity_file"}
-        data["updated_at"] = now_ts()
-        path = ident.get("identity_file") or self._identity_file(data["agent_id"])
-        _write_file_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", 0o600)
-        ident["identity_file"] = path
-        ident["updated_at"] = data["updated_at"]
-
-    def identities_here(self):
-        """Names with an identity file in this worktree."""
-        try:
-            names = os.listdir(self.loc.identities)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(n[:-5] for n in names if n.endswith(".json") and name_ok(n[:-5]))
-
-    def me(self, agent=None):
-        """Resolve the calling agent's identity (SPEC §4). Never guesses."""
-        if agent in self._me:
-            return self._me[agent]
-        self._me[agent] = ident = self._resolve_me(agent)
-        self._me.setdefault(ident["agent_id"], ident)
-        return ident
-
-    def _resolve_me(self, agent):
-        self.require_store()
-        agent = agent or self.caller.agent
-        name = _strip_at(agent) if agent else self.env.get("THRUM_NAME") or None
-        here = self.identities_here()
-        if name:
-            if not name_ok(name) or name in RESERVED_NAMES:
-                raise UsageError("invalid agent name %r in %s" % (
-                    name, "--agent" if agent else "THRUM_NAME"),
-                    hint="names are 1-64 lowercase letters, digits, '_' or '-', and not "
-                         "reserved")
-            if name in here:
-                ident = self._read_identity(self._identity_file(name))
-            elif not here:
-                ident = self._identity_elsewhere(name)
-            else:
-                ident = None
-            if ident is None:
-                raise NotSetUpError(
-                    "%s=%s does not name an identity in this worktree"
-                    % ("--agent" if agent else "THRUM_NAME", name),
-                    hint=("available here: %s" % ", ".join(here)) if here else
-                    "register it with 'thrum quickstart --name %s --role R --module M'"
-                    % name)
-        elif len(here) == 1:
-            ident = self._read_identity(self._identity_file(here[0]))
-        elif not here:
-            raise NotSetUpError("no agent identity in this worktree",
-                                hint="register with 'thrum quickstart --name NAME "
-                                     "--role ROLE --module MODULE'")
-        else:
-            raise NotSetUpError("several identities in this worktree (%s); "
-                                "cannot choose" % ", ".join(here),
-                                hint="set THRUM_NAME to one of: %s" % ", ".join(here))
-        row = self.index.q1("SELECT role, worktree, hostname, takeover FROM agents WHERE "
-                            "agent_id = ? AND " + ACTIVE_AGENT_SQL, (ident["agent_id"],))
-        if row and row[1] and ident.get("worktree") and ident.get("identity_file") and \
-                os.path.realpath(row[1]) != os.path.realpath(ident["worktree"]):
-            where = row[1] + ("" if row[2] in (None, os.uname().nodename) else
-                              " on " + str(row[2]))
-            hint = ("register another name here, or claim it back with 'thrum quickstart "
-                    "--name %s --role ROLE --module MODULE --force'" % ident["agent_id"])
-            if row[3]:
-                raise NotSetUpError("agent @%s was taken over (--force) by the worktree %s"
-                                    % (ident["agent_id"], where), hint=hint)
-            raise NotSetUpError(
-                "the name @%s is also registered from another worktree (%s), and that "
-                "registration is the newer one (two registrations met in a sync)"
-                % (ident["agent_id"], where), hint=hint)
-        if row is None:
-            raise NotSetUpError("agent %s is not registered in this store (deleted?)"
-                                % ident["agent_id"],
-                                hint="re-register with 'thrum quickstart --name %s "
-                                     "--role R --module M'" % ident["agent_id"])
-        return ident
-
-    def _identity_elsewhere(self, name):
-        """An identity of another worktree of this store (helper processes)."""
-        row = self.index.q1("SELECT agent_id, role, module, display, worktree FROM agents "
-                            "WHERE agent_id = ? AND " + ACTIVE_AGENT_SQL, (name,))
-        if row is None:
-            return None
-        if row[4]:
-            ident = self._read_identity(self._identity_file(name, row[4]))
-            if ident:
-                return ident
-        return {"agent_id": row[0], "role": row[1], "module": row[2], "display": row[3],
-                "worktree": row[4], "intent": None, "session_id": None,
-                "identity_file": None}
-
-    def _agent_row(self, name):
-        return self.index.q1("SELECT agent_id, role, module, display, worktree, hostname, "
-                             "registered_at FROM agents WHERE agent_id = ? AND "
-                             + ACTIVE_AGENT_SQL, (name,))
-
-    def _require_agent(self, name, what="agent"):
-        name = _strip_at(name)
-        if not name_ok(name or ""):
-            raise UsageError("invalid agent name %r" % name)
-        row = self._agent_row(name)
-        if row is None:
-            raise NotFoundError("unknown %s @%s" % (what, name),
-                                hint="see registered agents with 'thrum team --all'")
-        return row
-
-    def _active_agents(self):
-        return {r[0]: r[1] for r in self.index.q(
-            "SELECT agent_id, role FROM agents WHERE " + ACTIVE_AGENT_SQL)}
-
-    def _active_groups(self):
-        return {r[0] for r in self.index.q(
-            "SELECT name FROM groups WHERE create_key IS NOT NULL AND "
-            "(delete_key IS NULL OR create_key > delete_key)")}
-
-    def _open_session(self, agent_id):
-        return self.index.q1("SELECT session_id, started_at FROM sessions WHERE agent_id = ? "
-                             "AND ended_at IS NULL AND started_at IS NOT NULL "
-                             "ORDER BY started_at DESC LIMIT 1", (agent_id,))
-
-    # -- setup -------------------------------------------------------------------
-    def init(self, local=False, force=False):
-        """Create `.thrum/`, the sync branch and its worktree. Idempotent.
-
-        Returns {store, log_dir, git, branch, created, adopted_remote, local_only}.
-        """
-        loc = self.loc
-        created = []
-        if loc.git_common and _is_bare(loc.git_common) and \
-                os.path.realpath(loc.worktree) == os.path.realpath(loc.git_common):
-            raise UsageError("%s is a bare git repository (no working tree), so thrum has "
-                             "no place for its store" % loc.worktree,
-                             hint="run thrum in a clone or a worktree of it "
-                                  "('git clone %s' or 'git worktree add')" % loc.worktree)
-        if loc.store is None and loc.git_common:
-            main = _main_checkout(loc.git_common)
-            store_root = main if main and os.path.isdir(main) else loc.worktree
-        elif loc.store is None:
-            store_root = loc.worktree  # outside git: where `.thrum/` was found, or here
-        else:
-            store_root = loc.store_root
-        store = os.path.join(store_root, THRUM_DIR)
-        pending_config = None
-        fresh = not os.path.exists(store)
-        if not _is_store(store):
-            for sub in ("identities", "context", "var"):
-                os.makedirs(os.path.join(store, sub), exist_ok=True)
-            # config.toml marks a finished store, so it is written last: other agents
-            # starting now run init too (and wait on the sync lock) instead of writing
-            # into a half-made sync worktree.
-            pending_config = _dump_toml({"sync.local_only": True} if local else {})
-            created.append(store)
-        elif local:
-            Config(store, self.env).set("sync.local_only", "true")
-        os.makedirs(os.path.join(store, "var"), exist_ok=True)
-        self.loc = Location(loc.worktree, store, loc.git_common)
-        self.store = Store(self.loc, self.env, {"sync.local_only": True} if local else None)
-        self._fresh = False
-        result = {"store": store, "git": bool(self.loc.git_common), "branch": self.branch,
-                  "created": created, "adopted_remote": False,
-                  "local_only": self.config.get("sync.local_only")}
-        try:
-            if self.loc.git_common:
-                result.update(self._init_git(force))
-            else:
-                os.makedirs(self.log.root, exist_ok=True)
-        except BaseException:
-            if fresh:  # a refused init leaves nothing behind
-                import shutil
-                shutil.rmtree(store, ignore_errors=True)
-            raise
-        if pending_config is not None and not _is_store(store):
-            _write_file_atomic(os.path.join(store, "config.toml"), pending_config)
-        self.loc = locate(loc.worktree)
-        self.store = Store(self.loc, self.env)
-        self._fresh = False
-        result["log_dir"] = self.log.root
-        if force:
-            result["rebuilt_events"] = self.rebuild_index()["events"]
-        else:
-            self.index  # build the index now
-        return result
-
-    def _exclude_thrum(self, common):
-        path = os.path.join(common, "info", "exclude")
-        text = _read_text(path, "", errors="replace")
-        if any(l.strip() in (".thrum", ".thrum/", "/.thrum", "/.thrum/")
-               for l in text.splitlines()):
-            return False
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            if text and not text.endswith("\n"):
-                f.write("\n")
-            f.write("# thrum's local state (messages live on the a-sync branch)\n.thrum/\n")
-        return True
-
-    def _init_git(self, force=False):
-        common = self.loc.git_common
-        out = {"adopted_remote": False}
-        out["excluded"] = self._exclude_thrum(common)
-        if force:
-            self.log.repair()
-        sync = self.store.sync_engine()
-        out.update(sync.ensure_branch_and_worktree())
-        return out
-
-    def setup(self, main_repo=None):
-        """In a linked worktree, write `.thrum/redirect` to the main checkout's store."""
-        loc = self.loc
-        if main_repo:
-            target_root = os.path.abspath(main_repo)
-            target = target_root if os.path.basename(target_root) == THRUM_DIR else \
-                os.path.join(target_root, THRUM_DIR)
-        else:
-            if not loc.git_common:
-                raise UsageError("not inside a git worktree; pass --main-repo PATH")
-            main = _main_checkout(loc.git_common)
-            if not main:
-                raise UsageError("cannot find the main checkout of this bare repository",
-                                 hint="pass --main-repo PATH")
-            target = os.path.join(main, THRUM_DIR)
-        if not _is_store(target):
-            raise NotSetUpError("%s is not an initialised thrum store" % target,
-                                hint="run 'thrum init' in the main checkout first")
-        here = os.path.join(loc.worktree, THRUM_DIR)
-        if os.path.normpath(here) == os.path.normpath(target):
-            raise UsageError("this is the main checkout; setup is for linked worktrees")
-        os.makedirs(os.path.join(here, "identities"), exist_ok=True)
-        _write_file_atomic(os.path.join(here, "redirect"), target + "\n")
-        self.loc = locate(loc.worktree)
-        self.store = Store(self.loc, self.env)
-        self._fresh = False
-        return {"worktree": loc.worktree, "store": target,
-                "redirect": os.path.join(here, "redirect")}
-
-    # -- agents -------------------------------------------------------------------
-    def register(self, name, role, module, display=None, intent=None, force=False,
-                 pid=None):
-        """Register NAME in this worktree (SPEC §4). Idempotent from the same worktree.
-
-        Returns {agent_id, status: registered|updated|unchanged, identity_file}.
-        """
-        name = _check_name(_strip_at(name) if name else name)
-        if not role:
-            raise UsageError("a role is required (or set THRUM_ROLE)",
-                             hint="pass --role ROLE")
-        if not module:
-            raise UsageError("a module is required (or set THRUM_MODULE)",
-                             hint="pass --module MODULE")
-        role = _check_name(role, "role")
-        module = _check_text(module, "module", 200)
-        display = _check_text(display, "display name", 200)
-        intent = _check_text(intent, "intent", 1000, allow_empty=True)
-        if name == role:
-            raise UsageError("agent name %r cannot be the same as its role" % name,
-                             hint="use a distinct name, e.g. %s_1" % name)
-        agents = self._active_agents()
-        roles = {r for a, r in agents.items() if a != name}
-        groups = self._active_groups()
-        if name in roles:
-            raise UsageError("agent name %r is already a role of other agents" % name,
-                             hint="pick another name so @%s stays unambiguous" % name)
-        if role in agents and role != name:
-            raise UsageError("role %r is already the name of an agent" % role,
-                             hint="pick another role")
-        if name in groups:
-            raise UsageError("agent name %r is already a group name" % name)
-        if role in groups:
-            raise UsageError("role %r is already a group name" % role)
-        worktree = os.path.realpath(self.loc.worktree)
-        host = os.uname().nodename
-        row = self._agent_row(name)
-        status = "registered"
-        if row is not None:
-            if row[4] and os.path.realpath(row[4]) != worktree and not force:
-                raise RefusedError(
-                    "agent name %r is already registered from %s%s" % (
-                        name, row[4], "" if row[5] == host else " on " + str(row[5])),
-                    hint="pick another name, or take it over with --force")
-            status = "updated"
-        display = display or (row[3] if row and row[2] == module and row[1] == role
-                              else None) or "%s (%s)" % (role.capitalize(), module)
-        path = self._identity_file(name)
-        try:
-            ident = self._read_identity(path) if os.path.exists(path) else None
-        except NotSetUpError as e:  # registering again is how a damaged file is repaired
-            _warn("%s; replacing it" % e.message)
-            ident = None
-        events = []
-        if (row is None or force or (row[1], row[2], row[3], row[4]) !=
-                (role, module, display, worktree)):
-            extra = {"takeover": True} if (force and row is not None and row[4] and
-                                           os.path.realpath(row[4]) != worktree) else {}
-            events.append(self._event("agent.register", agent_id=name, role=role,
-                                      module=module, display=display, worktree=worktree,
-                                      hostname=host, **extra))
-        else:
-            status = "unchanged"
-        if intent is not None:
-            events.append(self._event("agent.update", agent_id=name, intent=intent))
-        now = now_ts()
-        if ident is None:
-            ident = {"agent_id": name, "created_at": now, "session_id": None,
-                     "intent": None}
-        ident.update({"agent_id": name, "role": role, "module": module, "display": display,
-                      "worktree": worktree})
-        if intent is not None:
-            ident["intent"] = intent
-        if pid:
-            ident["pid"] = int(pid)
-        # The identity file first: if it cannot be written, nothing reaches the log.
-        existed = os.path.exists(path)
-        self._write_identity(ident)
-        try:
-            self._emit(events)
-        except BaseException:
-            if not existed:
-                os.unlink(path)
-            raise
-        return {"agent_id": name, "role": role, "module": module, "display": display,
-                "worktree": worktree, "status": status,
-                "identity_file": ident["identity_file"]}
-
-    def agent_register(self, name=None, role=None, module=None, display=None, intent=None,
-                       force=False):
-        """`agent register`: register (name, role and module fall back to THRUM_NAME,
-        THRUM_ROLE and THRUM_MODULE) without starting a session."""
-        name = name or self.env.get("THRUM_NAME")
-        if not name:
-            raise UsageError("agent register needs an agent name (or THRUM_NAME)",
-                             hint="thrum agent register --name NAME --role R --module M")
-        return self.register(name, role or self.env.get("THRUM_ROLE"),
-                             module or self.env.get("THRUM_MODULE"), display=display,
-                             intent=intent, force=force)
-
-    def quickstart(self, name=None, role=None, module=None, intent=None, display=None,
-                   force=False):
-        """init if needed, register, start a session and set the intent. The name,
-        role and module fall back to THRUM_NAME, THRUM_ROLE and THRUM_MODULE."""
-        name = name or self.env.get("THRUM_NAME")
-        role = role or self.env.get("THRUM_ROLE")
-        module = module or self.env.get("THRUM_MODULE")
-        if not self.loc.store:
-            self.init()
-        if not name:
-            raise UsageError("quickstart needs an agent name (or THRUM_NAME)",
-                             hint="thrum quickstart --name NAME --role ROLE --module MODULE")
-        if not role or not module:
-            raise UsageError("a role and a module are required (or set THRUM_ROLE and "
-                             "THRUM_MODULE)",
-                             hint="thrum quickstart --name NAME --role ROLE --module MODULE")
-        _check_text(intent, "intent", 1000, allow_empty=True)  # refuse before writing
-        reg = self.register(name, role, module, display=display, force=force)
-        ses = self.session_start(agent=reg["agent_id"])
-        current = self._agent_fields(reg["agent_id"]).get("intent")
-        if not intent and current:  # a re-run keeps the intent the agent set
-            it = {"agent_id": reg["agent_id"], "session_id": ses["session_id"],
-                  "intent": current, "intent_updated_at": None}
-        else:
-            if not intent:
-                repo = os.path.basename(self.loc.store_root)
-                intent = _ROLE_INTENTS.get(reg["role"], "Working in %s") % repo
-            it = self.session_set_intent(intent, agent=reg["agent_id"])
-        return {"register": reg, "session": ses, "intent": it}
-
-    def whoami(self, agent=None):
-        """My identity and session."""
-        ident = self.me(agent)
-        ses = self._open_session(ident["agent_id"])
-        fields = self._agent_fields(ident["agent_id"])
-        return {"agent_id": ident["agent_id"], "role": ident.get("role"),
-                "module": ident.get("module"), "display": ident.get("display"),
-                "worktree": ident.get("worktree"),
-                "intent": fields.get("intent", ident.get("intent")),
-                "task": fields.get("task"), "branch": fields.get("branch"),
-                "session_id": ses[0] if ses else None,
-                "session_started_at": ses[1] if ses else None,
-                "tmux_session": ident.get("tmux_session"),
-                "identity_file": ident.get("identity_file")}
-
-    def _agent_fields(self, agent_id):
-        return {f: json.loads(v) for f, v in self.index.q(
-            "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
-
-    def agent_list(self, context=False):
-        """Registered agents with their work context."""
-        return {"agents": self._members(all_agents=True, with_files=context)}
-
-    def _members(self, all_agents, with_files=False, me=None):
-        db = self.index
-        counts = {r[0]: (r[1], r[2]) for r in db.q(
-            "SELECT agent_id, count(*), sum(read_at IS NULL) FROM deliveries "
-            "WHERE deleted = 0 GROUP BY agent_id")}
-        fields = {}
-        for aid, f, v in db.q("SELECT agent_id, field, value FROM agent_fields"):
-            fields.setdefault(aid, {})[f] = json.loads(v)
-        seen = dict(db.q("SELECT agent_id, ts FROM seen"))
-        sessions = {r[0]: (r[1], r[2]) for r in db.q(
-            "SELECT agent_id, session_id, max(started_at) FROM sessions WHERE ended_at IS "
-            "NULL AND started_at IS NOT NULL GROUP BY agent_id")}
-        out = []
-        for aid, role, module, display, wt, host, reg in db.q(
-                "SELECT agent_id, role, module, display, worktree, hostname, registered_at "
-                "FROM agents WHERE " + ACTIVE_AGENT_SQL + " ORDER BY agent_id"):
-            ses = sessions.get(aid)
-            if not all_agents and not ses:
-                continue
-            f = fields.get(aid, {})
-            total, unread = counts.get(aid, (0, 0))
-            m = {"agent_id": aid, "role": role, "module": module, "display": display,
-                 "status": "active" if ses else "offline",
-                 "intent": f.get("intent"), "task": f.get("task"),
-                 "branch": f.get("branch"), "last_seen_at": seen.get(aid) or reg,
-                 "session_id": ses[0] if ses else None,
-                 "session_started_at": ses[1] if ses else None,
-                 "worktree": wt, "hostname": host, "registered_at": reg,
-                 "unread": unread or 0, "total": total}
-            if with_files:
-                m["files"] = f.get("files") or []
-            out.append(m)
-        return out
-
-    def agent_delete(self, name, force=False, agent=None):
-        """Delete an agent (needs force). Removes its identity file when local."""
-        self.require_store()
-        row = self._require_agent(name)
-        if not force:
-            raise RefusedError("deleting agent @%s needs --force" % row[0],
-                               hint="thrum agent delete %s --force" % row[0])
-        by = None
-        try:
-            by = self.me(agent)["agent_id"]
-        except ThrumError:
-            pass
-        self._emit([self._event("agent.delete", agent_id=row[0], by=by or row[0])])
-        self._me.clear()
-        removed = None
-        if row[4] and (row[5] in (None, os.uname().nodename)):
-            path = self._identity_file(row[0], row[4])
-            try:
-                os.unlink(path)
-                removed = path
-            except FileNotFoundError:
-                pass
-        return {"agent_id": row[0], "deleted": True, "identity_file_removed": removed}
-
-    def agent_cleanup(self, dry_run=False, force=False, agent=None):
-        """Find agents whose worktree is gone (on this host) or silent too long."""
-        if dry_run and force:
-            raise UsageError("--dry-run and --force cannot be used together")
-        stale = self.config.get("agents.stale_after")
-        cutoff = now_ts(time.time() - parse_duration(stale))
-        host = os.uname().nodename
-        orphans = []
-        for m in self._members(all_agents=True):
-            reasons = []
-            if m["hostname"] == host and m["worktree"] and not os.path.isdir(m["worktree"]):
-                reasons.append("worktree missing")
-            if (m["last_seen_at"] or "") < cutoff:
-                reasons.append("silent since %s" % (m["last_seen_at"] or "registration"))
-            if reasons:
-                orphans.append({"agent_id": m["agent_id"], "role": m["role"],
-                                "worktree": m["worktree"], "last_seen_at": m["last_seen_at"],
-                                "reasons": reasons})
-        deleted = []
-        if force and orphans:
-            for o in orphans:
-                self.agent_delete(o["agent_id"], force=True, agent=agent)
-                deleted.append(o["agent_id"])
-        return {"orphans": orphans, "deleted": deleted, "dry_run": not force,
-                "stale_after": stale}
-
-    # -- sessions & work context -----------------------------------------------
-    def session_start(self, pid=None, agent=None):
-        """Start a session, ending any open one (reason `superseded`)."""
-        ident = self.me(agent)
-        aid = ident["agent_id"]
-        events = [self._event("agent.session.end", agent_id=aid, session_id=r[0],
-                              reason="superseded") for r in self.index.q(
-            "SELECT session_id FROM sessions WHERE agent_id = ? AND ended_at IS NULL "
-            "AND started_at IS NOT NULL", (aid,))]
-        sid = new_id("ses_")
-        fields = {"pid": int(pid)} if pid else {}
-        start = self._event("agent.session.start", agent_id=aid, session_id=sid, **fields)
-        events.append(start)
-        branch = head_branch(ident.get("worktree") or self.loc.worktree)
-        if branch:
-            events.append(self._event("agent.update", agent_id=aid, branch=branch))
-        self._emit(events)
-        ident["session_id"] = sid
-        if pid:
-            ident["pid"] = int(pid)
-        if ident.get("identity_file"):
-            self._write_identity(ident)
-        return {"session_id": sid, "agent_id": aid, "started_at": start["timestamp"],
-                "branch": branch, "ended": [e["session_id"] for e in events
-                                            if e["type"] == "agent.session.end"]}
-
-    def session_end(self, reason="normal", session_id=None, agent=None):
-        ident = self.me(agent)
-        aid = ident["agent_id"]
-        current = self._open_session(aid)
-        if session_id:
-            row = self.index.q1("SELECT session_id, started_at FROM sessions WHERE "
-                                "session_id = ? AND agent_id = ? AND ended_at IS NULL",
-                                (session_id, aid))
-            if row is None:
-                raise NotFoundError(
-                    "%s is not an open session of @%s" % (session_id, aid),
-                    hint=("the open session is %s" % current[0]) if current else
-                    "@%s has no open session" % aid)
-        else:
-            row = current
-        if row is None:
-            raise NotFoundError("no open session to end for @%s" % aid,
-                                hint="start one with 'thrum session start'")
-        reason = _check_text(reason or "normal", "reason", 200)
-        ev = self._event("agent.session.end", agent_id=aid, session_id=row[0], reason=reason)
-        self._emit([ev])
-        if ident.get("session_id") == row[0] and ident.get("identity_file"):
-            ident["session_id"] = None
-            self._write_identity(ident)
-        dur = parse_ts(ev["timestamp"]) - parse_ts(row[1]) if row[1] else None
-        return {"session_id": row[0], "agent_id": aid, "ended_at": ev["timestamp"],
-                "duration_ms": int(dur * 1000) if dur is not None else None,
-                "reason": reason}
-
-    def session_list(self, agent_filter=None, active=False, agent=None):
-        if agent_filter:
-            aid = self._require_agent(agent_filter)[0]
-        else:
-            aid = self.me(agent)["agent_id"]
-        sql = ("SELECT session_id, agent_id, started_at, ended_at, end_reason FROM sessions "
-               "WHERE agent_id = ?" + (" AND ended_at IS NULL" if active else "") +
-               " ORDER BY started_at DESC")
-        return {"sessions": [
-            {"session_id": r[0], "agent_id": r[1], "started_at": r[2], "ended_at": r[3],
-             "end_reason": r[4], "status": "ended" if r[3] else "active"}
-            for r in self.index.q(sql, (aid,))]}
-
-    def _update_fields(self, aid, **fields):
-        ev = self._event("agent.update", agent_id=aid, **fields)
-        self._emit([ev])
-        return ev
-
-    def session_set_intent(self, text, agent=None):
-        ident = self.me(agent)
-        text = _check_text(text, "intent", 1000, allow_empty=True)
-        ev = self._update_fields(ident["agent_id"], intent=text)
-        if ident.get("identity_file"):
-            ident["intent"] = text
-            self._write_identity(ident)
-        ses = self._open_session(ident["agent_id"])
-        return {"agent_id": ident["agent_id"], "session_id": ses[0] if ses else None,
-                "intent": text, "intent_updated_at": ev["timestamp"]}
-
-    def session_set_task(self, text, agent=None):
-        ident = self.me(agent)
-        text = _check_text(text, "task", 1000, allow_empty=True)
-        ev = self._update_fields(ident["agent_id"], task=text)
-        ses = self._open_session(ident["agent_id"])
-        return {"agent_id": ident["agent_id"], "session_id": ses[0] if ses else None,
-                "task": text, "task_updated_at": ev["timestamp"]}
-
-    def session_heartbeat(self, agent=None):
-        """Record liveness and my worktree's git state (branch, changed files)."""
-        ident = self.me(agent)
-        ses = self._open_session(ident["agent_id"])
-        if ses is None:
-            raise NotFoundError("no open session for @%s" % ident["agent_id"],
-                                hint="start one with 'thrum session start'")
-        wc = work_context(ident.get("worktree") or self.loc.worktree, self.store.env)
-        ev = self._update_fields(ident["agent_id"], branch=wc.get("branch"),
-                                 files=wc.get("files", []))
-        return {"agent_id": ident["agent_id"], "session_id": ses[0],
-                "last_seen_at": ev["timestamp"], "branch": wc.get("branch"),
-                "files": wc.get("files", [])}
-
-    # -- context -------------------------------------------------------------------
-    def _context_path(self, name):
-        return _safe_name_path(os.path.join(self.require_store().path, "context"), name, ".md")
-
-    def _context_agent(self, agent_filter, agent):
-        if agent_filter:
-            return self._require_agent(agent_filter)[0]
-        return self.me(agent)["agent_id"]
-
-    def context_save(self, content=None, agent_filter=None, allow_empty=False, agent=None):
-        """Save my (or another agent's) context notes. An empty save would wipe the
-        notes, so it is refused unless allow_empty."""
-        name = self._context_agent(agent_filter, agent)
-        if content is None:
-            raise MissingBodyError("no context to save", hint="pipe it in or pass --file F")
-        if not isinstance(content, str):
-            raise UsageError("context must be text")
-        if not content.strip() and not allow_empty:
-            raise UsageError("refusing to save empty context (it would replace the saved "
-                             "notes)", hint="to clear them use 'thrum context clear'; to "
-                             "save an empty file, add --allow-empty")
-        path = self._context_path(name)
-        _write_file_atomic(path, content, 0o600)
-        return {"agent_id": name, "path": path, "bytes": len(content.encode("utf-8"))}
-
-    def context_show(self, agent_filter=None, agent=None):
-        name = self._context_agent(agent_filter, agent)
-        path = self._context_path(name)
-        text = _read_text(path)
-        source = "local"
-        if text is None:  # published from another machine with `context sync`
-            row = self.index.q1("SELECT value, key FROM agent_fields WHERE agent_id = ? AND "
-                                "field = 'context'", (name,))
-            if row and json.loads(row[0]) is not None:
-                text, source = json.loads(row[0]), "synced"
-                updated = row[1].split("|")[0]
-        if text is None:
-            source, updated = None, None
-        elif source == "local":
-            updated = now_ts(os.stat(path).st_mtime)
-        return {"agent_id": name, "path": path if source == "local" else None,
-                "content": text, "source": source,
-                "bytes": len(text.encode("utf-8")) if text is not None else 0,
-                "updated_at": updated}
-
-    def context_clear(self, agent_filter=None, agent=None):
-        name = self._context_agent(agent_filter, agent)
-        path = self._context_path(name)
-        try:
-            os.unlink(path)
-            existed = True
-        except FileNotFoundError:
-            existed = False
-        row = self.index.q1("SELECT value FROM agent_fields WHERE agent_id = ? AND "
-                            "field = 'context'", (name,))
-        unpublished = bool(row and json.loads(row[0]) is not None)
-        if unpublished:  # a copy published with `context sync` is withdrawn too
-            self._update_fields(name, context=None)
-        return {"agent_id": name, "cleared": existed or unpublished,
-                "unpublished": unpublished}
-
-    # -- addressing ------------------------------------------------------------------
-    def _group_members(self, name, agents=None):
-        """Agent names of a group (agents and role members), now."""
-        if agents is None:
-            agents = self._active_agents()
-        out = set()
-        for mtype, member in self.index.q(
-                "SELECT gm.member_type, gm.member FROM group_members gm JOIN groups g "
-                "ON g.name = gm.name WHERE gm.name = ? AND gm.add_key IS NOT NULL AND "
-                "(gm.remove_key IS NULL OR gm.add_key > gm.remove_key) AND "
-                "(g.delete_key IS NULL OR gm.add_key > g.delete_key)", (name,)):
-            if mtype == "agent" and member in agents:
-                out.add(member)
-            elif mtype == "role":
-                out.update(a for a, r in agents.items() if r == member)
-        return out
-
-    def resolve_targets(self, targets, me):
-        """Targets -> (recipients, audiences, unknown). SPEC §5."""
-        agents = self._active_agents()
-        roles = set(agents.values())
-        groups = self._active_groups()
-        recipients, audiences, unknown = [], [], []
-
-        def add(names):
-            for n in sorted(names):
-                if n not in recipients:
-                    recipients.append(n)
-        for raw in targets:
-            t = _strip_at(raw.strip()) if isinstance(raw, str) else raw
-            if not isinstance(t, str) or not t:
-                unknown.append(str(raw))
-                continue
-            if t == "everyone":
-                aud = {"type": "everyone", "value": "everyone"}
-                add(a for a in agents if a != me)
-            elif t in agents:
-                aud = {"type": "agent", "value": t}
-                add([t])
-            elif t in groups:
-                aud = {"type": "group", "value": t}
-                add(self._group_members(t, agents) - {me})
-            elif t in roles:
-                aud = {"type": "role", "value": t}
-                add(a for a, r in agents.items() if r == t and a != me)
-            else:
-                unknown.append("@" + t)
-                continue
-            if aud not in audiences:
-                audiences.append(aud)
-        return recipients, audiences, unknown
-
-    def _check_body(self, content, fmt="markdown", structured=None):
-        if content is None:
-            raise MissingBodyError("no message body",
-                                   hint="give the text as an argument, '-' or --stdin for "
-                                        "standard input, or --body-file PATH")
-        if not isinstance(content, str):
-            raise UsageError("message body must be text")
-        if not content.strip():
-            raise UsageError("empty message body",
-                             hint="pass the text as an argument, with --stdin or --body-file")
-        limit = self.config.get("messages.max_body_bytes")
-        try:
-            size = len(content.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise UsageError("message body is not valid UTF-8")
-        if size > limit:
-            raise UsageError("message body is %d bytes, over the limit of %d bytes"
-                             % (size, limit),
-                             hint="shorten it, or raise messages.max_body_bytes")
-        if fmt not in BODY_FORMATS:
-            raise UsageError("invalid format %r (must be markdown, plain or json)" % fmt)
-        if structured is not None:
-            if isinstance(structured, str):
-                try:
-                    structured = json.loads(structured, parse_constant=_no_constant)
-                except (ValueError, RecursionError) as e:
-                    raise UsageError("invalid --structured data: not JSON (%s)"
-                                     % str(e)[:100])
-            if not isinstance(structured, dict):
-                raise UsageError("invalid --structured data: must be a JSON object")
-            check_json_value(structured, "--structured data")
-        body = {"format": fmt, "content": content}
-        if structured is not None:
-            body["structured"] = structured
-        return body
-
-    def send(self, content=None, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
-             fmt="markdown", structured=None, agent=None, _reply=None):
-        """Send a message to targets (`to`, `mentions`: names, roles, groups or
-        `everyone`; a list, or text with commas). Returns {message_id, thread_id,
-        created_at, recipients, audiences, warnings}. Stores nothing on any error."""
-        ident = self.me(agent)
-        me = ident["agent_id"]
-        targets = _target_list(to)
-        if broadcast:
-            targets.append("everyone")
-        mention_list = [_strip_at(m) for m in _target_list(mentions)]
-        if not targets and not mention_list and _reply is None:
-            raise UsageError("missing recipient",
-                             hint="add --to @agent (or a role, group, everyone), "
-                                  "--mention @x, or --broadcast")
-        body = self._check_body(content, fmt, structured)
-        scopes = [parse_tag(s, "scope") for s in scopes or ()]
-        refs = [parse_tag(r, "ref") for r in refs or ()]
-        warnings = []
-        if _reply is not None:
-            recipients, audiences, reply_to, thread_id = _reply
-        else:
-            recipients, audiences, unknown = self.resolve_targets(targets + mention_list, me)
-            if unknown:
-                raise UsageError("unknown recipient%s: %s" % (
-                    "s" if len(unknown) > 1 else "", ", ".join(unknown)),
-                    hint="see registered agents, roles and groups with 'thrum team --all' "
-                         "and 'thrum group list'")
-            reply_to = thread_id = None
-            for m in mention_list:
-                ref = {"type": "mention", "value": m}
-                if ref not in refs:
-                    refs.append(ref)
-        if not recipients:
-            warnings.append("no agent received this message (the targets have no other "
-                            "members)")
-        ses = self._open_session(me)
-        fields = dict(message_id=new_id("msg_"), agent_id=me,
-                      session_id=ses[0] if ses else None, body=body,
-                      recipients=recipients, audiences=audiences, scopes=scopes, refs=refs)
-        if reply_to:
-            fields["reply_to"] = reply_to
-            fields["thread_id"] = thread_id
-        ev = self._event("message.create", **fields)
-        self._emit([ev])
-        self._notify(ev)
-        return {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
-                "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
-                "recipients": recipients, "audiences": audiences, "warnings": warnings}
-
-    def _notify(self, ev):
-        """Hook for delivery nudges (tmux) after a message is written."""
-
-    def reply(self, message_id, content=None, fmt="markdown", structured=None, scopes=(),
-              refs=(), agent=None):
-        """Reply to a message: its author and recipients except me; joins its thread."""
-        ident = self.me(agent)
-        me = ident["agent_id"]
-        mid = self.resolve_message_id(message_id)
-        parent = self.index.q1("SELECT agent_id, recipients, thread_id FROM messages "
-                               "WHERE message_id = ?", (mid,))
-        agents = self._active_agents()
-        recips = []
-        for n in [parent[0]] + json.loads(parent[1]):
-            if n != me and n in agents and n not in recips:
-                recips.append(n)
-        if not recips:
-            raise UsageError("nobody to reply to: the author and recipients of %s are you "
-                             "or no longer registered" % mid,
-                             hint="send a new message with 'thrum send TEXT --to @agent'")
-        thread = parent[2] or new_id("thr_")
-        res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
-                        agent=me, _reply=(recips, [{"type": "agent", "value": n}
-                                                   for n in recips], mid, thread))
-        self._mark_read(me, [mid])
-        return res
-
-    # -- reading -----------------------------------------------------------------------
-    _MSG_COLS = ("m.message_id, m.thread_id, m.reply_to, m.agent_id, m.recipients, "
-                 "m.audiences, coalesce(m.format, m.format0), coalesce(m.content, m.content0), "
-                 "CASE WHEN m.version > 0 THEN m.structured ELSE m.structured0 END, "
-                 "m.scopes, m.refs, "
-                 "m.created_at, m.updated_at, m.deleted, m.version, m.session_id")
-
-    @staticmethod
-    def _msg(row, is_read):
-        return {"message_id": row[0], "thread_id": row[1], "reply_to": row[2],
-                "agent_id": row[3], "recipients": json.loads(row[4]),
-                "audiences": json.loads(row[5]),
-                "body": {"format": row[6], "content": row[7],
-                         "structured": json.loads(row[8]) if row[8] else None},
-                "scopes": json.loads(row[9]), "refs": json.loads(row[10]),
-                "created_at": row[11], "updated_at": row[12], "deleted": bool(row[13]),
-                "version": row[14], "session_id": row[15], "is_read": bool(is_read)}
-
-    def resolve_message_id(self, text):
-        """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14."""
-        if not isinstance(text, str) or not text.strip():
-            raise UsageError("missing message id")
-        s = text.strip()
-        if s[:4].lower() == "msg_":
-            s = s[4:]
-        s = s.upper()
-        if not s or not set(s) <= _ULID_CHARS or len(s) > 26:
-            raise UsageError("invalid message id %r" % text)
-        if len(s) < 8:
-            raise UsageError("message id prefix %r is too short: give at least 8 "
-                             "characters after msg_" % text)
-        rows = self.index.q("SELECT message_id FROM messages WHERE message_id >= ? AND "
-                            "message_id < ? ORDER BY message_id LIMIT 6",
-                            ("msg_" + s, "msg_" + s + "~"))
-        if not rows:
-            raise NotFoundError("message not found: %s" % text,
-                                hint="see message ids with 'thrum inbox --all'")
-        if len(rows) > 1:
-            raise UsageError("message id prefix %r is ambiguous: matches %s%s" % (
-                text, ", ".join(r[0] for r in rows[:5]), ", ..." if len(rows) > 5 else ""),
-                hint="give more characters")
-        return rows[0][0]
-
-    def mark_read(self, message_ids, agent=None):
-        """Mark these exact message ids read for me (those addressed to me and unread).
-        Returns the number marked."""
-        return self._mark_read(self.me(agent)["agent_id"], list(message_ids))
-
-    def _mark_read(self, me, mids):
-        """Write receipts for the given messages addressed to me and still unread."""
-        if not mids:
-            return 0
-        todo = []
-        for i in range(0, len(mids), 500):
-            chunk = list(mids[i:i + 500])
-            todo += [r[0] for r in self.index.q(
-                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
-                "AND message_id IN (%s)" % ",".join("?" * len(chunk)), [me] + chunk)]
-        if todo:
-            self._emit([self._event("message.receipt", message_id=m, agent_id=me)
-                        for m in todo])
-        return len(todo)
-
-    def inbox(self, unread=False, mentions=False, scope=None, ref=None, sender=None,
-              thread=None, all=False, limit=10, page=1, oldest=False, mark_read=None,
-              defer_marks=False, agent=None):
-        """Messages to me, newest first (SPEC §6, §14). Marks the rows it returns
-        that are addressed to me read, unless `unread` (mark_read=True/False
-        overrides). `unread` in the result is the count before marking. With
-        defer_marks the receipts are not written: the result's `pending_marks`
-        lists them, for a front end that marks after it has delivered the rows."""
-        ident = self.me(agent)
-        me, role = ident["agent_id"], ident.get("role")
-        limit, page = self._paging(limit, page)
-        # Filters are written against deliveries (d.*) where they can be, so the
-        # counts need no join with messages and the page query walks the
-        # (agent_id, deleted, created_at) index in order.
-        where, params = [], []
-        if all:
-            frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
-                   "d.agent_id = ?")
-            count_frm, mid, author = frm, "m.message_id", "m.agent_id"
-            params.append(me)
-            where.append("m.deleted = 0")
-            order = "m.created_at %s, m.message_id %s"
-        else:
-            frm = "deliveries d JOIN messages m ON m.message_id = d.message_id"
-            count_frm, mid, author = "deliveries d", "d.message_id", "d.author"
-            where += ["d.agent_id = ?", "d.deleted = 0"]
-            params.append(me)
-            order = "d.created_at %s, d.message_id %s"
-        if mentions:
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s "
-                         "AND t.kind = 'aud' AND ((t.type = 'agent' AND t.value = ?) OR "
-                         "(t.type = 'role' AND t.value = ?)))" % mid)
-            params += [me, role]
-        for kind, text in (("scope", scope), ("ref", ref)):
-            if text:
-                tag = parse_tag(text, kind)
-                where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s"
-                             " AND t.kind = ? AND t.type = ? AND t.value = ?)" % mid)
-                params += [kind, tag["type"], tag["value"]]
-        if sender:
-            where.append("%s = ?" % author)
-            params.append(self._require_agent(sender)[0])
-        if thread:
-            tid = self._resolve_thread(thread)
-            where.append("(m.thread_id = ? OR m.message_id = ?)")
-            params += [tid, tid]
-            count_frm = frm
-        unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
-        if not all:
-            unread_sql = "d.read_at IS NULL"  # matches the partial index deliveries_unread
-        base_where = " AND ".join(where)
-        if unread:
-            where.append(unread_sql)
-        wsql = " AND ".join(where)
-        total = self.index.q1("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql),
-                              params)[0]
-        n_unread = self.index.q1("SELECT count(*) FROM %s WHERE %s AND %s"
-                                 % (count_frm, base_where, unread_sql), params)[0]
-        direction = "ASC" if oldest else "DESC"
-        rows = self.index.q(
-            "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL, d.agent_id IS NOT NULL "
-            "FROM %s WHERE %s ORDER BY %s LIMIT ? OFFSET ?" % (
-                self._MSG_COLS, frm, wsql, order % (direction, direction)),
-            params + [limit, (page - 1) * limit])
-        msgs = [self._msg(r, r[16]) for r in rows]
-        if mark_read is None:
-            mark_read = not unread
-        marks = [m["message_id"] for m, r in zip(msgs, rows)
-                 if r[17] and not m["is_read"]] if mark_read else []
-        res = {"messages": msgs, "total": total, "unread": n_unread, "page": page,
-               "page_size": limit, "total_pages": max(1, -(-total // limit)),
-               "agent_id": me}
-        if defer_marks:
-            res["pending_marks"] = marks
-        else:
-            self._mark_read(me, marks)
-        return res
-
-    @staticmethod
-    def _paging(limit, page):
-        try:
-            limit, page = int(limit), int(page)
-        except (TypeError, ValueError):
-            raise UsageError("--limit and --page must be whole numbers")
-        if limit < 1 or limit > 1000:
-            raise UsageError("--limit must be between 1 and 1000")
-        if page < 1 or page > 10 ** 9:
-            raise UsageError("--page must be between 1 and 1000000000")
-        return limit, page
-
-    def _resolve_thread(self, text):
-        t = text.strip()
-        if t.startswith("thr_"):
-            if not self.index.q1("SELECT 1 FROM messages WHERE thread_id = ?", (t,)):
-                raise NotFoundError("thread not found: %s" % t)
-            return t
-        mid = self.resolve_message_id(t)
-        row = self.index.q1("SELECT thread_id FROM messages WHERE message_id = ?", (mid,))
-        return row[0] or mid
-
-    def sent(self, to=None, unread=False, limit=10, page=1, agent=None):
-        """What I sent, newest first, with per-recipient read state."""
-        ident = self.me(agent)
-        me = ident["agent_id"]
-        limit, page = self._paging(limit, page)
-        where, params = ["m.agent_id = ?", "m.deleted = 0"], [me]
-        if to:
-            t = _strip_at(to)
-            if t != "everyone":
-                if not name_ok(t or ""):
-                    raise UsageError("invalid --to %r" % to)
-                agents = self._active_agents()
-                if t not in agents and t not in set(agents.values()) and \
-                        t not in self._active_groups():
-                    raise NotFoundError("unknown agent, role or group @%s" % t,
-                                        hint="see 'thrum team --all' and 'thrum group list'")
-            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
-                         "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
-                         "WHERE t.message_id = m.message_id AND t.kind = 'aud' AND "
-                         "t.value = ?))")
-            params += [t, t]
-        if unread:
-            where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
-                         "m.message_id AND x.read_at IS NULL)")
-        wsql = " AND ".join(where)
-        total = self.index.q1("SELECT count(*) FROM messages m WHERE " + wsql, params)[0]
-        rows = self.index.q("SELECT %s FROM messages m WHERE %s ORDER BY m.created_at DESC, "
-                            "m.message_id DESC LIMIT ? OFFSET ?" % (self._MSG_COLS, wsql),
-                            params + [limit, (page - 1) * limit])
-        msgs = []
-        for r in rows:
-            m = self._msg(r, True)
-            m["receipts"] = self._receipts(m)
-            m["read_count"] = sum(1 for x in m["receipts"] if x["read_at"])
-            msgs.append(m)
-        return {"messages": msgs, "total": total, "page": page, "page_size": limit,
-                "total_pages": max(1, -(-total // limit))}
-
-    def _receipts(self, m):
-        got = dict(self.index.q("SELECT agent_id, read_at FROM deliveries WHERE "
-                                "message_id = ?", (m["message_id"],)))
-        return [{"agent_id": a, "read_at": got.get(a)} for a in m["recipients"]]
-
-    def message_get(self, message_id, agent=None):
-        """One message with its edits and receipts; marks it read for me."""
-        self.require_store()
-        mid = self.resolve_message_id(message_id)
-        me = None
-        try:
-            me = self.me(agent)["agent_id"]
-        except NotSetUpError:
-            pass
-        row = self.index.q1("SELECT %s, m.deleted_at, m.delete_reason FROM messages m "
-                            "WHERE m.message_id = ?" % self._MSG_COLS, (mid,))
-        d = self.index.q1("SELECT read_at FROM deliveries WHERE message_id = ? AND "
-                          "agent_id = ?", (mid, me)) if me else None
-        m = self._msg(row, d is None or d[0] is not None)
-        m["edits"] = [{"edited_at": r[0], "content": r[1]} for r in self.index.q(
-            "SELECT ts, content FROM edits WHERE message_id = ? AND agent_id = ? "
-            "ORDER BY ts, event_id", (mid, m["agent_id"]))]
-        m["receipts"] = self._receipts(m)
-        m["deleted_at"], m["delete_reason"] = row[16], row[17]
-        if me and not m["deleted"]:
-            self._mark_read(me, [mid])
-        return {"message": m}
-
-    def _own_message(self, message_id, me, verb):
-        mid = self.resolve_message_id(message_id)
-        author, deleted, fmt = self.index.q1(
-            "SELECT agent_id, deleted, coalesce(format, format0) FROM messages WHERE "
-            "message_id = ?", (mid,))
-        if author != me:
-            raise RefusedError("only the author can %s %s (author: @%s, you: @%s)"
-                               % (verb, mid, author, me),
-                               hint="ask @%s, or reply to it instead" % author)
-        if deleted:
-            raise RefusedError("cannot %s %s: it was deleted" % (verb, mid))
-        return mid, fmt
-
-    def message_edit(self, message_id, content=None, fmt=None, structured=None, agent=None):
-        """Replace a message's body (author only). Returns {message_id, updated_at, version}."""
-        me = self.me(agent)["agent_id"]
-        mid, old_fmt = self._own_message(message_id, me, "edit")
-        if structured is None:  # an edit replaces the text; structured data stays
-            old = self.index.q1("SELECT CASE WHEN version > 0 THEN structured ELSE "
-                                "structured0 END FROM messages WHERE message_id = ?", (mid,))
-            structured = json.loads(old[0]) if old and old[0] else None
-        body = self._check_body(content, fmt or old_fmt, structured)
-        ev = self._event("message.edit", message_id=mid, agent_id=me, body=body)
-        self._emit([ev])
-        version = self.index.q1("SELECT version FROM messages WHERE message_id = ?", (mid,))[0]
-        return {"message_id": mid, "updated_at": ev["timestamp"], "version": version}
-
-    def message_delete(self, message_id, force=False, reason=None, agent=None):
-        """Soft-delete my message (needs force)."""
-        me = self.me(agent)["agent_id"]
-        mid, _ = self._own_message(message_id, me, "delete")
-        if not force:
-            raise RefusedError("deleting %s needs --force" % mid,
-                               hint="thrum message delete %s --force" % mid)
-        fields = {"reason": _check_text(reason, "reason", 500)} if reason else {}
-        ev = self._event("message.delete", message_id=mid, agent_id=me, **fields)
-        self._emit([ev])
-        return {"message_id": mid, "deleted_at": ev["timestamp"]}
-
-    def message_read(self, message_ids=(), all=False, agent=None):
-        """Mark messages (or all my unread) read. Returns {marked_count}."""
-        me = self.me(agent)["agent_id"]
-        if not message_ids and not all:
-            raise UsageError("give message ids or --all")
-        if all:
-            mids = [r[0] for r in self.index.q(
-                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
-                "AND deleted = 0", (me,))]
-        else:
-            mids = [self.resolve_message_id(m) for m in message_ids]
-        return {"marked_count": self._mark_read(me, mids), "message_ids": mids}
-
-    # -- waiting -------------------------------------------------------------------
-    def wait(self, timeout="30s", after=None, unread=False, scope=None, agent=None,
-             poll=0.05, wake=None):
-        """Block until a message to me (not by me) arrives after the start point.
-
-        Returns {status: received|timeout, messages}. Marks nothing read. `wake`
-        is an optional callable(seconds) that sleeps or returns early (daemon).
-        """
-        ident = self.me(agent)
-        me = ident["agent_id"]
-        timeout = parse_timeout(timeout)
-        start = parse_after(after)
-        if start is None:
-            start = time.time() - 1.0
-        tag = parse_tag(scope, "scope") if scope else None
-        where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
-        params = [me, me]
-        if tag:
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
-                         "AND t.kind = 'scope' AND t.type = ? AND t.value = ?)")
-            params += [tag["type"], tag["value"]]
-        base = ("SELECT %s, d.read_at IS NOT NULL FROM deliveries d JOIN messages m ON "
-                "m.message_id = d.message_id WHERE %s" % (self._MSG_COLS, " AND ".join(where)))
-        if unread:
-            rows = self.index.q(base + " AND d.read_at IS NULL ORDER BY d.created_at", params)
-            if rows:
-                return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
-            base += " AND d.read_at IS NULL"  # and while waiting, only unread ones
-        since = now_ts(start)
-        deadline = time.monotonic() + timeout
-        sleep = wake or time.sleep
-        while True:
-            # Query every poll: another process may have projected the new message
-            # into the shared index already, so our own catch-up can read nothing.
-            rows = self.index.q(base + " AND d.created_at > ? ORDER BY d.created_at",
-                                params + [since])
-            if rows:
-                return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return {"status": "timeout", "messages": []}
-            sleep(min(poll, left))
-            self.index.catch_up()
-
-    # -- team & status --------------------------------------------------------------
-    def team(self, all=False):
-        """Agents with an open session (all=True: everyone)."""
-        return {"members": self._members(all_agents=all)}
-
-    def _inbox_counts(self, me):
-        r = self.index.q1("SELECT count(*), coalesce(sum(read_at IS NULL), 0) FROM "
-                          "deliveries WHERE agent_id = ? AND deleted = 0", (me,))
-        return {"total": r[0], "unread": r[1]}
-
-    def status(self, agent=None):
-        """Me, my session, inbox counts, daemon and sync state."""
-        who = self.whoami(agent)
-        ses = ({"session_id": who["session_id"], "started_at": who["session_started_at"]}
-               if who["session_id"] else None)
-        sync = self.sync_status()
-        return {"agent": who, "session": ses, "inbox": self._inbox_counts(who["agent_id"]),
-                "daemon": self.daemon_info(),
-                "sync": {"state": sync["state"], "last_sync_at": sync["last_sync_at"],
-                         "remote": sync["remote"], "last_error": sync["last_error"]}}
-
-    def daemon_info(self):
-        """Whether a daemon runs for this store (pid file + live pid)."""
-        info = {"running": False, "pid": None}
-        text = _read_text(os.path.join(self.loc.var, "daemon.pid")) if self.loc.store else None
-        if text:
-            try:
-                data = json.loads(text)
-                if _pid_alive(data.get("pid")):
-                    info = {"running": True, "pid": data.get("pid"),
-                            "socket": data.get("socket")}
-            except (ValueError, AttributeError):
-                pass
-        return info
-
-    def overview(self, agent=None):
-        st = self.status(agent)
-        st["team"] = self._members(all_agents=False)
-        return st
-
-    def prime(self, agent=None):
-        """Recovery briefing after a restart: nothing is marked read."""
-        who = self.whoami(agent)
-        me = who["agent_id"]
-        rows = self.index.q(
-            "SELECT %s, 0 FROM deliveries d JOIN messages m ON m.message_id = d.message_id "
-            "WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL "
-            "ORDER BY d.created_at" % self._MSG_COLS, (me,))
-        ctx = self.context_show(agent=me)
-        try:
-            wc = work_context(who.get("worktree") or self.loc.worktree, self.store.env)
-        except GitMissingError as e:  # the briefing still helps without git
-            wc = {"branch": None, "files": [], "error": e.message}
-        wc["intent"], wc["task"] = who.get("intent"), who.get("task")
-        return {"agent": who,
-                "session": {"session_id": who["session_id"],
-                            "started_at": who["session_started_at"]}
-                if who["session_id"] else None,
-                "unread": [self._msg(r, False) for r in rows],
-                "inbox": self._inbox_counts(me),
-                "team": self._members(all_agents=False),
-                "work_context": wc,
-                "context": ctx["content"]}
-
-    def ping(self, name):
-        """Is the agent active; last seen; intent."""
-        row = self._require_agent(name)
-        for m in self._members(all_agents=True):
-            if m["agent_id"] == row[0]:
-                return m
-        raise NotFoundError("unknown agent @%s" % name)  # pragma: no cover
-
-    def who_has(self, path):
-        """Agents whose worktree has PATH changed or uncommitted (asks git live for
-        local worktrees; uses the last recorded context for others)."""
-        self.require_store()
-        rel = self._repo_relpath(path)
-        host = os.uname().nodename
-        found, contexts = [], {}
-        for m in self._members(all_agents=True, with_files=True):
-            wt = m["worktree"]
-            if m["hostname"] == host and wt and os.path.isdir(wt):
-                if wt not in contexts:  # agents sharing a worktree share one git query
-                    contexts[wt] = work_context(wt, self.store.env)
-                wc = contexts[wt]
-                files, branch, live = wc.get("files", []), wc.get("branch"), True
-            else:
-                files, branch, live = m.get("files") or [], m.get("branch"), False
-            for f in files:
-                if f.get("path") == rel:
-                    found.append({"agent_id": m["agent_id"], "branch": branch,
-                                  "status": f.get("status"), "live": live,
-                                  "worktree": wt})
-                    break
-        return {"path": rel, "agents": found}
-
-    def _repo_relpath(self, path):
-        if not path or not isinstance(path, str):
-            raise UsageError("who-has needs a PATH")
-        root = os.path.realpath(self.loc.worktree)
-        ap = os.path.realpath(os.path.join(self.caller.cwd, path))
-        # This worktree first, then any agent's worktree (linked worktrees of a clone).
-        roots = [root] + [os.path.realpath(m["worktree"]) for m in self._members(
-            all_agents=True) if m["worktree"]]
-        for r in sorted(set(roots), key=lambda r: (r != root, -len(r))):
-            if ap.startswith(r + os.sep):
-                return os.path.relpath(ap, r).replace(os.sep, "/")
-        raise UsageError("%s is outside this repository (%s)" % (path, root))
-
-    # -- groups -----------------------------------------------------------------------
-    def _group_row(self, name):
-        return self.index.q1("SELECT name, group_id, description, created_by, created_at "
-                             "FROM groups WHERE name = ? AND create_key IS NOT NULL AND "
-                             "(delete_key IS NULL OR create_key > delete_key)", (name,))
-
-    def _by(self, agent):
-        try:
-            return self.me(agent)["agent_id"]
-        except NotSetUpError:
-            return None
-
-    def group_create(self, name, description=None, agent=None):
-        self.require_store()
-        name = _check_name(_strip_at(name), "group name")
-        description = _check_text(description, "description", 500)
-        agents = self._active_agents()
-        if name in agents:
-            raise UsageError("group name %r is already an agent name" % name)
-        if name in set(agents.values()):
-            raise UsageError("group name %r is already a role" % name)
-        if self._group_row(name):
-            raise RefusedError("group %r already exists" % name)
-        ev = self._event("group.create", group=name, group_id=new_id("grp_"),
-                         description=description, by=self._by(agent))
-        self._emit([ev])
-        return {"group": name, "group_id": ev["group_id"], "description": description,
-                "created_at": ev["timestamp"]}
-
-    def _require_group(self, name):
-        name = _strip_at(name)
-        row = self._group_row(name) if name_ok(name or "") else None
-        if row is None:
-            raise NotFoundError("unknown group %r" % name,
-                                hint="see groups with 'thrum group list'")
-        return row
-
-    def group_delete(self, name, agent=None):
-        self.require_store()
-        row = self._require_group(name)
-        self._emit([self._event("group.delete", group=row[0], by=self._by(agent))])
-        return {"group": row[0], "deleted": True}
-
-    def _parse_members(self, members):
-        out = []
-        agents = self._active_agents()
-        for raw in members:
-            if not isinstance(raw, str) or not raw.strip():
-                raise UsageError("empty group member")
-            s = raw.strip()
-            if s.startswith("role:"):
-                role = s[5:]
-                _check_name(role, "role")
-                out.append(("role", role))
-            else:
-                name = _strip_at(s)
-                if not name_ok(name):
-                    raise UsageError("invalid member %r: use @agent or role:ROLE" % raw)
-                if name not in agents:
-                    raise NotFoundError("unknown agent @%s" % name,
-                                        hint="roles need the role: prefix, e.g. role:%s"
-                                        % name)
-                out.append(("agent", name))
-        if not out:
-            raise UsageError("give at least one member (@agent or role:ROLE)")
-        return out
-
-    def group_add(self, name, members, agent=None):
-        self.require_store()
-        row = self._require_group(name)
-        parsed = self._parse_members(members)
-        by = self._by(agent)
-        self._emit([self._event("group.member.add", group=row[0], member_type=t, member=m,
-                                by=by) for t, m in parsed])
-        return self.group_info(row[0])
-
-    def group_remove(self, name, members, agent=None):
-        self.require_store()
-        row = self._require_group(name)
-        current = {(m["type"], m["value"]) for m in self.group_info(row[0])["members"]}
-        parsed = []
-        for raw in members:
-            s = raw.strip()
-            key = ("role", s[5:]) if s.startswith("role:") else ("agent", _strip_at(s))
-            if key not in current:
-                raise NotFoundError("%s is not a member of group %s" % (raw, row[0]))
-            parsed.append(key)
-        by = self._by(agent)
-        self._emit([self._event("group.member.remove", group=row[0], member_type=t,
-                                member=m, by=by) for t, m in parsed])
-        return self.group_info(row[0])
-
-    def group_list(self):
-        self.require_store()
-        out = []
-        for name, gid, desc, by, at in self.index.q(
-                "SELECT name, group_id, description, created_by, created_at FROM groups "
-                "WHERE create_key IS NOT NULL AND (delete_key IS NULL OR "
-                "create_key > delete_key) ORDER BY name"):
-            info = self.group_info(name)
-            out.append({"group": name, "group_id": gid, "description": desc,
-                        "created_by": by, "created_at": at,
-                        "member_count": len(info["members"]),
-                        "agents": info["agents"]})
-        return {"groups": out}
-
-    def group_info(self, name):
-        self.require_store()
-        row = self._require_group(name)
-        members = [{"type": t, "value": m, "added_by": b, "added_at": a}
-                   for t, m, b, a in self.index.q(
-                       "SELECT gm.member_type, gm.member, gm.added_by, gm.added_at FROM "
-                       "group_members gm JOIN groups g ON g.name = gm.name WHERE gm.name = ? "
-                       "AND gm.add_key IS NOT NULL AND (gm.remove_key IS NULL OR "
-                       "gm.add_key > gm.remove_key) AND (g.delete_key IS NULL OR "
-                       "gm.add_key > g.delete_key) ORDER BY gm.member_type, gm.member",
-                       (row[0],))]
-        return {"group": row[0], "group_id": row[1], "description": row[2],
-                "created_by": row[3], "created_at": row[4], "members": members,
-                "agents": sorted(self._group_members(row[0]))}
-
-    # -- config ---------------------------------------------------------------------------
-    def config_show(self):
-        return {"repo_file": self.config.repo_file, "user_file": self.config.user_file,
-                "values": {k: {"value": v, "source": s} for k, v, s in self.config.items()}}
-
-    def config_get(self, key):
-        if key not in CONFIG_KEYS:
-            raise UsageError("unknown config key %r" % key,
-                             hint="known keys: " + ", ".join(CONFIG_KEYS))
-        return {"key": key, "value": self.config.get(key), "source": self.config.source(key)}
-
-    def config_set(self, key, value):
-        self.require_store()
-        if key == "sync.branch" and self.loc.git_common:
-            try:
-                branch = _parse_branch(value)
-            except ValueError:
-                branch = None  # Config.set below refuses it with the reason
-            if branch:
-                eng = self.store.sync_engine(branch)
-                remote_tip = eng.rev(eng.tracking)
-                problem = eng.branch_problem()
-                if not problem and remote_tip and eng.foreign_history(remote_tip):
-                    problem = "the remote's copy (%s/%s) is not a thrum log" % (
-                        eng.remote, branch)
-                if problem:
-                    raise UsageError("cannot use %r as the sync branch: %s" % (branch, problem),
-                                     hint=_BRANCH_HINT)
-        v = self.config.set(key, value)
-        return {"key": key, "value": v, "file": self.config.repo_file}
-
-    # -- sync (the engine is section 8) ---------------------------------------------------
-    def sync_force(self):
-        """Run one sync cycle now. Returns the sync status plus what the cycle did:
-        {remote, branch, local_only, last_sync_at, last_error, ahead, behind, state,
-        pulled, committed, pushed, attempts}."""
-        self.require_store()
-        eng = self.store.sync_engine()
-        res = eng.cycle()
-        st = eng.status()
-        st.update(res)
-        return st
-
-    def sync_status(self):
-        """Sync state without network: {remote, branch, local_only, last_sync_at,
-        last_error, ahead, behind, state, git}."""
-        self.require_store()
-        if not self.loc.git_common:
-            return {"remote": None, "branch": self.branch, "local_only": True,
-                    "last_sync_at": None, "last_error": None, "ahead": 0, "behind": 0,
-                    "state": "no-remote", "git": False}
-        st = self.store.sync_engine().status()
-        st["git"] = True
-        return st
-
-    def context_sync(self, agent=None):
-        """Publish my saved context on the sync branch (an agent.update event whose
-        `context` field is the text; the latest publication wins), then sync."""
-        me = self.me(agent)["agent_id"]
-        text = _read_text(self._context_path(me))
-        if text is None:
-            raise NotFoundError("no saved context for @%s" % me,
-                                hint="save one with 'thrum context save'")
-        self.store.sync_engine()  # outside git this raises: there is nothing to publish to
-        self._update_fields(me, context=text)
-        res = self.sync_force()
-        res["agent_id"] = me
-        return res
-
-    # -- health -------------------------------------------------------------------------------
-    def doctor(self, fix=False):
-        """Check (and with fix, repair) the index, log lines, sync worktree, daemon files.
-
-        Returns {ok, checks: [{name, ok, detail, fixed}]}.
-        """
-        self.require_store()
-        checks = []
-
-        def check(name, ok, detail, fixed=False):
-            checks.append({"name": name, "ok": bool(ok), "detail": detail, "fixed": fixed})
-        # log lines
-        torn = self.log.torn_files()
-        if torn and fix:
-            self.log.repair()
-        check("log: torn lines", not torn, ", ".join("%s (%d bytes)" % t for t in torn)
-              or "none", fixed=bool(torn and fix))
-        bad = 0
-        for rel, path, _ in self.log.files():
-            with open(path, "rb") as f:
-                data = f.read()
-            _, n = parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)
-            bad += n
-        check("log: corrupt lines", True, "%d corrupt line(s) are skipped" % bad
-              if bad else "none")
-        # index
-        problem = None
-        try:
-            idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
-            idx.open()
-            res = idx.db.execute("PRAGMA quick_check").fetchone()[0]
-            if res != "ok":
-                problem = "integrity check: %s" % res
-            else:
-                idx.catch_up()
-                problem = self._index_differs(idx)
-            idx.close()
-        except (sqlite3.DatabaseError, ThrumError) as e:
-            problem = str(e)
-        if problem and fix:
-            idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
-            idx.rebuild()
-            idx.close()
-        check("index", not problem, problem or "matches the log", fixed=bool(problem and fix))
-        # sync worktree
-        if self.loc.git_common:
-            try:
-                eng = self.store.sync_engine()
-                wts = eng._worktrees()
-                branch_issue = eng.branch_problem(wts)
-                check("sync branch", not branch_issue, "%s: %s (%s)" % (
-                    eng.branch, branch_issue, _BRANCH_HINT) if branch_issue else
-                    "%s is thrum's own log branch" % eng.branch)
-                if not branch_issue:
-                    issue = eng.worktree_problem(wts)
-                    if issue and fix:
-                        eng.ensure_branch_and_worktree()
-                    check("sync worktree", not issue, issue or "ok",
-                          fixed=bool(issue and fix))
-                    stray = [] if issue else eng.stray_paths()
-                    if stray and fix:
-                        for rel in stray:
-                            os.unlink(os.path.join(eng.wt, rel))
-                    check("sync worktree: other files", not stray, "not log files, never "
-                          "committed: %s" % ", ".join(stray[:5]) if stray else "none",
-                          fixed=bool(stray and fix))
-            except ThrumError as e:
-                check("sync worktree", False, e.message)
-        # can thrum write where it must?
-        for what, path, effect in (
-                ("log directory", self.log.root, "every write (send, reply, receipts) fails"),
-                ("store", self.loc.var, "the index is rebuilt in memory on every command")):
-            if os.path.isdir(path) and not os.access(path, os.W_OK):
-                check("%s writable" % what, False, "%s is read-only: %s (fix the "
-                      "permissions)" % (path, effect))
-        # identity files of this worktree
-        for name, problem, fixed in self._check_identities(fix):
-            check("identity @%s" % name, False, problem, fixed=fixed)
-        # stale daemon files
-        pidf = os.path.join(self.loc.var, "daemon.pid")
-        if os.path.exists(pidf) and not self.daemon_info()["running"]:
-            if fix:
-                for n in ("daemon.pid", "thrum.sock"):
-                    try:
-                        os.unlink(os.path.join(self.loc.var, n))
-                    except FileNotFoundError:
-                        pass
-            check("daemon files", False, "stale daemon.pid (no such process)", fixed=fix)
-        ok = all(c["ok"] or c["fixed"] for c in checks)
-        return {"ok": ok, "checks": checks}
-
-    def _check_identities(self, fix):
-        """[(name, problem, fixed)] for damaged identity files of this worktree. A fix
-        rewrites the file from the agent's registration when it was made here, else
-        moves it aside (`<name>.json.corrupt`)."""
-        out = []
-        for name in self.identities_here():
-            path = self._identity_file(name)
-            try:
-                self._read_identity(path)
-                continue
-            except NotSetUpError as e:
-                problem = e.message
-            fixed = False
-            if fix:
-                row = self._agent_row(name)
-                here = os.path.realpath(self.loc.worktree)
-                if row and row[4] and os.path.realpath(row[4]) == here:
-                    ses = self._open_session(name)
-                    self._write_identity({
-                        "agent_id": name, "role": row[1], "module": row[2],
-                        "display": row[3], "worktree": here,
-                        "intent": self._agent_fields(name).get("intent"),
-                        "session_id": ses[0] if ses else None, "created_at": row[6],
-                        "identity_file": path})
-                    problem += "; rewritten from its registration"
-                else:
-                    os.replace(path, path + ".corrupt")
-                    problem += "; moved aside to %s.corrupt" % os.path.basename(path)
-                fixed = True
-            out.append((name, problem, fixed))
-        return out
-
-    def _index_differs(self, idx):
-        """Compare the live index with a rebuild in memory; None when they agree."""
-        mem = Index(":memory:", self.log)
-        mem.db = sqlite3.connect(":memory:", isolation_level=None)
-        mem.db.executescript(_SCHEMA)
-        mem.db.execute("BEGIN")
-        evs = []
-        for rel, path, _ in self.log.files():
-            with open(path, "rb") as f:
-                data = f.read()
-            evs += parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)[0]
-        mem.apply(evs)
-        mem.db.execute("COMMIT")
-        for table, cols in (("messages", "message_id, content0, content, deleted, thread_id, "
-                                          "version"),
-                            ("deliveries", "agent_id, message_id, read_at, deleted"),
-                            ("agents", "agent_id, role, reg_key, del_key")):
-            a = idx.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
-            b = mem.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
-            if a != b:
-                mem.db.close()
-                return "%s differ from the log (%d rows vs %d)" % (table, len(a), len(b))
-        mem.db.close()
-        return None
-
-    def rebuild_index(self):
-        n = self.require_store().index.rebuild()
-        self._fresh = True
-        return {"events": n}
-
-
-#: What an operation needs before it runs: nothing, a store, or the caller's identity
-#: (checked in this order, before the arguments' meaning: SPEC §14).
-NEEDS_NOTHING, NEEDS_STORE, NEEDS_IDENTITY = 0, 1, 2
-
-#: Every operation a front end can call: name -> (Service method, what it needs).
-#: The CLI, the daemon's RPC and the MCP tools all go through call() with these names.
-OPS = {
-    "init": ("init", NEEDS_NOTHING),
-    "setup": ("setup", NEEDS_NOTHING),
-    "quickstart": ("quickstart", NEEDS_NOTHING),
-    "agent_register": ("agent_register", NEEDS_STORE),
-    "whoami": ("whoami", NEEDS_IDENTITY),
-    "status": ("status", NEEDS_IDENTITY),
-    "overview": ("overview", NEEDS_IDENTITY),
-    "prime": ("prime", NEEDS_IDENTITY),
-    "team": ("team", NEEDS_STORE),
-    "send": ("send", NEEDS_IDENTITY),
-    "reply": ("reply", NEEDS_IDENTITY),
-    "inbox": ("inbox", NEEDS_IDENTITY),
-    "sent": ("sent", NEEDS_IDENTITY),
-    "mark_read": ("mark_read", NEEDS_IDENTITY),
-    "message_get": ("message_get", NEEDS_STORE),
-    "message_edit": ("message_edit", NEEDS_IDENTITY),
-    "message_delete": ("message_delete", NEEDS_IDENTITY),
-    "message_read": ("message_read", NEEDS_IDENTITY),
-    "wait": ("wait", NEEDS_IDENTITY),
-    "who_has": ("who_has", NEEDS_STORE),
-    "ping": ("ping", NEEDS_STORE),
-    "agent_list": ("agent_list", NEEDS_STORE),
-    "agent_delete": ("agent_delete", NEEDS_STORE),
-    "agent_cleanup": ("agent_cleanup", NEEDS_STORE),
-    "session_start": ("session_start", NEEDS_IDENTITY),
-    "session_end": ("session_end", NEEDS_IDENTITY),
-    "session_list": ("session_list", NEEDS_STORE),
-    "session_heartbeat": ("session_heartbeat", NEEDS_IDENTITY),
-    "session_set_intent": ("session_set_intent", NEEDS_IDENTITY),
-    "session_set_task": ("session_set_task", NEEDS_IDENTITY),
-    "context_save": ("context_save", NEEDS_STORE),
-    "context_show": ("context_show", NEEDS_STORE),
-    "context_clear": ("context_clear", NEEDS_STORE),
-    "context_sync": ("context_sync", NEEDS_IDENTITY),
-    "group_create": ("group_create", NEEDS_STORE),
-    "group_delete": ("group_delete", NEEDS_STORE),
-    "group_add": ("group_add", NEEDS_STORE),
-    "group_remove": ("group_remove", NEEDS_STORE),
-    "group_list": ("group_list", NEEDS_STORE),
-    "group_info": ("group_info", NEEDS_STORE),
-    "config_show": ("config_show", NEEDS_NOTHING),
-    "config_get": ("config_get", NEEDS_NOTHING),
-    "config_set": ("config_set", NEEDS_STORE),
-    "sync_force": ("sync_force", NEEDS_STORE),
-    "sync_status": ("sync_status", NEEDS_STORE),
-    "doctor": ("doctor", NEEDS_STORE),
-    "rebuild_index": ("rebuild_index", NEEDS_STORE),
-}
-
-
-class AfterWriteError(ThrumError):
-    """The operation's write is stored, but the per-call sync after it failed
-    (THRUM_AUTOSYNC). Carries the operation's `result`."""
-
-    def __init__(self, error, result):
-        super().__init__("saved locally, but THRUM_AUTOSYNC failed: " + error.message,
-                         hint=error.hint)
-        self.error, self.result = error, result
-
-
-def _check_params(method, params):
-    """Refuse parameters a method does not take (or private ones) as a usage error."""
-    code = method.__code__
-    names = code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
-    allowed = {n for n in names if not n.startswith("_") and n != "agent"}
-    bad = sorted(k for k in params if k not in allowed)
-    if bad:
-        raise UsageError("unknown parameter%s for this operation: %s (known: %s)" % (
-            "s" if len(bad) > 1 else "", ", ".join(map(str, bad)),
-            ", ".join(sorted(allowed)) or "none"))
-    required = names[:code.co_argcount - 1 - len(method.__defaults__ or ())]
-    missing = [n for n in required if n not in params]
-    if missing:
-        raise UsageError("missing parameter%s: %s" % ("s" if len(missing) > 1 else "",
-                                                      ", ".join(missing)))
-
-
-def call(op, params, caller, store=None):
-    """Run one operation for one caller: the entry point of every front end.
-
-    `params` is a dict of plain data, `caller` a Caller, `store` an open Store (None:
-    located from the caller's directory). Checks what the operation needs, runs it,
-    then the per-call work (THRUM_AUTOSYNC's sync after a write). Returns plain data,
-    or raises ThrumError (AfterWriteError when only the sync after a write failed).
-    """
-    try:
-        name, needs = OPS[op]
-    except (KeyError, TypeError):
-        raise UsageError("unknown operation %r" % (op,))
-    params = dict(params or {})
-    svc = Service(store, caller)
-    try:
-        method = getattr(svc, name)
-        _check_params(method, params)
-        if needs >= NEEDS_STORE:
-            svc.require_store()
-        if needs >= NEEDS_IDENTITY:
-            svc.me()
-        result = method(**params)
-        svc.finish()
-    finally:
-        if store is None:  # a store opened for this call only
-            svc.close()
-    if svc.autosync_error is not None:
-        raise AfterWriteError(svc.autosync_error, result)
-    return result
-
-
-def error_payload(exc):
-    """The one shape every front end reports an error in: {message, exit_code, hint}
-    (the CLI's stderr line and --json error, an RPC error reply, an MCP isError
-    result). Anything that is not a ThrumError is a bug or an environment failure:
-    exit code 1 with a one-line message (the caller logs the traceback)."""
-    if isinstance(exc, ThrumError):
-        return {"message": exc.message, "exit_code": exc.exit_code, "hint": exc.hint}
-    if isinstance(exc, KeyboardInterrupt):
-        return {"message": "interrupted", "exit_code": EXIT_INTERRUPTED, "hint": None}
-    if isinstance(exc, OSError):  # the environment refused: permissions, a dir for a file
-        where = "%s: " % exc.filename if exc.filename else ""
-        return {"message": "%s%s" % (where, exc.strerror or exc), "exit_code": EXIT_FAIL,
-                "hint": "check the file's type and permissions; 'thrum doctor' can help"}
-    return {"message": "internal error: %s: %s" % (type(exc).__name__, exc),
-            "exit_code": EXIT_FAIL,
-            "hint": "re-run with --debug for the traceback, and please report it"}
 
 
 def work_context(worktree, env):
@@ -4567,70 +2493,2089 @@ class SyncEngine:
 
 
 
-# === 12. Rendering / output ===================================================
+# === 9. Store, caller, service and operations =================================
 
-class Output:
-    """Writes results: one JSON document with --json, compact text otherwise."""
+_ROLE_INTENTS = {
+    "implementer": "Implement features and fixes in %s",
+    "coordinator": "Coordinate agents and tasks in %s",
+    "reviewer": "Review changes in %s",
+    "tester": "Test changes in %s",
+    "pipeline": "Report CI results for %s",
+}
 
-    def __init__(self, json_mode=False, quiet=False, verbose=False, stream=None):
-        self.stream = stream or sys.stdout
-        self.document = None    # with --json: the one document, written by flush()
-        self.result = None      # the last result emitted (what an output error reports)
-        self.broken = False     # stdout failed: write nothing more
-        self.autosync_error = None
-        self.configure(json_mode, quiet, verbose)
 
-    def configure(self, json_mode=False, quiet=False, verbose=False):
-        self.json = json_mode
-        self.quiet = quiet
-        self.verbose = verbose
-        self.color = (not json_mode and "NO_COLOR" not in os.environ
-                      and hasattr(self.stream, "isatty") and self.stream.isatty())
+def _check_name(name, what="agent name"):
+    if not isinstance(name, str) or not name_ok(name):
+        raise UsageError(
+            "invalid %s %r: use 1-64 lowercase letters, digits, '_' or '-', "
+            "starting with a letter or digit" % (what, name))
+    if name in RESERVED_NAMES:
+        raise UsageError("invalid %s %r: it is reserved (%s)"
+                         % (what, name, ", ".join(sorted(RESERVED_NAMES))))
+    return name
 
-    def c(self, code, text):
-        return "\033[%sm%s\033[0m" % (code, text) if self.color else text
 
-    def emit(self, data, lines=None):
-        """Print `data` as JSON (held for flush), or the human `lines` (a list or a
-        callable), with control characters in them made visible."""
-        if isinstance(data, dict):
-            self.result = data
-        if self.json:
-            self.document = data
-            return
-        if callable(lines):
-            lines = lines(_visible_data(data))
-        else:
-            lines = [_visible(l, "\t\n") for l in lines or ()]
-        if lines:
-            self.write("\n".join(lines) + "\n")
+def _strip_at(name):
+    return name[1:] if isinstance(name, str) and name.startswith("@") else name
 
-    def write(self, text):
-        """Write to stdout; a failure (closed, full disk, broken pipe) is OutputError."""
-        if self.broken:
-            return
+
+def _check_text(value, what, limit=1000, allow_empty=False):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError("%s must be text" % what)
+    if not allow_empty and not value.strip():
+        raise UsageError("%s must not be empty" % what)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("%s is not valid UTF-8" % what)
+    if len(value) > limit or "\n" in value or "\r" in value or "\x00" in value:
+        raise UsageError("%s must be one line of at most %d characters" % (what, limit))
+    return value
+
+
+def parse_after(text):
+    """A wait's start point: epoch seconds (a number), a negative duration meaning
+    "ago" (`-15s`) or a UTC timestamp -> epoch seconds."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not 0 <= text < 253402300800:
+            raise UsageError("invalid start point %r: must be between 1970 and 9999" % text)
+        return float(text)
+    if not isinstance(text, str):
+        raise UsageError("invalid start point %r" % (text,))
+    t = text.strip()
+    try:
+        secs = parse_duration(t)
+    except ValueError:
         try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError) as e:
-            self.broken = True
-            raise OutputError(e) from None
+            ts = parse_ts(t)
+        except (ValueError, OverflowError):
+            raise UsageError("invalid start point (after) %r: use a negative duration such as -15s, "
+                             "or a UTC timestamp such as 2026-01-31T12:00:00Z" % text)
+        if not 0 <= ts < 253402300800:
+            raise UsageError("invalid start point (after) %r: a timestamp must be between 1970 and 9999"
+                             % text)
+        return ts
+    if secs > 0 or (secs == 0 and not t.startswith("-")):
+        raise UsageError("invalid start point (after) %r: a duration must be negative (-15s means "
+                         "fifteen seconds ago)" % text)
+    if secs < -100 * 365 * 86400:
+        raise UsageError("invalid start point (after) %r: at most 100 years ago" % text)
+    return time.time() + secs
 
-    def flush(self):
-        """Write the held JSON document (exactly one per command)."""
-        if self.json and self.document is not None:
-            doc, self.document = self.document, None
-            self.write(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
-    def ok(self, data, *lines):
-        """A confirmation: `✓ first line` plus detail lines (hidden by --quiet)."""
-        if self.json:
-            return self.emit(data)
-        if self.quiet:
+def parse_timeout(text):
+    """A wait's timeout: seconds (a number) or a duration (`8m`), 0 .. 24h."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        secs = float(text)
+    else:
+        try:
+            secs = parse_duration(text if isinstance(text, str) else "")
+        except ValueError as e:
+            raise UsageError("invalid timeout: %s" % e)
+    if not 0 <= secs <= MAX_TIMEOUT:  # also refuses nan
+        raise UsageError("invalid timeout %r: must be between 0 and 24h" % (text,))
+    return secs
+
+
+def _target_list(targets):
+    """Targets as a list of names: a string may hold a comma list; `@` is kept."""
+    if targets is None:
+        return []
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)):
+        raise UsageError("targets must be a name or a list of names")
+    out = []
+    for t in targets:
+        if not isinstance(t, str):
+            raise UsageError("invalid target %r: expected a name" % (t,))
+        out += [x.strip() for x in t.split(",") if x.strip()]
+    return out
+
+
+def parse_tag(text, what="scope"):
+    """Parse `type:value` (or a {type, value} dict) for --scope/--ref."""
+    if isinstance(text, dict):
+        t, v = text.get("type"), text.get("value")
+    else:
+        if not isinstance(text, str) or ":" not in text:
+            raise UsageError("invalid %s %r: expected type:value (e.g. module:auth)"
+                             % (what, text))
+        t, v = text.split(":", 1)
+    if (not isinstance(t, str) or not isinstance(v, str) or not t or not v.strip()
+            or not all(c.isalnum() or c in "_.-" for c in t)
+            or any(c in v for c in "\n\r\x00") or len(v) > 500 or not _utf8_ok(v)):
+        raise UsageError("invalid %s %r: expected type:value with a non-empty type "
+                         "(letters, digits, _ . -) and value" % (what, text))
+    return {"type": t, "value": v}
+
+
+def _utf8_ok(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _tag_str(tag):
+    return "%s:%s" % (tag["type"], tag["value"])
+
+
+def _pid_alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+
+
+class Store:
+    """One thrum store, held open: its config, event log, index and origin.
+
+    The long-lived half of the service layer. A CLI process holds one for a single
+    call; the daemon and the MCP server hold one for hours and share it between
+    threads: ULIDs are minted under a lock, every thread gets its own SQLite
+    connection, and `refresh()` (run at the start of every request) catches the
+    index up with writes made by other processes.
+    """
+
+    def __init__(self, loc, env, overrides=None):
+        if not loc.store:
+            raise NotSetUpError("thrum is not initialised here (%s)" % loc.worktree,
+                                hint="run 'thrum init' (or 'thrum quickstart --name N "
+                                     "--role R --module M')")
+        self.loc = Location(loc.store_root, loc.store, loc.git_common)
+        self.env = env
+        self.config = Config(loc.store, env, overrides)
+        self._overrides = overrides
+        self._log = self._index = self._origin = None
+        self._lock = _thread.allocate_lock()
+
+    @property
+    def path(self):
+        return self.loc.store
+
+    @property
+    def branch(self):
+        return self.config.get("sync.branch")
+
+    @property
+    def log(self):
+        if self._log is None:
+            self._log = EventLog(self.loc.log_dir(self.branch),
+                                 os.path.join(self.loc.var, "torn"))
+        return self._log
+
+    @property
+    def index(self):
+        """The index (not caught up: see refresh)."""
+        if self._index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = Index(os.path.join(self.loc.var, "index.db"), self.log)
+        return self._index
+
+    def refresh(self):
+        """See what other processes wrote: re-read a changed config file and catch
+        the index up with the log (cheap when nothing changed: file stats)."""
+        if self.config.changed():
+            self.config = Config(self.loc.store, self.env, self._overrides)
+            self._log = self._index = None
+        return self.index.catch_up()
+
+    @property
+    def origin(self):
+        """This clone's id (`.thrum/origin`), written on first use."""
+        if self._origin is None:
+            with self._lock:
+                path = os.path.join(self.loc.store, "origin")
+                o = (_read_text(path) or "").strip()
+                if not o:
+                    o = new_id("o_")
+                    _write_file_atomic(path, o + "\n")
+                self._origin = o
+        return self._origin
+
+    def event(self, etype, **fields):
+        return make_event(etype, self.origin, **fields)
+
+    def emit(self, events):
+        """Append events to the log, then project them. The only write path."""
+        if events:
+            self.log.append(events)
+            self.index.catch_up()
+
+    def sync_engine(self, branch=None):
+        return SyncEngine(self, branch=branch)
+
+    def close(self):
+        """Close this thread's index connection."""
+        if self._index is not None:
+            self._index.close()
+
+
+class Caller:
+    """Who is asking, as a plain value the front end builds: the directory the
+    request comes from (its worktree decides which identities are "here"), the
+    caller's environment (THRUM_NAME, THRUM_ROLE, THRUM_AUTOSYNC, ...) and an
+    explicit agent name (`--agent`), which wins over THRUM_NAME."""
+
+    __slots__ = ("cwd", "env", "agent")
+
+    def __init__(self, cwd, env, agent=None):
+        self.cwd = os.path.abspath(cwd)
+        self.env = dict(env)
+        self.agent = agent
+
+    def to_dict(self):
+        return {"cwd": self.cwd, "env": self.env, "agent": self.agent}
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict) or not isinstance(d.get("cwd"), str) or not \
+                isinstance(d.get("env", {}), dict):
+            raise UsageError("a caller needs cwd (text) and env (an object)")
+        return cls(d["cwd"], {str(k): str(v) for k, v in d.get("env", {}).items()},
+                   d.get("agent"))
+
+    def __repr__(self):  # pragma: no cover - debugging aid
+        return "Caller(%r, agent=%r)" % (self.cwd, self.agent)
+
+
+class Service:
+    """Every thrum operation, as one method taking and returning plain data.
+
+    One Service serves one request: it pairs the long-lived Store (None until
+    `init` makes one) with the Caller, and resolves "me" from the caller, never
+    from the process. Front ends go through `call()`, which builds it.
+    """
+
+    def __init__(self, store, caller):
+        self.caller = caller
+        self.env = caller.env
+        self.loc = locate(caller.cwd)
+        if store is not None and self.loc.store and \
+                os.path.realpath(self.loc.store) != os.path.realpath(store.path):
+            raise UsageError("%s belongs to the thrum store %s, not %s" % (
+                caller.cwd, self.loc.store, store.path))
+        if store is not None and not self.loc.store:
+            self.loc = Location(self.loc.worktree, store.path, store.loc.git_common)
+        if store is None and self.loc.store:
+            store = Store(self.loc, self.env)
+        self.store = store
+        self._fresh = False          # the store was refreshed for this request
+        self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
+        self.wrote = False           # this call appended events (see finish())
+        self._me = {}                # me() results of this call (cleared by identity writes)
+
+    # -- plumbing --------------------------------------------------------------
+    def require_store(self):
+        if self.store is None:
+            raise NotSetUpError("thrum is not initialised here (%s)" % self.loc.worktree,
+                                hint="run 'thrum init' (or 'thrum quickstart --name N "
+                                     "--role R --module M')")
+        return self.store
+
+    @property
+    def config(self):
+        return self.store.config if self.store else Config(None, self.env)
+
+    @property
+    def log(self):
+        return self.require_store().log
+
+    @property
+    def branch(self):
+        return self.config.get("sync.branch")
+
+    @property
+    def index(self):
+        """The index, caught up with the log once per request (writes catch up again)."""
+        store = self.require_store()
+        if not self._fresh:
+            self._fresh = True
+            store.refresh()
+        return store.index
+
+    def close(self):
+        if self.store is not None:
+            self.store.close()
+
+    @property
+    def origin(self):
+        return self.require_store().origin
+
+    def _emit(self, events):
+        """Append events to the log, then project them. The only write path."""
+        if not events:
             return
-        lines = [_visible(l) for l in lines if l]
-        self.emit(data, lambda _: [self.c("32", "✓") + " " + lines[0]] + lines[1:])
+        self._autosync  # a bad THRUM_AUTOSYNC is refused before anything is written
+        self.index  # caught up first, so the write's own catch-up reads only it
+        self.store.emit(events)
+        self.wrote = True
 
+    def finish(self):
+        """End of one request: with THRUM_AUTOSYNC, one sync cycle if the call wrote
+        anything (a failure is kept in `autosync_error`, the write stays)."""
+        if self.wrote and self._autosync and self.loc.git_common:
+            self.wrote = False
+            try:
+                self.sync_force()
+            except ThrumError as e:
+                self.autosync_error = e
+
+    @property
+    def _autosync(self):
+        try:
+            return _parse_bool(self.env.get("THRUM_AUTOSYNC") or "0")
+        except ValueError:
+            raise UsageError("THRUM_AUTOSYNC must be 1/0 or true/false")
+
+    def _event(self, etype, **fields):
+        return self.require_store().event(etype, **fields)
+
+    # -- identity --------------------------------------------------------------
+    def _identity_file(self, name, worktree=None):
+        return _safe_name_path(os.path.join(worktree or self.loc.worktree, THRUM_DIR,
+                                            "identities"), name, ".json")
+
+    @staticmethod
+    def _read_identity(path):
+        name = os.path.basename(path)[:-5]
+        hint = ("repair it with 'thrum doctor --fix', or register again: 'thrum quickstart "
+                "--name %s --role ROLE --module MODULE'" % name)
+        try:
+            text = _read_text(path)
+            if text is None:
+                return None
+            data = json.loads(text)
+        except (ValueError, ThrumError):
+            raise NotSetUpError("identity file %s is corrupt" % path, hint=hint)
+        if not isinstance(data, dict) or not name_ok(data.get("agent_id", "")) or any(
+                data.get(k) is not None and not isinstance(data.get(k), str) for k in (
+                    "role", "module", "display", "worktree", "intent", "session_id",
+                    "tmux_session", "created_at", "updated_at")):
+            raise NotSetUpError("identity file %s is not a valid thrum identity" % path,
+                                hint=hint)
+        data["identity_file"] = path
+        return data
+
+    def _write_identity(self, ident):
+        self._me.clear()
+        data = {k: v for k, v in ident.items() if k != "identity_file"}
+        data["updated_at"] = now_ts()
+        path = ident.get("identity_file") or self._identity_file(data["agent_id"])
+        _write_file_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", 0o600)
+        ident["identity_file"] = path
+        ident["updated_at"] = data["updated_at"]
+
+    def identities_here(self):
+        """Names with an identity file in this worktree."""
+        try:
+            names = os.listdir(self.loc.identities)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and name_ok(n[:-5]))
+
+    def me(self, agent=None):
+        """Resolve the calling agent's identity (SPEC §4). Never guesses."""
+        if agent in self._me:
+            return self._me[agent]
+        self._me[agent] = ident = self._resolve_me(agent)
+        self._me.setdefault(ident["agent_id"], ident)
+        return ident
+
+    def _resolve_me(self, agent):
+        self.require_store()
+        agent = agent or self.caller.agent
+        name = _strip_at(agent) if agent else self.env.get("THRUM_NAME") or None
+        here = self.identities_here()
+        if name:
+            if not name_ok(name) or name in RESERVED_NAMES:
+                raise UsageError("invalid agent name %r%s" % (
+                    name, "" if agent else " in THRUM_NAME"),
+                    hint="names are 1-64 lowercase letters, digits, '_' or '-', and not "
+                         "reserved")
+            if name in here:
+                ident = self._read_identity(self._identity_file(name))
+            elif not here:
+                ident = self._identity_elsewhere(name)
+            else:
+                ident = None
+            if ident is None:
+                raise NotSetUpError(
+                    "%s does not name an identity in this worktree"
+                    % (("agent %s" % name) if agent else "THRUM_NAME=" + name),
+                    hint=("available here: %s" % ", ".join(here)) if here else
+                    "register it with 'thrum quickstart --name %s --role R --module M'"
+                    % name)
+        elif len(here) == 1:
+            ident = self._read_identity(self._identity_file(here[0]))
+        elif not here:
+            raise NotSetUpError("no agent identity in this worktree",
+                                hint="register with 'thrum quickstart --name NAME "
+                                     "--role ROLE --module MODULE'")
+        else:
+            raise NotSetUpError("several identities in this worktree (%s); "
+                                "cannot choose" % ", ".join(here),
+                                hint="set THRUM_NAME to one of: %s" % ", ".join(here))
+        row = self.index.q1("SELECT role, worktree, hostname, takeover FROM agents WHERE "
+                            "agent_id = ? AND " + ACTIVE_AGENT_SQL, (ident["agent_id"],))
+        if row and row[1] and ident.get("worktree") and ident.get("identity_file") and \
+                os.path.realpath(row[1]) != os.path.realpath(ident["worktree"]):
+            where = row[1] + ("" if row[2] in (None, os.uname().nodename) else
+                              " on " + str(row[2]))
+            hint = ("register another name here, or claim it back with 'thrum quickstart "
+                    "--name %s --role ROLE --module MODULE --force'" % ident["agent_id"])
+            if row[3]:
+                raise NotSetUpError("agent @%s was taken over (a forced registration) by the worktree %s"
+                                    % (ident["agent_id"], where), hint=hint)
+            raise NotSetUpError(
+                "the name @%s is also registered from another worktree (%s), and that "
+                "registration is the newer one (two registrations met in a sync)"
+                % (ident["agent_id"], where), hint=hint)
+        if row is None:
+            raise NotSetUpError("agent %s is not registered in this store (deleted?)"
+                                % ident["agent_id"],
+                                hint="re-register with 'thrum quickstart --name %s "
+                                     "--role R --module M'" % ident["agent_id"])
+        return ident
+
+    def _identity_elsewhere(self, name):
+        """An identity of another worktree of this store (helper processes)."""
+        row = self.index.q1("SELECT agent_id, role, module, display, worktree FROM agents "
+                            "WHERE agent_id = ? AND " + ACTIVE_AGENT_SQL, (name,))
+        if row is None:
+            return None
+        if row[4]:
+            ident = self._read_identity(self._identity_file(name, row[4]))
+            if ident:
+                return ident
+        return {"agent_id": row[0], "role": row[1], "module": row[2], "display": row[3],
+                "worktree": row[4], "intent": None, "session_id": None,
+                "identity_file": None}
+
+    def _agent_row(self, name):
+        return self.index.q1("SELECT agent_id, role, module, display, worktree, hostname, "
+                             "registered_at FROM agents WHERE agent_id = ? AND "
+                             + ACTIVE_AGENT_SQL, (name,))
+
+    def _require_agent(self, name, what="agent"):
+        name = _strip_at(name)
+        if not name_ok(name or ""):
+            raise UsageError("invalid agent name %r" % name)
+        row = self._agent_row(name)
+        if row is None:
+            raise NotFoundError("unknown %s @%s" % (what, name),
+                                hint="see registered agents with 'thrum team --all'")
+        return row
+
+    def _active_agents(self):
+        return {r[0]: r[1] for r in self.index.q(
+            "SELECT agent_id, role FROM agents WHERE " + ACTIVE_AGENT_SQL)}
+
+    def _active_groups(self):
+        return {r[0] for r in self.index.q(
+            "SELECT name FROM groups WHERE create_key IS NOT NULL AND "
+            "(delete_key IS NULL OR create_key > delete_key)")}
+
+    def _open_session(self, agent_id):
+        return self.index.q1("SELECT session_id, started_at FROM sessions WHERE agent_id = ? "
+                             "AND ended_at IS NULL AND started_at IS NOT NULL "
+                             "ORDER BY started_at DESC LIMIT 1", (agent_id,))
+
+    # -- setup -------------------------------------------------------------------
+    def init(self, local=False, force=False):
+        """Create `.thrum/`, the sync branch and its worktree. Idempotent.
+
+        Returns {store, log_dir, git, branch, created, adopted_remote, local_only}.
+        """
+        loc = self.loc
+        created = []
+        if loc.git_common and _is_bare(loc.git_common) and \
+                os.path.realpath(loc.worktree) == os.path.realpath(loc.git_common):
+            raise UsageError("%s is a bare git repository (no working tree), so thrum has "
+                             "no place for its store" % loc.worktree,
+                             hint="run thrum in a clone or a worktree of it "
+                                  "('git clone %s' or 'git worktree add')" % loc.worktree)
+        if loc.store is None and loc.git_common:
+            main = _main_checkout(loc.git_common)
+            store_root = main if main and os.path.isdir(main) else loc.worktree
+        elif loc.store is None:
+            store_root = loc.worktree  # outside git: where `.thrum/` was found, or here
+        else:
+            store_root = loc.store_root
+        store = os.path.join(store_root, THRUM_DIR)
+        pending_config = None
+        fresh = not os.path.exists(store)
+        if not _is_store(store):
+            for sub in ("identities", "context", "var"):
+                os.makedirs(os.path.join(store, sub), exist_ok=True)
+            # config.toml marks a finished store, so it is written last: other agents
+            # starting now run init too (and wait on the sync lock) instead of writing
+            # into a half-made sync worktree.
+            pending_config = _dump_toml({"sync.local_only": True} if local else {})
+            created.append(store)
+        elif local:
+            Config(store, self.env).set("sync.local_only", "true")
+        os.makedirs(os.path.join(store, "var"), exist_ok=True)
+        self.loc = Location(loc.worktree, store, loc.git_common)
+        self.store = Store(self.loc, self.env, {"sync.local_only": True} if local else None)
+        self._fresh = False
+        result = {"store": store, "git": bool(self.loc.git_common), "branch": self.branch,
+                  "created": created, "adopted_remote": False,
+                  "local_only": self.config.get("sync.local_only")}
+        try:
+            if self.loc.git_common:
+                result.update(self._init_git(force))
+            else:
+                os.makedirs(self.log.root, exist_ok=True)
+        except BaseException:
+            if fresh:  # a refused init leaves nothing behind
+                import shutil
+                shutil.rmtree(store, ignore_errors=True)
+            raise
+        if pending_config is not None and not _is_store(store):
+            _write_file_atomic(os.path.join(store, "config.toml"), pending_config)
+        self.loc = locate(loc.worktree)
+        self.store = Store(self.loc, self.env)
+        self._fresh = False
+        result["log_dir"] = self.log.root
+        if force:
+            result["rebuilt_events"] = self.rebuild_index()["events"]
+        else:
+            self.index  # build the index now
+        return result
+
+    def _exclude_thrum(self, common):
+        path = os.path.join(common, "info", "exclude")
+        text = _read_text(path, "", errors="replace")
+        if any(l.strip() in (".thrum", ".thrum/", "/.thrum", "/.thrum/")
+               for l in text.splitlines()):
+            return False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            if text and not text.endswith("\n"):
+                f.write("\n")
+            f.write("# thrum's local state (messages live on the a-sync branch)\n.thrum/\n")
+        return True
+
+    def _init_git(self, force=False):
+        common = self.loc.git_common
+        out = {"adopted_remote": False}
+        out["excluded"] = self._exclude_thrum(common)
+        if force:
+            self.log.repair()
+        sync = self.store.sync_engine()
+        out.update(sync.ensure_branch_and_worktree())
+        return out
+
+    def setup(self, main_repo=None):
+        """In a linked worktree, write `.thrum/redirect` to the main checkout's store."""
+        loc = self.loc
+        if main_repo:
+            target_root = os.path.abspath(main_repo)
+            target = target_root if os.path.basename(target_root) == THRUM_DIR else \
+                os.path.join(target_root, THRUM_DIR)
+        else:
+            if not loc.git_common:
+                raise UsageError("not inside a git worktree: give the main checkout",
+                                 hint="thrum setup --main-repo PATH")
+            main = _main_checkout(loc.git_common)
+            if not main:
+                raise UsageError("cannot find the main checkout of this bare repository",
+                                 hint="pass --main-repo PATH")
+            target = os.path.join(main, THRUM_DIR)
+        if not _is_store(target):
+            raise NotSetUpError("%s is not an initialised thrum store" % target,
+                                hint="run 'thrum init' in the main checkout first")
+        here = os.path.join(loc.worktree, THRUM_DIR)
+        if os.path.normpath(here) == os.path.normpath(target):
+            raise UsageError("this is the main checkout; setup is for linked worktrees")
+        os.makedirs(os.path.join(here, "identities"), exist_ok=True)
+        _write_file_atomic(os.path.join(here, "redirect"), target + "\n")
+        self.loc = locate(loc.worktree)
+        self.store = Store(self.loc, self.env)
+        self._fresh = False
+        return {"worktree": loc.worktree, "store": target,
+                "redirect": os.path.join(here, "redirect")}
+
+    # -- agents -------------------------------------------------------------------
+    def register(self, name, role, module, display=None, intent=None, force=False,
+                 pid=None):
+        """Register NAME in this worktree (SPEC §4). Idempotent from the same worktree.
+
+        Returns {agent_id, status: registered|updated|unchanged, identity_file}.
+        """
+        name = _check_name(_strip_at(name) if name else name)
+        if not role:
+            raise UsageError("a role is required (or set THRUM_ROLE)",
+                             hint="pass --role ROLE")
+        if not module:
+            raise UsageError("a module is required (or set THRUM_MODULE)",
+                             hint="pass --module MODULE")
+        role = _check_name(role, "role")
+        module = _check_text(module, "module", 200)
+        display = _check_text(display, "display name", 200)
+        intent = _check_text(intent, "intent", 1000, allow_empty=True)
+        if name == role:
+            raise UsageError("agent name %r cannot be the same as its role" % name,
+                             hint="use a distinct name, e.g. %s_1" % name)
+        agents = self._active_agents()
+        roles = {r for a, r in agents.items() if a != name}
+        groups = self._active_groups()
+        if name in roles:
+            raise UsageError("agent name %r is already a role of other agents" % name,
+                             hint="pick another name so @%s stays unambiguous" % name)
+        if role in agents and role != name:
+            raise UsageError("role %r is already the name of an agent" % role,
+                             hint="pick another role")
+        if name in groups:
+            raise UsageError("agent name %r is already a group name" % name)
+        if role in groups:
+            raise UsageError("role %r is already a group name" % role)
+        worktree = os.path.realpath(self.loc.worktree)
+        host = os.uname().nodename
+        row = self._agent_row(name)
+        status = "registered"
+        if row is not None:
+            if row[4] and os.path.realpath(row[4]) != worktree and not force:
+                raise RefusedError(
+                    "agent name %r is already registered from %s%s" % (
+                        name, row[4], "" if row[5] == host else " on " + str(row[5])),
+                    hint="pick another name, or take it over with --force")
+            status = "updated"
+        display = display or (row[3] if row and row[2] == module and row[1] == role
+                              else None) or "%s (%s)" % (role.capitalize(), module)
+        path = self._identity_file(name)
+        try:
+            ident = self._read_identity(path) if os.path.exists(path) else None
+        except NotSetUpError as e:  # registering again is how a damaged file is repaired
+            _warn("%s; replacing it" % e.message)
+            ident = None
+        events = []
+        if (row is None or force or (row[1], row[2], row[3], row[4]) !=
+                (role, module, display, worktree)):
+            extra = {"takeover": True} if (force and row is not None and row[4] and
+                                           os.path.realpath(row[4]) != worktree) else {}
+            events.append(self._event("agent.register", agent_id=name, role=role,
+                                      module=module, display=display, worktree=worktree,
+                                      hostname=host, **extra))
+        else:
+            status = "unchanged"
+        if intent is not None:
+            events.append(self._event("agent.update", agent_id=name, intent=intent))
+        now = now_ts()
+        if ident is None:
+            ident = {"agent_id": name, "created_at": now, "session_id": None,
+                     "intent": None}
+        ident.update({"agent_id": name, "role": role, "module": module, "display": display,
+                      "worktree": worktree})
+        if intent is not None:
+            ident["intent"] = intent
+        if pid:
+            ident["pid"] = int(pid)
+        # The identity file first: if it cannot be written, nothing reaches the log.
+        existed = os.path.exists(path)
+        self._write_identity(ident)
+        try:
+            self._emit(events)
+        except BaseException:
+            if not existed:
+                os.unlink(path)
+            raise
+        return {"agent_id": name, "role": role, "module": module, "display": display,
+                "worktree": worktree, "status": status,
+                "identity_file": ident["identity_file"]}
+
+    def agent_register(self, name=None, role=None, module=None, display=None, intent=None,
+                       force=False):
+        """`agent register`: register (name, role and module fall back to THRUM_NAME,
+        THRUM_ROLE and THRUM_MODULE) without starting a session."""
+        name = name or self.env.get("THRUM_NAME")
+        if not name:
+            raise UsageError("agent register needs an agent name (or THRUM_NAME)",
+                             hint="thrum agent register --name NAME --role R --module M")
+        return self.register(name, role or self.env.get("THRUM_ROLE"),
+                             module or self.env.get("THRUM_MODULE"), display=display,
+                             intent=intent, force=force)
+
+    def quickstart(self, name=None, role=None, module=None, intent=None, display=None,
+                   force=False):
+        """init if needed, register, start a session and set the intent. The name,
+        role and module fall back to THRUM_NAME, THRUM_ROLE and THRUM_MODULE."""
+        name = name or self.env.get("THRUM_NAME")
+        role = role or self.env.get("THRUM_ROLE")
+        module = module or self.env.get("THRUM_MODULE")
+        if not self.loc.store:
+            self.init()
+        if not name:
+            raise UsageError("quickstart needs an agent name (or THRUM_NAME)",
+                             hint="thrum quickstart --name NAME --role ROLE --module MODULE")
+        if not role or not module:
+            raise UsageError("a role and a module are required (or set THRUM_ROLE and "
+                             "THRUM_MODULE)",
+                             hint="thrum quickstart --name NAME --role ROLE --module MODULE")
+        _check_text(intent, "intent", 1000, allow_empty=True)  # refuse before writing
+        reg = self.register(name, role, module, display=display, force=force)
+        ses = self.session_start(agent=reg["agent_id"])
+        current = self._agent_fields(reg["agent_id"]).get("intent")
+        if not intent and current:  # a re-run keeps the intent the agent set
+            it = {"agent_id": reg["agent_id"], "session_id": ses["session_id"],
+                  "intent": current, "intent_updated_at": None}
+        else:
+            if not intent:
+                repo = os.path.basename(self.loc.store_root)
+                intent = _ROLE_INTENTS.get(reg["role"], "Working in %s") % repo
+            it = self.session_set_intent(intent, agent=reg["agent_id"])
+        return {"register": reg, "session": ses, "intent": it}
+
+    def whoami(self, agent=None):
+        """My identity and session."""
+        ident = self.me(agent)
+        ses = self._open_session(ident["agent_id"])
+        fields = self._agent_fields(ident["agent_id"])
+        return {"agent_id": ident["agent_id"], "role": ident.get("role"),
+                "module": ident.get("module"), "display": ident.get("display"),
+                "worktree": ident.get("worktree"),
+                "intent": fields.get("intent", ident.get("intent")),
+                "task": fields.get("task"), "branch": fields.get("branch"),
+                "session_id": ses[0] if ses else None,
+                "session_started_at": ses[1] if ses else None,
+                "tmux_session": ident.get("tmux_session"),
+                "identity_file": ident.get("identity_file")}
+
+    def _agent_fields(self, agent_id):
+        return {f: json.loads(v) for f, v in self.index.q(
+            "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
+
+    def agent_list(self, context=False):
+        """Registered agents with their work context."""
+        return {"agents": self._members(all_agents=True, with_files=context)}
+
+    def _members(self, all_agents, with_files=False, me=None):
+        db = self.index
+        counts = {r[0]: (r[1], r[2]) for r in db.q(
+            "SELECT agent_id, count(*), sum(read_at IS NULL) FROM deliveries "
+            "WHERE deleted = 0 GROUP BY agent_id")}
+        fields = {}
+        for aid, f, v in db.q("SELECT agent_id, field, value FROM agent_fields"):
+            fields.setdefault(aid, {})[f] = json.loads(v)
+        seen = dict(db.q("SELECT agent_id, ts FROM seen"))
+        sessions = {r[0]: (r[1], r[2]) for r in db.q(
+            "SELECT agent_id, session_id, max(started_at) FROM sessions WHERE ended_at IS "
+            "NULL AND started_at IS NOT NULL GROUP BY agent_id")}
+        out = []
+        for aid, role, module, display, wt, host, reg in db.q(
+                "SELECT agent_id, role, module, display, worktree, hostname, registered_at "
+                "FROM agents WHERE " + ACTIVE_AGENT_SQL + " ORDER BY agent_id"):
+            ses = sessions.get(aid)
+            if not all_agents and not ses:
+                continue
+            f = fields.get(aid, {})
+            total, unread = counts.get(aid, (0, 0))
+            m = {"agent_id": aid, "role": role, "module": module, "display": display,
+                 "status": "active" if ses else "offline",
+                 "intent": f.get("intent"), "task": f.get("task"),
+                 "branch": f.get("branch"), "last_seen_at": seen.get(aid) or reg,
+                 "session_id": ses[0] if ses else None,
+                 "session_started_at": ses[1] if ses else None,
+                 "worktree": wt, "hostname": host, "registered_at": reg,
+                 "unread": unread or 0, "total": total}
+            if with_files:
+                m["files"] = f.get("files") or []
+            out.append(m)
+        return out
+
+    def agent_delete(self, name, force=False, agent=None):
+        """Delete an agent (needs force). Removes its identity file when local."""
+        self.require_store()
+        row = self._require_agent(name)
+        if not force:
+            raise RefusedError("deleting agent @%s must be forced (it cannot be undone)"
+                               % row[0],
+                               hint="thrum agent delete %s --force" % row[0])
+        by = None
+        try:
+            by = self.me(agent)["agent_id"]
+        except ThrumError:
+            pass
+        self._emit([self._event("agent.delete", agent_id=row[0], by=by or row[0])])
+        self._me.clear()
+        removed = None
+        if row[4] and (row[5] in (None, os.uname().nodename)):
+            path = self._identity_file(row[0], row[4])
+            try:
+                os.unlink(path)
+                removed = path
+            except FileNotFoundError:
+                pass
+        return {"agent_id": row[0], "deleted": True, "identity_file_removed": removed}
+
+    def agent_cleanup(self, dry_run=False, force=False, agent=None):
+        """Find agents whose worktree is gone (on this host) or silent too long."""
+        if dry_run and force:
+            raise UsageError("a dry run and a forced cleanup cannot be asked for together",
+                             hint="use --dry-run or --force, not both")
+        stale = self.config.get("agents.stale_after")
+        cutoff = now_ts(time.time() - parse_duration(stale))
+        host = os.uname().nodename
+        orphans = []
+        for m in self._members(all_agents=True):
+            reasons = []
+            if m["hostname"] == host and m["worktree"] and not os.path.isdir(m["worktree"]):
+                reasons.append("worktree missing")
+            if (m["last_seen_at"] or "") < cutoff:
+                reasons.append("silent since %s" % (m["last_seen_at"] or "registration"))
+            if reasons:
+                orphans.append({"agent_id": m["agent_id"], "role": m["role"],
+                                "worktree": m["worktree"], "last_seen_at": m["last_seen_at"],
+                                "reasons": reasons})
+        deleted = []
+        if force and orphans:
+            for o in orphans:
+                self.agent_delete(o["agent_id"], force=True, agent=agent)
+                deleted.append(o["agent_id"])
+        return {"orphans": orphans, "deleted": deleted, "dry_run": not force,
+                "stale_after": stale}
+
+    # -- sessions & work context -----------------------------------------------
+    def session_start(self, pid=None, agent=None):
+        """Start a session, ending any open one (reason `superseded`)."""
+        ident = self.me(agent)
+        aid = ident["agent_id"]
+        events = [self._event("agent.session.end", agent_id=aid, session_id=r[0],
+                              reason="superseded") for r in self.index.q(
+            "SELECT session_id FROM sessions WHERE agent_id = ? AND ended_at IS NULL "
+            "AND started_at IS NOT NULL", (aid,))]
+        sid = new_id("ses_")
+        fields = {"pid": int(pid)} if pid else {}
+        start = self._event("agent.session.start", agent_id=aid, session_id=sid, **fields)
+        events.append(start)
+        branch = head_branch(ident.get("worktree") or self.loc.worktree)
+        if branch:
+            events.append(self._event("agent.update", agent_id=aid, branch=branch))
+        self._emit(events)
+        ident["session_id"] = sid
+        if pid:
+            ident["pid"] = int(pid)
+        if ident.get("identity_file"):
+            self._write_identity(ident)
+        return {"session_id": sid, "agent_id": aid, "started_at": start["timestamp"],
+                "branch": branch, "ended": [e["session_id"] for e in events
+                                            if e["type"] == "agent.session.end"]}
+
+    def session_end(self, reason="normal", session_id=None, agent=None):
+        ident = self.me(agent)
+        aid = ident["agent_id"]
+        current = self._open_session(aid)
+        if session_id:
+            row = self.index.q1("SELECT session_id, started_at FROM sessions WHERE "
+                                "session_id = ? AND agent_id = ? AND ended_at IS NULL",
+                                (session_id, aid))
+            if row is None:
+                raise NotFoundError(
+                    "%s is not an open session of @%s" % (session_id, aid),
+                    hint=("the open session is %s" % current[0]) if current else
+                    "@%s has no open session" % aid)
+        else:
+            row = current
+        if row is None:
+            raise NotFoundError("no open session to end for @%s" % aid,
+                                hint="start one with 'thrum session start'")
+        reason = _check_text(reason or "normal", "reason", 200)
+        ev = self._event("agent.session.end", agent_id=aid, session_id=row[0], reason=reason)
+        self._emit([ev])
+        if ident.get("session_id") == row[0] and ident.get("identity_file"):
+            ident["session_id"] = None
+            self._write_identity(ident)
+        dur = parse_ts(ev["timestamp"]) - parse_ts(row[1]) if row[1] else None
+        return {"session_id": row[0], "agent_id": aid, "ended_at": ev["timestamp"],
+                "duration_ms": int(dur * 1000) if dur is not None else None,
+                "reason": reason}
+
+    def session_list(self, agent_filter=None, active=False, agent=None):
+        if agent_filter:
+            aid = self._require_agent(agent_filter)[0]
+        else:
+            aid = self.me(agent)["agent_id"]
+        sql = ("SELECT session_id, agent_id, started_at, ended_at, end_reason FROM sessions "
+               "WHERE agent_id = ?" + (" AND ended_at IS NULL" if active else "") +
+               " ORDER BY started_at DESC")
+        return {"sessions": [
+            {"session_id": r[0], "agent_id": r[1], "started_at": r[2], "ended_at": r[3],
+             "end_reason": r[4], "status": "ended" if r[3] else "active"}
+            for r in self.index.q(sql, (aid,))]}
+
+    def _update_fields(self, aid, **fields):
+        ev = self._event("agent.update", agent_id=aid, **fields)
+        self._emit([ev])
+        return ev
+
+    def session_set_intent(self, text, agent=None):
+        ident = self.me(agent)
+        text = _check_text(text, "intent", 1000, allow_empty=True)
+        ev = self._update_fields(ident["agent_id"], intent=text)
+        if ident.get("identity_file"):
+            ident["intent"] = text
+            self._write_identity(ident)
+        ses = self._open_session(ident["agent_id"])
+        return {"agent_id": ident["agent_id"], "session_id": ses[0] if ses else None,
+                "intent": text, "intent_updated_at": ev["timestamp"]}
+
+    def session_set_task(self, text, agent=None):
+        ident = self.me(agent)
+        text = _check_text(text, "task", 1000, allow_empty=True)
+        ev = self._update_fields(ident["agent_id"], task=text)
+        ses = self._open_session(ident["agent_id"])
+        return {"agent_id": ident["agent_id"], "session_id": ses[0] if ses else None,
+                "task": text, "task_updated_at": ev["timestamp"]}
+
+    def session_heartbeat(self, agent=None):
+        """Record liveness and my worktree's git state (branch, changed files)."""
+        ident = self.me(agent)
+        ses = self._open_session(ident["agent_id"])
+        if ses is None:
+            raise NotFoundError("no open session for @%s" % ident["agent_id"],
+                                hint="start one with 'thrum session start'")
+        wc = work_context(ident.get("worktree") or self.loc.worktree, self.store.env)
+        ev = self._update_fields(ident["agent_id"], branch=wc.get("branch"),
+                                 files=wc.get("files", []))
+        return {"agent_id": ident["agent_id"], "session_id": ses[0],
+                "last_seen_at": ev["timestamp"], "branch": wc.get("branch"),
+                "files": wc.get("files", [])}
+
+    # -- context -------------------------------------------------------------------
+    def _context_path(self, name):
+        return _safe_name_path(os.path.join(self.require_store().path, "context"), name, ".md")
+
+    def _context_agent(self, agent_filter, agent):
+        if agent_filter:
+            return self._require_agent(agent_filter)[0]
+        return self.me(agent)["agent_id"]
+
+    def context_save(self, content=None, agent_filter=None, allow_empty=False, agent=None):
+        """Save my (or another agent's) context notes. An empty save would wipe the
+        notes, so it is refused unless allow_empty."""
+        name = self._context_agent(agent_filter, agent)
+        if content is None:
+            raise MissingBodyError("no context to save", hint="pipe it in or pass --file F")
+        if not isinstance(content, str):
+            raise UsageError("context must be text")
+        if not content.strip() and not allow_empty:
+            raise UsageError("refusing to save empty context (it would replace the saved "
+                             "notes)", hint="to clear them use 'thrum context clear'; to "
+                             "save an empty file, add --allow-empty")
+        path = self._context_path(name)
+        _write_file_atomic(path, content, 0o600)
+        return {"agent_id": name, "path": path, "bytes": len(content.encode("utf-8"))}
+
+    def context_show(self, agent_filter=None, agent=None):
+        name = self._context_agent(agent_filter, agent)
+        path = self._context_path(name)
+        text = _read_text(path)
+        source = "local"
+        if text is None:  # published from another machine with `context sync`
+            row = self.index.q1("SELECT value, key FROM agent_fields WHERE agent_id = ? AND "
+                                "field = 'context'", (name,))
+            if row and json.loads(row[0]) is not None:
+                text, source = json.loads(row[0]), "synced"
+                updated = row[1].split("|")[0]
+        if text is None:
+            source, updated = None, None
+        elif source == "local":
+            updated = now_ts(os.stat(path).st_mtime)
+        return {"agent_id": name, "path": path if source == "local" else None,
+                "content": text, "source": source,
+                "bytes": len(text.encode("utf-8")) if text is not None else 0,
+                "updated_at": updated}
+
+    def context_clear(self, agent_filter=None, agent=None):
+        name = self._context_agent(agent_filter, agent)
+        path = self._context_path(name)
+        try:
+            os.unlink(path)
+            existed = True
+        except FileNotFoundError:
+            existed = False
+        row = self.index.q1("SELECT value FROM agent_fields WHERE agent_id = ? AND "
+                            "field = 'context'", (name,))
+        unpublished = bool(row and json.loads(row[0]) is not None)
+        if unpublished:  # a copy published with `context sync` is withdrawn too
+            self._update_fields(name, context=None)
+        return {"agent_id": name, "cleared": existed or unpublished,
+                "unpublished": unpublished}
+
+    # -- addressing ------------------------------------------------------------------
+    def _group_members(self, name, agents=None):
+        """Agent names of a group (agents and role members), now."""
+        if agents is None:
+            agents = self._active_agents()
+        out = set()
+        for mtype, member in self.index.q(
+                "SELECT gm.member_type, gm.member FROM group_members gm JOIN groups g "
+                "ON g.name = gm.name WHERE gm.name = ? AND gm.add_key IS NOT NULL AND "
+                "(gm.remove_key IS NULL OR gm.add_key > gm.remove_key) AND "
+                "(g.delete_key IS NULL OR gm.add_key > g.delete_key)", (name,)):
+            if mtype == "agent" and member in agents:
+                out.add(member)
+            elif mtype == "role":
+                out.update(a for a, r in agents.items() if r == member)
+        return out
+
+    def resolve_targets(self, targets, me):
+        """Targets -> (recipients, audiences, unknown). SPEC §5."""
+        agents = self._active_agents()
+        roles = set(agents.values())
+        groups = self._active_groups()
+        recipients, audiences, unknown = [], [], []
+
+        def add(names):
+            for n in sorted(names):
+                if n not in recipients:
+                    recipients.append(n)
+        for raw in targets:
+            t = _strip_at(raw.strip()) if isinstance(raw, str) else raw
+            if not isinstance(t, str) or not t:
+                unknown.append(str(raw))
+                continue
+            if t == "everyone":
+                aud = {"type": "everyone", "value": "everyone"}
+                add(a for a in agents if a != me)
+            elif t in agents:
+                aud = {"type": "agent", "value": t}
+                add([t])
+            elif t in groups:
+                aud = {"type": "group", "value": t}
+                add(self._group_members(t, agents) - {me})
+            elif t in roles:
+                aud = {"type": "role", "value": t}
+                add(a for a, r in agents.items() if r == t and a != me)
+            else:
+                unknown.append("@" + t)
+                continue
+            if aud not in audiences:
+                audiences.append(aud)
+        return recipients, audiences, unknown
+
+    def _check_body(self, content, fmt="markdown", structured=None):
+        if content is None:
+            raise MissingBodyError("no message body",
+                                   hint="give the text as an argument, '-' or --stdin for "
+                                        "standard input, or --body-file PATH")
+        if not isinstance(content, str):
+            raise UsageError("message body must be text")
+        if not content.strip():
+            raise UsageError("empty message body",
+                             hint="pass the text as an argument, with --stdin or --body-file")
+        limit = self.config.get("messages.max_body_bytes")
+        try:
+            size = len(content.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise UsageError("message body is not valid UTF-8")
+        if size > limit:
+            raise UsageError("message body is %d bytes, over the limit of %d bytes"
+                             % (size, limit),
+                             hint="shorten it, or raise messages.max_body_bytes")
+        if fmt not in BODY_FORMATS:
+            raise UsageError("invalid format %r (must be markdown, plain or json)" % fmt)
+        if structured is not None:
+            if isinstance(structured, str):
+                try:
+                    structured = json.loads(structured, parse_constant=_no_constant)
+                except (ValueError, RecursionError) as e:
+                    raise UsageError("invalid structured data: not JSON (%s)"
+                                     % str(e)[:100])
+            if not isinstance(structured, dict):
+                raise UsageError("invalid structured data: must be a JSON object")
+            check_json_value(structured, "structured data")
+        body = {"format": fmt, "content": content}
+        if structured is not None:
+            body["structured"] = structured
+        return body
+
+    def send(self, content=None, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
+             fmt="markdown", structured=None, agent=None, _reply=None):
+        """Send a message to targets (`to`, `mentions`: names, roles, groups or
+        `everyone`; a list, or text with commas). Returns {message_id, thread_id,
+        created_at, recipients, audiences, warnings}. Stores nothing on any error."""
+        ident = self.me(agent)
+        me = ident["agent_id"]
+        targets = _target_list(to)
+        if broadcast:
+            targets.append("everyone")
+        mention_list = [_strip_at(m) for m in _target_list(mentions)]
+        if not targets and not mention_list and _reply is None:
+            raise UsageError("missing recipient",
+                             hint="add --to @agent (or a role, group, everyone), "
+                                  "--mention @x, or --broadcast")
+        body = self._check_body(content, fmt, structured)
+        scopes = [parse_tag(s, "scope") for s in scopes or ()]
+        refs = [parse_tag(r, "ref") for r in refs or ()]
+        warnings = []
+        if _reply is not None:
+            recipients, audiences, reply_to, thread_id = _reply
+        else:
+            recipients, audiences, unknown = self.resolve_targets(targets + mention_list, me)
+            if unknown:
+                raise UsageError("unknown recipient%s: %s" % (
+                    "s" if len(unknown) > 1 else "", ", ".join(unknown)),
+                    hint="see registered agents, roles and groups with 'thrum team --all' "
+                         "and 'thrum group list'")
+            reply_to = thread_id = None
+            for m in mention_list:
+                ref = {"type": "mention", "value": m}
+                if ref not in refs:
+                    refs.append(ref)
+        if not recipients:
+            warnings.append("no agent received this message (the targets have no other "
+                            "members)")
+        ses = self._open_session(me)
+        fields = dict(message_id=new_id("msg_"), agent_id=me,
+                      session_id=ses[0] if ses else None, body=body,
+                      recipients=recipients, audiences=audiences, scopes=scopes, refs=refs)
+        if reply_to:
+            fields["reply_to"] = reply_to
+            fields["thread_id"] = thread_id
+        ev = self._event("message.create", **fields)
+        self._emit([ev])
+        self._notify(ev)
+        return {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
+                "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
+                "recipients": recipients, "audiences": audiences, "warnings": warnings}
+
+    def _notify(self, ev):
+        """Hook for delivery nudges (tmux) after a message is written."""
+
+    def reply(self, message_id, content=None, fmt="markdown", structured=None, scopes=(),
+              refs=(), agent=None):
+        """Reply to a message: its author and recipients except me; joins its thread."""
+        ident = self.me(agent)
+        me = ident["agent_id"]
+        mid = self.resolve_message_id(message_id)
+        parent = self.index.q1("SELECT agent_id, recipients, thread_id FROM messages "
+                               "WHERE message_id = ?", (mid,))
+        agents = self._active_agents()
+        recips = []
+        for n in [parent[0]] + json.loads(parent[1]):
+            if n != me and n in agents and n not in recips:
+                recips.append(n)
+        if not recips:
+            raise UsageError("nobody to reply to: the author and recipients of %s are you "
+                             "or no longer registered" % mid,
+                             hint="send a new message with 'thrum send TEXT --to @agent'")
+        thread = parent[2] or new_id("thr_")
+        res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
+                        agent=me, _reply=(recips, [{"type": "agent", "value": n}
+                                                   for n in recips], mid, thread))
+        self._mark_read(me, [mid])
+        return res
+
+    # -- reading -----------------------------------------------------------------------
+    _MSG_COLS = ("m.message_id, m.thread_id, m.reply_to, m.agent_id, m.recipients, "
+                 "m.audiences, coalesce(m.format, m.format0), coalesce(m.content, m.content0), "
+                 "CASE WHEN m.version > 0 THEN m.structured ELSE m.structured0 END, "
+                 "m.scopes, m.refs, "
+                 "m.created_at, m.updated_at, m.deleted, m.version, m.session_id")
+
+    @staticmethod
+    def _msg(row, is_read):
+        return {"message_id": row[0], "thread_id": row[1], "reply_to": row[2],
+                "agent_id": row[3], "recipients": json.loads(row[4]),
+                "audiences": json.loads(row[5]),
+                "body": {"format": row[6], "content": row[7],
+                         "structured": json.loads(row[8]) if row[8] else None},
+                "scopes": json.loads(row[9]), "refs": json.loads(row[10]),
+                "created_at": row[11], "updated_at": row[12], "deleted": bool(row[13]),
+                "version": row[14], "session_id": row[15], "is_read": bool(is_read)}
+
+    def resolve_message_id(self, text):
+        """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14."""
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError("missing message id")
+        s = text.strip()
+        if s[:4].lower() == "msg_":
+            s = s[4:]
+        s = s.upper()
+        if not s or not set(s) <= _ULID_CHARS or len(s) > 26:
+            raise UsageError("invalid message id %r" % text)
+        if len(s) < 8:
+            raise UsageError("message id prefix %r is too short: give at least 8 "
+                             "characters after msg_" % text)
+        rows = self.index.q("SELECT message_id FROM messages WHERE message_id >= ? AND "
+                            "message_id < ? ORDER BY message_id LIMIT 6",
+                            ("msg_" + s, "msg_" + s + "~"))
+        if not rows:
+            raise NotFoundError("message not found: %s" % text,
+                                hint="see message ids with 'thrum inbox --all'")
+        if len(rows) > 1:
+            raise UsageError("message id prefix %r is ambiguous: matches %s%s" % (
+                text, ", ".join(r[0] for r in rows[:5]), ", ..." if len(rows) > 5 else ""),
+                hint="give more characters")
+        return rows[0][0]
+
+    def mark_read(self, message_ids, agent=None):
+        """Mark these exact message ids read for me (those addressed to me and unread).
+        Returns the number marked."""
+        return self._mark_read(self.me(agent)["agent_id"], list(message_ids))
+
+    def _mark_read(self, me, mids):
+        """Write receipts for the given messages addressed to me and still unread."""
+        if not mids:
+            return 0
+        todo = []
+        for i in range(0, len(mids), 500):
+            chunk = list(mids[i:i + 500])
+            todo += [r[0] for r in self.index.q(
+                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
+                "AND message_id IN (%s)" % ",".join("?" * len(chunk)), [me] + chunk)]
+        if todo:
+            self._emit([self._event("message.receipt", message_id=m, agent_id=me)
+                        for m in todo])
+        return len(todo)
+
+    def inbox(self, unread=False, mentions=False, scope=None, ref=None, sender=None,
+              thread=None, all=False, limit=10, page=1, oldest=False, mark_read=None,
+              defer_marks=False, agent=None):
+        """Messages to me, newest first (SPEC §6, §14). Marks the rows it returns
+        that are addressed to me read, unless `unread` (mark_read=True/False
+        overrides). `unread` in the result is the count before marking. With
+        defer_marks the receipts are not written: the result's `pending_marks`
+        lists them, for a front end that marks after it has delivered the rows."""
+        ident = self.me(agent)
+        me, role = ident["agent_id"], ident.get("role")
+        limit, page = self._paging(limit, page)
+        # Filters are written against deliveries (d.*) where they can be, so the
+        # counts need no join with messages and the page query walks the
+        # (agent_id, deleted, created_at) index in order.
+        where, params = [], []
+        if all:
+            frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
+                   "d.agent_id = ?")
+            count_frm, mid, author = frm, "m.message_id", "m.agent_id"
+            params.append(me)
+            where.append("m.deleted = 0")
+            order = "m.created_at %s, m.message_id %s"
+        else:
+            frm = "deliveries d JOIN messages m ON m.message_id = d.message_id"
+            count_frm, mid, author = "deliveries d", "d.message_id", "d.author"
+            where += ["d.agent_id = ?", "d.deleted = 0"]
+            params.append(me)
+            order = "d.created_at %s, d.message_id %s"
+        if mentions:
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s "
+                         "AND t.kind = 'aud' AND ((t.type = 'agent' AND t.value = ?) OR "
+                         "(t.type = 'role' AND t.value = ?)))" % mid)
+            params += [me, role]
+        for kind, text in (("scope", scope), ("ref", ref)):
+            if text:
+                tag = parse_tag(text, kind)
+                where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s"
+                             " AND t.kind = ? AND t.type = ? AND t.value = ?)" % mid)
+                params += [kind, tag["type"], tag["value"]]
+        if sender:
+            where.append("%s = ?" % author)
+            params.append(self._require_agent(sender)[0])
+        if thread:
+            tid = self._resolve_thread(thread)
+            where.append("(m.thread_id = ? OR m.message_id = ?)")
+            params += [tid, tid]
+            count_frm = frm
+        unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
+        if not all:
+            unread_sql = "d.read_at IS NULL"  # matches the partial index deliveries_unread
+        base_where = " AND ".join(where)
+        if unread:
+            where.append(unread_sql)
+        wsql = " AND ".join(where)
+        total = self.index.q1("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql),
+                              params)[0]
+        n_unread = self.index.q1("SELECT count(*) FROM %s WHERE %s AND %s"
+                                 % (count_frm, base_where, unread_sql), params)[0]
+        direction = "ASC" if oldest else "DESC"
+        rows = self.index.q(
+            "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL, d.agent_id IS NOT NULL "
+            "FROM %s WHERE %s ORDER BY %s LIMIT ? OFFSET ?" % (
+                self._MSG_COLS, frm, wsql, order % (direction, direction)),
+            params + [limit, (page - 1) * limit])
+        msgs = [self._msg(r, r[16]) for r in rows]
+        if mark_read is None:
+            mark_read = not unread
+        marks = [m["message_id"] for m, r in zip(msgs, rows)
+                 if r[17] and not m["is_read"]] if mark_read else []
+        res = {"messages": msgs, "total": total, "unread": n_unread, "page": page,
+               "page_size": limit, "total_pages": max(1, -(-total // limit)),
+               "agent_id": me}
+        if defer_marks:
+            res["pending_marks"] = marks
+        else:
+            self._mark_read(me, marks)
+        return res
+
+    @staticmethod
+    def _paging(limit, page):
+        try:
+            limit, page = int(limit), int(page)
+        except (TypeError, ValueError):
+            raise UsageError("limit and page must be whole numbers")
+        if limit < 1 or limit > 1000:
+            raise UsageError("limit must be between 1 and 1000")
+        if page < 1 or page > 10 ** 9:
+            raise UsageError("page must be between 1 and 1000000000")
+        return limit, page
+
+    def _resolve_thread(self, text):
+        t = text.strip()
+        if t.startswith("thr_"):
+            if not self.index.q1("SELECT 1 FROM messages WHERE thread_id = ?", (t,)):
+                raise NotFoundError("thread not found: %s" % t)
+            return t
+        mid = self.resolve_message_id(t)
+        row = self.index.q1("SELECT thread_id FROM messages WHERE message_id = ?", (mid,))
+        return row[0] or mid
+
+    def sent(self, to=None, unread=False, limit=10, page=1, agent=None):
+        """What I sent, newest first, with per-recipient read state."""
+        ident = self.me(agent)
+        me = ident["agent_id"]
+        limit, page = self._paging(limit, page)
+        where, params = ["m.agent_id = ?", "m.deleted = 0"], [me]
+        if to:
+            t = _strip_at(to)
+            if t != "everyone":
+                if not name_ok(t or ""):
+                    raise UsageError("invalid recipient filter %r" % to)
+                agents = self._active_agents()
+                if t not in agents and t not in set(agents.values()) and \
+                        t not in self._active_groups():
+                    raise NotFoundError("unknown agent, role or group @%s" % t,
+                                        hint="see 'thrum team --all' and 'thrum group list'")
+            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
+                         "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
+                         "WHERE t.message_id = m.message_id AND t.kind = 'aud' AND "
+                         "t.value = ?))")
+            params += [t, t]
+        if unread:
+            where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
+                         "m.message_id AND x.read_at IS NULL)")
+        wsql = " AND ".join(where)
+        total = self.index.q1("SELECT count(*) FROM messages m WHERE " + wsql, params)[0]
+        rows = self.index.q("SELECT %s FROM messages m WHERE %s ORDER BY m.created_at DESC, "
+                            "m.message_id DESC LIMIT ? OFFSET ?" % (self._MSG_COLS, wsql),
+                            params + [limit, (page - 1) * limit])
+        msgs = []
+        for r in rows:
+            m = self._msg(r, True)
+            m["receipts"] = self._receipts(m)
+            m["read_count"] = sum(1 for x in m["receipts"] if x["read_at"])
+            msgs.append(m)
+        return {"messages": msgs, "total": total, "page": page, "page_size": limit,
+                "total_pages": max(1, -(-total // limit))}
+
+    def _receipts(self, m):
+        got = dict(self.index.q("SELECT agent_id, read_at FROM deliveries WHERE "
+                                "message_id = ?", (m["message_id"],)))
+        return [{"agent_id": a, "read_at": got.get(a)} for a in m["recipients"]]
+
+    def message_get(self, message_id, agent=None):
+        """One message with its edits and receipts; marks it read for me."""
+        self.require_store()
+        mid = self.resolve_message_id(message_id)
+        me = None
+        try:
+            me = self.me(agent)["agent_id"]
+        except NotSetUpError:
+            pass
+        row = self.index.q1("SELECT %s, m.deleted_at, m.delete_reason FROM messages m "
+                            "WHERE m.message_id = ?" % self._MSG_COLS, (mid,))
+        d = self.index.q1("SELECT read_at FROM deliveries WHERE message_id = ? AND "
+                          "agent_id = ?", (mid, me)) if me else None
+        m = self._msg(row, d is None or d[0] is not None)
+        m["edits"] = [{"edited_at": r[0], "content": r[1]} for r in self.index.q(
+            "SELECT ts, content FROM edits WHERE message_id = ? AND agent_id = ? "
+            "ORDER BY ts, event_id", (mid, m["agent_id"]))]
+        m["receipts"] = self._receipts(m)
+        m["deleted_at"], m["delete_reason"] = row[16], row[17]
+        if me and not m["deleted"]:
+            self._mark_read(me, [mid])
+        return {"message": m}
+
+    def _own_message(self, message_id, me, verb):
+        mid = self.resolve_message_id(message_id)
+        author, deleted, fmt = self.index.q1(
+            "SELECT agent_id, deleted, coalesce(format, format0) FROM messages WHERE "
+            "message_id = ?", (mid,))
+        if author != me:
+            raise RefusedError("only the author can %s %s (author: @%s, you: @%s)"
+                               % (verb, mid, author, me),
+                               hint="ask @%s, or reply to it instead" % author)
+        if deleted:
+            raise RefusedError("cannot %s %s: it was deleted" % (verb, mid))
+        return mid, fmt
+
+    def message_edit(self, message_id, content=None, fmt=None, structured=None, agent=None):
+        """Replace a message's body (author only). Returns {message_id, updated_at, version}."""
+        me = self.me(agent)["agent_id"]
+        mid, old_fmt = self._own_message(message_id, me, "edit")
+        if structured is None:  # an edit replaces the text; structured data stays
+            old = self.index.q1("SELECT CASE WHEN version > 0 THEN structured ELSE "
+                                "structured0 END FROM messages WHERE message_id = ?", (mid,))
+            structured = json.loads(old[0]) if old and old[0] else None
+        body = self._check_body(content, fmt or old_fmt, structured)
+        ev = self._event("message.edit", message_id=mid, agent_id=me, body=body)
+        self._emit([ev])
+        version = self.index.q1("SELECT version FROM messages WHERE message_id = ?", (mid,))[0]
+        return {"message_id": mid, "updated_at": ev["timestamp"], "version": version}
+
+    def message_delete(self, message_id, force=False, reason=None, agent=None):
+        """Soft-delete my message (needs force)."""
+        me = self.me(agent)["agent_id"]
+        mid, _ = self._own_message(message_id, me, "delete")
+        if not force:
+            raise RefusedError("deleting %s must be forced" % mid,
+                               hint="thrum message delete %s --force" % mid)
+        fields = {"reason": _check_text(reason, "reason", 500)} if reason else {}
+        ev = self._event("message.delete", message_id=mid, agent_id=me, **fields)
+        self._emit([ev])
+        return {"message_id": mid, "deleted_at": ev["timestamp"]}
+
+    def message_read(self, message_ids=(), all=False, agent=None):
+        """Mark messages (or all my unread) read. Returns {marked_count}."""
+        me = self.me(agent)["agent_id"]
+        if not message_ids and not all:
+            raise UsageError("give message ids, or all", hint="thrum message read ID... | --all")
+        if all:
+            mids = [r[0] for r in self.index.q(
+                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
+                "AND deleted = 0", (me,))]
+        else:
+            mids = [self.resolve_message_id(m) for m in message_ids]
+        return {"marked_count": self._mark_read(me, mids), "message_ids": mids}
+
+    # -- waiting -------------------------------------------------------------------
+    def wait(self, timeout="30s", after=None, unread=False, scope=None, agent=None,
+             poll=0.05, wake=None):
+        """Block until a message to me (not by me) arrives after the start point.
+
+        Returns {status: received|timeout, messages}. Marks nothing read. `wake`
+        is an optional callable(seconds) that sleeps or returns early (daemon).
+        """
+        ident = self.me(agent)
+        me = ident["agent_id"]
+        timeout = parse_timeout(timeout)
+        start = parse_after(after)
+        if start is None:
+            start = time.time() - 1.0
+        tag = parse_tag(scope, "scope") if scope else None
+        where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
+        params = [me, me]
+        if tag:
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
+                         "AND t.kind = 'scope' AND t.type = ? AND t.value = ?)")
+            params += [tag["type"], tag["value"]]
+        base = ("SELECT %s, d.read_at IS NOT NULL FROM deliveries d JOIN messages m ON "
+                "m.message_id = d.message_id WHERE %s" % (self._MSG_COLS, " AND ".join(where)))
+        if unread:
+            rows = self.index.q(base + " AND d.read_at IS NULL ORDER BY d.created_at", params)
+            if rows:
+                return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
+            base += " AND d.read_at IS NULL"  # and while waiting, only unread ones
+        since = now_ts(start)
+        deadline = time.monotonic() + timeout
+        sleep = wake or time.sleep
+        while True:
+            # Query every poll: another process may have projected the new message
+            # into the shared index already, so our own catch-up can read nothing.
+            rows = self.index.q(base + " AND d.created_at > ? ORDER BY d.created_at",
+                                params + [since])
+            if rows:
+                return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"status": "timeout", "messages": []}
+            sleep(min(poll, left))
+            self.index.catch_up()
+
+    # -- team & status --------------------------------------------------------------
+    def team(self, all=False):
+        """Agents with an open session (all=True: everyone)."""
+        return {"members": self._members(all_agents=all)}
+
+    def _inbox_counts(self, me):
+        r = self.index.q1("SELECT count(*), coalesce(sum(read_at IS NULL), 0) FROM "
+                          "deliveries WHERE agent_id = ? AND deleted = 0", (me,))
+        return {"total": r[0], "unread": r[1]}
+
+    def status(self, agent=None):
+        """Me, my session, inbox counts, daemon and sync state."""
+        who = self.whoami(agent)
+        ses = ({"session_id": who["session_id"], "started_at": who["session_started_at"]}
+               if who["session_id"] else None)
+        sync = self.sync_status()
+        return {"agent": who, "session": ses, "inbox": self._inbox_counts(who["agent_id"]),
+                "daemon": self.daemon_info(),
+                "sync": {"state": sync["state"], "last_sync_at": sync["last_sync_at"],
+                         "remote": sync["remote"], "last_error": sync["last_error"]}}
+
+    def daemon_info(self):
+        """Whether a daemon runs for this store (pid file + live pid)."""
+        info = {"running": False, "pid": None}
+        text = _read_text(os.path.join(self.loc.var, "daemon.pid")) if self.loc.store else None
+        if text:
+            try:
+                data = json.loads(text)
+                if _pid_alive(data.get("pid")):
+                    info = {"running": True, "pid": data.get("pid"),
+                            "socket": data.get("socket")}
+            except (ValueError, AttributeError):
+                pass
+        return info
+
+    def overview(self, agent=None):
+        st = self.status(agent)
+        st["team"] = self._members(all_agents=False)
+        return st
+
+    def prime(self, agent=None):
+        """Recovery briefing after a restart: nothing is marked read."""
+        who = self.whoami(agent)
+        me = who["agent_id"]
+        rows = self.index.q(
+            "SELECT %s, 0 FROM deliveries d JOIN messages m ON m.message_id = d.message_id "
+            "WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL "
+            "ORDER BY d.created_at" % self._MSG_COLS, (me,))
+        ctx = self.context_show(agent=me)
+        try:
+            wc = work_context(who.get("worktree") or self.loc.worktree, self.store.env)
+        except GitMissingError as e:  # the briefing still helps without git
+            wc = {"branch": None, "files": [], "error": e.message}
+        wc["intent"], wc["task"] = who.get("intent"), who.get("task")
+        return {"agent": who,
+                "session": {"session_id": who["session_id"],
+                            "started_at": who["session_started_at"]}
+                if who["session_id"] else None,
+                "unread": [self._msg(r, False) for r in rows],
+                "inbox": self._inbox_counts(me),
+                "team": self._members(all_agents=False),
+                "work_context": wc,
+                "context": ctx["content"]}
+
+    def ping(self, name):
+        """Is the agent active; last seen; intent."""
+        row = self._require_agent(name)
+        for m in self._members(all_agents=True):
+            if m["agent_id"] == row[0]:
+                return m
+        raise NotFoundError("unknown agent @%s" % name)  # pragma: no cover
+
+    def who_has(self, path):
+        """Agents whose worktree has PATH changed or uncommitted (asks git live for
+        local worktrees; uses the last recorded context for others)."""
+        self.require_store()
+        rel = self._repo_relpath(path)
+        host = os.uname().nodename
+        found, contexts = [], {}
+        for m in self._members(all_agents=True, with_files=True):
+            wt = m["worktree"]
+            if m["hostname"] == host and wt and os.path.isdir(wt):
+                if wt not in contexts:  # agents sharing a worktree share one git query
+                    contexts[wt] = work_context(wt, self.store.env)
+                wc = contexts[wt]
+                files, branch, live = wc.get("files", []), wc.get("branch"), True
+            else:
+                files, branch, live = m.get("files") or [], m.get("branch"), False
+            for f in files:
+                if f.get("path") == rel:
+                    found.append({"agent_id": m["agent_id"], "branch": branch,
+                                  "status": f.get("status"), "live": live,
+                                  "worktree": wt})
+                    break
+        return {"path": rel, "agents": found}
+
+    def _repo_relpath(self, path):
+        if not path or not isinstance(path, str):
+            raise UsageError("who-has needs a PATH")
+        root = os.path.realpath(self.loc.worktree)
+        ap = os.path.realpath(os.path.join(self.caller.cwd, path))
+        # This worktree first, then any agent's worktree (linked worktrees of a clone).
+        roots = [root] + [os.path.realpath(m["worktree"]) for m in self._members(
+            all_agents=True) if m["worktree"]]
+        for r in sorted(set(roots), key=lambda r: (r != root, -len(r))):
+            if ap.startswith(r + os.sep):
+                return os.path.relpath(ap, r).replace(os.sep, "/")
+        raise UsageError("%s is outside this repository (%s)" % (path, root))
+
+    # -- groups -----------------------------------------------------------------------
+    def _group_row(self, name):
+        return self.index.q1("SELECT name, group_id, description, created_by, created_at "
+                             "FROM groups WHERE name = ? AND create_key IS NOT NULL AND "
+                             "(delete_key IS NULL OR create_key > delete_key)", (name,))
+
+    def _by(self, agent):
+        try:
+            return self.me(agent)["agent_id"]
+        except NotSetUpError:
+            return None
+
+    def group_create(self, name, description=None, agent=None):
+        self.require_store()
+        name = _check_name(_strip_at(name), "group name")
+        description = _check_text(description, "description", 500)
+        agents = self._active_agents()
+        if name in agents:
+            raise UsageError("group name %r is already an agent name" % name)
+        if name in set(agents.values()):
+            raise UsageError("group name %r is already a role" % name)
+        if self._group_row(name):
+            raise RefusedError("group %r already exists" % name)
+        ev = self._event("group.create", group=name, group_id=new_id("grp_"),
+                         description=description, by=self._by(agent))
+        self._emit([ev])
+        return {"group": name, "group_id": ev["group_id"], "description": description,
+                "created_at": ev["timestamp"]}
+
+    def _require_group(self, name):
+        name = _strip_at(name)
+        row = self._group_row(name) if name_ok(name or "") else None
+        if row is None:
+            raise NotFoundError("unknown group %r" % name,
+                                hint="see groups with 'thrum group list'")
+        return row
+
+    def group_delete(self, name, agent=None):
+        self.require_store()
+        row = self._require_group(name)
+        self._emit([self._event("group.delete", group=row[0], by=self._by(agent))])
+        return {"group": row[0], "deleted": True}
+
+    def _parse_members(self, members):
+        out = []
+        agents = self._active_agents()
+        for raw in members:
+            if not isinstance(raw, str) or not raw.strip():
+                raise UsageError("empty group member")
+            s = raw.strip()
+            if s.startswith("role:"):
+                role = s[5:]
+                _check_name(role, "role")
+                out.append(("role", role))
+            else:
+                name = _strip_at(s)
+                if not name_ok(name):
+                    raise UsageError("invalid member %r: use @agent or role:ROLE" % raw)
+                if name not in agents:
+                    raise NotFoundError("unknown agent @%s" % name,
+                                        hint="roles need the role: prefix, e.g. role:%s"
+                                        % name)
+                out.append(("agent", name))
+        if not out:
+            raise UsageError("give at least one member (@agent or role:ROLE)")
+        return out
+
+    def group_add(self, name, members, agent=None):
+        self.require_store()
+        row = self._require_group(name)
+        parsed = self._parse_members(members)
+        by = self._by(agent)
+        self._emit([self._event("group.member.add", group=row[0], member_type=t, member=m,
+                                by=by) for t, m in parsed])
+        return self.group_info(row[0])
+
+    def group_remove(self, name, members, agent=None):
+        self.require_store()
+        row = self._require_group(name)
+        current = {(m["type"], m["value"]) for m in self.group_info(row[0])["members"]}
+        parsed = []
+        for raw in members:
+            s = raw.strip()
+            key = ("role", s[5:]) if s.startswith("role:") else ("agent", _strip_at(s))
+            if key not in current:
+                raise NotFoundError("%s is not a member of group %s" % (raw, row[0]))
+            parsed.append(key)
+        by = self._by(agent)
+        self._emit([self._event("group.member.remove", group=row[0], member_type=t,
+                                member=m, by=by) for t, m in parsed])
+        return self.group_info(row[0])
+
+    def group_list(self):
+        self.require_store()
+        out = []
+        for name, gid, desc, by, at in self.index.q(
+                "SELECT name, group_id, description, created_by, created_at FROM groups "
+                "WHERE create_key IS NOT NULL AND (delete_key IS NULL OR "
+                "create_key > delete_key) ORDER BY name"):
+            info = self.group_info(name)
+            out.append({"group": name, "group_id": gid, "description": desc,
+                        "created_by": by, "created_at": at,
+                        "member_count": len(info["members"]),
+                        "agents": info["agents"]})
+        return {"groups": out}
+
+    def group_info(self, name):
+        self.require_store()
+        row = self._require_group(name)
+        members = [{"type": t, "value": m, "added_by": b, "added_at": a}
+                   for t, m, b, a in self.index.q(
+                       "SELECT gm.member_type, gm.member, gm.added_by, gm.added_at FROM "
+                       "group_members gm JOIN groups g ON g.name = gm.name WHERE gm.name = ? "
+                       "AND gm.add_key IS NOT NULL AND (gm.remove_key IS NULL OR "
+                       "gm.add_key > gm.remove_key) AND (g.delete_key IS NULL OR "
+                       "gm.add_key > g.delete_key) ORDER BY gm.member_type, gm.member",
+                       (row[0],))]
+        return {"group": row[0], "group_id": row[1], "description": row[2],
+                "created_by": row[3], "created_at": row[4], "members": members,
+                "agents": sorted(self._group_members(row[0]))}
+
+    # -- config ---------------------------------------------------------------------------
+    def config_show(self):
+        return {"repo_file": self.config.repo_file, "user_file": self.config.user_file,
+                "values": {k: {"value": v, "source": s} for k, v, s in self.config.items()}}
+
+    def config_get(self, key):
+        if key not in CONFIG_KEYS:
+            raise UsageError("unknown config key %r" % key,
+                             hint="known keys: " + ", ".join(CONFIG_KEYS))
+        return {"key": key, "value": self.config.get(key), "source": self.config.source(key)}
+
+    def config_set(self, key, value):
+        self.require_store()
+        if key == "sync.branch" and self.loc.git_common:
+            try:
+                branch = _parse_branch(value)
+            except ValueError:
+                branch = None  # Config.set below refuses it with the reason
+            if branch:
+                eng = self.store.sync_engine(branch)
+                remote_tip = eng.rev(eng.tracking)
+                problem = eng.branch_problem()
+                if not problem and remote_tip and eng.foreign_history(remote_tip):
+                    problem = "the remote's copy (%s/%s) is not a thrum log" % (
+                        eng.remote, branch)
+                if problem:
+                    raise UsageError("cannot use %r as the sync branch: %s" % (branch, problem),
+                                     hint=_BRANCH_HINT)
+        v = self.config.set(key, value)
+        return {"key": key, "value": v, "file": self.config.repo_file}
+
+    # -- sync (the engine is section 8) ---------------------------------------------------
+    def sync_force(self):
+        """Run one sync cycle now. Returns the sync status plus what the cycle did:
+        {remote, branch, local_only, last_sync_at, last_error, ahead, behind, state,
+        pulled, committed, pushed, attempts}."""
+        self.require_store()
+        eng = self.store.sync_engine()
+        res = eng.cycle()
+        st = eng.status()
+        st.update(res)
+        return st
+
+    def sync_status(self):
+        """Sync state without network: {remote, branch, local_only, last_sync_at,
+        last_error, ahead, behind, state, git}."""
+        self.require_store()
+        if not self.loc.git_common:
+            return {"remote": None, "branch": self.branch, "local_only": True,
+                    "last_sync_at": None, "last_error": None, "ahead": 0, "behind": 0,
+                    "state": "no-remote", "git": False}
+        st = self.store.sync_engine().status()
+        st["git"] = True
+        return st
+
+    def context_sync(self, agent=None):
+        """Publish my saved context on the sync branch (an agent.update event whose
+        `context` field is the text; the latest publication wins), then sync."""
+        me = self.me(agent)["agent_id"]
+        text = _read_text(self._context_path(me))
+        if text is None:
+            raise NotFoundError("no saved context for @%s" % me,
+                                hint="save one with 'thrum context save'")
+        self.store.sync_engine()  # outside git this raises: there is nothing to publish to
+        self._update_fields(me, context=text)
+        res = self.sync_force()
+        res["agent_id"] = me
+        return res
+
+    # -- health -------------------------------------------------------------------------------
+    def doctor(self, fix=False):
+        """Check (and with fix, repair) the index, log lines, sync worktree, daemon files.
+
+        Returns {ok, checks: [{name, ok, detail, fixed}]}.
+        """
+        self.require_store()
+        checks = []
+
+        def check(name, ok, detail, fixed=False):
+            checks.append({"name": name, "ok": bool(ok), "detail": detail, "fixed": fixed})
+        # log lines
+        torn = self.log.torn_files()
+        if torn and fix:
+            self.log.repair()
+        check("log: torn lines", not torn, ", ".join("%s (%d bytes)" % t for t in torn)
+              or "none", fixed=bool(torn and fix))
+        bad = 0
+        for rel, path, _ in self.log.files():
+            with open(path, "rb") as f:
+                data = f.read()
+            _, n = parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)
+            bad += n
+        check("log: corrupt lines", True, "%d corrupt line(s) are skipped" % bad
+              if bad else "none")
+        # index
+        problem = None
+        try:
+            idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
+            idx.open()
+            res = idx.db.execute("PRAGMA quick_check").fetchone()[0]
+            if res != "ok":
+                problem = "integrity check: %s" % res
+            else:
+                idx.catch_up()
+                problem = self._index_differs(idx)
+            idx.close()
+        except (sqlite3.DatabaseError, ThrumError) as e:
+            problem = str(e)
+        if problem and fix:
+            idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
+            idx.rebuild()
+            idx.close()
+        check("index", not problem, problem or "matches the log", fixed=bool(problem and fix))
+        # sync worktree
+        if self.loc.git_common:
+            try:
+                eng = self.store.sync_engine()
+                wts = eng._worktrees()
+                branch_issue = eng.branch_problem(wts)
+                check("sync branch", not branch_issue, "%s: %s (%s)" % (
+                    eng.branch, branch_issue, _BRANCH_HINT) if branch_issue else
+                    "%s is thrum's own log branch" % eng.branch)
+                if not branch_issue:
+                    issue = eng.worktree_problem(wts)
+                    if issue and fix:
+                        eng.ensure_branch_and_worktree()
+                    check("sync worktree", not issue, issue or "ok",
+                          fixed=bool(issue and fix))
+                    stray = [] if issue else eng.stray_paths()
+                    if stray and fix:
+                        for rel in stray:
+                            os.unlink(os.path.join(eng.wt, rel))
+                    check("sync worktree: other files", not stray, "not log files, never "
+                          "committed: %s" % ", ".join(stray[:5]) if stray else "none",
+                          fixed=bool(stray and fix))
+            except ThrumError as e:
+                check("sync worktree", False, e.message)
+        # can thrum write where it must?
+        for what, path, effect in (
+                ("log directory", self.log.root, "every write (send, reply, receipts) fails"),
+                ("store", self.loc.var, "the index is rebuilt in memory on every command")):
+            if os.path.isdir(path) and not os.access(path, os.W_OK):
+                check("%s writable" % what, False, "%s is read-only: %s (fix the "
+                      "permissions)" % (path, effect))
+        # identity files of this worktree
+        for name, problem, fixed in self._check_identities(fix):
+            check("identity @%s" % name, False, problem, fixed=fixed)
+        # stale daemon files
+        pidf = os.path.join(self.loc.var, "daemon.pid")
+        if os.path.exists(pidf) and not self.daemon_info()["running"]:
+            if fix:
+                for n in ("daemon.pid", "thrum.sock"):
+                    try:
+                        os.unlink(os.path.join(self.loc.var, n))
+                    except FileNotFoundError:
+                        pass
+            check("daemon files", False, "stale daemon.pid (no such process)", fixed=fix)
+        ok = all(c["ok"] or c["fixed"] for c in checks)
+        return {"ok": ok, "checks": checks}
+
+    def _check_identities(self, fix):
+        """[(name, problem, fixed)] for damaged identity files of this worktree. A fix
+        rewrites the file from the agent's registration when it was made here, else
+        moves it aside (`<name>.json.corrupt`)."""
+        out = []
+        for name in self.identities_here():
+            path = self._identity_file(name)
+            try:
+                self._read_identity(path)
+                continue
+            except NotSetUpError as e:
+                problem = e.message
+            fixed = False
+            if fix:
+                row = self._agent_row(name)
+                here = os.path.realpath(self.loc.worktree)
+                if row and row[4] and os.path.realpath(row[4]) == here:
+                    ses = self._open_session(name)
+                    self._write_identity({
+                        "agent_id": name, "role": row[1], "module": row[2],
+                        "display": row[3], "worktree": here,
+                        "intent": self._agent_fields(name).get("intent"),
+                        "session_id": ses[0] if ses else None, "created_at": row[6],
+                        "identity_file": path})
+                    problem += "; rewritten from its registration"
+                else:
+                    os.replace(path, path + ".corrupt")
+                    problem += "; moved aside to %s.corrupt" % os.path.basename(path)
+                fixed = True
+            out.append((name, problem, fixed))
+        return out
+
+    def _index_differs(self, idx):
+        """Compare the live index with a rebuild in memory; None when they agree."""
+        mem = Index(":memory:", self.log)
+        mem.db = sqlite3.connect(":memory:", isolation_level=None)
+        mem.db.executescript(_SCHEMA)
+        mem.db.execute("BEGIN")
+        evs = []
+        for rel, path, _ in self.log.files():
+            with open(path, "rb") as f:
+                data = f.read()
+            evs += parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)[0]
+        mem.apply(evs)
+        mem.db.execute("COMMIT")
+        for table, cols in (("messages", "message_id, content0, content, deleted, thread_id, "
+                                          "version"),
+                            ("deliveries", "agent_id, message_id, read_at, deleted"),
+                            ("agents", "agent_id, role, reg_key, del_key")):
+            a = idx.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
+            b = mem.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
+            if a != b:
+                mem.db.close()
+                return "%s differ from the log (%d rows vs %d)" % (table, len(a), len(b))
+        mem.db.close()
+        return None
+
+    def rebuild_index(self):
+        n = self.require_store().index.rebuild()
+        self._fresh = True
+        return {"events": n}
+
+
+#: What an operation needs before it runs: nothing, a store, or the caller's identity
+#: (checked in this order, before the arguments' meaning: SPEC §14).
+NEEDS_NOTHING, NEEDS_STORE, NEEDS_IDENTITY = 0, 1, 2
+
+#: Every operation a front end can call: name -> (Service method, what it needs).
+#: The CLI, the daemon's RPC and the MCP tools all go through call() with these names.
+OPS = {
+    "init": ("init", NEEDS_NOTHING),
+    "setup": ("setup", NEEDS_NOTHING),
+    "quickstart": ("quickstart", NEEDS_NOTHING),
+    "agent_register": ("agent_register", NEEDS_STORE),
+    "whoami": ("whoami", NEEDS_IDENTITY),
+    "status": ("status", NEEDS_IDENTITY),
+    "overview": ("overview", NEEDS_IDENTITY),
+    "prime": ("prime", NEEDS_IDENTITY),
+    "team": ("team", NEEDS_STORE),
+    "send": ("send", NEEDS_IDENTITY),
+    "reply": ("reply", NEEDS_IDENTITY),
+    "inbox": ("inbox", NEEDS_IDENTITY),
+    "sent": ("sent", NEEDS_IDENTITY),
+    "mark_read": ("mark_read", NEEDS_IDENTITY),
+    "message_get": ("message_get", NEEDS_STORE),
+    "message_edit": ("message_edit", NEEDS_IDENTITY),
+    "message_delete": ("message_delete", NEEDS_IDENTITY),
+    "message_read": ("message_read", NEEDS_IDENTITY),
+    "wait": ("wait", NEEDS_IDENTITY),
+    "who_has": ("who_has", NEEDS_STORE),
+    "ping": ("ping", NEEDS_STORE),
+    "agent_list": ("agent_list", NEEDS_STORE),
+    "agent_delete": ("agent_delete", NEEDS_STORE),
+    "agent_cleanup": ("agent_cleanup", NEEDS_STORE),
+    "session_start": ("session_start", NEEDS_IDENTITY),
+    "session_end": ("session_end", NEEDS_IDENTITY),
+    "session_list": ("session_list", NEEDS_STORE),
+    "session_heartbeat": ("session_heartbeat", NEEDS_IDENTITY),
+    "session_set_intent": ("session_set_intent", NEEDS_IDENTITY),
+    "session_set_task": ("session_set_task", NEEDS_IDENTITY),
+    "context_save": ("context_save", NEEDS_STORE),
+    "context_show": ("context_show", NEEDS_STORE),
+    "context_clear": ("context_clear", NEEDS_STORE),
+    "context_sync": ("context_sync", NEEDS_IDENTITY),
+    "group_create": ("group_create", NEEDS_STORE),
+    "group_delete": ("group_delete", NEEDS_STORE),
+    "group_add": ("group_add", NEEDS_STORE),
+    "group_remove": ("group_remove", NEEDS_STORE),
+    "group_list": ("group_list", NEEDS_STORE),
+    "group_info": ("group_info", NEEDS_STORE),
+    "config_show": ("config_show", NEEDS_NOTHING),
+    "config_get": ("config_get", NEEDS_NOTHING),
+    "config_set": ("config_set", NEEDS_STORE),
+    "sync_force": ("sync_force", NEEDS_STORE),
+    "sync_status": ("sync_status", NEEDS_STORE),
+    "doctor": ("doctor", NEEDS_STORE),
+    "rebuild_index": ("rebuild_index", NEEDS_STORE),
+}
+
+
+class AfterWriteError(ThrumError):
+    """The operation's write is stored, but the per-call sync after it failed
+    (THRUM_AUTOSYNC). Carries the operation's `result`."""
+
+    def __init__(self, error, result):
+        super().__init__("saved locally, but THRUM_AUTOSYNC failed: " + error.message,
+                         hint=error.hint)
+        self.error, self.result = error, result
+
+
+def _check_params(method, params):
+    """Refuse parameters a method does not take (or private ones) as a usage error."""
+    code = method.__code__
+    names = code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
+    allowed = {n for n in names if not n.startswith("_") and n != "agent"}
+    bad = sorted(k for k in params if k not in allowed)
+    if bad:
+        raise UsageError("unknown parameter%s for this operation: %s (known: %s)" % (
+            "s" if len(bad) > 1 else "", ", ".join(map(str, bad)),
+            ", ".join(sorted(allowed)) or "none"))
+    required = names[:code.co_argcount - 1 - len(method.__defaults__ or ())]
+    missing = [n for n in required if n not in params]
+    if missing:
+        raise UsageError("missing parameter%s: %s" % ("s" if len(missing) > 1 else "",
+                                                      ", ".join(missing)))
+
+
+def call(op, params, caller, store=None):
+    """Run one operation for one caller: the entry point of every front end.
+
+    `params` is a dict of plain data, `caller` a Caller, `store` an open Store (None:
+    located from the caller's directory). Checks what the operation needs, runs it,
+    then the per-call work (THRUM_AUTOSYNC's sync after a write). Returns plain data,
+    or raises ThrumError (AfterWriteError when only the sync after a write failed).
+    """
+    try:
+        name, needs = OPS[op]
+    except (KeyError, TypeError):
+        raise UsageError("unknown operation %r" % (op,))
+    params = dict(params or {})
+    svc = Service(store, caller)
+    try:
+        method = getattr(svc, name)
+        _check_params(method, params)
+        if needs >= NEEDS_STORE:
+            svc.require_store()
+        if needs >= NEEDS_IDENTITY:
+            svc.me()
+        result = method(**params)
+        svc.finish()
+    finally:
+        if store is None:  # a store opened for this call only
+            svc.close()
+    if svc.autosync_error is not None:
+        raise AfterWriteError(svc.autosync_error, result)
+    return result
+
+
+# === 10. Rendering ============================================================
 
 def _visible(text, keep="\t"):
     """Escape control characters (ESC, CR, ...) so stored text cannot drive the
@@ -5068,98 +5013,70 @@ def render_doctor(r, style=PLAIN):
     return ls
 
 
-# === 12b. Demo ==================================================================
+# === 11. CLI: parser, handlers, demo ==========================================
 
-def run_demo(out, env):
-    """A self-contained tour: two agents in a throw-away repo, a waiter that wakes,
-    a threaded reply, read state, and a second clone syncing through a local bare
-    remote. Prints each step; removes everything it created."""
-    import shutil
-    import subprocess
-    import tempfile
-    me = os.path.abspath(__file__)
-    tmp = tempfile.mkdtemp(prefix="thrum-demo-")
-    env = {k: v for k, v in env.items()
-           if not k.startswith("THRUM_") and not k.startswith("GIT_")}
-    env.update({"NO_COLOR": "1", "GIT_TERMINAL_PROMPT": "0"})
-    w = out.stream.write
+class Output:
+    """Writes results: one JSON document with --json, compact text otherwise."""
 
-    def sh(argv, cwd):
-        subprocess.run(argv, cwd=cwd, env=env, check=True, capture_output=True)
+    def __init__(self, json_mode=False, quiet=False, verbose=False, stream=None):
+        self.stream = stream or sys.stdout
+        self.document = None    # with --json: the one document, written by flush()
+        self.result = None      # the last result emitted (what an output error reports)
+        self.broken = False     # stdout failed: write nothing more
+        self.autosync_error = None
+        self.configure(json_mode, quiet, verbose)
 
-    def step(title):
-        w("\n== %s\n" % title)
+    def configure(self, json_mode=False, quiet=False, verbose=False):
+        self.json = json_mode
+        self.quiet = quiet
+        self.verbose = verbose
+        self.color = (not json_mode and "NO_COLOR" not in os.environ
+                      and hasattr(self.stream, "isatty") and self.stream.isatty())
 
-    def thrum(cwd, who, *args, show=True):
-        e = dict(env, THRUM_NAME=who) if who else env
-        label = ("THRUM_NAME=%s " % who if who else "") + "thrum " + " ".join(
-            a if " " not in a else repr(a) for a in args)
-        p = subprocess.run([sys.executable, me] + list(args), cwd=cwd, env=e,
-                           capture_output=True, text=True)
-        if show:
-            w("$ %s\n" % label)
-            text = (p.stdout + p.stderr).rstrip()
-            if text:
-                w("".join("  " + l + "\n" for l in text.splitlines()))
-        if p.returncode not in (0,):
-            raise ThrumError("demo step failed (exit %d): %s" % (p.returncode, label))
-        return p
-    try:
-        remote = os.path.join(tmp, "remote.git")
-        a = os.path.join(tmp, "laptop")
-        b = os.path.join(tmp, "ci-runner")
-        ident = ["-c", "user.name=demo", "-c", "user.email=demo@example.invalid"]
-        step("A repository with a shared remote (%s)" % tmp)
-        sh(["git", "init", "-q", "--bare", remote], tmp)
-        sh(["git", "init", "-q", a], tmp)
-        sh(["git"] + ident + ["commit", "-q", "--allow-empty", "-m", "start"], a)
-        sh(["git", "remote", "add", "origin", remote], a)
-        sh(["git", "push", "-q", "origin", "HEAD"], a)
-        w("created %s and a bare remote\n" % a)
-        step("Two agents register in one worktree")
-        thrum(a, "alice", "quickstart", "--name", "alice", "--role", "coordinator",
-              "--module", "core")
-        thrum(a, "bob", "quickstart", "--name", "bob", "--role", "implementer",
-              "--module", "auth")
-        step("bob waits for a message; alice sends one; bob wakes up")
-        waiter = subprocess.Popen([sys.executable, me, "wait", "--timeout", "30s"], cwd=a,
-                                  env=dict(env, THRUM_NAME="bob"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        thrum(a, "alice", "send", "Please add rate limiting to src/auth.py", "--to", "@bob")
-        got, _ = waiter.communicate(timeout=30)
-        w("$ THRUM_NAME=bob thrum wait --timeout 30s   (woke %.0f ms after alice's send "
-          "started)\n"
-          % ((time.monotonic() - t0) * 1000))
-        w("".join("  " + l + "\n" for l in got.rstrip().splitlines()))
-        step("bob reads his inbox (● unread) and replies in a thread")
-        p = thrum(a, "bob", "inbox", "--unread", "--json", show=False)
-        mid = json.loads(p.stdout)["messages"][0]["message_id"]
-        thrum(a, "bob", "inbox")
-        thrum(a, "bob", "reply", mid, "On it: token bucket, 10 req/s")
-        step("alice sees the reply under her message; bob's copy is now read (○)")
-        thrum(a, "alice", "inbox")
-        thrum(a, "bob", "inbox")
-        thrum(a, "alice", "sent")
-        step("Sync: the laptop pushes the a-sync branch; a CI runner clones and reads it")
-        thrum(a, None, "sync", "force")
-        sh(["git", "clone", "-q", remote, b], tmp)
-        thrum(b, "ci", "quickstart", "--name", "ci", "--role", "pipeline", "--module", "build")
-        thrum(b, "ci", "send", "build 123 passed", "--broadcast", "--structured",
-              '{"build": 123, "status": "passed"}')
-        thrum(b, None, "sync", "force")
-        thrum(a, None, "sync", "force")
-        thrum(a, "alice", "inbox", "--unread")
-        thrum(a, "alice", "team", "--all")
-        step("Done")
-        w("Everything above lived in %s, which is now removed.\n" % tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return EXIT_OK
+    def c(self, code, text):
+        return "\033[%sm%s\033[0m" % (code, text) if self.color else text
 
+    def emit(self, data, lines=None):
+        """Print `data` as JSON (held for flush), or the human `lines` (a list or a
+        callable), with control characters in them made visible."""
+        if isinstance(data, dict):
+            self.result = data
+        if self.json:
+            self.document = data
+            return
+        if callable(lines):
+            lines = lines(_visible_data(data))
+        else:
+            lines = [_visible(l, "\t\n") for l in lines or ()]
+        if lines:
+            self.write("\n".join(lines) + "\n")
 
-# === 13. CLI parser & commands ================================================
+    def write(self, text):
+        """Write to stdout; a failure (closed, full disk, broken pipe) is OutputError."""
+        if self.broken:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError) as e:
+            self.broken = True
+            raise OutputError(e) from None
+
+    def flush(self):
+        """Write the held JSON document (exactly one per command)."""
+        if self.json and self.document is not None:
+            doc, self.document = self.document, None
+            self.write(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+    def ok(self, data, *lines):
+        """A confirmation: `✓ first line` plus detail lines (hidden by --quiet)."""
+        if self.json:
+            return self.emit(data)
+        if self.quiet:
+            return
+        lines = [_visible(l) for l in lines if l]
+        self.emit(data, lambda _: [self.c("32", "✓") + " " + lines[0]] + lines[1:])
+
 
 #: Options whose value may start with "-" (`--after -15s`): argv is rewritten
 #: to `--after=-15s` before argparse sees it.
@@ -5608,6 +5525,95 @@ def cmd_demo(args, cli, out):
     return code
 
 
+def run_demo(out, env):
+    """A self-contained tour: two agents in a throw-away repo, a waiter that wakes,
+    a threaded reply, read state, and a second clone syncing through a local bare
+    remote. Prints each step; removes everything it created."""
+    import shutil
+    import subprocess
+    import tempfile
+    me = os.path.abspath(__file__)
+    tmp = tempfile.mkdtemp(prefix="thrum-demo-")
+    env = {k: v for k, v in env.items()
+           if not k.startswith("THRUM_") and not k.startswith("GIT_")}
+    env.update({"NO_COLOR": "1", "GIT_TERMINAL_PROMPT": "0"})
+    w = out.stream.write
+
+    def sh(argv, cwd):
+        subprocess.run(argv, cwd=cwd, env=env, check=True, capture_output=True)
+
+    def step(title):
+        w("\n== %s\n" % title)
+
+    def thrum(cwd, who, *args, show=True):
+        e = dict(env, THRUM_NAME=who) if who else env
+        label = ("THRUM_NAME=%s " % who if who else "") + "thrum " + " ".join(
+            a if " " not in a else repr(a) for a in args)
+        p = subprocess.run([sys.executable, me] + list(args), cwd=cwd, env=e,
+                           capture_output=True, text=True)
+        if show:
+            w("$ %s\n" % label)
+            text = (p.stdout + p.stderr).rstrip()
+            if text:
+                w("".join("  " + l + "\n" for l in text.splitlines()))
+        if p.returncode not in (0,):
+            raise ThrumError("demo step failed (exit %d): %s" % (p.returncode, label))
+        return p
+    try:
+        remote = os.path.join(tmp, "remote.git")
+        a = os.path.join(tmp, "laptop")
+        b = os.path.join(tmp, "ci-runner")
+        ident = ["-c", "user.name=demo", "-c", "user.email=demo@example.invalid"]
+        step("A repository with a shared remote (%s)" % tmp)
+        sh(["git", "init", "-q", "--bare", remote], tmp)
+        sh(["git", "init", "-q", a], tmp)
+        sh(["git"] + ident + ["commit", "-q", "--allow-empty", "-m", "start"], a)
+        sh(["git", "remote", "add", "origin", remote], a)
+        sh(["git", "push", "-q", "origin", "HEAD"], a)
+        w("created %s and a bare remote\n" % a)
+        step("Two agents register in one worktree")
+        thrum(a, "alice", "quickstart", "--name", "alice", "--role", "coordinator",
+              "--module", "core")
+        thrum(a, "bob", "quickstart", "--name", "bob", "--role", "implementer",
+              "--module", "auth")
+        step("bob waits for a message; alice sends one; bob wakes up")
+        waiter = subprocess.Popen([sys.executable, me, "wait", "--timeout", "30s"], cwd=a,
+                                  env=dict(env, THRUM_NAME="bob"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        thrum(a, "alice", "send", "Please add rate limiting to src/auth.py", "--to", "@bob")
+        got, _ = waiter.communicate(timeout=30)
+        w("$ THRUM_NAME=bob thrum wait --timeout 30s   (woke %.0f ms after alice's send "
+          "started)\n"
+          % ((time.monotonic() - t0) * 1000))
+        w("".join("  " + l + "\n" for l in got.rstrip().splitlines()))
+        step("bob reads his inbox (● unread) and replies in a thread")
+        p = thrum(a, "bob", "inbox", "--unread", "--json", show=False)
+        mid = json.loads(p.stdout)["messages"][0]["message_id"]
+        thrum(a, "bob", "inbox")
+        thrum(a, "bob", "reply", mid, "On it: token bucket, 10 req/s")
+        step("alice sees the reply under her message; bob's copy is now read (○)")
+        thrum(a, "alice", "inbox")
+        thrum(a, "bob", "inbox")
+        thrum(a, "alice", "sent")
+        step("Sync: the laptop pushes the a-sync branch; a CI runner clones and reads it")
+        thrum(a, None, "sync", "force")
+        sh(["git", "clone", "-q", remote, b], tmp)
+        thrum(b, "ci", "quickstart", "--name", "ci", "--role", "pipeline", "--module", "build")
+        thrum(b, "ci", "send", "build 123 passed", "--broadcast", "--structured",
+              '{"build": 123, "status": "passed"}')
+        thrum(b, None, "sync", "force")
+        thrum(a, None, "sync", "force")
+        thrum(a, "alice", "inbox", "--unread")
+        thrum(a, "alice", "team", "--all")
+        step("Done")
+        w("Everything above lived in %s, which is now removed.\n" % tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return EXIT_OK
+
+
 # -- the parser -----------------------------------------------------------------------
 
 def _args_init(p):
@@ -5846,7 +5852,7 @@ def build_parser(command=None):
     return p
 
 
-# === 14. main ===================================================================
+# === 12. main =================================================================
 
 def _version_text():
     import hashlib
@@ -5913,16 +5919,8 @@ def _fail(out, e, debug=False):
         if e.broken_pipe:  # the reader went away (`| head`): nothing to say
             return EXIT_FAIL
         return _report(out, e.message, EXIT_FAIL)
-    if isinstance(e, ThrumError):
-        return _report(out, e.message, e.exit_code, e.hint)
-    if isinstance(e, KeyboardInterrupt):
-        return _report(out, "interrupted", EXIT_INTERRUPTED)
-    if isinstance(e, OSError):  # the environment refused: permissions, a dir for a file...
-        where = "%s: " % e.filename if e.filename else ""
-        return _report(out, "%s%s" % (where, e.strerror or e), EXIT_FAIL,
-                       "check the file's type and permissions; 'thrum doctor' can help")
-    return _report(out, "internal error: %s: %s" % (type(e).__name__, e), EXIT_FAIL,
-                   "re-run with --debug for the traceback, and please report it")
+    err = error_payload(e)
+    return _report(out, err["message"], err["exit_code"], err["hint"])
 
 
 def _run(argv, out):
