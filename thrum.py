@@ -1770,10 +1770,10 @@ class Index:
 
     # -- small queries used everywhere ----------------------------------------
     def q(self, sql, params=()):
-        return self.db.execute(sql, params).fetchall()
+        return (self.db or self.open().db).execute(sql, params).fetchall()
 
     def q1(self, sql, params=()):
-        return self.db.execute(sql, params).fetchone()
+        return (self.db or self.open().db).execute(sql, params).fetchone()
 
 
 # === 7. Subprocess tools: git, work contexts ==================================
@@ -2661,6 +2661,7 @@ class Store:
         self._overrides = overrides
         self._log = self._index = self._origin = None
         self._lock = _thread.allocate_lock()
+        self.listeners = []  # see notify()
 
     @property
     def path(self):
@@ -2690,8 +2691,11 @@ class Store:
         """See what other processes wrote: re-read a changed config file and catch
         the index up with the log (cheap when nothing changed: file stats)."""
         if self.config.changed():
+            old = self.config.get("sync.branch")
             self.config = Config(self.loc.store, self.env, self._overrides)
-            self._log = self._index = None
+            if self.config.get("sync.branch") != old:  # the log lives elsewhere now
+                with self._lock:
+                    self._log = self._index = None
         return self.index.catch_up()
 
     @property
@@ -2718,6 +2722,15 @@ class Store:
 
     def sync_engine(self, branch=None):
         return SyncEngine(self, branch=branch)
+
+    def notify(self, events):
+        """Tell the listeners (callables taking a list of events: the daemon's wake-ups,
+        tmux nudges) what a request wrote. A failing listener never fails the write."""
+        for fn in list(self.listeners):
+            try:
+                fn(events)
+            except Exception as e:  # noqa: BLE001 - a nudge must not break a send
+                _warn("after the write: %s: %s" % (type(e).__name__, e))
 
     def close(self):
         """Close this thread's index connection."""
@@ -2775,8 +2788,10 @@ class Service:
             store = Store(self.loc, self.env)
         self.store = store
         self._fresh = False          # the store was refreshed for this request
+        self._idx = None             # ...and this is the index it caught up
         self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
         self.wrote = False           # this call appended events (see finish())
+        self.written = []            # ...these ones (the store's listeners hear of them)
         self._me = {}                # me() results of this call (cleared by identity writes)
 
     # -- plumbing --------------------------------------------------------------
@@ -2806,7 +2821,8 @@ class Service:
         if not self._fresh:
             self._fresh = True
             store.refresh()
-        return store.index
+            self._idx = store.index  # this request keeps the index it caught up
+        return self._idx
 
     def close(self):
         if self.store is not None:
@@ -2824,16 +2840,22 @@ class Service:
         self.index  # caught up first, so the write's own catch-up reads only it
         self.store.emit(events)
         self.wrote = True
+        self.written.extend(events)
 
     def finish(self):
-        """End of one request: with THRUM_AUTOSYNC, one sync cycle if the call wrote
-        anything (a failure is kept in `autosync_error`, the write stays)."""
+        """The per-call work after an operation, in one place for every front end:
+        with THRUM_AUTOSYNC, one sync cycle if the call wrote anything (a failure is
+        kept in `autosync_error`; the write stays), then the store's listeners hear
+        of the events it wrote (wake-ups, nudges)."""
         if self.wrote and self._autosync and self.loc.git_common:
             self.wrote = False
             try:
                 self.sync_force()
             except ThrumError as e:
                 self.autosync_error = e
+        if self.written:
+            events, self.written = self.written, []
+            self.store.notify(events)
 
     @property
     def _autosync(self):
@@ -3650,13 +3672,9 @@ class Service:
             fields["thread_id"] = thread_id
         ev = self._event("message.create", **fields)
         self._emit([ev])
-        self._notify(ev)
         return {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
                 "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
                 "recipients": recipients, "audiences": audiences, "warnings": warnings}
-
-    def _notify(self, ev):
-        """Hook for delivery nudges (tmux) after a message is written."""
 
     def reply(self, message_id, content=None, fmt="markdown", structured=None, scopes=(),
               refs=(), agent=None):
@@ -3728,6 +3746,11 @@ class Service:
     def mark_read(self, message_ids, agent=None):
         """Mark these exact message ids read for me (those addressed to me and unread).
         Returns the number marked."""
+        if isinstance(message_ids, str):
+            message_ids = [message_ids]
+        if not isinstance(message_ids, (list, tuple)) or not all(
+                isinstance(m, str) for m in message_ids):
+            raise UsageError("message ids must be a list of ids")
         return self._mark_read(self.me(agent)["agent_id"], list(message_ids))
 
     def _mark_read(self, me, mids):
@@ -3953,6 +3976,8 @@ class Service:
     def message_read(self, message_ids=(), all=False, agent=None):
         """Mark messages (or all my unread) read. Returns {marked_count}."""
         me = self.me(agent)["agent_id"]
+        if isinstance(message_ids, str):
+            message_ids = [message_ids]
         if not message_ids and not all:
             raise UsageError("give message ids, or all", hint="thrum message read ID... | --all")
         if all:
@@ -4455,8 +4480,9 @@ class Service:
         return None
 
     def rebuild_index(self):
-        n = self.require_store().index.rebuild()
-        self._fresh = True
+        store = self.require_store()
+        n = store.index.rebuild()
+        self._fresh, self._idx = True, store.index
         return {"events": n}
 
 
@@ -4528,20 +4554,27 @@ class AfterWriteError(ThrumError):
 
 
 def _check_params(method, params):
-    """Refuse parameters a method does not take (or private ones) as a usage error."""
+    """Refuse, as usage errors, parameters a method does not take (or private ones),
+    missing ones, and a non-boolean where the parameter is a flag."""
     code = method.__code__
     names = code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
     allowed = {n for n in names if not n.startswith("_") and n != "agent"}
-    bad = sorted(k for k in params if k not in allowed)
+    bad = sorted(str(k) for k in params if k not in allowed)
     if bad:
         raise UsageError("unknown parameter%s for this operation: %s (known: %s)" % (
             "s" if len(bad) > 1 else "", ", ".join(map(str, bad)),
             ", ".join(sorted(allowed)) or "none"))
-    required = names[:code.co_argcount - 1 - len(method.__defaults__ or ())]
+    defaults = method.__defaults__ or ()
+    positional = names[:code.co_argcount - 1]
+    required = positional[:len(positional) - len(defaults)]
     missing = [n for n in required if n not in params]
     if missing:
         raise UsageError("missing parameter%s: %s" % ("s" if len(missing) > 1 else "",
                                                       ", ".join(missing)))
+    for name, default in zip(positional[len(positional) - len(defaults):], defaults):
+        if isinstance(default, bool) and name in params and \
+                not isinstance(params[name], bool):
+            raise UsageError("%s must be true or false" % name)
 
 
 def call(op, params, caller, store=None):
@@ -4556,7 +4589,11 @@ def call(op, params, caller, store=None):
         name, needs = OPS[op]
     except (KeyError, TypeError):
         raise UsageError("unknown operation %r" % (op,))
-    params = dict(params or {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise UsageError("an operation's parameters must be an object (name -> value)")
+    params = dict(params)
     svc = Service(store, caller)
     try:
         method = getattr(svc, name)
