@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ====================================================
 
-SCHEMA_VERSION = 5          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 6          #: index schema; an older index.db is rebuilt
 EVENT_VERSION = 1           #: the `v` field of every event
 THRUM_DIR = ".thrum"
 DEFAULT_BRANCH = "a-sync"
@@ -1185,7 +1185,7 @@ CREATE TABLE messages(
   deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT)
   WITHOUT ROWID;
 CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
-                        read_at TEXT, deleted INTEGER DEFAULT 0,
+                        read_at TEXT, deleted INTEGER DEFAULT 0, arrived_at TEXT,
                         PRIMARY KEY(agent_id, message_id)) WITHOUT ROWID;
 CREATE TABLE tags(message_id TEXT, kind TEXT, type TEXT, value TEXT,
                   PRIMARY KEY(message_id, kind, type, value)) WITHOUT ROWID;
@@ -1219,6 +1219,7 @@ CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
 CREATE INDEX deliveries_inbox ON deliveries(agent_id, deleted, created_at);
 CREATE INDEX deliveries_unread ON deliveries(agent_id) WHERE read_at IS NULL AND deleted = 0;
 CREATE INDEX deliveries_msg ON deliveries(message_id);
+CREATE INDEX deliveries_arrived ON deliveries(agent_id, arrived_at);
 CREATE INDEX tags_lookup ON tags(kind, type, value);
 CREATE INDEX edits_msg ON edits(message_id);
 CREATE INDEX deletes_msg ON deletes(message_id);
@@ -1263,6 +1264,75 @@ def _file_ino(path):
         return None
 
 
+class LocalRecord:
+    """A small record of ids under `.thrum/var/` (JSONL lines {"id", "at"}): local
+    state that is not synced and survives an index rebuild. Entries older than `keep`
+    seconds are forgotten; the file is compacted when it is mostly old entries.
+    Changes hold an exclusive flock on `<path>.lock`."""
+
+    def __init__(self, path, keep=86400.0):
+        self.path = path
+        self.keep = keep
+
+    def _cutoff(self):
+        return now_ts(time.time() - self.keep)
+
+    def _read(self):
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return {}, 0
+        out, n = {}, 0
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            n += 1
+            try:
+                d = json.loads(line)
+                out[d["id"]] = d["at"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn or damaged line only forgets that entry
+        return out, n
+
+    def load(self):
+        """{id: at} of the entries still kept."""
+        cutoff = self._cutoff()
+        return {k: v for k, v in self._read()[0].items() if isinstance(v, str) and v >= cutoff}
+
+    def _locked(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def add(self, ids, at=None, only_new=False):
+        """Record ids (at `at`, default now). With only_new, ids already kept are
+        skipped. Returns the ids recorded now."""
+        fd = self._locked()
+        try:
+            entries, lines = self._read()
+            cutoff = self._cutoff()
+            kept = {k: v for k, v in entries.items() if isinstance(v, str) and v >= cutoff}
+            new = [i for i in dict.fromkeys(ids) if not (only_new and i in kept)]
+            at = at or now_ts()
+            if new:
+                kept.update((i, at) for i in new)
+                if lines > 1000 and lines > 2 * len(kept):  # mostly forgotten: compact
+                    _write_file_atomic(self.path, "".join(
+                        _ENCODE({"id": k, "at": v}) + "\n" for k, v in kept.items()), 0o600)
+                else:
+                    data = "".join(_ENCODE({"id": i, "at": at}) + "\n" for i in new)
+                    afd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    try:
+                        os.write(afd, data.encode("utf-8"))
+                    finally:
+                        os.close(afd)
+            return new
+        finally:
+            os.close(fd)
+
+
 class _LogRewritten(Exception):
     """A log file no longer starts with the bytes the index read from it."""
 
@@ -1270,9 +1340,11 @@ class _LogRewritten(Exception):
 class Index:
     """The SQLite projection of the log at `path`."""
 
-    def __init__(self, path, log):
+    def __init__(self, path, log, arrivals=None):
         self.path = path
         self.log = log
+        self.arrivals = arrivals  # LocalRecord of late arrivals (None: not recorded)
+        self._known = None
         self._local = _thread._local()  # one SQLite connection per thread
         self.built = 0       # events read by the last full build
         self.building = False
@@ -1390,7 +1462,7 @@ class Index:
                 db.execute("PRAGMA synchronous=OFF")
                 db.execute("PRAGMA cache_size=-262144")  # 256 MiB while building
                 db.executescript(_SCHEMA_TABLES)
-                builder = Index(tmp, self.log)
+                builder = Index(tmp, self.log, self.arrivals)
                 builder.db = db
                 builder.building = True
                 self.built = builder.catch_up()
@@ -1613,10 +1685,26 @@ class Index:
         db = self.db
         msgs, dels, tags = [], [], []
         add_msg, add_del, add_tag = msgs.append, dels.append, tags.append
+        # When each message arrived in this store (SPEC §7: a wait wakes for messages
+        # created OR arrived after its start). A message projected as it is written
+        # arrives now; one that shows up late (pulled in by a sync) is remembered in
+        # var/arrivals.jsonl, so a rebuild, which takes the arrival from that record
+        # or else the creation time, never makes old messages new again.
+        if self.building:
+            known = self._arrivals_known()
+        else:
+            now = now_ts()
+            late_before, late = now_ts(time.time() - 2.0), []
         for e in creates:
             g = e.get
             body = g("body")
             mid, author, ts = e["message_id"], e["agent_id"], e["timestamp"]
+            if self.building:
+                arrived = known.get(mid) or ts
+            else:
+                arrived = now
+                if ts < late_before:
+                    late.append(mid)
             st = body.get("structured")
             recips, auds, scopes, refs = (g("recipients") or (), g("audiences") or (),
                                           g("scopes") or (), g("refs") or ())
@@ -1630,7 +1718,7 @@ class Index:
                      _dumps_tags(refs) if refs else "[]",
                      g("reply_to"), thread, thread))
             for r in recips:
-                add_del((r, mid, ts, author))
+                add_del((r, mid, ts, author, arrived))
             for kind, items in (("aud", auds), ("scope", scopes), ("ref", refs)):
                 for it in items:
                     add_tag((mid, kind, it["type"], it["value"]))
@@ -1640,7 +1728,9 @@ class Index:
             "refs, reply_to, thread0, thread_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             msgs)
         db.executemany("INSERT OR IGNORE INTO deliveries(agent_id, message_id, created_at, "
-                       "author) VALUES (?,?,?,?)", dels)
+                       "author, arrived_at) VALUES (?,?,?,?,?)", dels)
+        if not self.building and late and self.arrivals is not None:
+            self.arrivals.add(late, now)
         db.executemany("INSERT OR IGNORE INTO tags VALUES (?,?,?,?)", tags)
         # Events that arrived before their message wait in the source tables:
         # pick them up now. Replies also give their parent a thread id.
@@ -1767,6 +1857,11 @@ class Index:
                 "remove_key = excluded.remove_key WHERE group_members.remove_key IS NULL "
                 "OR excluded.remove_key > group_members.remove_key",
                 (name, ev["member_type"], ev["member"], k))
+
+    def _arrivals_known(self):
+        if self._known is None:
+            self._known = self.arrivals.load() if self.arrivals is not None else {}
+        return self._known
 
     # -- small queries used everywhere ----------------------------------------
     def q(self, sql, params=()):
@@ -2662,6 +2757,8 @@ class Store:
         self._log = self._index = self._origin = None
         self._lock = _thread.allocate_lock()
         self.listeners = []  # see notify()
+        #: Late arrivals (by sync) and, per agent, messages a wait has returned.
+        self.arrivals = LocalRecord(os.path.join(self.loc.var, "arrivals.jsonl"))
 
     @property
     def path(self):
@@ -2684,7 +2781,8 @@ class Store:
         if self._index is None:
             with self._lock:
                 if self._index is None:
-                    self._index = Index(os.path.join(self.loc.var, "index.db"), self.log)
+                    self._index = Index(os.path.join(self.loc.var, "index.db"), self.log,
+                                        self.arrivals)
         return self._index
 
     def refresh(self):
@@ -2719,6 +2817,20 @@ class Store:
         if events:
             self.log.append(events)
             self.index.catch_up()
+
+    def log_signature(self):
+        """What the message files look like now (names, inodes, sizes, mtimes): every
+        message, edit or delete, written here or merged in by a sync, changes it.
+        One directory scan, no SQL."""
+        out = []
+        try:
+            with os.scandir(os.path.join(self.log.root, "messages")) as it:
+                for e in it:
+                    st = e.stat(follow_symlinks=False)
+                    out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return out
 
     def sync_engine(self, branch=None):
         return SyncEngine(self, branch=branch)
@@ -3989,12 +4101,23 @@ class Service:
         return {"marked_count": self._mark_read(me, mids), "message_ids": mids}
 
     # -- waiting -------------------------------------------------------------------
+    def _delivered(self, me):
+        """The delivered-once record of agent `me`: messages its waits have returned."""
+        return LocalRecord(_safe_name_path(os.path.join(self.loc.var, "delivered"), me,
+                                           ".jsonl"))
+
     def wait(self, timeout="30s", after=None, unread=False, scope=None, agent=None,
              poll=0.05, wake=None):
-        """Block until a message to me (not by me) arrives after the start point.
+        """Block until a message to me (not by me) is new to this store: created or
+        arrived (by sync) after the start point, and not returned by an earlier wait of
+        mine (SPEC §7). `timeout`: seconds or a duration; `after`: epoch seconds, a
+        negative duration ("-15s") or a UTC timestamp (default: one second ago).
 
-        Returns {status: received|timeout, messages}. Marks nothing read. `wake`
-        is an optional callable(seconds) that sleeps or returns early (daemon).
+        Returns {status: received|timeout, messages}. Marks nothing read; records what it
+        returns as delivered to me, so each message wakes my waits once. `unread`
+        returns all my unread messages at once, delivered or not. Idle polling only
+        stats the log files; `wake(seconds)` (the daemon's notification) may replace
+        the sleep between polls.
         """
         ident = self.me(agent)
         me = ident["agent_id"]
@@ -4011,26 +4134,42 @@ class Service:
             params += [tag["type"], tag["value"]]
         base = ("SELECT %s, d.read_at IS NOT NULL FROM deliveries d JOIN messages m ON "
                 "m.message_id = d.message_id WHERE %s" % (self._MSG_COLS, " AND ".join(where)))
+        delivered = self._delivered(me)
+
+        def received(rows):
+            return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
         if unread:
             rows = self.index.q(base + " AND d.read_at IS NULL ORDER BY d.created_at", params)
             if rows:
-                return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
+                delivered.add([r[0] for r in rows])
+                return received(rows)
             base += " AND d.read_at IS NULL"  # and while waiting, only unread ones
         since = now_ts(start)
+        new_sql = base + " AND (d.created_at > ? OR d.arrived_at > ?) ORDER BY d.created_at"
         deadline = time.monotonic() + timeout
         sleep = wake or time.sleep
+        seen = None
         while True:
-            # Query every poll: another process may have projected the new message
-            # into the shared index already, so our own catch-up can read nothing.
-            rows = self.index.q(base + " AND d.created_at > ? ORDER BY d.created_at",
-                                params + [since])
-            if rows:
-                return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
+            # Only a change in the log files can bring a new message: stat them, and
+            # touch SQLite only when they changed (another process may have projected
+            # the message already, so the query runs even if our catch-up reads nothing).
+            sig = self.store.log_signature()
+            if sig != seen:
+                if seen is not None:
+                    self.index.catch_up()
+                seen = sig
+                rows = self.index.q(new_sql, params + [since, since])
+                if rows:
+                    old = delivered.load()
+                    fresh = [r[0] for r in rows if r[0] not in old]
+                    claimed = set(delivered.add(fresh, only_new=True)) if fresh else ()
+                    rows = [r for r in rows if r[0] in claimed]
+                    if rows:
+                        return received(rows)
             left = deadline - time.monotonic()
             if left <= 0:
                 return {"status": "timeout", "messages": []}
             sleep(min(poll, left))
-            self.index.catch_up()
 
     # -- team & status --------------------------------------------------------------
     def team(self, all=False):
@@ -4359,7 +4498,7 @@ class Service:
         # index
         problem = None
         try:
-            idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
+            idx = Index(os.path.join(self.loc.var, "index.db"), self.log, self.store.arrivals)
             idx.open()
             res = idx.db.execute("PRAGMA quick_check").fetchone()[0]
             if res != "ok":
@@ -4371,7 +4510,7 @@ class Service:
         except (sqlite3.DatabaseError, ThrumError) as e:
             problem = str(e)
         if problem and fix:
-            idx = Index(os.path.join(self.loc.var, "index.db"), self.log)
+            idx = Index(os.path.join(self.loc.var, "index.db"), self.log, self.store.arrivals)
             idx.rebuild()
             idx.close()
         check("index", not problem, problem or "matches the log", fixed=bool(problem and fix))

@@ -128,11 +128,13 @@ def test_wait_after_returns_older_messages(team):
     time.sleep(1.5)
     r = team.t("wait", "--timeout", "0", name="bob")
     assert r.code == 1 and r.out.strip() == "NO_MESSAGES_TIMEOUT", r.describe()
-    r = team.t("wait", "--after", "-30s", "--timeout", "0", name="bob")
-    assert r.code == 0, r.describe()
-    assert f"ID: {sent['message_id']}" in r.out.splitlines()
     r = team.t("wait", "--after=-30s", "--timeout", "0", "--json", name="bob")
     assert [m["message_id"] for m in r.json["messages"]] == [sent["message_id"]]
+    # SPEC §7: each message wakes an agent's waits once; --unread still returns it
+    r = team.t("wait", "--after", "-30s", "--timeout", "0", name="bob")
+    assert r.code == 1 and r.out.strip() == "NO_MESSAGES_TIMEOUT", r.describe()
+    r = team.t("wait", "--unread", "--timeout", "0", name="bob")
+    assert r.code == 0 and f"ID: {sent['message_id']}" in r.out.splitlines(), r.describe()
     assert team.unread_ids("bob") == [sent["message_id"]]
 
 
@@ -174,3 +176,83 @@ def test_wait_scope_filters(team, waiters):
     assert r.code == 0, r.describe()
     assert [m["body"]["content"] for m in r.json["messages"]] == ["other scope"]
     assert_error(team.t("wait", "--scope", "nocolon", "--timeout", "0", name="bob"), 2)
+
+
+# --------------------------------------------------------------------------- SPEC §7 (rewritten)
+
+LISTENER = ("wait", "--after", "-15s", "--json")
+
+
+def test_listener_loop_gets_each_message_once(team):
+    """The seed's loop `wait --timeout 8m --after -15s --json`, re-armed at once, is told
+    about a message once, including one sent while no wait was running."""
+    first = team.send("alice", "one", "--to", "bob")
+    r = team.t(*LISTENER, "--timeout", "5s", name="bob")
+    assert r.code == 0, r.describe()
+    assert [m["message_id"] for m in r.json["messages"]] == [first["message_id"]]
+    r = team.t(*LISTENER, "--timeout", "1s", name="bob")
+    assert r.code == 1 and r.json == {"status": "timeout", "messages": []}, r.describe()
+    between = [team.send("alice", "two", "--to", "bob"), team.send("carol", "three", "--to", "bob")]
+    r = team.t(*LISTENER, "--timeout", "5s", name="bob")
+    assert r.code == 0, r.describe()
+    assert sorted(m["message_id"] for m in r.json["messages"]) == \
+        sorted(s["message_id"] for s in between)
+    r = team.t(*LISTENER, "--timeout", "1s", name="bob")
+    assert r.code == 1, r.describe()
+    # another agent's record is its own: carol still gets what was sent to her
+    to_carol = team.send("alice", "for carol", "--to", "carol")
+    r = team.t(*LISTENER, "--timeout", "5s", name="carol")
+    assert [m["message_id"] for m in r.json["messages"]] == [to_carol["message_id"]]
+    # nothing was marked read, and the record survives an index rebuild
+    assert len(team.unread_ids("bob")) == 3
+    for p in (team.path / ".thrum" / "var").glob("index.db*"):
+        p.unlink()
+    r = team.t(*LISTENER, "--timeout", "1s", name="bob")
+    assert r.code == 1, r.describe()
+
+
+def test_listener_loop_in_the_background_misses_nothing(team, waiters):
+    got, sent = [], []
+    for i in range(3):
+        w = waiters(team, "bob", *LISTENER[1:], "--timeout", "20s")
+        if i == 1:  # one sent while no wait runs, before the next one starts
+            sent.append(team.send("alice", "gap %d" % i, "--to", "bob")["message_id"])
+        else:
+            settle(w, 0.8)
+            sent.append(team.send("alice", "live %d" % i, "--to", "bob")["message_id"])
+        w.finish()
+        assert w.code == 0, (w.out, w.err)
+        got += [m["message_id"] for m in __import__("json").loads(w.out)["messages"]]
+    assert got == sent
+
+
+def test_a_message_that_arrives_by_sync_wakes_a_waiter(tmp_path, waiters):
+    from conftest import Team, bare_remote, clone, make_env, make_repo, git
+    env = make_env(tmp_path / "home")
+    remote = bare_remote(tmp_path / "remote.git", env)
+    a = make_repo(tmp_path / "a", env=env)
+    git("remote", "add", "origin", str(remote), cwd=a, env=env)
+    git("push", "-q", "origin", "main", cwd=a, env=env)
+    ta = Team(a, env)
+    ta.quickstart("bob", "reviewer", "api")
+    ta.t.ok("sync", "force")
+    b = clone(remote, tmp_path / "b", env)
+    tb = Team(b, env)
+    tb.quickstart("alice", "implementer", "auth")
+    sent = tb.send("alice", "written before the wait began", "--to", "bob")
+    tb.t.ok("sync", "force")
+    time.sleep(3.5)  # the message is now older than the wait's start point
+    w = waiters(ta, "bob", "--timeout", "20s", "--json")
+    settle(w, 1.0)
+    ta.t.ok("sync", "force")  # pulls it in: it is new to this store
+    w.finish()
+    assert w.code == 0, (w.out, w.err)
+    assert [m["message_id"] for m in __import__("json").loads(w.out)["messages"]] == \
+        [sent["message_id"]]
+    # its arrival is recorded: a rebuilt index does not forget it, nor make it new twice
+    for p in (a / ".thrum" / "var").glob("index.db*"):
+        p.unlink()
+    r = ta.t("wait", "--after", "-30s", "--timeout", "0", name="bob")
+    assert r.code == 1, r.describe()  # delivered already
+    r = ta.t("wait", "--unread", "--timeout", "0", "--json", name="bob")
+    assert [m["message_id"] for m in r.json["messages"]] == [sent["message_id"]]
