@@ -561,6 +561,7 @@ CONFIG_KEYS = {
     "sync.remote": ("origin", _parse_remote),
     "sync.branch": (DEFAULT_BRANCH, _parse_branch),
     "sync.interval": ("60s", _parse_duration_value),
+    "sync.wait_interval": ("5s", _parse_duration_value),
     "sync.local_only": (False, _parse_bool),
     "sync.timeout": ("30s", _parse_duration_value),
     "messages.max_body_bytes": (1048576, _parse_positive_int),
@@ -657,15 +658,18 @@ class Config:
         return os.path.join(_user_config_dir(self.env), "config.toml")
 
     def _stamp(self):
-        try:
-            st = os.stat(self.repo_file) if self.repo_file else None
-        except OSError:
-            return None
-        return st and (st.st_ino, st.st_size, st.st_mtime_ns)
+        out = []
+        for path in (self.repo_file, self.user_file):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            out.append(st and (st.st_ino, st.st_size, st.st_mtime_ns))
+        return out
 
     def changed(self):
-        """True when the repo config file changed since it was read (long-lived holders
-        re-read it)."""
+        """True when a config file changed since it was read (long-lived holders re-read
+        them)."""
         return self._values is not None and self._stamp() != self._loaded
 
     def _load(self):
@@ -4107,7 +4111,7 @@ class Service:
                                            ".jsonl"))
 
     def wait(self, timeout="30s", after=None, unread=False, scope=None, agent=None,
-             poll=0.05, wake=None):
+             _poll=0.05, _wake=None):
         """Block until a message to me (not by me) is new to this store: created or
         arrived (by sync) after the start point, and not returned by an earlier wait of
         mine (SPEC §7). `timeout`: seconds or a duration; `after`: epoch seconds, a
@@ -4116,8 +4120,8 @@ class Service:
         Returns {status: received|timeout, messages}. Marks nothing read; records what it
         returns as delivered to me, so each message wakes my waits once. `unread`
         returns all my unread messages at once, delivered or not. Idle polling only
-        stats the log files; `wake(seconds)` (the daemon's notification) may replace
-        the sleep between polls.
+        stats the message files; `_wake(seconds)` (the daemon's change notification)
+        replaces the sleep between polls.
         """
         ident = self.me(agent)
         me = ident["agent_id"]
@@ -4147,7 +4151,7 @@ class Service:
         since = now_ts(start)
         new_sql = base + " AND (d.created_at > ? OR d.arrived_at > ?) ORDER BY d.created_at"
         deadline = time.monotonic() + timeout
-        sleep = wake or time.sleep
+        sleep = _wake or time.sleep
         seen = None
         while True:
             # Only a change in the log files can bring a new message: stat them, and
@@ -4169,7 +4173,7 @@ class Service:
             left = deadline - time.monotonic()
             if left <= 0:
                 return {"status": "timeout", "messages": []}
-            sleep(min(poll, left))
+            sleep(min(_poll, left))
 
     # -- team & status --------------------------------------------------------------
     def team(self, all=False):
@@ -4193,18 +4197,10 @@ class Service:
                          "remote": sync["remote"], "last_error": sync["last_error"]}}
 
     def daemon_info(self):
-        """Whether a daemon runs for this store (pid file + live pid)."""
-        info = {"running": False, "pid": None}
-        text = _read_text(os.path.join(self.loc.var, "daemon.pid")) if self.loc.store else None
-        if text:
-            try:
-                data = json.loads(text)
-                if _pid_alive(data.get("pid")):
-                    info = {"running": True, "pid": data.get("pid"),
-                            "socket": data.get("socket")}
-            except (ValueError, AttributeError):
-                pass
-        return info
+        """Whether a daemon runs for this store (its lock decides, never the pid file)."""
+        if not self.loc.store:
+            return {"running": False, "pid": None}
+        return DaemonFiles(self.loc.var, self.env).info()
 
     def overview(self, agent=None):
         st = self.status(agent)
@@ -4552,12 +4548,9 @@ class Service:
         pidf = os.path.join(self.loc.var, "daemon.pid")
         if os.path.exists(pidf) and not self.daemon_info()["running"]:
             if fix:
-                for n in ("daemon.pid", "thrum.sock"):
-                    try:
-                        os.unlink(os.path.join(self.loc.var, n))
-                    except FileNotFoundError:
-                        pass
-            check("daemon files", False, "stale daemon.pid (no such process)", fixed=fix)
+                _clean_daemon_files(DaemonFiles(self.loc.var, self.env))
+            check("daemon files", False, "stale daemon.pid and socket (no daemon holds "
+                  "daemon.lock)", fixed=fix)
         ok = all(c["ok"] or c["fixed"] for c in checks)
         return {"ok": ok, "checks": checks}
 
@@ -4751,7 +4744,642 @@ def call(op, params, caller, store=None):
     return result
 
 
-# === 10. Rendering ============================================================
+# === 10. Daemon ===============================================================
+#
+# One optional process per store (SPEC §9). It holds `daemon.lock` (the lock, never
+# the pid file, says whether a daemon runs), serves the operations of section 9 over
+# a Unix socket with multiprocessing.connection's framing and handshake (JSON frames,
+# never pickle; clients prove they hold `daemon.key`), and runs the background work:
+# it watches the log files (a write made without it still wakes waiters), syncs
+# (debounced push after writes, interval fetch, a cheap remote check while agents
+# wait), and ends the sessions of agents whose long-lived process died.
+
+#: Longest AF_UNIX path we bind (the kernel's limit is 107 bytes plus a NUL).
+_SOCK_MAX = 100
+#: daemon.log is rotated (one old copy kept) past this size.
+DAEMON_LOG_MAX = 1 << 20
+_CHALLENGE, _WELCOME, _FAILURE = b"#CHALLENGE#", b"#WELCOME#", b"#FAILURE#"
+
+
+class DaemonFiles:
+    """Where a store's daemon keeps its runtime files (all private to the user)."""
+
+    def __init__(self, var, env):
+        self.var = var
+        self.lock = os.path.join(var, "daemon.lock")
+        self.pid = os.path.join(var, "daemon.pid")
+        self.key = os.path.join(var, "daemon.key")
+        self.log = os.path.join(var, "daemon.log")
+        self.default_socket = os.path.join(var, "thrum.sock")
+        self.env = env
+
+    def socket_path(self):
+        """`var/thrum.sock`, or a short private path in the user runtime dir when that
+        is too long for AF_UNIX (the path in use is recorded in daemon.pid)."""
+        path = os.path.abspath(self.default_socket)
+        if len(os.fsencode(path)) <= _SOCK_MAX:
+            return path
+        import hashlib
+        base = self.env.get("XDG_RUNTIME_DIR") or ""
+        if not (base and os.path.isdir(base) and _private_dir(base)):
+            base = os.path.join("/tmp", "thrum-%d" % os.getuid())
+            _make_private_dir(base)
+        tag = hashlib.sha256(os.fsencode(os.path.realpath(self.var))).hexdigest()[:20]
+        return os.path.join(base, "thrum-%s.sock" % tag)
+
+    def running(self):
+        """True when a daemon holds the lock (a stale or recycled pid never counts)."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def info(self):
+        """{running, pid, socket, started_at} (pid etc. only while one runs)."""
+        if not self.running():
+            return {"running": False, "pid": None}
+        data = {}
+        try:
+            data = json.loads(_read_text(self.pid) or "{}")
+        except (ValueError, ThrumError):
+            pass
+        if not isinstance(data, dict):
+            data = {}
+        return {"running": True, "pid": _valid_pid(data.get("pid")),
+                "socket": data.get("socket") if isinstance(data.get("socket"), str) else None,
+                "started_at": data.get("started_at")}
+
+    def read_key(self):
+        try:
+            with open(self.key, "rb") as f:
+                key = f.read().strip()
+        except OSError:
+            return None
+        return key or None
+
+
+def _private_dir(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _make_private_dir(path):
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not _private_dir(path):
+        raise ThrumError("%s is not a private directory of this user (0700)" % path,
+                         hint="remove it, or set XDG_RUNTIME_DIR to a private directory")
+
+
+# -- the wire: multiprocessing.connection's framing and handshake, without importing it
+# (20-30 ms on these machines, more than a whole send). A frame is a 4-byte big-endian
+# signed length (-1, then 8 bytes, for huge frames) and the payload.
+
+def _send_frame(sock, data):
+    import struct
+    head = struct.pack("!i", len(data)) if len(data) <= 0x7fffffff else \
+        struct.pack("!iQ", -1, len(data))
+    sock.sendall(head + data)
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the daemon closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_frame(sock, limit=None):
+    import struct
+    n, = struct.unpack("!i", _recv_exact(sock, 4))
+    if n == -1:
+        n, = struct.unpack("!Q", _recv_exact(sock, 8))
+    if n < 0 or (limit is not None and n > limit):
+        raise ConnectionError("bad frame from the daemon")
+    return _recv_exact(sock, n)
+
+
+def _hmac(key, msg, name):
+    """HMAC with the builtin hash modules where they exist (no hashlib/OpenSSL load)."""
+    mods = {"md5": ("_md5", "md5"), "sha256": ("_sha2", "sha256")}.get(name)
+    ctor = None
+    if mods:
+        for mod in (mods[0], "_sha256"):
+            try:
+                ctor = getattr(__import__(mod), mods[1])
+                break
+            except (ImportError, AttributeError):
+                continue
+    if ctor is None:
+        import hmac
+        return hmac.new(key, msg, name).digest()
+    block = 64
+    if len(key) > block:
+        key = ctor(key).digest()
+    key = key.ljust(block, b"\0")
+    inner = ctor(bytes(b ^ 0x36 for b in key) + msg).digest()
+    return ctor(bytes(b ^ 0x5c for b in key) + inner).digest()
+
+
+def _mac_for(key, challenge):
+    """The answer to a challenge: `{digest}` + HMAC for newer Pythons' prefixed
+    challenges, a bare HMAC-MD5 for the classic ones."""
+    if challenge.startswith(b"{"):
+        end = challenge.find(b"}")
+        name = challenge[1:end].decode("ascii", "replace")
+        return b"{" + name.encode("ascii") + b"}" + _hmac(key, challenge, name)
+    return _hmac(key, challenge, "md5")
+
+
+def _check_mac(key, challenge, answer):
+    if answer.startswith(b"{"):
+        end = answer.find(b"}")
+        name = answer[1:end].decode("ascii", "replace")
+        if name not in ("md5", "sha256", "sha384", "sha3_256", "sha3_384"):
+            return False
+        return _hmac(key, challenge, name) == answer[end + 1:]
+    return _hmac(key, challenge, "md5") == answer
+
+
+class DaemonStopping(Exception):
+    """A wait served by a daemon that is shutting down: the client carries on alone."""
+
+
+class DaemonUnavailable(Exception):
+    """No daemon answered (none runs, a sandbox forbids the connect, a wrong key):
+    the CLI works directly instead, silently."""
+
+
+class DaemonClient:
+    """A short-lived client of the daemon over `socket` (what
+    multiprocessing.connection.Client would do, at a fraction of the import cost)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def _connect(self, timeout):
+        import socket
+        info = self.files.info()
+        if not info["running"]:
+            raise DaemonUnavailable("no daemon")
+        key = self.files.read_key()
+        if not key:
+            raise DaemonUnavailable("no key")
+        path = info.get("socket") or self.files.default_socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            # The server's challenge first, then ours (as Client() does).
+            msg = _recv_frame(sock, 256)
+            if not msg.startswith(_CHALLENGE):
+                raise DaemonUnavailable("unexpected handshake")
+            _send_frame(sock, _mac_for(key, msg[len(_CHALLENGE):]))
+            if _recv_frame(sock, 256) != _WELCOME:
+                raise DaemonUnavailable("the daemon refused our key")
+            mine = os.urandom(20)
+            _send_frame(sock, _CHALLENGE + mine)
+            ok = _check_mac(key, mine, _recv_frame(sock, 256))
+            _send_frame(sock, _WELCOME if ok else _FAILURE)
+            if not ok:
+                raise DaemonUnavailable("the daemon did not prove the key")
+        except (OSError, ConnectionError, ValueError) as e:
+            sock.close()
+            raise DaemonUnavailable(str(e))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def request(self, req, timeout=5.0, wait=None):
+        """Send one request; return the reply. `wait`: seconds the reply may take
+        (a blocking wait); None uses `timeout`. Raises DaemonUnavailable when no
+        reply comes (the caller then works directly)."""
+        sock = self._connect(timeout)
+        try:
+            _send_frame(sock, json.dumps(req).encode("utf-8"))
+            sock.settimeout(None if wait is None and timeout is None else
+                            (wait + 30.0 if wait is not None else timeout))
+            data = _recv_frame(sock)
+        except (OSError, ConnectionError, ValueError) as e:
+            raise DaemonUnavailable(str(e))
+        finally:
+            sock.close()
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            raise DaemonUnavailable("a reply that is not JSON")
+        if not isinstance(reply, dict):
+            raise DaemonUnavailable("a reply that is not an object")
+        return reply
+
+    def call(self, op, params, caller, wait=None):
+        """call() through the daemon: the same result, or the same error raised."""
+        reply = self.request({"op": op, "params": params, "caller": caller.to_dict()},
+                             wait=wait)
+        if reply.get("ok"):
+            if reply.get("after_error"):
+                raise AfterWriteError(_error_from(reply["after_error"]), reply.get("result"))
+            return reply.get("result")
+        raise _error_from(reply.get("error") or {})
+
+
+def _error_from(payload):
+    """A ThrumError from an error payload (the inverse of error_payload)."""
+    code = payload.get("exit_code") if isinstance(payload.get("exit_code"), int) else EXIT_FAIL
+    return ThrumError(str(payload.get("message") or "the daemon failed"),
+                      hint=payload.get("hint"), exit_code=code)
+
+
+class Daemon:
+    """The daemon process for one store. `run()` returns when it is told to stop."""
+
+    #: How often the log files are checked for writes made without the daemon.
+    WATCH_EVERY = 0.25
+    #: How often sessions with a recorded long-lived pid are checked.
+    REAP_EVERY = 3.0
+    #: Debounce: a push this long after the first write of a burst.
+    PUSH_AFTER = 2.0
+
+    def __init__(self, store, env):
+        self.store = store
+        self.env = env
+        self.files = DaemonFiles(store.loc.var, env)
+        self.stopping = False
+        self._cond = _thread_condition()
+        self._changes = 0            # bumped on every change of the log (wakes waiters)
+        self._waiting = 0            # requests blocked in a wait
+        self._dirty_since = None     # first local write not yet pushed
+        self._sync_wake = _thread_condition()
+        self.listener = None
+        self.socket = None
+
+    # -- logging -------------------------------------------------------------------
+    def log(self, msg):
+        line = "%s %s\n" % (now_ts(), msg)
+        try:
+            if os.path.getsize(self.files.log) > DAEMON_LOG_MAX:
+                os.replace(self.files.log, self.files.log + ".1")
+        except OSError:
+            pass
+        try:
+            fd = os.open(self.files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    # -- lifecycle -----------------------------------------------------------------
+    def run(self):
+        """Take the lock, listen, serve until stopped. Returns an exit code."""
+        import signal
+        var = self.files.var
+        os.makedirs(var, exist_ok=True)
+        os.chmod(var, 0o700)
+        lock_fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            return None  # another daemon runs: never disturb it
+        try:
+            return self._serve(signal)
+        finally:
+            for path in (self.socket, self.files.pid):
+                try:
+                    if path:
+                        os.unlink(path)
+                except OSError:
+                    pass
+            os.close(lock_fd)  # releasing the lock is the last thing a daemon does
+
+    def _serve(self, signal):
+        from multiprocessing.connection import Listener
+        key = self.files.read_key()
+        if not key:
+            key = os.urandom(32).hex().encode("ascii")
+            _write_file_atomic(self.files.key, key, 0o600)
+        self.key = key
+        self.socket = self.files.socket_path()
+        try:
+            os.unlink(self.socket)  # stale, from a daemon that was killed
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)
+        try:
+            self.listener = Listener(self.socket, family="AF_UNIX")
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket, 0o600)
+        _write_file_atomic(self.files.pid, json.dumps(
+            {"pid": os.getpid(), "socket": os.path.abspath(self.socket),
+             "started_at": now_ts()}) + "\n", 0o600)
+        self.store.listeners.append(self._on_write)
+        signal.signal(signal.SIGTERM, lambda *a: self.stop())
+        signal.signal(signal.SIGINT, lambda *a: self.stop())
+        self.log("daemon %d started for %s (socket %s)" % (os.getpid(), self.store.path,
+                                                          self.socket))
+        for fn in (self._watch_loop, self._sync_loop, self._reap_loop):
+            _thread.start_new_thread(self._guard, (fn,))
+        _thread.start_new_thread(self._guard, (self._accept_loop,))
+        while not self.stopping:
+            time.sleep(0.2)
+        self.log("daemon %d stopping" % os.getpid())
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        self._flush_sync()
+        return EXIT_OK
+
+    def stop(self):
+        self.stopping = True
+        with self._cond:
+            self._cond.notify_all()
+        with self._sync_wake:
+            self._sync_wake.notify_all()
+
+    def _guard(self, fn, *args):
+        """Run a loop or a connection; a bug is logged and never kills the daemon."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            import traceback
+            self.log("error in %s:\n%s" % (fn.__name__, traceback.format_exc()))
+        finally:
+            self.store.close()  # this thread's index connection
+
+    # -- serving -------------------------------------------------------------------
+    def _accept_loop(self):
+        while not self.stopping:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                time.sleep(0.05)
+                continue
+            _thread.start_new_thread(self._guard, (self._serve_connection, conn))
+
+    def _serve_connection(self, conn):
+        from multiprocessing import AuthenticationError
+        from multiprocessing.connection import answer_challenge, deliver_challenge
+        try:
+            try:  # the same handshake as Listener(authkey=...), but off the accept loop
+                deliver_challenge(conn, self.key)
+                answer_challenge(conn, self.key)
+            except (AuthenticationError, EOFError, OSError) as e:
+                self.log("refused a client: %s" % (str(e) or type(e).__name__))
+                return
+            while not self.stopping:
+                try:
+                    data = conn.recv_bytes()
+                except (EOFError, OSError):
+                    return
+                try:
+                    reply = self._handle(data)
+                except DaemonStopping:
+                    return  # no reply: the client's wait carries on by itself
+                try:
+                    conn.send_bytes(json.dumps(reply, allow_nan=False).encode("utf-8"))
+                except (OSError, ValueError):
+                    return
+        finally:
+            conn.close()
+
+    def _handle(self, data):
+        try:
+            req = json.loads(data)
+            if not isinstance(req, dict):
+                raise UsageError("a request must be a JSON object")
+            op = req.get("op")
+            if op == "daemon_status":
+                return {"ok": True, "result": self.status()}
+            if op == "daemon_stop":
+                self.stop()
+                return {"ok": True, "result": {"stopping": True, "pid": os.getpid()}}
+            if OPS.get(op, (None, NEEDS_NOTHING))[1] == NEEDS_NOTHING:
+                raise UsageError("operation %r is not served by the daemon" % (op,))
+            caller = Caller.from_dict(req.get("caller"))
+            params = req.get("params") or {}
+            if op == "wait" and isinstance(params, dict):
+                return {"ok": True, "result": self._wait(dict(params), caller)}
+            try:
+                return {"ok": True, "result": call(op, params, caller, self.store)}
+            except AfterWriteError as e:
+                return {"ok": True, "result": e.result, "after_error": error_payload(e.error)}
+        except (KeyboardInterrupt, SystemExit, MemoryError, DaemonStopping):
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error reply
+            if not isinstance(e, ThrumError):
+                import traceback
+                self.log("request failed:\n%s" % traceback.format_exc())
+            return {"ok": False, "error": error_payload(e)}
+
+    def _wait(self, params, caller):
+        """A wait that blocks on the daemon's change notification (no polling)."""
+        with self._cond:
+            self._waiting += 1
+            seen = [self._changes]
+        with self._sync_wake:
+            self._sync_wake.notify_all()  # the sync loop checks the remote more often now
+
+        def wake(seconds):
+            with self._cond:
+                if self._changes == seen[0] and not self.stopping:
+                    self._cond.wait(seconds)
+                seen[0] = self._changes
+            if self.stopping:
+                raise DaemonStopping()
+        try:
+            svc = Service(self.store, caller)
+            _check_params(svc.wait, params)
+            svc.require_store()
+            svc.me()
+            # Woken by changes, not by a clock: between them it costs nothing.
+            return svc.wait(_poll=3600.0, _wake=wake, **params)
+        finally:
+            with self._cond:
+                self._waiting -= 1
+
+    def status(self):
+        return {"pid": os.getpid(), "socket": self.socket, "store": self.store.path,
+                "waiting": self._waiting, "sync": self.store.config.get("sync.interval")}
+
+    # -- background work -------------------------------------------------------------
+    def _changed(self, local):
+        with self._cond:
+            self._changes += 1
+            self._cond.notify_all()
+        if local:
+            with self._sync_wake:
+                if self._dirty_since is None:
+                    self._dirty_since = time.monotonic()
+                self._sync_wake.notify_all()
+
+    def _on_write(self, events):
+        """A request served here wrote events: wake waiters now, schedule a push."""
+        self._changed(local=True)
+
+    def _watch_loop(self):
+        """Notice writes made without the daemon (a sandboxed agent, a sync run by hand)
+        and a deleted index, by stat: no SQL while nothing changes."""
+        seen = self.store.log_signature()
+        index = os.path.join(self.store.loc.var, "index.db")
+        while not self.stopping:
+            time.sleep(self.WATCH_EVERY)
+            sig = self.store.log_signature()
+            if not os.path.exists(index):
+                self.log("index.db was deleted; rebuilding it")
+                self.store.refresh()
+            if sig != seen:
+                seen = sig
+                try:
+                    self.store.refresh()
+                except ThrumError as e:
+                    self.log("catching up: %s" % e.message)
+                self._changed(local=True)
+
+    def _sync_loop(self):
+        """Debounced push after local writes; fetch every sync.interval; while an agent
+        waits, a cheap remote check every sync.wait_interval (backing off towards
+        sync.interval while nothing changes). Failures back off and never stop it."""
+        if not self.store.loc.git_common:
+            return
+        cfg = self.store.config
+        interval = parse_duration(cfg.get("sync.interval"))
+        wait_every = parse_duration(cfg.get("sync.wait_interval"))
+        next_fetch = time.monotonic() + interval
+        check_every, next_check = wait_every, time.monotonic() + wait_every
+        failures = 0
+        while not self.stopping:
+            now = time.monotonic()
+            due = next_fetch
+            if self._dirty_since is not None:
+                due = min(due, self._dirty_since + self.PUSH_AFTER)
+            if self._waiting:
+                due = min(due, next_check)
+            with self._sync_wake:
+                if not self.stopping and due > now:
+                    self._sync_wake.wait(min(due - now, 5.0))
+            if self.stopping:
+                return
+            now = time.monotonic()
+            run = False
+            if self._dirty_since is not None and now >= self._dirty_since + self.PUSH_AFTER:
+                run = True
+            elif now >= next_fetch:
+                run = True
+            elif self._waiting and now >= next_check:
+                moved = self._remote_moved()
+                if moved:
+                    run = True
+                    check_every = wait_every
+                else:
+                    check_every = min(interval, check_every * 2)
+                next_check = now + check_every
+            if not run:
+                continue
+            self._dirty_since = None
+            try:
+                res = self.store.sync_engine().cycle()
+                failures = 0
+                if res.get("pulled"):
+                    check_every, next_check = wait_every, time.monotonic() + wait_every
+                    self._changed(local=False)
+                next_fetch = time.monotonic() + interval
+            except ThrumError as e:
+                failures += 1
+                self.log("sync failed (%d in a row): %s" % (failures, e.message))
+                next_fetch = time.monotonic() + min(interval, 5.0 * 2 ** min(failures, 6))
+
+    def _remote_moved(self):
+        """One round trip: has the remote branch moved past what we last fetched?"""
+        try:
+            eng = self.store.sync_engine()
+            if not eng.has_remote():
+                return False
+            p = eng.git("ls-remote", eng.remote, eng.ref, check=False,
+                        timeout=eng.net_timeout)
+            if p.returncode != 0:
+                return False
+            tip = p.stdout.split()[0] if p.stdout.split() else None
+            return bool(tip) and tip != eng.rev(eng.tracking)
+        except ThrumError as e:
+            self.log("remote check failed: %s" % e.message)
+            return False
+
+    def _flush_sync(self):
+        """On a clean stop, push what is pending (bounded by sync.timeout)."""
+        if self._dirty_since is not None and self.store.loc.git_common:
+            try:
+                self.store.sync_engine().cycle()
+            except ThrumError as e:
+                self.log("final sync failed: %s" % e.message)
+
+    def _reap_loop(self):
+        """End the sessions of agents whose recorded long-lived process died (SPEC §14
+        "Dead agents"); short-lived CLI processes record no pid and are never reaped."""
+        host = os.uname().nodename
+        while not self.stopping:
+            time.sleep(self.REAP_EVERY)
+            try:
+                idx = self.store.index
+                self.store.refresh()
+                rows = idx.q("SELECT s.session_id, s.agent_id, s.pid FROM sessions s JOIN "
+                             "agents a ON a.agent_id = s.agent_id WHERE s.ended_at IS NULL "
+                             "AND s.started_at IS NOT NULL AND s.pid IS NOT NULL AND "
+                             "(a.hostname = ? OR a.hostname IS NULL)", (host,))
+                dead = [r for r in rows if not _pid_alive(r[2])]
+                if dead:
+                    self.store.emit([self.store.event(
+                        "agent.session.end", agent_id=aid, session_id=sid,
+                        reason="process %d exited" % pid) for sid, aid, pid in dead])
+                    self.log("ended %d session(s) of dead processes" % len(dead))
+                    self._changed(local=True)
+            except ThrumError as e:
+                self.log("session check: %s" % e.message)
+
+
+def _clean_daemon_files(files):
+    """Remove the pid file and socket a killed daemon left (only when none runs)."""
+    if files.running():
+        return
+    sock = None
+    try:
+        sock = json.loads(_read_text(files.pid) or "{}").get("socket")
+    except (ValueError, ThrumError, AttributeError):
+        pass
+    for path in (files.pid, files.default_socket, sock):
+        if isinstance(path, str):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _thread_condition():
+    import threading
+    return threading.Condition()
+
+
+# === 11. Rendering ============================================================
 
 def _visible(text, keep="\t"):
     """Escape control characters (ESC, CR, ...) so stored text cannot drive the
@@ -5189,7 +5817,7 @@ def render_doctor(r, style=PLAIN):
     return ls
 
 
-# === 11. CLI: parser, handlers, demo ==========================================
+# === 12. CLI: parser, handlers, demo ==========================================
 
 class Output:
     """Writes results: one JSON document with --json, compact text otherwise."""
@@ -5412,19 +6040,58 @@ class Cli:
         self.store = Store(loc, caller.env) if loc.store else None
 
     def call(self, op, **params):
-        """Run an operation. A write whose THRUM_AUTOSYNC failed still returns its
-        result; the error is reported after the output (exit 1)."""
+        """Run an operation: through the daemon when one answers, else directly, with
+        the same result either way. A write whose THRUM_AUTOSYNC failed still returns
+        its result; the error is reported after the output (exit 1)."""
         try:
+            client = self._daemon(op)
+            if client is not None:
+                try:
+                    return self._via_daemon(client, op, params)
+                except DaemonUnavailable:
+                    pass  # silently, directly
             return call(op, params, self.caller, self.store)
         except AfterWriteError as e:
             self.out.autosync_error = e.error
             return e.result
 
+    #: Operations that always run in this process (they check or rebuild local files).
+    LOCAL_OPS = frozenset(("doctor", "rebuild_index"))
+
+    def _daemon(self, op):
+        """A client of this store's daemon when the operation may go through it."""
+        if self.store is None or op in self.LOCAL_OPS or \
+                OPS.get(op, (None, NEEDS_NOTHING))[1] == NEEDS_NOTHING:
+            return None
+        env = self.caller.env
+        # Settings only this process sees (config from the environment, a debug
+        # trace on this terminal) keep it local, so both modes give the same result.
+        if debug_enabled(env) or any(env.get(_env_var_for(k)) for k in CONFIG_KEYS):
+            return None
+        files = DaemonFiles(self.store.loc.var, env)
+        return DaemonClient(files) if files.running() else None
+
+    def _via_daemon(self, client, op, params):
+        if op != "wait":
+            return client.call(op, params, self.caller)
+        # A blocking wait: if the daemon goes away mid-wait, carry on here from the
+        # same start point, for the time that is left.
+        timeout = parse_timeout(params.get("timeout", "30s"))
+        start = parse_after(params.get("after"))
+        params = dict(params, timeout=timeout,
+                      after=time.time() - 1.0 if start is None else start)
+        deadline = time.monotonic() + timeout
+        try:
+            return client.call(op, params, self.caller, wait=timeout)
+        except DaemonUnavailable:
+            params["timeout"] = max(0.0, deadline - time.monotonic())
+            return call(op, params, self.caller, self.store)
+
     def check(self, op, **params):
         """Run `op` without its body, when the body could not be read: set-up and
         the other arguments are checked first (SPEC §14), then the body error stands."""
-        try:
-            self.call(op, **params)
+        try:  # here, not through the daemon: only the error matters
+            call(op, params, self.caller, self.store)
         except MissingBodyError:
             pass
 
@@ -5689,6 +6356,97 @@ def cmd_doctor(args, cli, out):
 def cmd_rebuild(args, cli, out):
     r = cli.call("rebuild_index")
     out.ok(r, "Index rebuilt from the log (%d events)" % r["events"])
+
+
+def _daemon_files(cli):
+    if cli.store is None:
+        raise NotSetUpError("thrum is not initialised here (%s)" % cli.caller.cwd,
+                            hint="run 'thrum init' first")
+    return DaemonFiles(cli.store.loc.var, cli.caller.env)
+
+
+def _start_daemon(cli, files, wait=10.0):
+    """Start a detached daemon (it holds none of our pipes) and wait until it answers.
+    Returns its info. Concurrent starts give one daemon: the lock decides."""
+    import subprocess
+    info = files.info()
+    if info["running"]:
+        return info, False
+    _clean_daemon_files(files)
+    os.makedirs(files.var, exist_ok=True)
+    log = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--repo", cli.store.loc.store_root,
+             "daemon", "run"], cwd=cli.store.loc.store_root, env=cli.caller.env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            close_fds=True)
+    finally:
+        os.close(log)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        info = files.info()
+        if info["running"] and info.get("socket"):
+            try:
+                DaemonClient(files).request({"op": "daemon_status"}, timeout=2.0)
+                return info, info.get("pid") == proc.pid
+            except DaemonUnavailable:
+                pass
+        elif proc.poll() not in (None, 0):
+            raise ThrumError("the daemon did not start (exit %s)" % proc.returncode,
+                             hint="see %s" % files.log)
+        time.sleep(0.02)
+    raise ThrumError("the daemon did not answer within %ds" % wait, hint="see %s" % files.log)
+
+
+def _stop_daemon(files, wait=15.0):
+    """Stop the running daemon (asked over its socket, else SIGTERM); True if one ran."""
+    import signal
+    info = files.info()
+    if not info["running"]:
+        _clean_daemon_files(files)
+        return False
+    try:
+        DaemonClient(files).request({"op": "daemon_stop"}, timeout=2.0)
+    except DaemonUnavailable:
+        if info.get("pid"):
+            try:
+                os.kill(info["pid"], signal.SIGTERM)
+            except OSError:
+                pass
+    deadline = time.monotonic() + wait
+    while files.running():
+        if time.monotonic() > deadline:
+            raise ThrumError("the daemon (pid %s) did not stop within %ds"
+                             % (info.get("pid"), wait), hint="kill it: kill %s" % info.get("pid"))
+        time.sleep(0.02)
+    return True
+
+
+def cmd_daemon(args, cli, out):
+    files = _daemon_files(cli)
+    if args.sub == "status":
+        r = files.info()
+        out.emit(r, ["daemon running (pid %s, socket %s)" % (r["pid"], r.get("socket"))
+                     if r["running"] else "no daemon running (pure-CLI mode)"])
+        return EXIT_OK if r["running"] else EXIT_FAIL
+    if args.sub == "run":
+        d = Daemon(cli.store, cli.caller.env)
+        code = d.run()
+        if code is None:
+            r = files.info()
+            out.ok(dict(r, started=False), "daemon already running (pid %s)" % r["pid"])
+            return EXIT_OK
+        return code
+    if args.sub in ("stop", "restart"):
+        stopped = _stop_daemon(files)
+        if args.sub == "stop":
+            return out.ok({"running": False, "stopped": stopped},
+                          "daemon stopped" if stopped else "no daemon was running")
+    r, started = _start_daemon(cli, files)
+    out.ok(dict(r, started=started), ("daemon started (pid %s)" if started else
+                                      "daemon already running (pid %s)") % r["pid"],
+           "  Socket: %s" % r.get("socket"))
 
 
 def cmd_demo(args, cli, out):
@@ -5968,6 +6726,15 @@ def _args_sync(p):
     sub.add_parser("status", help="sync state")
 
 
+def _args_daemon(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    sub.add_parser("start", help="start a detached daemon for this store")
+    sub.add_parser("stop", help="stop it")
+    sub.add_parser("status", help="is one running (exit 0) or not (exit 1)")
+    sub.add_parser("restart", help="stop, then start")
+    sub.add_parser("run", help="run it in the foreground")
+
+
 def _args_doctor(p):
     p.add_argument("--fix", action="store_true", help="repair what can be repaired")
 
@@ -6004,6 +6771,8 @@ COMMANDS = {
     "group": ("create | delete | add | remove | list | info", _args_group, cmd_group),
     "sync": ("force | status: git sync of the a-sync branch", _args_sync, cmd_sync),
     "config": ("show | get | set", _args_config, cmd_config),
+    "daemon": ("start | stop | status | restart | run: the optional daemon", _args_daemon,
+               cmd_daemon),
     "doctor": ("check and repair the index, log, sync worktree", _args_doctor, cmd_doctor),
     "rebuild": ("rebuild the index from the log", _no_args, cmd_rebuild),
     "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo),
@@ -6028,7 +6797,7 @@ def build_parser(command=None):
     return p
 
 
-# === 12. main =================================================================
+# === 13. main =================================================================
 
 def _version_text():
     import hashlib

@@ -335,3 +335,44 @@ def team(tmp_path) -> Team:
 @pytest.fixture
 def t(team) -> Runner:
     return team.t
+
+
+# --------------------------------------------------------------------------- both modes
+
+class DaemonHandle:
+    """A daemon started with `thrum daemon start` for a store; `alive()` says whether the
+    same process still runs (the CLI's silent fallback must never hide a crash)."""
+
+    def __init__(self, path, env):
+        self.path, self.env = Path(path), env
+        r = run_thrum(["daemon", "start", "--json"], path, env, timeout=60)
+        assert r.code == 0, r.describe()
+        self.pid = r.json["pid"]
+        assert isinstance(self.pid, int) and self.pid > 0, r.describe()
+
+    def alive(self) -> bool:
+        r = run_thrum(["daemon", "status", "--json"], self.path, self.env)
+        return r.code == 0 and r.json.get("running") is True and r.json.get("pid") == self.pid
+
+    def stop(self):
+        run_thrum(["daemon", "stop"], self.path, self.env, timeout=60)
+
+
+@pytest.fixture(params=["cli", "daemon"])
+def mode(request):
+    """Run a test in pure-CLI mode and again with a daemon (SPEC §1: same results)."""
+    return request.param
+
+
+@pytest.fixture
+def modal_team(tmp_path, mode):
+    team = make_team(tmp_path)
+    team.mode = mode
+    team.daemon = DaemonHandle(team.path, team.env) if mode == "daemon" else None
+    yield team
+    if team.daemon is not None:
+        alive = team.daemon.alive()
+        log = (team.path / ".thrum" / "var" / "daemon.log")
+        team.daemon.stop()
+        assert alive, "the daemon died during the test:\n" + (
+            log.read_text(errors="replace") if log.exists() else "(no daemon.log)")

@@ -21,6 +21,12 @@ M_KEYS = ("message_id", "thread_id", "reply_to", "agent_id", "recipients", "audi
           "scopes", "refs", "created_at", "updated_at", "deleted", "is_read")
 
 
+@pytest.fixture
+def team(modal_team):
+    """Every test here runs twice: in pure-CLI mode and with a daemon (SPEC §1)."""
+    return modal_team
+
+
 def messages_snapshot(team: Team) -> dict:
     d = team.log / "messages"
     return {p.name: p.read_bytes() for p in sorted(d.glob("*.jsonl"))} if d.is_dir() else {}
@@ -716,7 +722,7 @@ def test_team_status_overview_prime_shapes(team):
     assert st["agent"]["agent_id"] == "bob" and st["agent"]["role"] == "reviewer"
     assert SES_ID_RE.match(st["session"]["session_id"]) and TS_RE.match(st["session"]["started_at"])
     assert (st["inbox"]["total"], st["inbox"]["unread"]) == (2, 2)
-    assert st["daemon"]["running"] is False and "pid" in st["daemon"]
+    assert st["daemon"]["running"] is (team.mode == "daemon") and "pid" in st["daemon"]
     assert st["sync"]["state"] == "no-remote" and "last_sync_at" in st["sync"]
 
     ov = t.json("overview", name="bob")

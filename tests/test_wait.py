@@ -11,6 +11,12 @@ import pytest
 from conftest import THRUM_PY, TS_RE, assert_error
 
 
+@pytest.fixture
+def team(modal_team):
+    """Every test here runs twice: in pure-CLI mode and with a daemon (SPEC §1)."""
+    return modal_team
+
+
 class Waiter:
     """`thrum wait ...` running in the background as `name`."""
 
