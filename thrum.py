@@ -1959,61 +1959,90 @@ def _kill_group(proc):
         pass
 
 
-def work_context(worktree, env):
+_STATUS_NAMES = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed",
+                 "C": "copied", "?": "untracked", "U": "conflicted", "T": "modified"}
+
+
+def work_context(worktree, env, cache=None):
     """Branch and changed files of a worktree, asking git (read-only, no locks).
 
     files: [{path, status}] with status modified|added|deleted|renamed|untracked
-    (uncommitted) or committed (changed on the branch since its base).
+    (uncommitted) or committed (changed on the branch since its base, the first of
+    origin/HEAD, origin/main, origin/master, main, master). One `git status` gives the
+    branch, HEAD and uncommitted files; the committed files are asked for only when
+    HEAD or the base moved, if `cache` (a dict the caller keeps) remembers them.
     """
     if not os.path.isdir(worktree) or not git_dirs(worktree):
         return {"branch": None, "files": []}
     ro = ["--no-optional-locks"]
     try:
-        branch = git(ro + ["symbolic-ref", "--quiet", "--short", "HEAD"], worktree, env,
-                     check=False, timeout=10).stdout.strip() or None
-        st = git(ro + ["status", "--porcelain=v1", "-z", "--untracked-files=all"], worktree, env,
-                 check=False, timeout=20)
+        st = git(ro + ["status", "--porcelain=v2", "--branch", "-z",
+                       "--untracked-files=all"], worktree, env, check=False, timeout=20)
     except GitMissingError:
         raise  # a question we cannot answer is an error, not "no files"
     except ThrumError:
         return {"branch": None, "files": []}
-    files, seen = [], set()
-    names = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed", "C": "copied",
-             "?": "untracked", "U": "conflicted", "T": "modified"}
+    files, seen, branch, head = [], set(), None, None
     entries = st.stdout.split("\0") if st.returncode == 0 else []
     i = 0
     while i < len(entries):
         e = entries[i]
         i += 1
-        if len(e) < 4:
+        kind = e[:2]
+        if e.startswith("# branch.head "):
+            branch = e[14:] if e[14:] != "(detached)" else None
             continue
-        code, path = e[:2], e[3:]
-        if code[0] in "RC":
-            i += 1  # the next entry is the rename source
-        letter = code[0] if code[0] not in " ?" else code[1]
-        if code == "??":
-            letter = "?"
+        if e.startswith("# branch.oid "):
+            head = e[13:] if e[13:] != "(initial)" else None
+            continue
+        if kind == "? ":
+            letter, path = "?", e[2:]
+        elif kind in ("1 ", "2 ", "u "):
+            parts = e.split(" ", {"1 ": 8, "2 ": 9, "u ": 10}[kind])
+            if len(parts) < 2:
+                continue
+            xy, path = parts[1], parts[-1]
+            if kind == "2 ":
+                i += 1  # the next entry is the rename source
+            letter = "U" if kind == "u " else (xy[0] if xy[0] != "." else xy[1])
+        else:
+            continue
         if path.startswith(".thrum/") or path == ".thrum":
             continue
         seen.add(path)
-        files.append({"path": path, "status": names.get(letter, "modified")})
-    # The default branch to compare with: the first of these refs that exists (one
-    # git call lists them all).
+        files.append({"path": path, "status": _STATUS_NAMES.get(letter, "modified")})
+    for path in _committed_files(worktree, env, branch, head, cache):
+        if path not in seen:
+            files.append({"path": path, "status": "committed"})
+    return {"branch": branch, "files": files}
+
+
+def _committed_files(worktree, env, branch, head, cache):
+    """Files changed on HEAD since the merge base with the default branch."""
+    if not head:
+        return []
+    ro = ["--no-optional-locks"]
     wanted = ["refs/remotes/origin/HEAD", "refs/remotes/origin/main",
               "refs/remotes/origin/master", "refs/heads/main", "refs/heads/master"]
     wanted = [r for r in wanted if not (branch and r.endswith("/" + branch))]
-    p = git(ro + ["for-each-ref", "--format=%(refname)"] + wanted, worktree, env,
-            check=False, timeout=10)
-    have = set(p.stdout.split()) if p.returncode == 0 else set()
+    p = git(ro + ["for-each-ref", "--format=%(refname) %(objectname)"] + wanted, worktree,
+            env, check=False, timeout=10)
+    have = dict(l.split(" ", 1) for l in p.stdout.splitlines() if " " in l) \
+        if p.returncode == 0 else {}
     base = next((r for r in wanted if r in have), None)
-    if base:
-        d = git(ro + ["diff", "--name-only", "-z", base + "...HEAD"], worktree, env, check=False,
-                timeout=20)
-        if d.returncode == 0:
-            for path in d.stdout.split("\0"):
-                if path and path not in seen:
-                    files.append({"path": path, "status": "committed"})
-    return {"branch": branch, "files": files}
+    if not base:
+        return []
+    key = (os.path.realpath(worktree), head, have[base])
+    if cache is not None and key in cache:
+        return cache[key]
+    d = git(ro + ["diff", "--name-only", "-z", base + "...HEAD"], worktree, env, check=False,
+            timeout=20)
+    out = [p for p in d.stdout.split("\0") if p] if d.returncode == 0 else []
+    if cache is not None:
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = out
+    return out
 
 
 # === 8. Git sync ==============================================================
@@ -2761,6 +2790,8 @@ class Store:
         self._log = self._index = self._origin = None
         self._lock = _thread.allocate_lock()
         self.listeners = []  # see notify()
+        #: A running daemon keeps {worktree: (checked_at, work context)} here.
+        self.contexts = None
         #: Late arrivals (by sync) and, per agent, messages a wait has returned.
         self.arrivals = LocalRecord(os.path.join(self.loc.var, "arrivals.jsonl"))
 
@@ -3398,6 +3429,15 @@ class Service:
         return {f: json.loads(v) for f, v in self.index.q(
             "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
 
+    def _context_checked(self, worktree, host):
+        """When the daemon last looked at this local worktree's git state (None without
+        a daemon, or for other machines' agents)."""
+        contexts = self.store.contexts
+        if contexts is None or not worktree or host != os.uname().nodename:
+            return None
+        got = contexts.get(os.path.realpath(worktree))
+        return got[0] if got else None
+
     def agent_list(self, context=False):
         """Registered agents with their work context."""
         return {"agents": self._members(all_agents=True, with_files=context)}
@@ -3407,9 +3447,11 @@ class Service:
         counts = {r[0]: (r[1], r[2]) for r in db.q(
             "SELECT agent_id, count(*), sum(read_at IS NULL) FROM deliveries "
             "WHERE deleted = 0 GROUP BY agent_id")}
-        fields = {}
-        for aid, f, v in db.q("SELECT agent_id, field, value FROM agent_fields"):
+        fields, context_at = {}, {}
+        for aid, f, v, key in db.q("SELECT agent_id, field, value, key FROM agent_fields"):
             fields.setdefault(aid, {})[f] = json.loads(v)
+            if f in ("branch", "files") and key:
+                context_at[aid] = max(context_at.get(aid, ""), key.split("|")[0])
         seen = dict(db.q("SELECT agent_id, ts FROM seen"))
         sessions = {r[0]: (r[1], r[2]) for r in db.q(
             "SELECT agent_id, session_id, max(started_at) FROM sessions WHERE ended_at IS "
@@ -3430,7 +3472,8 @@ class Service:
                  "session_id": ses[0] if ses else None,
                  "session_started_at": ses[1] if ses else None,
                  "worktree": wt, "hostname": host, "registered_at": reg,
-                 "unread": unread or 0, "total": total}
+                 "unread": unread or 0, "total": total,
+                 "context_at": self._context_checked(wt, host) or context_at.get(aid)}
             if with_files:
                 m["files"] = f.get("files") or []
             out.append(m)
@@ -4246,20 +4289,27 @@ class Service:
         rel = self._repo_relpath(path)
         host = os.uname().nodename
         found, contexts = [], {}
+        daemon = self.store.contexts  # kept fresh by a running daemon (None without one)
         for m in self._members(all_agents=True, with_files=True):
             wt = m["worktree"]
             if m["hostname"] == host and wt and os.path.isdir(wt):
-                if wt not in contexts:  # agents sharing a worktree share one git query
-                    contexts[wt] = work_context(wt, self.store.env)
-                wc = contexts[wt]
+                real = os.path.realpath(wt)
+                if real not in contexts:  # agents sharing a worktree share one git query
+                    got = daemon.get(real) if daemon is not None else None
+                    if got and parse_ts(got[0]) > time.time() - 15:
+                        contexts[real] = got
+                    else:
+                        contexts[real] = (now_ts(), work_context(wt, self.store.env))
+                checked, wc = contexts[real]
                 files, branch, live = wc.get("files", []), wc.get("branch"), True
             else:
                 files, branch, live = m.get("files") or [], m.get("branch"), False
+                checked = m.get("context_at")
             for f in files:
                 if f.get("path") == rel:
                     found.append({"agent_id": m["agent_id"], "branch": branch,
                                   "status": f.get("status"), "live": live,
-                                  "worktree": wt})
+                                  "worktree": wt, "checked_at": checked})
                     break
         return {"path": rel, "agents": found}
 
@@ -5014,12 +5064,15 @@ class Daemon:
     REAP_EVERY = 3.0
     #: Debounce: a push this long after the first write of a burst.
     PUSH_AFTER = 2.0
+    #: How often local agents' worktrees are looked at (live work contexts).
+    CONTEXT_EVERY = 5.0
 
     def __init__(self, store, env):
         self.store = store
         self.env = env
         self.files = DaemonFiles(store.loc.var, env)
         self.stopping = False
+        self._stopped = _thread_event()  # set by stop(): loops sleep on it
         self._cond = _thread_condition()
         self._changes = 0            # bumped on every change of the log (wakes waiters)
         self._waiting = 0            # requests blocked in a wait
@@ -5095,11 +5148,11 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *a: self.stop())
         self.log("daemon %d started for %s (socket %s)" % (os.getpid(), self.store.path,
                                                           self.socket))
-        for fn in (self._watch_loop, self._sync_loop, self._reap_loop):
+        for fn in (self._watch_loop, self._sync_loop, self._reap_loop, self._context_loop):
             _thread.start_new_thread(self._guard, (fn,))
         _thread.start_new_thread(self._guard, (self._accept_loop,))
-        while not self.stopping:
-            time.sleep(0.2)
+        while not self._stopped.wait(0.5):
+            pass
         self.log("daemon %d stopping" % os.getpid())
         try:
             self.listener.close()
@@ -5110,6 +5163,7 @@ class Daemon:
 
     def stop(self):
         self.stopping = True
+        self._stopped.set()
         with self._cond:
             self._cond.notify_all()
         with self._sync_wake:
@@ -5242,8 +5296,7 @@ class Daemon:
         and a deleted index, by stat: no SQL while nothing changes."""
         seen = self.store.log_signature()
         index = os.path.join(self.store.loc.var, "index.db")
-        while not self.stopping:
-            time.sleep(self.WATCH_EVERY)
+        while not self._stopped.wait(self.WATCH_EVERY):
             sig = self.store.log_signature()
             if not os.path.exists(index):
                 self.log("index.db was deleted; rebuilding it")
@@ -5333,12 +5386,52 @@ class Daemon:
             except ThrumError as e:
                 self.log("final sync failed: %s" % e.message)
 
+    def _context_loop(self):
+        """Live work contexts: every few seconds, each local agent's worktree (branch,
+        files changed against the default branch, uncommitted files), asked with
+        --no-optional-locks and recorded as agent.update only when it changed."""
+        host = os.uname().nodename
+        cache = {}
+        self.store.contexts = {}
+        while not self.stopping:
+            try:
+                self.store.refresh()
+                idx = self.store.index
+                rows = idx.q("SELECT agent_id, worktree FROM agents WHERE %s AND "
+                             "hostname = ?" % ACTIVE_AGENT_SQL, (host,))
+                fields = {}
+                for aid, f, v in idx.q("SELECT agent_id, field, value FROM agent_fields "
+                                       "WHERE field IN ('branch', 'files')"):
+                    fields.setdefault(aid, {})[f] = json.loads(v)
+                by_wt = {}
+                for aid, wt in rows:
+                    if wt and os.path.isdir(wt):
+                        by_wt.setdefault(os.path.realpath(wt), []).append(aid)
+                events = []
+                for wt, agents in by_wt.items():
+                    wc = work_context(wt, self.store.env, cache)
+                    self.store.contexts[wt] = (now_ts(), wc)
+                    for aid in agents:
+                        have = fields.get(aid, {})
+                        if (have.get("branch"), have.get("files") or []) != \
+                                (wc["branch"], wc["files"]):
+                            events.append(self.store.event("agent.update", agent_id=aid,
+                                                           branch=wc["branch"],
+                                                           files=wc["files"]))
+                for gone in set(self.store.contexts) - set(by_wt):
+                    del self.store.contexts[gone]
+                if events:
+                    self.store.emit(events)
+                    self._changed(local=True)
+            except ThrumError as e:
+                self.log("work contexts: %s" % e.message)
+            self._stopped.wait(self.CONTEXT_EVERY)
+
     def _reap_loop(self):
         """End the sessions of agents whose recorded long-lived process died (SPEC §14
         "Dead agents"); short-lived CLI processes record no pid and are never reaped."""
         host = os.uname().nodename
-        while not self.stopping:
-            time.sleep(self.REAP_EVERY)
+        while not self._stopped.wait(self.REAP_EVERY):
             try:
                 idx = self.store.index
                 self.store.refresh()
@@ -5377,6 +5470,11 @@ def _clean_daemon_files(files):
 def _thread_condition():
     import threading
     return threading.Condition()
+
+
+def _thread_event():
+    import threading
+    return threading.Event()
 
 
 # === 11. Rendering ============================================================
@@ -6038,6 +6136,7 @@ class Cli:
         self.out = out
         loc = locate(caller.cwd)
         self.store = Store(loc, caller.env) if loc.store else None
+        self._autostarted = False
 
     def call(self, op, **params):
         """Run an operation: through the daemon when one answers, else directly, with
@@ -6069,7 +6168,15 @@ class Cli:
         if debug_enabled(env) or any(env.get(_env_var_for(k)) for k in CONFIG_KEYS):
             return None
         files = DaemonFiles(self.store.loc.var, env)
-        return DaemonClient(files) if files.running() else None
+        if files.running():
+            return DaemonClient(files)
+        if not self._autostarted and self.store.config.get("daemon.autostart"):
+            self._autostarted = True  # start one for the commands after this one
+            try:
+                _spawn_daemon(self, files)
+            except OSError as e:
+                _warn("daemon.autostart: cannot start the daemon: %s" % e)
+        return None
 
     def _via_daemon(self, client, op, params):
         if op != "wait":
@@ -6368,21 +6475,10 @@ def _daemon_files(cli):
 def _start_daemon(cli, files, wait=10.0):
     """Start a detached daemon (it holds none of our pipes) and wait until it answers.
     Returns its info. Concurrent starts give one daemon: the lock decides."""
-    import subprocess
     info = files.info()
     if info["running"]:
         return info, False
-    _clean_daemon_files(files)
-    os.makedirs(files.var, exist_ok=True)
-    log = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--repo", cli.store.loc.store_root,
-             "daemon", "run"], cwd=cli.store.loc.store_root, env=cli.caller.env,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True)
-    finally:
-        os.close(log)
+    proc = _spawn_daemon(cli, files)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         info = files.info()
@@ -6397,6 +6493,23 @@ def _start_daemon(cli, files, wait=10.0):
                              hint="see %s" % files.log)
         time.sleep(0.02)
     raise ThrumError("the daemon did not answer within %ds" % wait, hint="see %s" % files.log)
+
+
+def _spawn_daemon(cli, files):
+    """`thrum daemon run` as a detached process: its own session, no terminal, and none
+    of our pipes (its output goes to daemon.log)."""
+    import subprocess
+    _clean_daemon_files(files)
+    os.makedirs(files.var, exist_ok=True)
+    log = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        return subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--repo", cli.store.loc.store_root,
+             "daemon", "run"], cwd=cli.store.loc.store_root, env=cli.caller.env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            close_fds=True)
+    finally:
+        os.close(log)
 
 
 def _stop_daemon(files, wait=15.0):
