@@ -1312,7 +1312,15 @@ class LocalRecord:
 
     def add(self, ids, at=None, only_new=False):
         """Record ids (at `at`, default now). With only_new, ids already kept are
-        skipped. Returns the ids recorded now."""
+        skipped. Returns the ids recorded now. A store that cannot be written (read-only)
+        records nothing and returns them all, with a warning."""
+        try:
+            return self._add(ids, at, only_new)
+        except OSError as e:
+            _warn("cannot record in %s (%s): it is not kept" % (self.path, e.strerror or e))
+            return list(dict.fromkeys(ids))
+
+    def _add(self, ids, at, only_new):
         fd = self._locked()
         try:
             entries, lines = self._read()
@@ -1691,7 +1699,8 @@ class Index:
         add_msg, add_del, add_tag = msgs.append, dels.append, tags.append
         # When each message arrived in this store (SPEC §7: a wait wakes for messages
         # created OR arrived after its start). A message projected as it is written
-        # arrives now; one that shows up late (pulled in by a sync) is remembered in
+        # arrives when it was created; one that shows up late (pulled in by a sync,
+        # more than 2 s after its creation) arrives now and is remembered in
         # var/arrivals.jsonl, so a rebuild, which takes the arrival from that record
         # or else the creation time, never makes old messages new again.
         if self.building:
@@ -1705,10 +1714,11 @@ class Index:
             mid, author, ts = e["message_id"], e["agent_id"], e["timestamp"]
             if self.building:
                 arrived = known.get(mid) or ts
-            else:
+            elif ts < late_before:  # it shows up late: it arrives now
                 arrived = now
-                if ts < late_before:
-                    late.append(mid)
+                late.append(mid)
+            else:
+                arrived = ts
             st = body.get("structured")
             recips, auds, scopes, refs = (g("recipients") or (), g("audiences") or (),
                                           g("scopes") or (), g("refs") or ())
@@ -2853,13 +2863,16 @@ class Store:
             self.log.append(events)
             self.index.catch_up()
 
-    def log_signature(self):
+    def log_signature(self, subdir="messages"):
         """What the message files look like now (names, inodes, sizes, mtimes): every
         message, edit or delete, written here or merged in by a sync, changes it.
-        One directory scan, no SQL."""
+        One directory scan, no SQL. `subdir=None`: every log file."""
+        if subdir is None:
+            return [(rel, st.st_ino, st.st_size, st.st_mtime_ns)
+                    for rel, _, st in self.log.files()]
         out = []
         try:
-            with os.scandir(os.path.join(self.log.root, "messages")) as it:
+            with os.scandir(os.path.join(self.log.root, subdir)) as it:
                 for e in it:
                     st = e.stat(follow_symlinks=False)
                     out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns))
@@ -4154,7 +4167,7 @@ class Service:
                                            ".jsonl"))
 
     def wait(self, timeout="30s", after=None, unread=False, scope=None, agent=None,
-             _poll=0.05, _wake=None):
+             _poll=0.05, _wake=None, _alive=None):
         """Block until a message to me (not by me) is new to this store: created or
         arrived (by sync) after the start point, and not returned by an earlier wait of
         mine (SPEC §7). `timeout`: seconds or a duration; `after`: epoch seconds, a
@@ -4188,6 +4201,8 @@ class Service:
         if unread:
             rows = self.index.q(base + " AND d.read_at IS NULL ORDER BY d.created_at", params)
             if rows:
+                if _alive is not None and not _alive():
+                    raise DaemonStopping()
                 delivered.add([r[0] for r in rows])
                 return received(rows)
             base += " AND d.read_at IS NULL"  # and while waiting, only unread ones
@@ -4206,6 +4221,8 @@ class Service:
                     self.index.catch_up()
                 seen = sig
                 rows = self.index.q(new_sql, params + [since, since])
+                if rows and _alive is not None and not _alive():
+                    raise DaemonStopping()  # nobody to deliver to: claim nothing
                 if rows:
                     old = delivered.load()
                     fresh = [r[0] for r in rows if r[0] not in old]
@@ -4830,12 +4847,15 @@ class DaemonFiles:
         if len(os.fsencode(path)) <= _SOCK_MAX:
             return path
         import hashlib
+        name = "thrum-%s.sock" % hashlib.sha256(
+            os.fsencode(os.path.realpath(self.var))).hexdigest()[:20]
         base = self.env.get("XDG_RUNTIME_DIR") or ""
-        if not (base and os.path.isdir(base) and _private_dir(base)):
-            base = os.path.join("/tmp", "thrum-%d" % os.getuid())
-            _make_private_dir(base)
-        tag = hashlib.sha256(os.fsencode(os.path.realpath(self.var))).hexdigest()[:20]
-        return os.path.join(base, "thrum-%s.sock" % tag)
+        if base and _private_dir(base) and \
+                len(os.fsencode(os.path.join(os.path.abspath(base), name))) <= _SOCK_MAX:
+            return os.path.join(os.path.abspath(base), name)
+        base = os.path.join("/tmp", "thrum-%d" % os.getuid())
+        _make_private_dir(base)
+        return os.path.join(base, name)
 
     def running(self):
         """True when a daemon holds the lock (a stale or recycled pid never counts)."""
@@ -5015,18 +5035,28 @@ class DaemonClient:
             raise
         return sock
 
-    def request(self, req, timeout=5.0, wait=None):
-        """Send one request; return the reply. `wait`: seconds the reply may take
-        (a blocking wait); None uses `timeout`. Raises DaemonUnavailable when no
-        reply comes (the caller then works directly)."""
+    def request(self, req, timeout=5.0, wait=None, retry_safe=True):
+        """Send one request; return the reply. `timeout` bounds the connect and
+        handshake; `wait` is how long the reply may take (a blocking wait; default
+        300 s). Raises DaemonUnavailable when the daemon cannot be reached, or when the
+        reply never comes for a request that is safe to run again (`retry_safe`), so
+        the caller works directly; a write that was sent but never answered is an
+        error instead (it may have been done: running it again could do it twice)."""
         sock = self._connect(timeout)
         try:
-            _send_frame(sock, json.dumps(req).encode("utf-8"))
-            sock.settimeout(None if wait is None and timeout is None else
-                            (wait + 30.0 if wait is not None else timeout))
-            data = _recv_frame(sock)
-        except (OSError, ConnectionError, ValueError) as e:
-            raise DaemonUnavailable(str(e))
+            try:
+                _send_frame(sock, json.dumps(req).encode("utf-8"))
+            except (OSError, ValueError) as e:
+                raise DaemonUnavailable(str(e))
+            sock.settimeout(300.0 if wait is None else wait + 30.0)
+            try:
+                data = _recv_frame(sock)
+            except (OSError, ConnectionError, ValueError) as e:
+                if retry_safe:
+                    raise DaemonUnavailable(str(e))
+                raise ThrumError("the daemon went away while doing %s (%s): it may or may "
+                                 "not be done" % (req.get("op"), e),
+                                 hint="check (e.g. 'thrum sent'), then retry if needed")
         finally:
             sock.close()
         try:
@@ -5037,10 +5067,20 @@ class DaemonClient:
             raise DaemonUnavailable("a reply that is not an object")
         return reply
 
+    #: Operations that change nothing (or only what a repeat leaves the same), so a
+    #: request the daemon never answered may simply run again here.
+    RETRY_SAFE = frozenset((
+        "whoami", "status", "overview", "prime", "team", "inbox", "sent", "message_get",
+        "mark_read", "message_read", "wait", "who_has", "ping", "agent_list",
+        "session_list", "context_show", "group_list", "group_info", "config_show",
+        "config_get", "sync_status"))
+
     def call(self, op, params, caller, wait=None):
         """call() through the daemon: the same result, or the same error raised."""
+        safe = op in self.RETRY_SAFE and not (op == "inbox" and not params.get("defer_marks")
+                                              and not params.get("unread"))
         reply = self.request({"op": op, "params": params, "caller": caller.to_dict()},
-                             wait=wait)
+                             wait=wait, retry_safe=safe)
         if reply.get("ok"):
             if reply.get("after_error"):
                 raise AfterWriteError(_error_from(reply["after_error"]), reply.get("result"))
@@ -5077,6 +5117,8 @@ class Daemon:
         self._changes = 0            # bumped on every change of the log (wakes waiters)
         self._waiting = 0            # requests blocked in a wait
         self._dirty_since = None     # first local write not yet pushed
+        self._active = False         # a local write since the sync loop last looked
+        self._synced_sig = None      # the log as the last sync cycle left it
         self._sync_wake = _thread_condition()
         self.listener = None
         self.socket = None
@@ -5170,12 +5212,18 @@ class Daemon:
             self._sync_wake.notify_all()
 
     def _guard(self, fn, *args):
-        """Run a loop or a connection; a bug is logged and never kills the daemon."""
+        """Run a connection, or a background loop (restarted after a bug, a second
+        later); a bug is logged and never kills the daemon."""
         try:
-            fn(*args)
-        except Exception:  # noqa: BLE001
-            import traceback
-            self.log("error in %s:\n%s" % (fn.__name__, traceback.format_exc()))
+            while True:
+                try:
+                    fn(*args)
+                    return
+                except Exception:  # noqa: BLE001
+                    import traceback
+                    self.log("error in %s:\n%s" % (fn.__name__, traceback.format_exc()))
+                    if args or self._stopped.wait(1.0):
+                        return  # a connection ends; a loop starts again
         finally:
             self.store.close()  # this thread's index connection
 
@@ -5207,7 +5255,7 @@ class Daemon:
                 except (EOFError, OSError):
                     return
                 try:
-                    reply = self._handle(data)
+                    reply = self._handle(data, conn)
                 except DaemonStopping:
                     return  # no reply: the client's wait carries on by itself
                 try:
@@ -5217,7 +5265,7 @@ class Daemon:
         finally:
             conn.close()
 
-    def _handle(self, data):
+    def _handle(self, data, conn=None):
         try:
             req = json.loads(data)
             if not isinstance(req, dict):
@@ -5233,7 +5281,7 @@ class Daemon:
             caller = Caller.from_dict(req.get("caller"))
             params = req.get("params") or {}
             if op == "wait" and isinstance(params, dict):
-                return {"ok": True, "result": self._wait(dict(params), caller)}
+                return {"ok": True, "result": self._wait(dict(params), caller, conn)}
             try:
                 return {"ok": True, "result": call(op, params, caller, self.store)}
             except AfterWriteError as e:
@@ -5246,20 +5294,32 @@ class Daemon:
                 self.log("request failed:\n%s" % traceback.format_exc())
             return {"ok": False, "error": error_payload(e)}
 
-    def _wait(self, params, caller):
-        """A wait that blocks on the daemon's change notification (no polling)."""
+    def _wait(self, params, caller, conn=None):
+        """A wait that blocks on the daemon's change notification (no polling). It ends
+        as soon as its client goes away (killed, timed out), so it never takes a message
+        as delivered for a listener that is no longer there."""
         with self._cond:
             self._waiting += 1
             seen = [self._changes]
         with self._sync_wake:
             self._sync_wake.notify_all()  # the sync loop checks the remote more often now
 
+        def gone():
+            try:  # the client sends nothing while it waits: readable means closed
+                return conn is not None and conn.poll(0)
+            except (OSError, EOFError):
+                return True
+
         def wake(seconds):
+            deadline = time.monotonic() + seconds
             with self._cond:
-                if self._changes == seen[0] and not self.stopping:
-                    self._cond.wait(seconds)
+                while self._changes == seen[0] and not self.stopping and not gone():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(min(left, 1.0))  # a look at the client every second
                 seen[0] = self._changes
-            if self.stopping:
+            if self.stopping or gone():
                 raise DaemonStopping()
         try:
             svc = Service(self.store, caller)
@@ -5267,7 +5327,7 @@ class Daemon:
             svc.require_store()
             svc.me()
             # Woken by changes, not by a clock: between them it costs nothing.
-            return svc.wait(_poll=3600.0, _wake=wake, **params)
+            return svc.wait(_poll=3600.0, _wake=wake, _alive=lambda: not gone(), **params)
         finally:
             with self._cond:
                 self._waiting -= 1
@@ -5285,6 +5345,7 @@ class Daemon:
             with self._sync_wake:
                 if self._dirty_since is None:
                     self._dirty_since = time.monotonic()
+                self._active = True  # remote checks go back to the short interval
                 self._sync_wake.notify_all()
 
     def _on_write(self, events):
@@ -5294,10 +5355,10 @@ class Daemon:
     def _watch_loop(self):
         """Notice writes made without the daemon (a sandboxed agent, a sync run by hand)
         and a deleted index, by stat: no SQL while nothing changes."""
-        seen = self.store.log_signature()
+        seen = self.store.log_signature(None)
         index = os.path.join(self.store.loc.var, "index.db")
         while not self._stopped.wait(self.WATCH_EVERY):
-            sig = self.store.log_signature()
+            sig = self.store.log_signature(None)
             if not os.path.exists(index):
                 self.log("index.db was deleted; rebuilding it")
                 self.store.refresh()
@@ -5307,7 +5368,8 @@ class Daemon:
                     self.store.refresh()
                 except ThrumError as e:
                     self.log("catching up: %s" % e.message)
-                self._changed(local=True)
+                # Lines a sync just merged in need no push; anything else was written here.
+                self._changed(local=sig != self._synced_sig)
 
     def _sync_loop(self):
         """Debounced push after local writes; fetch every sync.interval; while an agent
@@ -5315,13 +5377,17 @@ class Daemon:
         sync.interval while nothing changes). Failures back off and never stop it."""
         if not self.store.loc.git_common:
             return
-        cfg = self.store.config
-        interval = parse_duration(cfg.get("sync.interval"))
-        wait_every = parse_duration(cfg.get("sync.wait_interval"))
+        def intervals():  # re-read each round: `config set` applies without a restart
+            cfg = self.store.config
+            return (parse_duration(cfg.get("sync.interval")),
+                    parse_duration(cfg.get("sync.wait_interval")))
+        interval, wait_every = intervals()
         next_fetch = time.monotonic() + interval
         check_every, next_check = wait_every, time.monotonic() + wait_every
         failures = 0
         while not self.stopping:
+            interval, wait_every = intervals()
+            check_every = min(check_every, interval)
             now = time.monotonic()
             due = next_fetch
             if self._dirty_since is not None:
@@ -5334,6 +5400,9 @@ class Daemon:
             if self.stopping:
                 return
             now = time.monotonic()
+            if self._active:
+                self._active = False
+                check_every, next_check = wait_every, now + wait_every
             run = False
             if self._dirty_since is not None and now >= self._dirty_since + self.PUSH_AFTER:
                 run = True
@@ -5352,6 +5421,7 @@ class Daemon:
             self._dirty_since = None
             try:
                 res = self.store.sync_engine().cycle()
+                self._synced_sig = self.store.log_signature(None)
                 failures = 0
                 if res.get("pulled"):
                     check_every, next_check = wait_every, time.monotonic() + wait_every
@@ -5397,8 +5467,10 @@ class Daemon:
             try:
                 self.store.refresh()
                 idx = self.store.index
+                # This clone's agents only: another clone's daemon looks after its own.
                 rows = idx.q("SELECT agent_id, worktree FROM agents WHERE %s AND "
-                             "hostname = ?" % ACTIVE_AGENT_SQL, (host,))
+                             "hostname = ? AND origin = ?" % ACTIVE_AGENT_SQL,
+                             (host, self.store.origin))
                 fields = {}
                 for aid, f, v in idx.q("SELECT agent_id, field, value FROM agent_fields "
                                        "WHERE field IN ('branch', 'files')"):
@@ -5438,7 +5510,7 @@ class Daemon:
                 rows = idx.q("SELECT s.session_id, s.agent_id, s.pid FROM sessions s JOIN "
                              "agents a ON a.agent_id = s.agent_id WHERE s.ended_at IS NULL "
                              "AND s.started_at IS NOT NULL AND s.pid IS NOT NULL AND "
-                             "(a.hostname = ? OR a.hostname IS NULL)", (host,))
+                             "a.hostname = ? AND a.origin = ?", (host, self.store.origin))
                 dead = [r for r in rows if not _pid_alive(r[2])]
                 if dead:
                     self.store.emit([self.store.event(
@@ -6170,7 +6242,8 @@ class Cli:
         files = DaemonFiles(self.store.loc.var, env)
         if files.running():
             return DaemonClient(files)
-        if not self._autostarted and self.store.config.get("daemon.autostart"):
+        if not self._autostarted and not op.startswith("config_") and \
+                self.store.config.get("daemon.autostart"):
             self._autostarted = True  # start one for the commands after this one
             try:
                 _spawn_daemon(self, files)
@@ -6512,7 +6585,7 @@ def _spawn_daemon(cli, files):
         os.close(log)
 
 
-def _stop_daemon(files, wait=15.0):
+def _stop_daemon(files, wait=None):
     """Stop the running daemon (asked over its socket, else SIGTERM); True if one ran."""
     import signal
     info = files.info()
@@ -6527,6 +6600,12 @@ def _stop_daemon(files, wait=15.0):
                 os.kill(info["pid"], signal.SIGTERM)
             except OSError:
                 pass
+    if wait is None:  # a clean stop pushes pending writes, bounded by sync.timeout
+        try:
+            wait = 15.0 + parse_duration(Config(os.path.dirname(files.var), files.env)
+                                         .get("sync.timeout"))
+        except ThrumError:
+            wait = 45.0
     deadline = time.monotonic() + wait
     while files.running():
         if time.monotonic() > deadline:
