@@ -4876,7 +4876,7 @@ class DaemonFiles:
     def info(self):
         """{running, pid, socket, started_at} (pid etc. only while one runs)."""
         if not self.running():
-            return {"running": False, "pid": None}
+            return {"running": False, "pid": None, "socket": None, "started_at": None}
         data = {}
         try:
             data = json.loads(_read_text(self.pid) or "{}")
@@ -5148,9 +5148,13 @@ class Daemon:
         os.makedirs(var, exist_ok=True)
         os.chmod(var, 0o700)
         lock_fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(25):  # a status probe holds it shared for an instant
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.02)
+        else:
             os.close(lock_fd)
             return None  # another daemon runs: never disturb it
         try:
@@ -6549,19 +6553,17 @@ def _start_daemon(cli, files, wait=10.0):
     """Start a detached daemon (it holds none of our pipes) and wait until it answers.
     Returns its info. Concurrent starts give one daemon: the lock decides."""
     info = files.info()
-    if info["running"]:
-        return info, False
-    proc = _spawn_daemon(cli, files)
+    proc = None if info["running"] else _spawn_daemon(cli, files)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         info = files.info()
-        if info["running"] and info.get("socket"):
+        if info["running"] and info.get("socket"):  # it answers: report it
             try:
                 DaemonClient(files).request({"op": "daemon_status"}, timeout=2.0)
-                return info, info.get("pid") == proc.pid
+                return info, proc is not None and info.get("pid") == proc.pid
             except DaemonUnavailable:
                 pass
-        elif proc.poll() not in (None, 0):
+        elif proc is not None and proc.poll() not in (None, 0):
             raise ThrumError("the daemon did not start (exit %s)" % proc.returncode,
                              hint="see %s" % files.log)
         time.sleep(0.02)
