@@ -6260,8 +6260,11 @@ class Cli:
             return client.call(op, params, self.caller)
         # A blocking wait: if the daemon goes away mid-wait, carry on here from the
         # same start point, for the time that is left.
-        timeout = parse_timeout(params.get("timeout", "30s"))
-        start = parse_after(params.get("after"))
+        try:
+            timeout = parse_timeout(params.get("timeout", "30s"))
+            start = parse_after(params.get("after"))
+        except UsageError:  # the daemon reports it, after the set-up checks
+            return client.call(op, params, self.caller)
         params = dict(params, timeout=timeout,
                       after=time.time() - 1.0 if start is None else start)
         deadline = time.monotonic() + timeout
