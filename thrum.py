@@ -4965,10 +4965,16 @@ def _hmac(key, msg, name):
     return ctor(bytes(b ^ 0x5c for b in key) + inner).digest()
 
 
+#: Lengths of the classic handshake's challenge (random bytes) and answer (an MD5
+#: digest): any other length is the `{digest}payload` form of newer Pythons. Telling
+#: them apart by a leading "{" would misread 1 in 256 random challenges.
+_LEGACY_CHALLENGE, _LEGACY_ANSWER = 20, 16
+
+
 def _mac_for(key, challenge):
     """The answer to a challenge: `{digest}` + HMAC for newer Pythons' prefixed
     challenges, a bare HMAC-MD5 for the classic ones."""
-    if challenge.startswith(b"{"):
+    if len(challenge) != _LEGACY_CHALLENGE and challenge.startswith(b"{"):
         end = challenge.find(b"}")
         name = challenge[1:end].decode("ascii", "replace")
         return b"{" + name.encode("ascii") + b"}" + _hmac(key, challenge, name)
@@ -4976,7 +4982,7 @@ def _mac_for(key, challenge):
 
 
 def _check_mac(key, challenge, answer):
-    if answer.startswith(b"{"):
+    if len(answer) != _LEGACY_ANSWER and answer.startswith(b"{"):
         end = answer.find(b"}")
         name = answer[1:end].decode("ascii", "replace")
         if name not in ("md5", "sha256", "sha384", "sha3_256", "sha3_384"):
@@ -5013,7 +5019,14 @@ class DaemonClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.connect(path)
+            for attempt in range(50):  # a full accept queue answers EAGAIN at once
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.01)
             # The server's challenge first, then ours (as Client() does).
             msg = _recv_frame(sock, 256)
             if not msg.startswith(_CHALLENGE):
@@ -5106,6 +5119,8 @@ class Daemon:
     PUSH_AFTER = 2.0
     #: How often local agents' worktrees are looked at (live work contexts).
     CONTEXT_EVERY = 5.0
+    #: Unchanged remote checks before their interval starts doubling.
+    QUIET_CHECKS = 6
 
     def __init__(self, store, env):
         self.store = store
@@ -5182,7 +5197,7 @@ class Daemon:
             pass
         old_umask = os.umask(0o177)
         try:
-            self.listener = Listener(self.socket, family="AF_UNIX")
+            self.listener = Listener(self.socket, family="AF_UNIX", backlog=128)
         finally:
             os.umask(old_umask)
         os.chmod(self.socket, 0o600)
@@ -5306,7 +5321,8 @@ class Daemon:
             self._waiting += 1
             seen = [self._changes]
         with self._sync_wake:
-            self._sync_wake.notify_all()  # the sync loop checks the remote more often now
+            self._active = True  # the sync loop checks the remote every wait_interval now
+            self._sync_wake.notify_all()
 
         def gone():
             try:  # the client sends nothing while it waits: readable means closed
@@ -5388,7 +5404,7 @@ class Daemon:
         interval, wait_every = intervals()
         next_fetch = time.monotonic() + interval
         check_every, next_check = wait_every, time.monotonic() + wait_every
-        failures = 0
+        failures = quiet = 0
         while not self.stopping:
             interval, wait_every = intervals()
             check_every = min(check_every, interval)
@@ -5404,9 +5420,9 @@ class Daemon:
             if self.stopping:
                 return
             now = time.monotonic()
-            if self._active:
+            if self._active:  # a local write or a new wait: the short interval again
                 self._active = False
-                check_every, next_check = wait_every, now + wait_every
+                check_every, next_check, quiet = wait_every, now + wait_every, 0
             run = False
             if self._dirty_since is not None and now >= self._dirty_since + self.PUSH_AFTER:
                 run = True
@@ -5416,9 +5432,13 @@ class Daemon:
                 moved = self._remote_moved()
                 if moved:
                     run = True
-                    check_every = wait_every
+                    check_every, quiet = wait_every, 0
                 else:
-                    check_every = min(interval, check_every * 2)
+                    # Back off only after a while of nothing: an active conversation
+                    # keeps the short interval; an idle wait costs ever less.
+                    quiet += 1
+                    if quiet >= self.QUIET_CHECKS:
+                        check_every = min(interval, check_every * 2)
                 next_check = now + check_every
             if not run:
                 continue
