@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +194,43 @@ def assert_error(r: Result, code: int, *fragments: str) -> Result:
     for frag in fragments:
         assert frag.lower() in low, f"expected {frag!r} in stderr\n{r.describe()}"
     return r
+
+
+class BackgroundThrum:
+    """A thrum command running in the background (e.g. a blocking `wait`): `finish()`
+    collects its exit code and output and sets `ended` and `elapsed`."""
+
+    def __init__(self, cwd, env, name, *args):
+        env = dict(env)
+        if name is not None:
+            env["THRUM_NAME"] = name
+        self.args = [str(a) for a in args]
+        self.p = subprocess.Popen([sys.executable, THRUM_PY, *self.args], cwd=str(cwd),
+                                  env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        self.started = time.monotonic()
+
+    def running(self) -> bool:
+        return self.p.poll() is None
+
+    def finish(self, timeout=20):
+        try:
+            out, err = self.p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            out, err = self.p.communicate()
+            pytest.fail(f"`thrum {' '.join(self.args)}` did not return within {timeout}s\n"
+                        f"{out.decode()}\n{err.decode()}")
+        self.ended = time.monotonic()
+        self.elapsed = self.ended - self.started
+        self.code, self.out, self.err = self.p.returncode, out.decode(), err.decode()
+        assert "Traceback" not in self.err, self.err
+        return self
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.communicate()
 
 
 class Runner:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (THRUM_PY, DaemonHandle, Runner, bare_remote, clone, git, log_dir,
+from conftest import (THRUM_PY, BackgroundThrum, DaemonHandle, Runner, bare_remote, clone, git, log_dir,
                       make_env, make_repo, run_thrum)
 
 T = 60  # timeout of every CLI call
@@ -155,39 +155,7 @@ def proc_counts(pid) -> tuple:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
-class Bg:
-    """A thrum command running in the background (e.g. a blocking `wait`)."""
-
-    def __init__(self, path, env, name, *args):
-        env = dict(env)
-        if name is not None:
-            env["THRUM_NAME"] = name
-        self.args = [str(a) for a in args]
-        self.p = subprocess.Popen([sys.executable, THRUM_PY, *self.args], cwd=str(path),
-                                  env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-        self.started = time.monotonic()
-
-    def running(self) -> bool:
-        return self.p.poll() is None
-
-    def finish(self, timeout=20):
-        try:
-            out, err = self.p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            out, err = self.p.communicate()
-            pytest.fail(f"`thrum {' '.join(self.args)}` did not return within {timeout}s\n"
-                        f"{out.decode()}\n{err.decode()}")
-        self.ended = time.monotonic()
-        self.code, self.out, self.err = self.p.returncode, out.decode(), err.decode()
-        assert "Traceback" not in self.err, self.err
-        return self
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.communicate()
+Bg = BackgroundThrum  # (path, env, name, *args)
 
 
 class Daemons:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import THRUM_PY, TS_RE, assert_error
+from conftest import TS_RE, BackgroundThrum, assert_error
 
 
 @pytest.fixture
@@ -17,37 +15,11 @@ def team(modal_team):
     return modal_team
 
 
-class Waiter:
+class Waiter(BackgroundThrum):
     """`thrum wait ...` running in the background as `name`."""
 
     def __init__(self, team, name, *args):
-        env = dict(team.env, THRUM_NAME=name)
-        self.args = ["wait", *args]
-        self.p = subprocess.Popen([sys.executable, THRUM_PY, *self.args], cwd=str(team.path),
-                                  env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-        self.started = time.monotonic()
-
-    def running(self) -> bool:
-        return self.p.poll() is None
-
-    def finish(self, timeout=20):
-        try:
-            out, err = self.p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            out, err = self.p.communicate()
-            pytest.fail(f"`thrum {' '.join(self.args)}` did not return within {timeout}s\n"
-                        f"{out.decode()}\n{err.decode()}")
-        self.elapsed = time.monotonic() - self.started
-        self.code, self.out, self.err = self.p.returncode, out.decode(), err.decode()
-        assert "Traceback" not in self.err, self.err
-        return self
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.communicate()
+        super().__init__(team.path, team.env, name, "wait", *args)
 
 
 @pytest.fixture
