@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ====================================================
 
-SCHEMA_VERSION = 6          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 7          #: index schema; an older index.db is rebuilt
 EVENT_VERSION = 1           #: the `v` field of every event
 THRUM_DIR = ".thrum"
 DEFAULT_BRANCH = "a-sync"
@@ -567,6 +567,7 @@ CONFIG_KEYS = {
     "messages.max_body_bytes": (1048576, _parse_positive_int),
     "daemon.autostart": (False, _parse_bool),
     "agents.stale_after": ("30d", _parse_duration_value),
+    "mcp.progress_interval": ("15s", _parse_duration_value),
 }
 
 
@@ -1221,7 +1222,7 @@ CREATE INDEX messages_created ON messages(created_at);
 CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
 CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
 CREATE INDEX deliveries_inbox ON deliveries(agent_id, deleted, created_at);
-CREATE INDEX deliveries_unread ON deliveries(agent_id) WHERE read_at IS NULL AND deleted = 0;
+CREATE INDEX deliveries_state ON deliveries(agent_id, deleted, read_at);
 CREATE INDEX deliveries_msg ON deliveries(message_id);
 CREATE INDEX deliveries_arrived ON deliveries(agent_id, arrived_at);
 CREATE INDEX tags_lookup ON tags(kind, type, value);
@@ -3173,8 +3174,8 @@ class Service:
             "(delete_key IS NULL OR create_key > delete_key)")}
 
     def _open_session(self, agent_id):
-        return self.index.q1("SELECT session_id, started_at FROM sessions WHERE agent_id = ? "
-                             "AND ended_at IS NULL AND started_at IS NOT NULL "
+        return self.index.q1("SELECT session_id, started_at, pid FROM sessions WHERE "
+                             "agent_id = ? AND ended_at IS NULL AND started_at IS NOT NULL "
                              "ORDER BY started_at DESC LIMIT 1", (agent_id,))
 
     # -- setup -------------------------------------------------------------------
@@ -3435,6 +3436,7 @@ class Service:
                 "task": fields.get("task"), "branch": fields.get("branch"),
                 "session_id": ses[0] if ses else None,
                 "session_started_at": ses[1] if ses else None,
+                "pid": ses[2] if ses else None,
                 "tmux_session": ident.get("tmux_session"),
                 "identity_file": ident.get("identity_file")}
 
@@ -3800,12 +3802,17 @@ class Service:
         return body
 
     def send(self, content=None, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
-             fmt="markdown", structured=None, agent=None, _reply=None):
+             fmt="markdown", structured=None, reply_to=None, agent=None, _reply=None):
         """Send a message to targets (`to`, `mentions`: names, roles, groups or
-        `everyone`; a list, or text with commas). Returns {message_id, thread_id,
-        created_at, recipients, audiences, warnings}. Stores nothing on any error."""
+        `everyone`; a list, or text with commas). `reply_to`: a message id; the new
+        message joins its thread (unlike `reply`, the targets are the ones given).
+        Returns {message_id, thread_id, created_at, recipients, audiences, warnings}.
+        Stores nothing on any error."""
         ident = self.me(agent)
         me = ident["agent_id"]
+        parent = None
+        if reply_to is not None and _reply is None:
+            parent = self.resolve_message_id(reply_to)
         targets = _target_list(to)
         if broadcast:
             targets.append("everyone")
@@ -3828,6 +3835,8 @@ class Service:
                     hint="see registered agents, roles and groups with 'thrum team --all' "
                          "and 'thrum group list'")
             reply_to = thread_id = None
+            if parent is not None:
+                reply_to, thread_id = parent, self._thread_of(parent)
             for m in mention_list:
                 ref = {"type": "mention", "value": m}
                 if ref not in refs:
@@ -3844,6 +3853,8 @@ class Service:
             fields["thread_id"] = thread_id
         ev = self._event("message.create", **fields)
         self._emit([ev])
+        if parent is not None:
+            self._mark_read(me, [parent])
         return {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
                 "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
                 "recipients": recipients, "audiences": audiences, "warnings": warnings}
@@ -3865,12 +3876,20 @@ class Service:
             raise UsageError("nobody to reply to: the author and recipients of %s are you "
                              "or no longer registered" % mid,
                              hint="send a new message with 'thrum send TEXT --to @agent'")
-        thread = parent[2] or new_id("thr_")
+        thread = self._thread_of(mid, parent[2])
         res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
                         agent=me, _reply=(recips, [{"type": "agent", "value": n}
                                                    for n in recips], mid, thread))
         self._mark_read(me, [mid])
         return res
+
+    def _thread_of(self, mid, known=None):
+        """The thread a reply to `mid` joins: its thread, else a new one (the index then
+        gives the parent that thread too)."""
+        if known is None:
+            row = self.index.q1("SELECT thread_id FROM messages WHERE message_id = ?", (mid,))
+            known = row[0] if row else None
+        return known or new_id("thr_")
 
     # -- reading -----------------------------------------------------------------------
     _MSG_COLS = ("m.message_id, m.thread_id, m.reply_to, m.agent_id, m.recipients, "
@@ -3989,15 +4008,16 @@ class Service:
             count_frm = frm
         unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
         if not all:
-            unread_sql = "d.read_at IS NULL"  # matches the partial index deliveries_unread
+            unread_sql = "d.read_at IS NULL"  # a range of the index deliveries_state
         base_where = " AND ".join(where)
         if unread:
             where.append(unread_sql)
         wsql = " AND ".join(where)
         total = self.index.q1("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql),
                               params)[0]
-        n_unread = self.index.q1("SELECT count(*) FROM %s WHERE %s AND %s"
-                                 % (count_frm, base_where, unread_sql), params)[0]
+        n_unread = total if unread else self.index.q1(  # (then it is the same count)
+            "SELECT count(*) FROM %s WHERE %s AND %s" % (count_frm, base_where, unread_sql),
+            params)[0]
         direction = "ASC" if oldest else "DESC"
         rows = self.index.q(
             "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL, d.agent_id IS NOT NULL "
@@ -4161,13 +4181,14 @@ class Service:
         return {"marked_count": self._mark_read(me, mids), "message_ids": mids}
 
     # -- waiting -------------------------------------------------------------------
-    def _delivered(self, me):
-        """The delivered-once record of agent `me`: messages its waits have returned."""
-        return LocalRecord(_safe_name_path(os.path.join(self.loc.var, "delivered"), me,
+    def _delivered(self, me, record="delivered"):
+        """The delivered-once record of agent `me`: messages its waits have returned
+        (`record="pushed"`: those the MCP channel pushed)."""
+        return LocalRecord(_safe_name_path(os.path.join(self.loc.var, record), me,
                                            ".jsonl"))
 
-    def wait(self, timeout="30s", after=None, unread=False, scope=None, agent=None,
-             _poll=0.05, _wake=None, _alive=None):
+    def wait(self, timeout="30s", after=None, unread=False, scope=None, skip_read=False,
+             agent=None, _poll=0.05, _wake=None, _alive=None, _record="delivered"):
         """Block until a message to me (not by me) is new to this store: created or
         arrived (by sync) after the start point, and not returned by an earlier wait of
         mine (SPEC §7). `timeout`: seconds or a duration; `after`: epoch seconds, a
@@ -4175,9 +4196,12 @@ class Service:
 
         Returns {status: received|timeout, messages}. Marks nothing read; records what it
         returns as delivered to me, so each message wakes my waits once. `unread`
-        returns all my unread messages at once, delivered or not. Idle polling only
-        stats the message files; `_wake(seconds)` (the daemon's change notification)
-        replaces the sleep between polls.
+        returns all my unread messages at once, delivered or not; `skip_read` leaves
+        out messages already read (the MCP wait looks back over the gap between two
+        calls). Idle polling only stats the message files; `_wake(seconds)` (the
+        daemon's change notification, a cancellable sleep) replaces the sleep between
+        polls; `_alive()` false means the waiter is gone (WaitAbandoned, nothing
+        claimed); `_record` names the record to claim in.
         """
         ident = self.me(agent)
         me = ident["agent_id"]
@@ -4187,6 +4211,8 @@ class Service:
             start = time.time() - 1.0
         tag = parse_tag(scope, "scope") if scope else None
         where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
+        if skip_read:
+            where.append("d.read_at IS NULL")
         params = [me, me]
         if tag:
             where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
@@ -4194,7 +4220,7 @@ class Service:
             params += [tag["type"], tag["value"]]
         base = ("SELECT %s, d.read_at IS NOT NULL FROM deliveries d JOIN messages m ON "
                 "m.message_id = d.message_id WHERE %s" % (self._MSG_COLS, " AND ".join(where)))
-        delivered = self._delivered(me)
+        delivered = self._delivered(me, _record)
 
         def received(rows):
             return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
@@ -4202,7 +4228,7 @@ class Service:
             rows = self.index.q(base + " AND d.read_at IS NULL ORDER BY d.created_at", params)
             if rows:
                 if _alive is not None and not _alive():
-                    raise DaemonStopping()
+                    raise WaitAbandoned()
                 delivered.add([r[0] for r in rows])
                 return received(rows)
             base += " AND d.read_at IS NULL"  # and while waiting, only unread ones
@@ -4222,7 +4248,7 @@ class Service:
                 seen = sig
                 rows = self.index.q(new_sql, params + [since, since])
                 if rows and _alive is not None and not _alive():
-                    raise DaemonStopping()  # nobody to deliver to: claim nothing
+                    raise WaitAbandoned()  # nobody to deliver to: claim nothing
                 if rows:
                     old = delivered.load()
                     fresh = [r[0] for r in rows if r[0] not in old]
@@ -4241,9 +4267,11 @@ class Service:
         return {"members": self._members(all_agents=all)}
 
     def _inbox_counts(self, me):
-        r = self.index.q1("SELECT count(*), coalesce(sum(read_at IS NULL), 0) FROM "
-                          "deliveries WHERE agent_id = ? AND deleted = 0", (me,))
-        return {"total": r[0], "unread": r[1]}
+        # Two counts, each a range of the covering index deliveries_state, are
+        # faster than one pass summing read_at over the rows.
+        sql = "SELECT count(*) FROM deliveries WHERE agent_id = ? AND deleted = 0"
+        return {"total": self.index.q1(sql, (me,))[0],
+                "unread": self.index.q1(sql + " AND read_at IS NULL", (me,))[0]}
 
     def status(self, agent=None):
         """Me, my session, inbox counts, daemon and sync state."""
@@ -4776,13 +4804,15 @@ def _check_params(method, params):
             raise UsageError("%s must be true or false" % name)
 
 
-def call(op, params, caller, store=None):
+def call(op, params, caller, store=None, hooks=None):
     """Run one operation for one caller: the entry point of every front end.
 
     `params` is a dict of plain data, `caller` a Caller, `store` an open Store (None:
     located from the caller's directory). Checks what the operation needs, runs it,
     then the per-call work (THRUM_AUTOSYNC's sync after a write). Returns plain data,
     or raises ThrumError (AfterWriteError when only the sync after a write failed).
+    `hooks`: the method's private keyword arguments (callables a long-lived front end
+    passes in process, e.g. a wait's `_wake`); never taken from a request.
     """
     try:
         name, needs = OPS[op]
@@ -4801,7 +4831,7 @@ def call(op, params, caller, store=None):
             svc.require_store()
         if needs >= NEEDS_IDENTITY:
             svc.me()
-        result = method(**params)
+        result = method(**params, **(hooks or {}))
         svc.finish()
     finally:
         if store is None:  # a store opened for this call only
@@ -4991,8 +5021,9 @@ def _check_mac(key, challenge, answer):
     return _hmac(key, challenge, "md5") == answer
 
 
-class DaemonStopping(Exception):
-    """A wait served by a daemon that is shutting down: the client carries on alone."""
+class WaitAbandoned(Exception):
+    """A wait whose waiter went away (a daemon shutting down, a client that closed
+    its connection, a cancelled MCP call): it returns nothing and claims nothing."""
 
 
 class DaemonUnavailable(Exception):
@@ -5007,11 +5038,24 @@ class DaemonClient:
     def __init__(self, files):
         self.files = files
         self._sock = None  # kept open between the requests of one command
+        self.aborted = False  # set by abort(): the request in flight must not go on
 
     def close(self):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def abort(self):
+        """From another thread: end the request in flight (its reply is not read),
+        or the next one before it is sent."""
+        self.aborted = True
+        sock = self._sock
+        if sock is not None:
+            import _socket
+            try:
+                sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _open(self, timeout):
         """The kept connection if the daemon still holds it open, else a new one."""
@@ -5079,6 +5123,10 @@ class DaemonClient:
         the caller works directly; a write that was sent but never answered is an
         error instead (it may have been done: running it again could do it twice)."""
         sock = self._open(timeout)
+        if self.aborted:  # after _open: an abort during the connect saw no socket
+            self.aborted = False  # (it ends this request, nothing later)
+            self.close()
+            raise DaemonUnavailable("aborted")
         done = False
         try:
             try:
@@ -5302,7 +5350,7 @@ class Daemon:
                     return
                 try:
                     reply = self._handle(data, conn)
-                except DaemonStopping:
+                except WaitAbandoned:
                     return  # no reply: the client's wait carries on by itself
                 try:
                     conn.send_bytes(json.dumps(reply, allow_nan=False).encode("utf-8"))
@@ -5332,7 +5380,7 @@ class Daemon:
                 return {"ok": True, "result": call(op, params, caller, self.store)}
             except AfterWriteError as e:
                 return {"ok": True, "result": e.result, "after_error": error_payload(e.error)}
-        except (KeyboardInterrupt, SystemExit, MemoryError, DaemonStopping):
+        except (KeyboardInterrupt, SystemExit, MemoryError, WaitAbandoned):
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes an error reply
             if not isinstance(e, ThrumError):
@@ -5367,14 +5415,10 @@ class Daemon:
                     self._cond.wait(min(left, 1.0))  # a look at the client every second
                 seen[0] = self._changes
             if self.stopping or gone():
-                raise DaemonStopping()
-        try:
-            svc = Service(self.store, caller)
-            _check_params(svc.wait, params)
-            svc.require_store()
-            svc.me()
-            # Woken by changes, not by a clock: between them it costs nothing.
-            return svc.wait(_poll=3600.0, _wake=wake, _alive=lambda: not gone(), **params)
+                raise WaitAbandoned()
+        try:  # woken by changes, not by a clock: between them it costs nothing
+            return call("wait", params, caller, self.store, hooks=dict(
+                _poll=3600.0, _wake=wake, _alive=lambda: not gone()))
         finally:
             with self._cond:
                 self._waiting -= 1
@@ -5604,6 +5648,161 @@ def _thread_condition():
 def _thread_event():
     import threading
     return threading.Event()
+
+
+class Cancel:
+    """A flag another thread raises to abandon a call (a cancelled MCP request, a
+    server shutting down); what is registered with `on_set` runs when it is raised."""
+
+    def __init__(self):
+        self._event = _thread_event()
+        self._lock = _thread.allocate_lock()
+        self._fns = []
+
+    def set(self):
+        with self._lock:
+            fns, self._fns = self._fns, []
+            self._event.set()
+        for fn in fns:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - cancelling must not fail
+                pass
+
+    def is_set(self):
+        return self._event.is_set()
+
+    def wait(self, seconds):
+        return self._event.wait(seconds)
+
+    def on_set(self, fn):
+        with self._lock:
+            if not self._event.is_set():
+                self._fns.append(fn)
+                return
+        fn()
+
+    def off(self, fn):
+        with self._lock:
+            if fn in self._fns:
+                self._fns.remove(fn)
+
+
+# -- the front ends' way in ------------------------------------------------------------
+
+class Router:
+    """Runs operations for one caller, as the CLI and the MCP server do: through the
+    store's daemon when one answers, else directly on this process's Store, with the
+    same result either way. Threads may share it: each keeps its own daemon connection.
+    """
+
+    #: Operations that always run in this process (they check or rebuild local files).
+    LOCAL_OPS = frozenset(("doctor", "rebuild_index"))
+    #: Config keys that only change what a front end does (not the operation's result).
+    FRONT_KEYS = ("mcp.",)
+
+    def __init__(self, caller, autostart=True):
+        self.caller = caller
+        loc = locate(caller.cwd)
+        self.store = Store(loc, caller.env) if loc.store else None
+        self._autostarted = not autostart
+        self._tls = _thread._local()
+        self._lock = _thread.allocate_lock()
+        self._clients = []
+
+    def run(self, op, params, cancel=None):
+        """call(op, params) for this caller (raises what call() raises). `cancel`: a
+        Cancel that abandons a wait (WaitAbandoned), wherever it runs."""
+        if self.store is None:  # made since (`thrum init` by somebody else)?
+            loc = locate(self.caller.cwd)
+            if loc.store:
+                with self._lock:
+                    if self.store is None:
+                        self.store = Store(loc, self.caller.env)
+        client = self._daemon(op)
+        if client is not None:
+            try:
+                return self._via_daemon(client, op, params, cancel)
+            except DaemonUnavailable:
+                if cancel is not None and cancel.is_set():
+                    raise WaitAbandoned()
+                # else silently, directly
+        return call(op, params, self.caller, self.store,
+                    hooks=self._wait_hooks(cancel) if op == "wait" else None)
+
+    @staticmethod
+    def _wait_hooks(cancel):
+        """A wait here that `cancel` abandons: its sleeps between polls end early."""
+        if cancel is None:
+            return None
+
+        def wake(seconds):
+            if cancel.wait(seconds):
+                raise WaitAbandoned()
+        return {"_wake": wake, "_alive": lambda: not cancel.is_set()}
+
+    def _daemon(self, op):
+        """A client of this store's daemon when the operation may go through it."""
+        if self.store is None or op in self.LOCAL_OPS or \
+                OPS.get(op, (None, NEEDS_NOTHING))[1] == NEEDS_NOTHING:
+            return None
+        env = self.caller.env
+        # Settings only this process sees (config from the environment, a debug
+        # trace on this terminal) keep it local, so both modes give the same result.
+        if debug_enabled(env) or any(env.get(_env_var_for(k)) for k in CONFIG_KEYS
+                                     if not k.startswith(self.FRONT_KEYS)):
+            return None
+        files = DaemonFiles(self.store.loc.var, env)
+        if files.running():
+            client = getattr(self._tls, "client", None)
+            if client is None:
+                client = self._tls.client = DaemonClient(files)
+                with self._lock:
+                    self._clients.append(client)
+            return client
+        if not self._autostarted and not op.startswith("config_") and \
+                self.store.config.get("daemon.autostart"):
+            self._autostarted = True  # start one for the calls after this one
+            try:
+                _spawn_daemon(self, files)
+            except OSError as e:
+                _warn("daemon.autostart: cannot start the daemon: %s" % e)
+        return None
+
+    def _via_daemon(self, client, op, params, cancel):
+        if op != "wait":
+            return client.call(op, params, self.caller)
+        # A blocking wait: if the daemon goes away mid-wait, carry on here from the
+        # same start point, for the time that is left.
+        try:
+            timeout = parse_timeout(params.get("timeout", "30s"))
+            start = parse_after(params.get("after"))
+        except UsageError:  # the daemon reports it, after the set-up checks
+            return client.call(op, params, self.caller)
+        params = dict(params, timeout=timeout,
+                      after=time.time() - 1.0 if start is None else start)
+        deadline = time.monotonic() + timeout
+        if cancel is not None:  # a closed connection ends the daemon's wait at once
+            client.aborted = False
+            cancel.on_set(client.abort)
+        try:
+            return client.call(op, params, self.caller, wait=timeout)
+        except DaemonUnavailable:
+            if cancel is not None and cancel.is_set():
+                raise WaitAbandoned()
+            params["timeout"] = max(0.0, deadline - time.monotonic())
+            return call(op, params, self.caller, self.store, hooks=self._wait_hooks(cancel))
+        finally:
+            if cancel is not None:
+                cancel.off(client.abort)
+
+    def close(self):
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for c in clients:
+            c.close()
+        if self.store is not None:
+            self.store.close()
 
 
 # === 11. Rendering ============================================================
@@ -6044,7 +6243,630 @@ def render_doctor(r, style=PLAIN):
     return ls
 
 
-# === 12. CLI: parser, handlers, demo ==========================================
+# === 12. MCP server ===========================================================
+#
+# `thrum mcp serve`: MCP over stdio (one JSON-RPC 2.0 message per line) for agents
+# that speak MCP. One process serves both protocol eras, chosen per request: the
+# legacy `initialize` handshake (2024-11-05 .. 2025-11-25) and the stateless
+# 2026-07-28 revision (`server/discover`, a `_meta` envelope on every request). Each
+# `tools/call` runs on its own thread through a shared Router (so through the daemon
+# when one runs), so cancellation and other calls keep flowing while a wait blocks;
+# one lock serialises the frames on stdout. A tool is one MCP_TOOLS row naming an
+# OPS entry: MCP adds argument checking and text content, never behaviour.
+
+MCP_LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+_MCP = "io.modelcontextprotocol/"
+_MCP_PARSE, _MCP_INVALID, _MCP_NO_METHOD, _MCP_PARAMS, _MCP_INTERNAL = (
+    -32700, -32600, -32601, -32602, -32603)
+_MCP_VERSION = -32022
+
+
+def _mcp_schema(required, **props):
+    s = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        s["required"] = list(required)
+    return s
+
+
+def _mcp_targets(what):
+    return {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+            "description": what}
+
+
+_MCP_ID = {"type": "string", "description": "a message id (msg_...), or a unique prefix of "
+           "at least 8 characters after msg_"}
+_MCP_TAGS = {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
+             "description": "TYPE:VALUE tags, e.g. [\"module:auth\"]"}
+
+
+def _mcp_send_params(a):
+    return {"content": a["content"], "to": a["to"], "mentions": a["mention"] or (),
+            "scopes": _mcp_list(a["scopes"]), "refs": _mcp_list(a["refs"]),
+            "reply_to": a["reply_to"]}
+
+
+def _mcp_mark_params(a):
+    if (a["message_ids"] is None) == (not a["all"]):
+        raise UsageError("give either message_ids (a list of ids) or all: true")
+    return {"message_ids": a["message_ids"] or (), "all": a["all"]}
+
+
+def _mcp_list(v):
+    return [v] if isinstance(v, str) else list(v or ())
+
+
+def _mcp_marked(r, a):
+    n = r["marked_count"]
+    return ["Marked %d message%s as read." % (n, "" if n == 1 else "s") if n else
+            "No unread messages to mark."]
+
+
+#: tool -> (operation, description, input schema, arguments -> params, result -> text).
+MCP_TOOLS = {
+    "send_message": (
+        "send",
+        "Send a message to other agents. `to`: an agent name (@alice or alice), a role "
+        "(every agent with it), a group, `everyone`, or a list of these. `reply_to`: a "
+        "message id to join its thread. Returns the message id and who received it.",
+        _mcp_schema(("to", "content"),
+                    to=_mcp_targets("recipients: name, role, group, everyone, or a list"),
+                    content={"type": "string", "description": "the message (markdown)"},
+                    reply_to=dict(_MCP_ID, description="a message this one answers: "
+                                  "joins its thread"),
+                    mention=_mcp_targets("also deliver to and record a mention of these"),
+                    scopes=_MCP_TAGS, refs=_MCP_TAGS),
+        _mcp_send_params, lambda r, a: render_send(r)),
+    "check_messages": (
+        "inbox",
+        "List messages sent to you, newest first. By default only unread ones, and nothing "
+        "is marked read (pass mark_read: true to mark the listed messages read).",
+        _mcp_schema((), limit={"type": "integer", "minimum": 1, "maximum": 100,
+                               "default": 10, "description": "how many (default 10)"},
+                    unread_only={"type": "boolean", "default": True,
+                                 "description": "only unread messages (default true)"},
+                    mark_read={"type": "boolean", "default": False,
+                               "description": "mark the listed messages read (default "
+                                              "false)"}),
+        lambda a: {"unread": a["unread_only"], "limit": a["limit"],
+                   "mark_read": a["mark_read"]},
+        lambda r, a: render_inbox(r, unread=a["unread_only"])),
+    "wait_for_message": (
+        "wait",
+        "Block until a message to you arrives, then return it (each message wakes you "
+        "once, whether you wait here or with `thrum wait`; it is not marked read). Returns "
+        "status \"received\" with the messages, or status \"timeout\" with none. Call it "
+        "again after handling a message.",
+        _mcp_schema((), timeout={"type": "number", "minimum": 0, "maximum": 600,
+                                 "default": 30, "description": "seconds to wait (default "
+                                                               "30, at most 600)"}),
+        lambda a: {"timeout": a["timeout"]}, lambda r, a: render_wait(r)),
+    "reply_message": (
+        "reply",
+        "Reply to a message: goes to its author and other recipients (not you) and joins "
+        "its thread; marks the message read.",
+        _mcp_schema(("message_id", "content"), message_id=_MCP_ID,
+                    content={"type": "string", "description": "the reply (markdown)"}),
+        lambda a: {"message_id": a["message_id"], "content": a["content"]},
+        lambda r, a: render_reply(r)),
+    "get_message": (
+        "message_get",
+        "Show one message in full, with its edits and read receipts; marks it read.",
+        _mcp_schema(("message_id",), message_id=_MCP_ID),
+        lambda a: {"message_id": a["message_id"]}, lambda r, a: render_message(r)),
+    "mark_read": (
+        "message_read",
+        "Mark messages read: the given ids, or all your unread messages with all: true.",
+        _mcp_schema((), message_ids={"type": "array", "items": _MCP_ID,
+                                     "description": "ids to mark read"},
+                    all={"type": "boolean", "default": False,
+                         "description": "mark every unread message read"}),
+        _mcp_mark_params, _mcp_marked),
+    "list_agents": (
+        "team",
+        "The agents of this team with an open session: name, role, module, intent, "
+        "branch, last seen, unread count. include_offline: everyone registered.",
+        _mcp_schema((), include_offline={"type": "boolean", "default": False,
+                                         "description": "also agents without an open "
+                                                        "session"}),
+        lambda a: {"all": a["include_offline"]},
+        lambda r, a: render_team(r, all=a["include_offline"])),
+    "who_has": (
+        "who_has",
+        "Which agents have a file changed or uncommitted in their worktree (ask before "
+        "editing a shared file). `path`: relative to the repository root or absolute.",
+        _mcp_schema(("path",), path={"type": "string", "description": "a file path"}),
+        lambda a: {"path": a["path"]}, lambda r, a: render_who_has(r)),
+}
+
+_MCP_KINDS = {"string": "text", "boolean": "true or false", "integer": "a whole number",
+              "number": "a number", "array": "a list of strings"}
+
+
+def mcp_arguments(schema, args):
+    """Check a tool's arguments against its (simple) schema; fill in the defaults.
+    Lenient where models are sloppy ("5" for 5, "true" for true); clear otherwise."""
+    props = schema["properties"]
+    unknown = sorted(str(k) for k in args if k not in props)
+    if unknown:
+        raise UsageError("unknown argument%s: %s (known: %s)" % (
+            "s" if len(unknown) > 1 else "", ", ".join(unknown), ", ".join(props)))
+    missing = [k for k in schema.get("required", ()) if args.get(k) is None]
+    if missing:
+        raise UsageError("missing argument%s: %s" % ("s" if len(missing) > 1 else "",
+                                                     ", ".join(missing)))
+    return {k: spec.get("default") if args.get(k) is None else _mcp_value(k, spec, args[k])
+            for k, spec in props.items()}
+
+
+def _mcp_value(name, spec, v):
+    kinds = [x["type"] for x in spec["anyOf"]] if "anyOf" in spec else [spec["type"]]
+    if "boolean" in kinds:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+            return v.strip().lower() == "true"
+    if "integer" in kinds or "number" in kinds:
+        n = v
+        if isinstance(v, str):
+            try:
+                n = float(v.strip())
+            except ValueError:
+                n = None
+        if isinstance(n, (int, float)) and not isinstance(n, bool) and n - n == 0:
+            if "integer" in kinds:
+                if n != int(n):
+                    raise UsageError("%s must be a whole number" % name)
+                n = int(n)
+            lo, hi = spec.get("minimum"), spec.get("maximum")
+            if (lo is not None and n < lo) or (hi is not None and n > hi):
+                raise UsageError("%s must be between %s and %s" % (name, lo, hi))
+            return n
+    if "string" in kinds and isinstance(v, str):
+        return v
+    if "array" in kinds and isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return v
+    raise UsageError("%s must be %s" % (name, " or ".join(_MCP_KINDS[k] for k in kinds)))
+
+
+class _Workers:
+    """Threads that run jobs and stay around for the next one (each thread keeps its
+    own SQLite connection, so a reused thread saves opening one per call). A job
+    never waits for a free thread: with none idle, a new one starts."""
+
+    KEEP = 4  # idle threads kept
+
+    def __init__(self, guard):
+        import queue
+        self._jobs = queue.SimpleQueue()
+        self._lock = _thread.allocate_lock()
+        self._idle = 0
+        self._guard = guard
+
+    def submit(self, fn, *args):
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._jobs.put((fn, args))
+        if start:
+            _thread.start_new_thread(self._loop, ())
+
+    def _loop(self):
+        while True:
+            fn, args = self._jobs.get()
+            self._guard(fn, *args)
+            with self._lock:
+                if self._idle >= self.KEEP:
+                    return
+                self._idle += 1
+
+
+class _McpCall:
+    """One tools/call in flight."""
+
+    __slots__ = ("token", "cancel", "done", "received")
+
+    def __init__(self, token):
+        self.token = token      # the request's progressToken, or None
+        self.cancel = Cancel()  # notifications/cancelled, or stdin closed
+        self.done = False       # its response (or nothing, if cancelled) is decided
+        self.received = time.time()  # when the request was read (a wait starts here)
+
+
+class McpServer:
+    """`thrum mcp serve`: reads requests from `rfile` (binary, line by line) and writes
+    frames to the file descriptor `wfd`, as the agent the caller names."""
+
+    #: How far back a wait looks for messages that came in since the previous wait
+    #: ended (between two calls a model works, and messages arrive meanwhile).
+    LOOKBACK = 900.0
+
+    def __init__(self, caller, rfile, wfd, channel=False):
+        self.router = Router(caller)
+        self.caller = caller
+        self.rfile, self.wfd = rfile, wfd
+        self.channel = channel
+        self.started = time.time()
+        self.closing = Cancel()        # stdin closed: abandon waits and the channel
+        self._wlock = _thread.allocate_lock()
+        self._calls = {}               # request id (as JSON) -> _McpCall
+        self._reg_lock = _thread.allocate_lock()
+        self._registered = False
+        self._reg_error = None
+        self._channel_on = False
+        self._last_wait = None         # when this server's last wait_for_message ended
+        self._tools = [{"name": n, "description": d, "inputSchema": s}
+                       for n, (_, d, s, _, _) in MCP_TOOLS.items()]
+        self._workers = _Workers(self._guard)
+
+    # -- I/O ----------------------------------------------------------------------------
+    def log(self, msg):
+        try:
+            sys.stderr.write("thrum mcp: %s\n" % msg)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _write(self, msg):
+        """One frame; the caller holds _wlock. A closed stdout ends the server."""
+        data = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        try:
+            while data:
+                data = data[os.write(self.wfd, data):]
+        except OSError:
+            self.closing.set()
+
+    def send(self, msg):
+        with self._wlock:
+            self._write(msg)
+
+    @staticmethod
+    def _error(rid, code, message, data=None):
+        err = {"code": code, "message": message}
+        if data is not None:
+            err["data"] = data
+        return {"jsonrpc": "2.0", "id": rid, "error": err}
+
+    def serve(self):
+        """Answer requests until stdin closes; then abandon what is in flight."""
+        started = _thread.allocate_lock()
+        started.acquire()
+
+        def register():
+            try:
+                self._register()
+            finally:
+                started.release()
+        _thread.start_new_thread(self._guard, (register,))
+        while not self.closing.is_set():
+            try:
+                line = self.rfile.readline()
+            except (OSError, ValueError):
+                break
+            if not line:
+                break
+            line = line.strip()
+            if line:
+                self._line(line)
+        self.closing.set()
+        for c in list(self._calls.values()):
+            c.cancel.set()
+        # A write in flight (the registration too) gets a moment to finish: a client
+        # kills a server about two seconds after closing its stdin; we are gone in one.
+        deadline = time.monotonic() + 0.6
+        if started.acquire(timeout=0.6):
+            started.release()
+        while self._calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _guard(self, fn, *args):
+        try:
+            fn(*args)
+        except BaseException:  # noqa: B902 - a worker must never take the server down
+            import traceback
+            self.log("internal error:\n" + traceback.format_exc())
+
+    # -- JSON-RPC -------------------------------------------------------------------------
+    def _line(self, line):
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return self.send(self._error(None, _MCP_PARSE, "Parse error: not JSON"))
+        if isinstance(msg, list):  # a batch (2025-03-26): answered with one array
+            if not msg:
+                return self.send(self._error(None, _MCP_INVALID, "Invalid Request: an "
+                                                                 "empty batch"))
+            return _thread.start_new_thread(self._guard, (self._batch, msg))
+        reply = self._message(msg)
+        if reply is not None:
+            self.send(reply)
+
+    def _batch(self, msgs):
+        replies = [r for r in (self._message(m, inline=True) for m in msgs) if r is not None]
+        if replies:
+            self.send(replies)
+
+    def _message(self, msg, inline=False):
+        """The reply to one message, or None (a notification; a call answered later)."""
+        if not isinstance(msg, dict):
+            return self._error(None, _MCP_INVALID, "Invalid Request: not an object")
+        method, rid, has_id = msg.get("method"), msg.get("id"), "id" in msg
+        if method is None and ("result" in msg or "error" in msg):
+            return None  # a response: we never send requests, so nothing to match
+        if has_id and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+            return self._error(None, _MCP_INVALID, "Invalid Request: id must be a string "
+                                                   "or an integer")
+        if msg.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            return self._error(rid if has_id else None, _MCP_INVALID,
+                               "Invalid Request: needs jsonrpc \"2.0\" and a method")
+        params = msg.get("params")
+        params = {} if params is None else params
+        if not has_id:
+            if isinstance(params, dict):
+                self._notification(method, params)
+            return None
+        if not isinstance(params, dict):
+            return self._error(rid, _MCP_PARAMS, "params must be an object")
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        modern = _MCP + "protocolVersion" in meta
+        if modern:
+            problem = self._check_modern(rid, meta)
+            if problem:
+                return problem
+        elif method == "server/discover":
+            return self._error(rid, _MCP_PARAMS, "server/discover needs params._meta with "
+                               "%sprotocolVersion and %sclientCapabilities" % (_MCP, _MCP))
+        if method == "tools/call":
+            return self._tools_call(rid, params, meta, modern, inline)
+        handler = self._METHODS.get(method)
+        if handler is None:
+            return self._error(rid, _MCP_NO_METHOD, "Method not found: %s" % method)
+        return self._result(rid, handler(self, params), modern)
+
+    def _check_modern(self, rid, meta):
+        version = meta.get(_MCP + "protocolVersion")
+        if version not in MCP_MODERN_VERSIONS:
+            return self._error(rid, _MCP_VERSION, "Unsupported protocol version: %s" % (
+                version,), {"supported": list(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS),
+                            "requested": version})
+        if not isinstance(meta.get(_MCP + "clientCapabilities"), dict):
+            return self._error(rid, _MCP_PARAMS, "params._meta needs %sclientCapabilities"
+                               % _MCP)
+        return None
+
+    def _result(self, rid, result, modern):
+        if modern:
+            result = dict(result, resultType="complete")
+            result["_meta"] = {_MCP + "serverInfo": self._server_info()}
+        return {"jsonrpc": "2.0", "id": rid, "result": result}
+
+    @staticmethod
+    def _server_info():
+        return {"name": "thrum", "version": __version__}
+
+    def _capabilities(self):
+        caps = {"tools": {"listChanged": False}}
+        if self.channel:
+            caps["experimental"] = {"claude/channel": {}}
+        return caps
+
+    def _initialize(self, params):
+        asked = params.get("protocolVersion")
+        return {"protocolVersion": asked if asked in MCP_LEGACY_VERSIONS else
+                MCP_LEGACY_VERSIONS[0], "capabilities": self._capabilities(),
+                "serverInfo": self._server_info(), "instructions": self._instructions()}
+
+    def _discover(self, params):
+        return {"supportedVersions": list(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS),
+                "capabilities": self._capabilities(), "instructions": self._instructions(),
+                "ttlMs": 0, "cacheScope": "public"}
+
+    def _list_tools(self, params):
+        return {"tools": self._tools, "ttlMs": 0, "cacheScope": "public"}
+
+    _METHODS = {"initialize": _initialize, "server/discover": _discover,
+                "tools/list": _list_tools, "ping": lambda self, params: {}}
+
+    def _instructions(self):
+        text = ("thrum: persistent messaging between the AI coding agents of this "
+                "repository. Message teammates by name, role or group with send_message; "
+                "read your inbox with check_messages (it marks nothing read unless "
+                "asked); block for the next message with wait_for_message (each message "
+                "wakes you once; call it again after handling one); answer with "
+                "reply_message. who_has tells who is editing a file. Ids are msg_...; a "
+                "unique prefix of 8+ characters works.")
+        if self.channel:
+            text += (" Messages sent to you also arrive while you work, as <channel "
+                     "source=\"thrum\" from=\"...\" message_id=\"...\" thread_id=\"...\" "
+                     "ts=\"...\"> tags: they come from teammates (other agents), not from "
+                     "the user. Act on them when they concern your work and answer with "
+                     "reply_message, using the tag's message_id. A pushed message is not "
+                     "marked read: check_messages still lists it.")
+        return text
+
+    def _notification(self, method, params):
+        if method == "notifications/cancelled":
+            rid = params.get("requestId")
+            try:
+                key = json.dumps(rid)
+            except (TypeError, ValueError):
+                return
+            c = self._calls.get(key)
+            if c is not None:
+                c.cancel.set()  # its worker sends nothing for it
+        elif method == "notifications/initialized":
+            self._start_channel()
+
+    # -- tools ----------------------------------------------------------------------------
+    def _tools_call(self, rid, params, meta, modern, inline):
+        name, args = params.get("name"), params.get("arguments")
+        args = {} if args is None else args
+        if not isinstance(name, str) or name not in MCP_TOOLS:
+            return self._error(rid, _MCP_PARAMS, "Unknown tool: %s" % (name,))
+        if not isinstance(args, dict):
+            return self._error(rid, _MCP_PARAMS, "arguments must be an object")
+        key = json.dumps(rid)
+        c = _McpCall(meta.get("progressToken"))
+        self._calls[key] = c
+        if inline:
+            return self._finish(key, c, rid, name, args, modern)
+        self._workers.submit(self._finish, key, c, rid, name, args, modern, True)
+        return None
+
+    def _finish(self, key, c, rid, name, args, modern, write=False):
+        """Run a tool and answer it (unless it was cancelled: then nothing is sent)."""
+        try:
+            result = self._tool(name, args, c)
+        except WaitAbandoned:
+            result = None
+        except Exception as e:  # noqa: BLE001 - a bug: an isError result, logged
+            import traceback
+            self.log("tool %s failed:\n%s" % (name, traceback.format_exc()))
+            result = self._tool_error(e)
+        with self._wlock:
+            c.done = True
+            self._calls.pop(key, None)
+            if result is None or c.cancel.is_set():
+                return None
+            reply = self._result(rid, result, modern)
+            if write:
+                self._write(reply)
+                return None
+            return reply
+
+    def _tool(self, name, args, c):
+        op, _, schema, adapt, render = MCP_TOOLS[name]
+        note = None
+        try:
+            a = mcp_arguments(schema, args)
+            params = adapt(a)
+            self._register()
+            if op == "wait":
+                r = self._wait(params, c)
+            else:
+                r = self.router.run(op, params)
+        except AfterWriteError as e:  # stored; only the sync after it failed
+            r, note = e.result, "saved locally, but THRUM_AUTOSYNC failed: " + e.error.message
+        except ThrumError as e:
+            return self._tool_error(e)
+        text = "\n".join(render(r, a)) + ("\n" + note if note else "")
+        return {"content": [{"type": "text", "text": text}], "structuredContent": r}
+
+    def _tool_error(self, e):
+        err = error_payload(e)
+        if isinstance(e, NotSetUpError) and self.router.store is not None:
+            err["hint"] = (err["hint"] + "; " if err["hint"] else "") + (
+                "an MCP client starts this server with little of your environment: set "
+                "THRUM_NAME in the server's \"env\" block, or run 'thrum mcp serve --agent "
+                "NAME'")
+        content = [{"type": "text", "text": err["message"]}]
+        if err["hint"]:
+            content.append({"type": "text", "text": "hint: " + err["hint"]})
+        return {"content": content, "structuredContent": {"error": err}, "isError": True}
+
+    def _wait(self, params, c):
+        """wait_for_message: `thrum wait` for this agent (the same delivered-once
+        record), from one second before the request was read (not when a worker got to
+        it), looking back over the gap since this server's previous wait, leaving out
+        what was read meanwhile. Progress every mcp.progress_interval."""
+        after = c.received - 1.0
+        if self._last_wait is not None:
+            after = max(min(after, self._last_wait - 1.0), c.received - self.LOOKBACK)
+        if c.token is not None:
+            _thread.start_new_thread(self._guard, (self._progress, c, params["timeout"]))
+        r = self.router.run("wait", dict(params, after=after, skip_read=True),
+                            cancel=c.cancel)  # (stdin closing cancels every call)
+        self._last_wait = time.time()
+        return r
+
+    def _progress(self, c, timeout):
+        store = self.router.store
+        every = parse_duration(store.config.get("mcp.progress_interval")
+                               if store is not None else "15s")
+        t0 = time.monotonic()
+        while not c.cancel.wait(every):
+            left = max(0, round(timeout - (time.monotonic() - t0)))
+            with self._wlock:
+                if c.done or c.cancel.is_set() or self.closing.is_set():
+                    return
+                self._write({"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+                    "progressToken": c.token, "progress": round(time.monotonic() - t0, 1),
+                    "total": timeout, "message": "waiting for a message (%ds left)" % left}})
+
+    # -- the agent: its long-lived pid, the channel ----------------------------------------
+    def _register(self):
+        """Record this server's pid as the agent's long-lived process (a new session),
+        once the identity resolves (it may be registered after the server started)."""
+        if self._registered:
+            return
+        with self._reg_lock:
+            if self._registered:
+                return
+            try:
+                self.router.run("session_start", {"pid": os.getpid()})
+                self._registered = True
+            except ThrumError as e:
+                if self._reg_error != e.message:
+                    self._reg_error = e.message
+                    self.log("no agent yet (%s); tools that need one say how to set it"
+                             % e.message)
+
+    def _start_channel(self):
+        if self.channel and not self._channel_on:
+            self._channel_on = True
+            _thread.start_new_thread(self._guard, (self._channel_loop,))
+
+    def _channel_loop(self):
+        """Push each new message to this agent once (its own record, `pushed`: the push
+        is fire-and-forget, so it claims nothing for waits and marks nothing read)."""
+        def wake(seconds):
+            if self.closing.wait(seconds):
+                raise WaitAbandoned()
+        hooks = {"_wake": wake, "_poll": 0.25, "_record": "pushed",
+                 "_alive": lambda: not self.closing.is_set()}
+        problem = None
+        while not self.closing.is_set():
+            try:
+                r = call("wait", {"timeout": 3600.0, "skip_read": True,
+                                  "after": max(self.started - 1.0, time.time() - 43200.0)},
+                         self.caller, self.router.store, hooks=hooks)
+                problem = None
+            except WaitAbandoned:
+                return
+            except ThrumError as e:
+                if problem != e.message:
+                    problem = e.message
+                    self.log("channel: %s (retrying)" % e.message)
+                self.closing.wait(2.0)
+                continue
+            for m in r["messages"]:
+                body = m["body"]
+                content = body["content"] or (_dumps(body["structured"])
+                                              if body.get("structured") else "")
+                self.send({"jsonrpc": "2.0", "method": "notifications/claude/channel",
+                           "params": {"content": content, "meta": {
+                               "from": m["agent_id"], "message_id": m["message_id"],
+                               "thread_id": m["thread_id"] or "", "ts": m["created_at"]}}})
+
+
+def serve_mcp(caller, channel=False):
+    """Run the MCP server on this process's stdin and stdout. stdout carries frames
+    only: file descriptor 1 is pointed at stderr, so a stray print cannot corrupt it."""
+    wfd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    if sys.stdin is None:
+        raise UsageError("mcp serve needs a standard input (an MCP client starts it)")
+    if sys.stdin.isatty():
+        sys.stderr.write("thrum mcp: speaking MCP (JSON-RPC) on stdin/stdout; an MCP "
+                         "client starts this command. Ctrl-D ends it.\n")
+    server = McpServer(caller, sys.stdin.buffer, wfd, channel=channel)
+    server.serve()
+    return server
+
+
+# === 13. CLI: parser, handlers, demo ==========================================
 
 class Output:
     """Writes results: one JSON document with --json, compact text otherwise."""
@@ -6256,79 +7078,22 @@ def _read_stdin(stream=None):
 # Each takes (args, cli, out): it turns the arguments into one operation's params,
 # calls it through `cli.call()` and renders the result. No policy lives here.
 
-class Cli:
-    """The CLI's side of one process: the caller (cwd, environment, --repo) and the
-    store it opened, shared by the operations one command runs."""
+class Cli(Router):
+    """The CLI's side of one process: the caller (cwd, environment, --repo), the store
+    it opened and the output, shared by the operations one command runs."""
 
     def __init__(self, caller, out):
-        self.caller = caller
+        super().__init__(caller)
         self.out = out
-        loc = locate(caller.cwd)
-        self.store = Store(loc, caller.env) if loc.store else None
-        self._autostarted = False
-        self._client = None  # one daemon connection for all the calls of this command
 
     def call(self, op, **params):
-        """Run an operation: through the daemon when one answers, else directly, with
-        the same result either way. A write whose THRUM_AUTOSYNC failed still returns
-        its result; the error is reported after the output (exit 1)."""
+        """Run an operation (see Router.run). A write whose THRUM_AUTOSYNC failed still
+        returns its result; the error is reported after the output (exit 1)."""
         try:
-            client = self._daemon(op)
-            if client is not None:
-                try:
-                    return self._via_daemon(client, op, params)
-                except DaemonUnavailable:
-                    pass  # silently, directly
-            return call(op, params, self.caller, self.store)
+            return self.run(op, params)
         except AfterWriteError as e:
             self.out.autosync_error = e.error
             return e.result
-
-    #: Operations that always run in this process (they check or rebuild local files).
-    LOCAL_OPS = frozenset(("doctor", "rebuild_index"))
-
-    def _daemon(self, op):
-        """A client of this store's daemon when the operation may go through it."""
-        if self.store is None or op in self.LOCAL_OPS or \
-                OPS.get(op, (None, NEEDS_NOTHING))[1] == NEEDS_NOTHING:
-            return None
-        env = self.caller.env
-        # Settings only this process sees (config from the environment, a debug
-        # trace on this terminal) keep it local, so both modes give the same result.
-        if debug_enabled(env) or any(env.get(_env_var_for(k)) for k in CONFIG_KEYS):
-            return None
-        files = DaemonFiles(self.store.loc.var, env)
-        if files.running():
-            if self._client is None:
-                self._client = DaemonClient(files)
-            return self._client
-        if not self._autostarted and not op.startswith("config_") and \
-                self.store.config.get("daemon.autostart"):
-            self._autostarted = True  # start one for the commands after this one
-            try:
-                _spawn_daemon(self, files)
-            except OSError as e:
-                _warn("daemon.autostart: cannot start the daemon: %s" % e)
-        return None
-
-    def _via_daemon(self, client, op, params):
-        if op != "wait":
-            return client.call(op, params, self.caller)
-        # A blocking wait: if the daemon goes away mid-wait, carry on here from the
-        # same start point, for the time that is left.
-        try:
-            timeout = parse_timeout(params.get("timeout", "30s"))
-            start = parse_after(params.get("after"))
-        except UsageError:  # the daemon reports it, after the set-up checks
-            return client.call(op, params, self.caller)
-        params = dict(params, timeout=timeout,
-                      after=time.time() - 1.0 if start is None else start)
-        deadline = time.monotonic() + timeout
-        try:
-            return client.call(op, params, self.caller, wait=timeout)
-        except DaemonUnavailable:
-            params["timeout"] = max(0.0, deadline - time.monotonic())
-            return call(op, params, self.caller, self.store)
 
     def check(self, op, **params):
         """Run `op` without its body, when the body could not be read: set-up and
@@ -6344,12 +7109,6 @@ class Cli:
         except UsageError:
             self.check(op, **params)
             raise
-
-    def close(self):
-        if self._client is not None:
-            self._client.close()
-        if self.store is not None:
-            self.store.close()
 
 
 def _split_list(items):
@@ -6704,6 +7463,21 @@ def cmd_daemon(args, cli, out):
            "  Socket: %s" % r.get("socket"))
 
 
+def cmd_mcp(args, cli, out):
+    agent = None
+    if args.agent is not None:
+        agent = _strip_at(args.agent)
+        if not name_ok(agent) or agent in RESERVED_NAMES:
+            raise UsageError("invalid agent name %r in --agent" % args.agent,
+                             hint="names are 1-64 lowercase letters, digits, '_' or '-'")
+    out.flush()
+    serve_mcp(Caller(cli.caller.cwd, cli.caller.env, agent=agent), channel=args.channel)
+    try:
+        sys.stderr.flush()
+    finally:  # abandon waits and workers at once: the client wants us gone
+        os._exit(EXIT_OK)
+
+
 def cmd_demo(args, cli, out):
     if not out.json:
         return run_demo(out, cli.caller.env)
@@ -6990,6 +7764,15 @@ def _args_daemon(p):
     sub.add_parser("run", help="run it in the foreground")
 
 
+def _args_mcp(p):
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    s = sub.add_parser("serve", help="serve MCP on stdin/stdout (an MCP client starts it)")
+    s.add_argument("--agent", metavar="NAME", help="act as this agent (default: "
+                   "THRUM_NAME, else the only identity of this worktree)")
+    s.add_argument("--channel", action="store_true", help="also push each new message "
+                   "into a running Claude Code session (notifications/claude/channel)")
+
+
 def _args_doctor(p):
     p.add_argument("--fix", action="store_true", help="repair what can be repaired")
 
@@ -7028,6 +7811,7 @@ COMMANDS = {
     "config": ("show | get | set", _args_config, cmd_config),
     "daemon": ("start | stop | status | restart | run: the optional daemon", _args_daemon,
                cmd_daemon),
+    "mcp": ("serve: the MCP server for agents that speak MCP", _args_mcp, cmd_mcp),
     "doctor": ("check and repair the index, log, sync worktree", _args_doctor, cmd_doctor),
     "rebuild": ("rebuild the index from the log", _no_args, cmd_rebuild),
     "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo),
@@ -7052,7 +7836,7 @@ def build_parser(command=None):
     return p
 
 
-# === 13. main =================================================================
+# === 14. main =================================================================
 
 def _version_text():
     import hashlib
