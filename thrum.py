@@ -1156,6 +1156,10 @@ def _event_problem(ev):
                 type(f) is dict and type(f.get("path")) is str and
                 (f.get("status") is None or type(f.get("status")) is str) for f in files)):
             return "files must be [{path, status}]"
+        tm = ev.get("tmux")
+        if tm is not None and (type(tm) is not dict or not all(
+                type(v) is str for v in tm.values()) or type(tm.get("session")) is not str):
+            return "tmux must be {session, pane, socket, host} (text)"
     elif t.startswith("group."):
         if not name_ok(ev.get("group")):
             return "needs a valid group name"
@@ -1233,7 +1237,7 @@ CREATE INDEX sessions_agent ON sessions(agent_id);
 _SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
 
 #: Fields an agent.update may carry (work context); latest value wins per field.
-AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context")
+AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context", "tmux")
 
 #: An agent counts as registered when its latest register beats its latest delete.
 ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
@@ -2056,6 +2060,110 @@ def _committed_files(worktree, env, branch, head, cache):
     return out
 
 
+# -- tmux -----------------------------------------------------------------------------
+# Every tmux call goes through Tmux.run(): an argv list, one server (`-S socket` when
+# one is known, else tmux's own default, which honours TMUX_TMPDIR), a bound on its
+# time (a hung server never hangs thrum), and a THRUM_DEBUG trace.
+
+TMUX_MIN = (3, 0)  # new-session -e and a command given as separate arguments
+
+
+def _which(prog, env):
+    """The path of `prog` on env's PATH (None when it is not there)."""
+    if os.sep in prog:
+        return prog if os.access(prog, os.X_OK) and not os.path.isdir(prog) else None
+    for d in (env.get("PATH") or os.defpath).split(os.pathsep):
+        p = os.path.join(d or ".", prog)
+        if os.access(p, os.X_OK) and not os.path.isdir(p):
+            return p
+    return None
+
+
+def tmux_socket(env, explicit=None):
+    """The tmux server to use: --socket, THRUM_TMUX_SOCKET, the server this process runs
+    in ($TMUX), else None (tmux's default server)."""
+    sock = explicit or env.get("THRUM_TMUX_SOCKET") or (
+        (env.get("TMUX") or "").split(",")[0] or None)
+    return os.path.abspath(sock) if sock else None
+
+
+class TmuxMissingError(ThrumError):
+    def __init__(self):
+        super().__init__("tmux is not installed (not on PATH)",
+                         hint="install tmux 3.0 or newer (e.g. 'apt-get install tmux')")
+
+
+class Tmux:
+    """One tmux server, driven with argv lists. `exe` is None when tmux is absent."""
+
+    def __init__(self, env, socket=None):
+        self.env = {k: v for k, v in env.items() if not k.startswith("THRUM_")}
+        self.socket = socket
+        self.exe = _which("tmux", env)
+        self._trace_env = env
+
+    def require(self):
+        """tmux itself, new enough (raises a clear error otherwise)."""
+        if self.exe is None:
+            raise TmuxMissingError()
+        r = self.run("-V", timeout=5.0, check=False)
+        m = re.search(r"(\d+)\.(\d+)", r[1])
+        if r[0] != 0 or not m:
+            raise ThrumError("cannot tell the version of %s (%s)" % (
+                self.exe, (r[2] or r[1]).strip() or "exit %d" % r[0]))
+        if (int(m.group(1)), int(m.group(2))) < TMUX_MIN:
+            raise ThrumError("tmux %s is too old: thrum needs tmux %d.%d or newer" % (
+                m.group(0), *TMUX_MIN), hint="upgrade tmux")
+        return self
+
+    def run(self, *args, timeout=3.0, check=True):
+        """(exit code, stdout, stderr). check: a failure raises ThrumError."""
+        import subprocess
+        if self.exe is None:
+            raise TmuxMissingError()
+        argv = [self.exe] + (["-S", self.socket] if self.socket else []) + list(args)
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=self.env,
+                                    start_new_session=True)
+        except OSError as e:
+            raise ThrumError("cannot run tmux: %s" % (e.strerror or e))
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except Exception:
+            _kill_group(proc)
+            _trace(self._trace_env, argv[1:], "timeout", t0, tool="tmux")
+            raise ThrumError("tmux did not answer within %gs (%s)" % (timeout, " ".join(
+                args[:1])), hint="is the tmux server hung? ('tmux kill-server' ends it)")
+        _trace(self._trace_env, argv[1:], proc.returncode, t0, tool="tmux")
+        out = out.decode("utf-8", "replace")
+        err = err.decode("utf-8", "replace")
+        if check and proc.returncode != 0:
+            raise ThrumError("tmux %s failed: %s" % (args[0], err.strip() or
+                                                     "exit %d" % proc.returncode))
+        return proc.returncode, out, err
+
+    def has_session(self, session):
+        return self.run("has-session", "-t", "=" + session, check=False)[0] == 0
+
+    def pane(self, target, fmt):
+        """display-message -p for a pane (or `=SESSION:`); None when it is gone."""
+        code, out, _ = self.run("display-message", "-p", "-t", target, fmt, check=False)
+        return out.rstrip("\n") if code == 0 and out.strip() else None
+
+
+#: What a pane shows while it asks the user to choose (a permission prompt, a
+#: selection list, a y/n question): a nudge then waits instead of typing into it.
+_DIALOG = re.compile(
+    r"do you want to (proceed|continue|allow|make|create|run|apply)|"
+    r"\[y/n\]|\(y/n\)|\[Y/n\]|\[y/N\]|\(yes/no\)|"
+    r"^\s*[›❯>▶]\s*\d+[.)]\s|"
+    r"press enter to (confirm|continue|select)|esc to (cancel|exit|go back)|"
+    r"allow (once|always|this)|\bapprove\b.*\bdeny\b|\byes, and\b",
+    re.IGNORECASE | re.MULTILINE)
+
+
 # === 8. Git sync ==============================================================
 #
 # The log lives in a worktree of the orphan branch `a-sync` under
@@ -2654,6 +2762,32 @@ def _check_name(name, what="agent name"):
     return name
 
 
+_TMUX_SESSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z").match
+
+
+def _command_argv(command, env):
+    """The pane's command as an argv list (one argument with spaces in it is split the
+    way a shell would, without running one); default: the user's shell. The program
+    must be found on PATH, so a typo fails before anything is registered."""
+    if isinstance(command, str):
+        command = [command]
+    command = list(command or ())
+    if not all(isinstance(c, str) and c for c in command):
+        raise UsageError("the command must be a list of non-empty arguments")
+    if len(command) == 1 and any(ch.isspace() for ch in command[0]):
+        import shlex
+        try:
+            command = shlex.split(command[0])
+        except ValueError as e:
+            raise UsageError("cannot split the command %r: %s" % (command[0], e))
+    if not command:
+        command = [env.get("SHELL") or "/bin/sh"]
+    if _which(command[0], env) is None:
+        raise UsageError("command not found: %s" % command[0],
+                         hint="--command takes a program on PATH and its arguments")
+    return command
+
+
 def _strip_at(name):
     return name[1:] if isinstance(name, str) and name.startswith("@") else name
 
@@ -3048,7 +3182,7 @@ class Service:
         if not isinstance(data, dict) or not name_ok(data.get("agent_id", "")) or any(
                 data.get(k) is not None and not isinstance(data.get(k), str) for k in (
                     "role", "module", "display", "worktree", "intent", "session_id",
-                    "tmux_session", "created_at", "updated_at")):
+                    "tmux_session", "tmux_pane", "tmux_socket", "created_at", "updated_at")):
             raise NotSetUpError("identity file %s is not a valid thrum identity" % path,
                                 hint=hint)
         data["identity_file"] = path
@@ -3438,6 +3572,7 @@ class Service:
                 "session_started_at": ses[1] if ses else None,
                 "pid": ses[2] if ses else None,
                 "tmux_session": ident.get("tmux_session"),
+                "tmux_pane": ident.get("tmux_pane"), "tmux_socket": ident.get("tmux_socket"),
                 "identity_file": ident.get("identity_file")}
 
     def _agent_fields(self, agent_id):
@@ -3488,7 +3623,8 @@ class Service:
                  "session_started_at": ses[1] if ses else None,
                  "worktree": wt, "hostname": host, "registered_at": reg,
                  "unread": unread or 0, "total": total,
-                 "context_at": self._context_checked(wt, host) or context_at.get(aid)}
+                 "context_at": self._context_checked(wt, host) or context_at.get(aid),
+                 "tmux": f.get("tmux")}
             if with_files:
                 m["files"] = f.get("files") or []
             out.append(m)
@@ -4261,6 +4397,173 @@ class Service:
                 return {"status": "timeout", "messages": []}
             sleep(min(_poll, left))
 
+    # -- tmux (SPEC §12) ------------------------------------------------------------------
+    def tmux_create(self, session, name=None, role=None, module=None, intent=None,
+                    command=(), force=False, socket=None):
+        """Register the agent in this worktree (init if needed) and start its session,
+        then a detached tmux session whose pane runs `command` (default: the user's
+        shell) with THRUM_NAME set and no other THRUM_*. The identity records the tmux
+        session, pane and server socket; the pane's process is the agent's long-lived pid.
+        Checks that need no writes come first; a failure after the registration rolls it
+        back (a new agent is deleted again, a re-registered one has its session ended)."""
+        if not isinstance(session, str) or not _TMUX_SESSION(session):
+            raise UsageError("invalid tmux session name %r" % (session,),
+                             hint="1-64 letters, digits, '_' or '-', starting with a letter "
+                                  "or digit")
+        if not self.loc.store and not self.loc.git_common:
+            raise UsageError("%s is not in a git repository" % self.caller.cwd,
+                             hint="pass --cwd DIR, a directory inside the repository")
+        name = _strip_at(name) if name else self.env.get("THRUM_NAME")
+        if not name:
+            raise UsageError("tmux create needs --name NAME")
+        _check_name(name)
+        if not (role or self.env.get("THRUM_ROLE")) or not (
+                module or self.env.get("THRUM_MODULE")):
+            raise UsageError("tmux create needs --role and --module (or THRUM_ROLE and "
+                             "THRUM_MODULE)")
+        _check_text(intent, "intent", 1000, allow_empty=True)
+        argv = _command_argv(command, self.env)
+        tmux = Tmux(self.env, tmux_socket(self.env, socket)).require()
+        if tmux.has_session(session):
+            if not force:
+                raise RefusedError("tmux session %s already exists" % session,
+                                   hint="--force replaces it (and ends its agent's session)")
+            if self.store is not None:
+                self._tmux_forget(session, None, "tmux session replaced")
+            tmux.run("kill-session", "-t", "=" + session, check=False)
+        existed = self.store is not None and self._agent_row(name) is not None
+        if existed and not force:
+            raise RefusedError("agent @%s is already registered" % name,
+                               hint="--force registers it again here and gives it this "
+                                    "tmux session")
+        if existed:  # (forced) its old tmux session on this host goes
+            for m in self._tmux_members(here=True):
+                if m["agent_id"] == name and m["tmux"]["session"] != session:
+                    Tmux(self.env, m["tmux"].get("socket")).run(
+                        "kill-session", "-t", "=" + m["tmux"]["session"], check=False)
+                    self._tmux_forget(m["tmux"]["session"], name, "tmux session replaced")
+        qs = self.quickstart(name=name, role=role, module=module, intent=intent, force=force)
+        aid = qs["register"]["agent_id"]
+        try:
+            pane, pid, sock = self._tmux_start(tmux, session, aid, argv)
+        except ThrumError:
+            if existed:
+                self.session_end(reason="tmux create failed", agent=aid)
+            else:
+                self.agent_delete(aid, force=True)
+            raise
+        ses = self.session_start(pid=pid, agent=aid)
+        rec = {"session": session, "pane": pane, "socket": sock, "host": os.uname().nodename,
+               "origin": self.origin}  # the clone whose nudgers type into this pane
+        self._emit([self._event("agent.update", agent_id=aid, tmux=rec)])
+        ident = self.me(aid)
+        ident.update(tmux_session=session, tmux_pane=pane, tmux_socket=sock)
+        self._write_identity(ident)
+        return {"session": session, "agent_id": aid, "pane": pane, "socket": sock,
+                "pid": pid, "session_id": ses["session_id"], "command": argv,
+                "cwd": self.caller.cwd, "registered": not existed}
+
+    def _tmux_start(self, tmux, session, aid, argv):
+        # The server's global environment (kept from whoever started it) may hold THRUM_*
+        # variables: the pane's command starts under env(1) with them removed.
+        out = tmux.run("show-environment", "-g", check=False)[1]
+        drop = {ln.lstrip("-").split("=")[0] for ln in out.splitlines()}
+        drop = sorted(k for k in drop | set(self.env) if k.startswith("THRUM_"))
+        env_argv = [_which("env", self.env) or "/usr/bin/env"]
+        for k in drop:
+            env_argv += ["-u", k]
+        tmux.run("new-session", "-d", "-s", session, "-c", self.caller.cwd, "-x", "200",
+                 "-y", "50", *env_argv, "THRUM_NAME=" + aid, *argv, timeout=10.0)
+        info = tmux.pane("=%s:" % session, "#{pane_id}\t#{pane_pid}\t#{socket_path}")
+        if info:
+            time.sleep(0.15)  # a command that cannot start ends at once
+        if not info or tmux.pane("=%s:" % session, "#{pane_dead}") not in ("0", ""):
+            tmux.run("kill-session", "-t", "=" + session, check=False)
+            raise ThrumError("%s exited as soon as it started in tmux session %s"
+                             % (argv[0], session), hint="run the command by hand to see why")
+        pane, pid, sock = info.split("\t")
+        return pane, int(pid), sock
+
+    def _tmux_members(self, here=False):
+        """Members with a tmux record (here: started on this host)."""
+        host = os.uname().nodename
+        return [m for m in self._members(all_agents=True) if m.get("tmux") and
+                (not here or m["tmux"].get("host") == host)]
+
+    def tmux_list(self):
+        """Agents with a tmux session: alive or gone (asked live for this host)."""
+        self.require_store()
+        host = os.uname().nodename
+        out, exe = [], _which("tmux", self.env)
+        if exe is None:
+            raise TmuxMissingError()
+        for m in self._tmux_members():
+            rec = m["tmux"]
+            alive = None
+            if rec.get("host") == host:
+                tm = Tmux(self.env, rec.get("socket"))
+                alive = tm.has_session(rec["session"]) and \
+                    tm.pane(rec["pane"], "#{pane_dead}") == "0"
+            out.append({"agent_id": m["agent_id"], "session": rec["session"],
+                        "pane": rec.get("pane"), "socket": rec.get("socket"),
+                        "host": rec.get("host"), "alive": alive, "status": m["status"],
+                        "unread": m["unread"]})
+        return {"agents": out}
+
+    def tmux_kill(self, session=None, name=None, socket=None):
+        """Kill a tmux session (exact name, never a prefix) and end its agent's session."""
+        self.require_store()
+        if bool(session) == bool(name):
+            raise UsageError("give a SESSION or --name NAME (one of them)")
+        if name:
+            row = self._require_agent(name)
+            m = next((m for m in self._tmux_members(here=True) if m["agent_id"] == row[0]),
+                     None)
+            if m is None:
+                raise NotFoundError("@%s has no tmux session" % row[0],
+                                    hint="see them with 'thrum tmux list'")
+            session, sock = m["tmux"]["session"], socket or m["tmux"].get("socket")
+        else:
+            if not _TMUX_SESSION(session):
+                raise UsageError("invalid tmux session name %r" % session)
+            mine = [m for m in self._tmux_members(here=True)
+                    if m["tmux"]["session"] == session]
+            sock = socket or (mine[0]["tmux"].get("socket") if mine else None)
+        tm = Tmux(self.env, tmux_socket(self.env, sock)).require()
+        killed = tm.has_session(session) and \
+            tm.run("kill-session", "-t", "=" + session, check=False)[0] == 0
+        agents, ended = self._tmux_forget(session, None if name is None else row[0],
+                                          "tmux session killed")
+        if not killed and not agents:
+            raise NotFoundError("no tmux session %s" % session,
+                                hint="see them with 'thrum tmux list' or 'tmux ls'")
+        return {"session": session, "killed": killed, "agents": agents, "ended": ended}
+
+    def _tmux_forget(self, session, aid, reason):
+        """The agents of tmux session `session` (or agent `aid`) lose it: their thrum
+        session ends and the record is cleared (log and identity file)."""
+        agents, events, ended = [], [], []
+        for m in self._tmux_members(here=True):
+            if (aid and m["agent_id"] != aid) or m["tmux"]["session"] != session:
+                continue
+            agents.append(m["agent_id"])
+            ses = self._open_session(m["agent_id"])
+            if ses:
+                ended.append(ses[0])
+                events.append(self._event("agent.session.end", agent_id=m["agent_id"],
+                                          session_id=ses[0], reason=reason))
+            events.append(self._event("agent.update", agent_id=m["agent_id"], tmux=None))
+            path = self._identity_file(m["agent_id"], m.get("worktree"))
+            ident = self._read_identity(path) if os.path.exists(path) else None
+            if ident and ident.get("tmux_session") == session:
+                for k in ("tmux_session", "tmux_pane", "tmux_socket", "pid"):
+                    ident[k] = None
+                if ses and ident.get("session_id") == ses[0]:
+                    ident["session_id"] = None
+                self._write_identity(ident)
+        self._emit(events)
+        return agents, ended
+
     # -- team & status --------------------------------------------------------------
     def team(self, all=False):
         """Agents with an open session (all=True: everyone)."""
@@ -4767,6 +5070,9 @@ OPS = {
     "sync_status": ("sync_status", NEEDS_STORE),
     "doctor": ("doctor", NEEDS_STORE),
     "rebuild_index": ("rebuild_index", NEEDS_STORE),
+    "tmux_create": ("tmux_create", NEEDS_NOTHING),
+    "tmux_list": ("tmux_list", NEEDS_STORE),
+    "tmux_kill": ("tmux_kill", NEEDS_STORE),
 }
 
 
@@ -4839,6 +5145,279 @@ def call(op, params, caller, store=None, hooks=None):
     if svc.autosync_error is not None:
         raise AfterWriteError(svc.autosync_error, result)
     return result
+
+
+# -- nudges (SPEC §12) ------------------------------------------------------------------
+# When a message reaches an agent with a live tmux pane on this host, one line is typed
+# into that pane. Requests go into a queue file per agent (`.thrum/var/nudge/<agent>.queue`);
+# a nudger, holding the agent's lock file so two never type into one pane at once,
+# waits a moment for the rest of a burst, then types one line for all of it. Nudgers
+# run in the daemon (threads, also for messages that came by sync) or, without one, in a
+# process forked by the sender after the message is stored. A message nudges its
+# recipient once (`<agent>.done`), and never while the agent has already read it.
+
+def _tmux_pane_key(rec):
+    return (rec.get("socket") or "", rec.get("pane") or "")
+
+
+class Nudges:
+    SETTLE = 1.5        # a burst is over when its queue has been quiet this long...
+    BURST_MAX = 15.0    # ...or after this long, whichever comes first
+    ENTER_PAUSE = 0.2   # between the typed line and its Enter (see docs/cli.md#nudges)
+    RETRY_ENTER = 2     # more Enters when the pane did not change after the first
+    DEFER_FOR = 600.0   # a busy pane (copy mode, a dialog) is tried again for this long
+    DEFER_STEP = 1.0
+
+    def __init__(self, store, env, log=None):
+        self.store = store
+        self.env = env
+        self.dir = os.path.join(store.loc.var, "nudge")
+        self.log = log or self._log_file
+
+    def _log_file(self, msg):
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(os.path.join(self.dir, "nudge.log"), "a") as f:
+                f.write("%s %s\n" % (now_ts(), msg))
+        except OSError:
+            pass
+
+    def targets(self):
+        """{agent: tmux record} of agents with a tmux pane started from this clone (on
+        this host: another clone of the same machine leaves them to this one)."""
+        host, origin = os.uname().nodename, self.store.origin
+        out = {}
+        for aid, v in self.store.index.q(
+                "SELECT agent_id, value FROM agent_fields WHERE field = 'tmux'"):
+            rec = json.loads(v)
+            if isinstance(rec, dict) and rec.get("host") == host and rec.get("pane") and \
+                    rec.get("origin", origin) == origin:
+                out[aid] = rec
+        return out
+
+    def collect(self, pairs, exclude=None):
+        """[(recipient, message id, author)] -> [(recipient, message id)] worth a nudge:
+        recipients with a pane here, never the author's own pane or `exclude`'s (the
+        sending process's pane, (socket, pane))."""
+        targets = self.targets() if pairs else {}
+        out = []
+        for to, mid, author in pairs:
+            rec = targets.get(to)
+            if rec is None or to == author:
+                continue
+            key = _tmux_pane_key(rec)
+            if author in targets and _tmux_pane_key(targets[author]) == key:
+                continue
+            if exclude and exclude[1] and key == exclude:
+                continue
+            out.append((to, mid))
+        return out
+
+    def _path(self, aid, ext):
+        return _safe_name_path(self.dir, aid, ext)
+
+    def enqueue(self, items):
+        """Queue nudges; returns the agents that got new ones."""
+        by = {}
+        for aid, mid in items:
+            by.setdefault(aid, []).append(mid)
+        os.makedirs(self.dir, exist_ok=True)
+        for aid, mids in by.items():
+            with _FileLock(self._path(aid, ".qlock")):
+                with open(self._path(aid, ".queue"), "a") as f:
+                    f.write("".join(m + "\n" for m in mids))
+        return list(by)
+
+    def take(self, aid):
+        path = self._path(aid, ".queue")
+        if not os.path.exists(path):
+            return []
+        with _FileLock(self._path(aid, ".qlock")):
+            try:
+                with open(path, "r+") as f:
+                    ids = [ln.strip() for ln in f if ln.strip()]
+                    f.truncate(0)
+            except OSError:
+                return []
+        return list(dict.fromkeys(ids))
+
+    def run(self, aid):
+        """Deliver what is queued for `aid`, as its only nudger (returns at once when
+        another one runs: that one picks the new entries up)."""
+        while True:
+            lock = _FileLock(self._path(aid, ".lock"), block=False)
+            if not lock.acquire():
+                return
+            try:
+                while True:
+                    self._settle(aid)
+                    ids = self.take(aid)
+                    if not ids:
+                        break
+                    self._deliver(aid, ids)
+            finally:
+                lock.release()
+            try:  # queued while we let go of the lock: go round again
+                if not os.path.getsize(self._path(aid, ".queue")):
+                    return
+            except OSError:
+                return
+
+    def _settle(self, aid):
+        """Wait for the end of a burst: the queue unchanged for SETTLE seconds."""
+        path, start = self._path(aid, ".queue"), time.monotonic()
+        last, quiet = None, time.monotonic()
+        while time.monotonic() - start < self.BURST_MAX:
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                size = 0
+            if size != last:
+                last, quiet = size, time.monotonic()
+            elif time.monotonic() - quiet >= self.SETTLE:
+                return
+            time.sleep(0.05)
+
+    def _fresh(self, aid, ids):
+        """Ids still worth a nudge: not nudged before, not read, not deleted."""
+        done = LocalRecord(self._path(aid, ".done")).load()
+        ids = [i for i in dict.fromkeys(ids) if i not in done]
+        if not ids:
+            return [], []
+        self.store.refresh()
+        rows = self.store.index.q(
+            "SELECT d.message_id, m.agent_id FROM deliveries d JOIN messages m ON "
+            "m.message_id = d.message_id WHERE d.agent_id = ? AND d.read_at IS NULL AND "
+            "d.deleted = 0 AND d.message_id IN (%s) ORDER BY d.created_at"
+            % ",".join("?" * len(ids)), [aid] + ids)
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    def _deliver(self, aid, ids):
+        rec = self.targets().get(aid)
+        if rec is None:
+            return
+        tm = Tmux(self.env, rec.get("socket"))
+        if tm.exe is None:
+            return
+        deadline = time.monotonic() + self.DEFER_FOR
+        while True:
+            ids, authors = self._fresh(aid, ids)
+            if not ids:
+                return
+            state = self._pane_state(tm, rec["pane"])
+            if state == "gone":
+                self._gone(aid, rec)
+                return
+            if state == "ready":
+                break
+            if time.monotonic() > deadline:
+                self.log("@%s: pane %s stayed busy for %ds; nudge dropped"
+                         % (aid, rec["pane"], self.DEFER_FOR))
+                return
+            time.sleep(self.DEFER_STEP)
+            ids += self.take(aid)  # what came meanwhile joins this nudge
+        senders = list(dict.fromkeys(authors))
+        who = ", ".join("@" + s for s in senders)
+        line = ("New message from %s" % who if len(ids) == 1 else
+                "%d new messages from %s" % (len(ids), who)) + \
+            " -- run `thrum inbox --unread`"
+        if self._type(tm, rec["pane"], line):
+            LocalRecord(self._path(aid, ".done")).add(ids)
+
+    def _gone(self, aid, rec):
+        """Note a vanished pane once (not on every message)."""
+        mark = self._path(aid, ".gone")
+        key = "%s %s\n" % _tmux_pane_key(rec)
+        if _read_text(mark) == key:
+            return
+        self.log("@%s: tmux pane %s (session %s) is gone; no nudges until it is back"
+                 % (aid, rec["pane"], rec.get("session")))
+        try:
+            _write_file_atomic(mark, key)
+        except OSError:
+            pass
+
+    def _pane_state(self, tm, pane):
+        """gone, busy (copy mode or a choice on screen: never typed into) or ready."""
+        try:
+            info = tm.pane(pane, "#{pane_dead}\t#{pane_in_mode}")
+            if info is None or info.split("\t")[0] == "1":
+                return "gone"
+            if info.split("\t")[1] != "0":
+                return "busy"
+            screen = tm.run("capture-pane", "-p", "-t", pane, check=False)[1]
+        except ThrumError:
+            return "busy"  # a hung server: later
+        tail = "\n".join([ln for ln in screen.splitlines() if ln.strip()][-15:])
+        return "busy" if _DIALOG.search(tail) else "ready"
+
+    def _look(self, tm, pane):
+        return (tm.pane(pane, "#{cursor_x},#{cursor_y},#{history_size}"),
+                tm.run("capture-pane", "-p", "-t", pane, check=False)[1])
+
+    def _type(self, tm, pane, line):
+        """The line literally, a pause, then Enter (again, a bounded number of times,
+        while the pane shows no sign of it)."""
+        try:
+            tm.run("send-keys", "-t", pane, "-l", line)
+            time.sleep(self.ENTER_PAUSE)
+            before = self._look(tm, pane)
+            tm.run("send-keys", "-t", pane, "Enter")
+            for _ in range(self.RETRY_ENTER):
+                time.sleep(0.3)
+                if self._look(tm, pane) != before:
+                    break
+                tm.run("send-keys", "-t", pane, "Enter")
+            return True
+        except ThrumError as e:
+            self.log("nudge into %s failed: %s" % (pane, e.message))
+            return False
+
+
+class _FileLock:
+    """An exclusive flock on a lock file (created 0600), as a context manager."""
+
+    def __init__(self, path, block=True):
+        self.path, self.block, self.fd = path, block, None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def nudge_after_write(router, events):
+    """A Store listener of the CLI and the MCP server: nudge the tmux panes of the
+    recipients of messages this process stored, unless a daemon runs (it nudges)."""
+    pairs = [(to, ev["message_id"], ev["agent_id"]) for ev in events
+             if ev.get("type") == "message.create" for to in ev.get("recipients") or ()]
+    store, env = router.store, router.caller.env
+    if not pairs or store is None:
+        return
+    nudges = Nudges(store, env)
+    items = nudges.collect(pairs, exclude=(tmux_socket(env) or "", env.get("TMUX_PANE")))
+    if not items or _which("tmux", env) is None or \
+            DaemonFiles(store.loc.var, env).running():
+        return
+    agents = nudges.enqueue(items)
+    router.start_nudger(agents)
 
 
 # === 10. Daemon ===============================================================
@@ -5284,7 +5863,8 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *a: self.stop())
         self.log("daemon %d started for %s (socket %s)" % (os.getpid(), self.store.path,
                                                           self.socket))
-        for fn in (self._watch_loop, self._sync_loop, self._reap_loop, self._context_loop):
+        for fn in (self._watch_loop, self._sync_loop, self._reap_loop, self._context_loop,
+                   self._nudge_loop):
             _thread.start_new_thread(self._guard, (fn,))
         _thread.start_new_thread(self._guard, (self._accept_loop,))
         while not self._stopped.wait(0.5):
@@ -5600,6 +6180,59 @@ class Daemon:
                 self.log("work contexts: %s" % e.message)
             self._stopped.wait(self.CONTEXT_EVERY)
 
+    def _nudge_loop(self):
+        """Nudge the tmux panes of agents on this host for every message new to the
+        store: written through the daemon or without it, or pulled in by a sync."""
+        nudges = Nudges(self.store, self.env, log=self.log)
+        mark = now_ts(time.time() - 1.0)
+        seen = {}                       # (agent, message id) -> when it was queued
+        running = set()                 # agents with a nudger thread of ours
+        lock = _thread.allocate_lock()
+        with self._cond:
+            last = self._changes
+
+        def nudger(aid):
+            try:
+                nudges.run(aid)
+            finally:
+                with lock:
+                    running.discard(aid)
+        while not self.stopping:
+            with self._cond:
+                while self._changes == last and not self.stopping:
+                    self._cond.wait(1.0)
+                last = self._changes
+            if self.stopping:
+                return
+            try:
+                if not nudges.targets():
+                    continue
+                # Overlapping windows (2 s back) and `seen`: a message projected by
+                # another process a moment before a later one is not missed.
+                since = now_ts(parse_ts(mark) - 2.0)
+                rows = self.store.index.q(
+                    "SELECT d.agent_id, d.message_id, m.agent_id, d.arrived_at FROM "
+                    "deliveries d JOIN messages m ON m.message_id = d.message_id WHERE "
+                    "d.arrived_at > ? AND d.read_at IS NULL AND d.deleted = 0", (since,))
+            except ThrumError as e:
+                self.log("nudges: %s" % e.message)
+                continue
+            now = time.monotonic()
+            for k in [k for k, t in seen.items() if now - t > 60.0]:
+                del seen[k]
+            fresh = [(a, m, au) for a, m, au, _ in rows if (a, m) not in seen]
+            mark = max([mark] + [r[3] for r in rows if r[3]])
+            items = nudges.collect(fresh)
+            for a, m, _ in fresh:
+                seen[(a, m)] = now
+            if items:
+                for aid in nudges.enqueue(items):
+                    with lock:
+                        if aid in running:
+                            continue
+                        running.add(aid)
+                    _thread.start_new_thread(self._guard, (nudger, aid))
+
     def _reap_loop(self):
         """End the sessions of agents whose recorded long-lived process died (SPEC §14
         "Dead agents"); short-lived CLI processes record no pid and are never reaped."""
@@ -5688,6 +6321,37 @@ class Cancel:
                 self._fns.remove(fn)
 
 
+def _nudge_quietly(store, env, aid):
+    try:
+        Nudges(store, env).run(aid)
+    except Exception:  # noqa: BLE001 - a nudge never disturbs its sender
+        pass
+
+
+def _fork_nudger(store, env, agents):
+    """Run the nudgers in a child of this (single-threaded) CLI process: it starts in a
+    millisecond, has nothing to load, and the sender exits without waiting for it."""
+    try:
+        pid = os.fork()
+    except OSError:
+        return
+    if pid:
+        return
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # let go of the sender's pipes at once
+            os.dup2(null, fd)
+        fresh = Store(store.loc, env)  # never the parent's SQLite connections
+        nudges = Nudges(fresh, env)
+        for aid in agents:
+            nudges.run(aid)
+    except BaseException:  # noqa: B902 - nothing to report to: the sender is gone
+        pass
+    finally:
+        os._exit(0)
+
+
 # -- the front ends' way in ------------------------------------------------------------
 
 class Router:
@@ -5697,18 +6361,36 @@ class Router:
     """
 
     #: Operations that always run in this process (they check or rebuild local files).
-    LOCAL_OPS = frozenset(("doctor", "rebuild_index"))
+    LOCAL_OPS = frozenset(("doctor", "rebuild_index", "tmux_create", "tmux_list",
+                           "tmux_kill"))
     #: Config keys that only change what a front end does (not the operation's result).
     FRONT_KEYS = ("mcp.",)
 
+    #: Nudgers run in threads (a long-lived, threaded front end) or in a forked child.
+    threads = False
+
     def __init__(self, caller, autostart=True):
         self.caller = caller
-        loc = locate(caller.cwd)
-        self.store = Store(loc, caller.env) if loc.store else None
+        self.store = None
         self._autostarted = not autostart
         self._tls = _thread._local()
         self._lock = _thread.allocate_lock()
         self._clients = []
+        loc = locate(caller.cwd)
+        if loc.store:
+            self._open(loc)
+
+    def _open(self, loc):
+        self.store = Store(loc, self.caller.env)
+        self.store.listeners.append(lambda events: nudge_after_write(self, events))
+
+    def start_nudger(self, agents):
+        """Type the queued nudges for these agents without holding up this call."""
+        if self.threads:
+            for aid in agents:
+                _thread.start_new_thread(_nudge_quietly, (self.store, self.caller.env, aid))
+            return
+        _fork_nudger(self.store, self.caller.env, agents)
 
     def run(self, op, params, cancel=None):
         """call(op, params) for this caller (raises what call() raises). `cancel`: a
@@ -5718,7 +6400,7 @@ class Router:
             if loc.store:
                 with self._lock:
                     if self.store is None:
-                        self.store = Store(loc, self.caller.env)
+                        self._open(loc)
         client = self._daemon(op)
         if client is not None:
             try:
@@ -5913,6 +6595,8 @@ def render_member(out, m):
         bits.append("task: " + m["task"])
     if m.get("branch"):
         bits.append("branch: " + m["branch"])
+    if m.get("tmux"):
+        bits.append("tmux: " + str(m["tmux"].get("session")))
     bits.append("seen " + relative_time(m.get("last_seen_at")))
     bits.append("inbox %d unread / %d" % (m["unread"], m["total"]))
     return [clip(head), clip("    " + " · ".join(bits))]
@@ -5967,7 +6651,9 @@ def render_whoami(r, style=PLAIN):
         "  Session:  %s" % ("%s (started %s)" % (r["session_id"], relative_time(
             r["session_started_at"])) if r["session_id"] else
             "none (thrum session start)"),
-        "  Worktree: %s" % r["worktree"],
+        "  Worktree: %s" % r["worktree"]] + (
+            ["  Tmux:     %s (pane %s)" % (r["tmux_session"], r.get("tmux_pane"))]
+            if r.get("tmux_session") else []) + [
         "  Identity: %s" % r["identity_file"]]]
 
 
@@ -5977,6 +6663,8 @@ def render_status(r, style=PLAIN):
     if a.get("intent"):
         lines.append("  Intent:  " + a["intent"])
     lines.append("  Session: %s" % (r["session"]["session_id"] if r["session"] else "none"))
+    if a.get("tmux_session"):
+        lines.append("  Tmux:    %s (pane %s)" % (a["tmux_session"], a.get("tmux_pane")))
     ib = r["inbox"]
     lines.append("  Inbox:   %d unread / %d" % (ib["unread"], ib["total"]))
     d = r["daemon"]
@@ -6116,6 +6804,18 @@ def render_wait(r, style=PLAIN):
                "CONTENT: %s" % first] + ["  " + l for l in more] + [
                "TIMESTAMP: %s" % m["created_at"]]
     return ls + ["---"]
+
+
+def render_tmux_list(r, style=PLAIN):
+    if not r["agents"]:
+        return ["No agents with a tmux session. Start one with 'thrum tmux create'."]
+    ls = []
+    for a in r["agents"]:
+        state = {True: style.c("32", "alive"), False: style.c("31", "gone"),
+                 None: "on %s" % a.get("host")}[a["alive"]]
+        ls.append(clip("@%s  %s (pane %s)  %s  inbox %d unread" % (
+            a["agent_id"], a["session"], a.get("pane"), state, a["unread"])))
+    return ls
 
 
 def render_who_has(r, style=PLAIN):
@@ -6484,6 +7184,7 @@ class McpServer:
 
     def __init__(self, caller, rfile, wfd, channel=False):
         self.router = Router(caller)
+        self.router.threads = True  # nudges: never fork a threaded process
         self.caller = caller
         self.rfile, self.wfd = rfile, wfd
         self.channel = channel
@@ -6957,11 +7658,17 @@ def split_global_flags(argv):
     argv wherever they appear (before a `--`)."""
     flags = {"json": False, "quiet": False, "verbose": False, "repo": None,
              "version": False, "debug": False}
-    rest, i = [], 0
+    rest, i, raw = [], 0, False
     while i < len(argv):
         a = argv[i]
-        if a == "--":
-            rest.extend(argv[i:])
+        if raw and a not in ("--json", "--"):  # the pane's command, word for word
+            rest.append(a)
+            i += 1
+            continue
+        if a == "--command":
+            raw = True
+        if a == "--":  # (`--command -- CMD...`: CMD may take flags like thrum's own)
+            rest.extend(argv[i + 1:] if rest[-1:] == ["--command"] else argv[i:])
             break
         if a == "--json":
             flags["json"] = True
@@ -7478,6 +8185,40 @@ def cmd_mcp(args, cli, out):
         os._exit(EXIT_OK)
 
 
+def _pane_command(words):
+    """--command's words: thrum's global flags (--json, --quiet, ...) were taken out
+    already, unless they follow a `--` (`--command -- claude --verbose`)."""
+    words = list(words or ())
+    return words[1:] if words[:1] == ["--"] else words
+
+
+def cmd_tmux(args, cli, out):
+    if args.sub in ("create", "quickstart"):
+        cwd = os.path.abspath(os.path.join(cli.caller.cwd, args.cwd or "."))
+        if not os.path.isdir(cwd):
+            raise UsageError("--cwd %s is not a directory" % (args.cwd or cwd))
+        r = call("tmux_create", dict(
+            session=args.session, name=args.name, role=args.role, module=args.module,
+            intent=args.intent, command=_pane_command(args.pane_command), force=args.force,
+            socket=args.socket), Caller(cwd, cli.caller.env))
+        return out.ok(r, "Session created: %s (pane %s)" % (r["session"], r["pane"]),
+                      "  Agent:  @%s (%s, pid %d)" % (r["agent_id"], "registered" if
+                                                      r["registered"] else "re-registered",
+                                                      r["pid"]),
+                      "  Attach: tmux%s attach -t '=%s'" % (
+                          " -S " + r["socket"] if args.socket or
+                          cli.caller.env.get("THRUM_TMUX_SOCKET") else "", r["session"]))
+    if args.sub == "list":
+        if _which("tmux", cli.caller.env) is None:
+            raise TmuxMissingError()
+        return out.emit(cli.call("tmux_list"), lambda r: render_tmux_list(r, out))
+    r = cli.call("tmux_kill", session=args.session, name=args.name, socket=args.socket)
+    out.ok(r, "Killed tmux session %s%s" % (r["session"], "" if r["killed"] else
+                                            " (it was already gone)"),
+           *(["  Ended the thrum session of %s" % ", ".join("@" + a for a in r["agents"])]
+             if r["ended"] else []))
+
+
 def cmd_demo(args, cli, out):
     if not out.json:
         return run_demo(out, cli.caller.env)
@@ -7773,6 +8514,33 @@ def _args_mcp(p):
                    "into a running Claude Code session (notifications/claude/channel)")
 
 
+def _args_tmux(p):
+    import argparse
+    sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    for verb, help_ in (("create", "register an agent and start it in a tmux session"),
+                        ("quickstart", "the same as create")):
+        c = sub.add_parser(verb, help=help_, description=help_)
+        c.add_argument("session", metavar="SESSION")
+        c.add_argument("--name", metavar="N", required=True)
+        c.add_argument("--role", metavar="R")
+        c.add_argument("--module", metavar="M")
+        c.add_argument("--intent", metavar="I")
+        c.add_argument("--cwd", metavar="DIR", help="the agent's repository (default: here)")
+        c.add_argument("--force", action="store_true", help="replace a session or "
+                       "registration of that name")
+        c.add_argument("--socket", metavar="PATH", help="the tmux server's socket")
+        c.add_argument("--command", dest="pane_command", nargs=argparse.REMAINDER,
+                       metavar="CMD",
+                       help="what the pane runs, with its arguments (last; default: "
+                            "your shell), e.g. --command claude")
+    sub.add_parser("list", help="agents with a tmux session: alive or gone, unread")
+    k = sub.add_parser("kill", help="kill a tmux session (exact name) and end its "
+                                    "agent's session")
+    k.add_argument("session", metavar="SESSION", nargs="?")
+    k.add_argument("--name", metavar="N", help="the agent whose session to kill")
+    k.add_argument("--socket", metavar="PATH")
+
+
 def _args_doctor(p):
     p.add_argument("--fix", action="store_true", help="repair what can be repaired")
 
@@ -7812,6 +8580,7 @@ COMMANDS = {
     "daemon": ("start | stop | status | restart | run: the optional daemon", _args_daemon,
                cmd_daemon),
     "mcp": ("serve: the MCP server for agents that speak MCP", _args_mcp, cmd_mcp),
+    "tmux": ("create | quickstart | list | kill: agents in tmux panes", _args_tmux, cmd_tmux),
     "doctor": ("check and repair the index, log, sync worktree", _args_doctor, cmd_doctor),
     "rebuild": ("rebuild the index from the log", _no_args, cmd_rebuild),
     "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo),
