@@ -2089,8 +2089,8 @@ def tmux_socket(env, explicit=None):
 
 class TmuxMissingError(ThrumError):
     def __init__(self):
-        super().__init__("tmux is not installed (not on PATH)",
-                         hint="install tmux 3.0 or newer (e.g. 'apt-get install tmux')")
+        super().__init__("tmux is not installed (not on PATH); thrum's tmux commands need "
+                         "tmux 3.0 or newer")
 
 
 class Tmux:
