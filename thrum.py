@@ -4564,6 +4564,24 @@ class Service:
         self._emit(events)
         return agents, ended
 
+    # -- agent integrations (SPEC §15) ---------------------------------------------------
+    def hook_news(self, agent=None):
+        """My unread messages that no wait, hook or listener has told me of yet; they are
+        recorded as told (the delivered-once record), so each one is news once.
+        Returns {agent_id, messages: [{message_id, from}], unread}."""
+        me = self.me(agent)["agent_id"]
+        rows = self.index.q(
+            "SELECT d.message_id, m.agent_id FROM deliveries d JOIN messages m ON "
+            "m.message_id = d.message_id WHERE d.agent_id = ? AND d.read_at IS NULL AND "
+            "d.deleted = 0 AND m.agent_id != ? ORDER BY d.created_at", (me, me))
+        delivered = self._delivered(me)
+        old = delivered.load()
+        fresh = [r for r in rows if r[0] not in old]
+        claimed = set(delivered.add([r[0] for r in fresh], only_new=True)) if fresh else ()
+        return {"agent_id": me, "unread": len(rows),
+                "messages": [{"message_id": r[0], "from": r[1]} for r in fresh
+                             if r[0] in claimed]}
+
     # -- team & status --------------------------------------------------------------
     def team(self, all=False):
         """Agents with an open session (all=True: everyone)."""
@@ -5070,6 +5088,7 @@ OPS = {
     "sync_status": ("sync_status", NEEDS_STORE),
     "doctor": ("doctor", NEEDS_STORE),
     "rebuild_index": ("rebuild_index", NEEDS_STORE),
+    "hook_news": ("hook_news", NEEDS_IDENTITY),
     "tmux_create": ("tmux_create", NEEDS_NOTHING),
     "tmux_list": ("tmux_list", NEEDS_STORE),
     "tmux_kill": ("tmux_kill", NEEDS_STORE),
@@ -5153,7 +5172,7 @@ def call(op, params, caller, store=None, hooks=None):
 # a nudger, holding the agent's lock file so two never type into one pane at once,
 # waits a moment for the rest of a burst, then types one line for all of it. Nudgers
 # run in the daemon (threads, also for messages that came by sync) or, without one, in a
-# process forked by the sender after the message is stored. A message nudges its
+# process the sender spawns after the message is stored. A message nudges its
 # recipient once (`<agent>.done`), and never while the agent has already read it.
 
 def _tmux_pane_key(rec):
@@ -5305,6 +5324,8 @@ class Nudges:
             if not ids:
                 return
             state = self._pane_state(tm, rec["pane"])
+            if state == "hung":
+                return
             if state == "gone":
                 self._gone(aid, rec)
                 return
@@ -5346,8 +5367,9 @@ class Nudges:
             if info.split("\t")[1] != "0":
                 return "busy"
             screen = tm.run("capture-pane", "-p", "-t", pane, check=False)[1]
-        except ThrumError:
-            return "busy"  # a hung server: later
+        except ThrumError as e:
+            self.log("tmux does not answer (%s); nudge dropped" % e.message)
+            return "hung"  # never wait minutes on a hung server
         tail = "\n".join([ln for ln in screen.splitlines() if ln.strip()][-15:])
         return "busy" if _DIALOG.search(tail) else "ready"
 
@@ -6328,28 +6350,30 @@ def _nudge_quietly(store, env, aid):
         pass
 
 
-def _fork_nudger(store, env, agents):
-    """Run the nudgers in a child of this (single-threaded) CLI process: it starts in a
-    millisecond, has nothing to load, and the sender exits without waiting for it."""
+def _spawn_nudger(store, env, agents):
+    """Run the nudgers in a new process (posix_spawn: a millisecond for the sender, which
+    exits without waiting; never a fork, which would carry SQLite's state along). It
+    imports this file as a module, so it runs from cached bytecode when there is some."""
+    argv = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+            "import thrum; thrum._nudge_main(sys.argv[2:])",
+            os.path.dirname(os.path.abspath(__file__)), store.loc.store_root] + list(agents)
     try:
-        pid = os.fork()
-    except OSError:
-        return
-    if pid:
-        return
+        os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)])
+    except (OSError, AttributeError, TypeError):
+        pass  # no nudge is worth failing a send
+
+
+def _nudge_main(args):
+    """The nudger process: `STORE_ROOT AGENT...`."""
     try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # let go of the sender's pipes at once
-            os.dup2(null, fd)
-        fresh = Store(store.loc, env)  # never the parent's SQLite connections
-        nudges = Nudges(fresh, env)
-        for aid in agents:
-            nudges.run(aid)
-    except BaseException:  # noqa: B902 - nothing to report to: the sender is gone
+        loc = locate(args[0])
+        if loc.store:
+            nudges = Nudges(Store(loc, dict(os.environ)), dict(os.environ))
+            for aid in args[1:]:
+                nudges.run(aid)
+    except Exception:  # noqa: BLE001 - nobody to report to
         pass
-    finally:
-        os._exit(0)
 
 
 # -- the front ends' way in ------------------------------------------------------------
@@ -6366,7 +6390,7 @@ class Router:
     #: Config keys that only change what a front end does (not the operation's result).
     FRONT_KEYS = ("mcp.",)
 
-    #: Nudgers run in threads (a long-lived, threaded front end) or in a forked child.
+    #: Nudgers run in threads (a long-lived front end) or in a spawned process (the CLI).
     threads = False
 
     def __init__(self, caller, autostart=True):
@@ -6390,7 +6414,7 @@ class Router:
             for aid in agents:
                 _thread.start_new_thread(_nudge_quietly, (self.store, self.caller.env, aid))
             return
-        _fork_nudger(self.store, self.caller.env, agents)
+        _spawn_nudger(self.store, self.caller.env, agents)
 
     def run(self, op, params, cancel=None):
         """call(op, params) for this caller (raises what call() raises). `cancel`: a
@@ -7781,6 +7805,421 @@ def _read_stdin(stream=None):
     return stream.read()
 
 
+HOOK_EVENTS = ("session-start", "stop", "prompt")
+HOOK_BRIEFING_MAX = 2000  # bytes: a host may move longer hook output to a file
+
+
+def _hook_news_line(news, verb):
+    who = ", ".join(dict.fromkeys("@" + m["from"] for m in news["messages"]))
+    n = len(news["messages"])
+    return "thrum: %s from %s %s -- run `thrum inbox` to read %s." % (
+        "1 new message" if n == 1 else "%d new messages" % n, who, verb,
+        "it" if n == 1 else "them")
+
+
+def hook_briefing(r, limit=HOOK_BRIEFING_MAX):
+    """The `prime` briefing, compact: who I am, unread messages (newest few), the team,
+    my saved context; cut to `limit` UTF-8 bytes on a line boundary."""
+    a = r["agent"]
+    ls = ["thrum: you are @%s (%s, %s)%s." % (a["agent_id"], a.get("role"), a.get("module"),
+                                             "; intent: " + a["intent"] if a.get("intent")
+                                             else "")]
+    unread = r["unread"]
+    if unread:
+        ls.append("%d unread message%s (read with `thrum inbox`; nothing was marked read):"
+                  % (len(unread), "" if len(unread) == 1 else "s"))
+        for m in unread[-8:][::-1]:
+            first = (m["body"]["content"] or "").strip().split("\n")[0]
+            ls.append("- @%s %s: %s" % (m["agent_id"], m["message_id"], clip(first, 100)))
+        if len(unread) > 8:
+            ls.append("- ... and %d older" % (len(unread) - 8))
+    else:
+        ls.append("No unread messages.")
+    team = [m for m in r["team"] if m["agent_id"] != a["agent_id"]]
+    if team:
+        ls.append("Team: " + "; ".join(
+            "@%s (%s%s)" % (m["agent_id"], m["role"], ": " + clip(m["intent"], 60)
+                           if m.get("intent") else "") for m in team[:10]))
+    if r.get("context"):
+        ls.append("Your saved context (thrum context show):")
+        ls += ["  " + clip(l, 120) for l in r["context"].strip().split("\n")[:12]]
+    ls.append("Messages: `thrum inbox`, `thrum reply ID TEXT`, `thrum send TEXT --to @NAME`.")
+    out, size = [], 0
+    for line in ls:
+        n = len(line.encode("utf-8")) + 1
+        if size + n > limit - 40:
+            out.append("(briefing cut; run `thrum prime` for all of it)")
+            break
+        out.append(line)
+        size += n
+    return "\n".join(out)
+
+
+def cmd_hook(args, cli, out):
+    """Hooks never break the agent's turn: any problem is exit 0 and one stderr line."""
+    try:
+        if args.event not in HOOK_EVENTS:
+            raise UsageError("unknown hook event %r (known: %s)" % (
+                args.event, ", ".join(HOOK_EVENTS)))
+        data = {}
+        if args.event != "session-start" or not sys.stdin.isatty():
+            raw = _read_stdin() if sys.stdin is not None and not sys.stdin.isatty() else b""
+            try:
+                data = json.loads(raw.decode("utf-8", "replace")) if raw.strip() else {}
+            except ValueError:
+                data = {}
+            data = data if isinstance(data, dict) else {}
+        agent = _strip_at(args.agent) if args.agent else None
+        if isinstance(data.get("cwd"), str) and os.path.isdir(data["cwd"]):
+            cli = Cli(Caller(data["cwd"], cli.caller.env, agent), out)
+        elif agent:
+            cli = Cli(Caller(cli.caller.cwd, cli.caller.env, agent), out)
+        reply = _hook_reply(args.event, data, cli)
+        if reply is not None:
+            out.write(json.dumps(reply, ensure_ascii=False) + "\n")
+    except BaseException as e:  # noqa: B902 - a hook must never fail the host's turn
+        try:
+            sys.stderr.write("thrum hook %s: %s\n" % (
+                getattr(args, "event", "?"), error_payload(e)["message"]))
+        except (OSError, ValueError):
+            pass
+    return EXIT_OK
+
+
+def _hook_reply(event, data, cli):
+    if event == "session-start":
+        r = cli.call("prime")
+        limit = HOOK_BRIEFING_MAX - 100
+        while True:  # the whole reply within the budget, JSON escapes included
+            reply = {"hookSpecificOutput": {"hookEventName": "SessionStart",
+                                            "additionalContext": hook_briefing(r, limit)}}
+            if len(json.dumps(reply, ensure_ascii=False).encode()) < HOOK_BRIEFING_MAX or \
+                    limit < 300:
+                return reply
+            limit -= 200
+    if event == "stop" and data.get("stop_hook_active") is True:
+        return None  # the agent already went on once because of a Stop hook
+    news = cli.call("hook_news")
+    if not news["messages"]:
+        return None
+    if event == "stop":
+        return {"decision": "block", "reason": _hook_news_line(news, "arrived")}
+    return {"hookSpecificOutput": {"hookEventName": "UserPromptSubmit",
+                                   "additionalContext": _hook_news_line(news, "arrived")}}
+
+
+# -- integrate: hooks, MCP config and a listener subagent for Claude Code and Codex -----
+
+INTEGRATE_MARK = "# >>> thrum (written by `thrum integrate codex`; `--remove` takes it out)"
+INTEGRATE_END = "# <<< thrum"
+
+_LISTENER = """\
+---
+name: thrum-listener
+description: Waits in the background for thrum messages to @{agent} and reports them as soon
+  as one arrives. Start it when you begin a task and again each time it returns. It only
+  listens; it never reads (marks), answers or sends messages.
+tools: Bash
+---
+You are the message listener of the agent @{agent}. You run one command in a loop and
+report what it prints. You never run any other command.
+
+1. Run exactly: `{wait}`
+2. If it exits 0 and prints `"status": "received"`, stop and return, for each message:
+
+   MESSAGES_RECEIVED
+   ---
+   FROM: @<agent_id>
+   ID: <message_id>
+   CONTENT: <body.content>
+   TIMESTAMP: <created_at>
+   ---
+
+3. If it exits 1 with `"status": "timeout"`, run it again. After 6 timeouts in a row
+   (about 48 minutes), stop and return exactly: NO_MESSAGES_TIMEOUT
+4. If it fails in any other way, return its error line and stop.
+
+Each message is returned once (thrum records what it delivered), and nothing is marked
+read: the main agent reads with `thrum inbox` and answers with `thrum reply`.
+"""
+
+
+def _thrum_argv(env):
+    """How a host should start thrum: the installed `thrum`, else this file."""
+    exe = _which("thrum", env)
+    if exe:
+        return ["thrum"]
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+def _shell_words(argv):
+    import shlex
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _load_json_file(path):
+    """(data, text): {} and None for a missing file; a file that is not a JSON object is
+    refused (UsageError) and left as it is."""
+    text = _read_text(path)
+    if text is None:
+        return {}, None
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        raise UsageError("%s is not valid JSON (%s); it was left untouched" % (path, e),
+                         hint="fix or move it, then run this again")
+    if not isinstance(data, dict):
+        raise UsageError("%s is not a JSON object; it was left untouched" % path)
+    return data, text
+
+
+def _is_thrum_hook(h):
+    return isinstance(h, dict) and isinstance(h.get("command"), str) and \
+        " hook " in " %s " % h["command"] and "thrum" in h["command"]
+
+
+def _merge_hooks(data, commands, remove=False):
+    """data["hooks"][EVENT] = [{hooks: [{type: command, command}]}]: ours replaced (or
+    removed), every other entry kept in place."""
+    hooks = data.get("hooks")
+    if hooks is not None and not isinstance(hooks, dict):
+        raise UsageError("its \"hooks\" is not an object; it was left untouched")
+    hooks = dict(hooks or {})
+    for event, command in commands.items():
+        groups = hooks.get(event) or []
+        if not isinstance(groups, list):
+            raise UsageError("its hooks.%s is not a list; it was left untouched" % event)
+        kept = []
+        for g in groups:
+            if isinstance(g, dict) and isinstance(g.get("hooks"), list):
+                inner = [h for h in g["hooks"] if not _is_thrum_hook(h)]
+                if inner:
+                    kept.append(dict(g, hooks=inner))
+                elif not g["hooks"]:
+                    kept.append(g)
+            else:
+                kept.append(g)
+        if not remove:
+            kept.append({"hooks": [{"type": "command", "command": command, "timeout": 10}]})
+        if kept:
+            hooks[event] = kept
+        else:
+            hooks.pop(event, None)
+    out = dict(data)
+    if hooks:
+        out["hooks"] = hooks
+    else:
+        out.pop("hooks", None)
+    return out
+
+
+def _toml_block(mcp, hooks):
+    """Our part of a Codex config.toml: [mcp_servers.thrum] and the hook tables, written
+    with tomli-w when it is installed, else by hand (the same text)."""
+    doc = {"mcp_servers": {"thrum": mcp}, "hooks": {
+        event: [{"hooks": [{"type": "command", "command": cmd, "timeout": 10}]}]
+        for event, cmd in hooks.items()}}
+    try:
+        import tomli_w
+        body = tomli_w.dumps(doc)
+    except ImportError:
+        ls = ["[mcp_servers.thrum]", "command = %s" % _toml_value(mcp["command"]),
+              "args = [%s]" % ", ".join(_toml_value(a) for a in mcp["args"]), "",
+              "[mcp_servers.thrum.env]"]
+        ls += ["%s = %s" % (_toml_key(k), _toml_value(v)) for k, v in mcp["env"].items()]
+        for event, cmd in hooks.items():
+            ls += ["", "[[hooks.%s]]" % event, "", "[[hooks.%s.hooks]]" % event,
+                   'type = "command"', "command = %s" % _toml_value(cmd), "timeout = 10"]
+        body = "\n".join(ls) + "\n"
+    return "%s\n%s%s\n" % (INTEGRATE_MARK, body, INTEGRATE_END)
+
+
+def _strip_toml_block(text):
+    """The text without our block (and the blank line we put before it)."""
+    start = text.find(INTEGRATE_MARK)
+    if start < 0:
+        return text
+    end = text.find(INTEGRATE_END, start)
+    end = len(text) if end < 0 else end + len(INTEGRATE_END)
+    if text[end:end + 1] == "\n":
+        end += 1
+    if text[max(0, start - 1):start] == "\n" and text[max(0, start - 2):start - 1] == "\n":
+        start -= 1
+    return text[:start] + text[end:]
+
+
+def _json_text(data):
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+class Integration:
+    """`thrum integrate HOST`: the files of a project that make a host (Claude Code,
+    Codex) use thrum. `plan()` -> [(path, old text or None, new text or None)] (None: no
+    file); every file is parsed first, and one that cannot be is refused before anything
+    is written. A JSON file's first version is kept under .thrum/var/integrate/, so
+    `--remove` gives back its exact bytes when nothing else changed in it since."""
+
+    def __init__(self, host, root, agent, env, var):
+        if host not in ("claude", "codex"):
+            raise UsageError("unknown host %r (known: claude, codex)" % host)
+        self.host, self.root, self.agent, self.env = host, root, agent, env
+        self.backups = os.path.join(var, "integrate")
+        thrum = _thrum_argv(env)
+        hook = lambda ev: _shell_words(thrum + ["hook", ev, "--agent", agent])  # noqa: E731
+        self.commands = {"SessionStart": hook("session-start"), "Stop": hook("stop"),
+                         "UserPromptSubmit": hook("prompt")}
+        self.mcp = {"command": thrum[0], "args": thrum[1:] + ["mcp", "serve"],
+                    "env": {"THRUM_NAME": agent}}
+        self.wait = _shell_words(["env", "THRUM_NAME=" + agent] + thrum + [
+            "wait", "--timeout", "8m", "--after", "-15s", "--json"])
+
+    def _backup(self, path):
+        import hashlib
+        rel = os.path.relpath(path, self.root)
+        return os.path.join(self.backups, hashlib.sha256(rel.encode()).hexdigest()[:20])
+
+    def _json(self, path, change, remove):
+        data, old = _load_json_file(path)
+        try:
+            new = change(data)
+        except UsageError as e:
+            raise UsageError("%s: %s" % (path, e.message))
+        if not remove:
+            return path, old, old if new == data and old is not None else _json_text(new)
+        backup = _read_text(self._backup(path))
+        if backup is not None:
+            try:
+                if json.loads(backup) == new:
+                    return path, old, backup
+            except ValueError:
+                pass
+        if new == data:
+            return path, old, old
+        return path, old, _json_text(new) if new else None
+
+    def plan(self, remove=False):
+        if self.host == "claude":
+            return [self._json(os.path.join(self.root, ".mcp.json"),
+                               lambda d: self._mcp_json(d, remove), remove),
+                    self._json(os.path.join(self.root, ".claude", "settings.json"),
+                               lambda d: _merge_hooks(d, self.commands, remove), remove),
+                    self._listener(remove)]
+        return [self._codex(remove)]
+
+    def _mcp_json(self, data, remove):
+        servers = data.get("mcpServers", {})
+        if not isinstance(servers, dict):
+            raise UsageError("its \"mcpServers\" is not an object; it was left untouched")
+        servers = dict(servers)
+        if remove:
+            servers.pop("thrum", None)
+        else:
+            servers["thrum"] = {"type": "stdio", **self.mcp}
+        new = dict(data)
+        if servers:
+            new["mcpServers"] = servers
+        else:
+            new.pop("mcpServers", None)
+        return new
+
+    def _listener(self, remove):
+        path = os.path.join(self.root, ".claude", "agents", "thrum-listener.md")
+        return path, _read_text(path), None if remove else _LISTENER.format(
+            agent=self.agent, wait=self.wait)
+
+    def _codex(self, remove):
+        import tomllib
+        path = os.path.join(self.root, ".codex", "config.toml")
+        old = _read_text(path)
+        base = _strip_toml_block(old or "")
+        try:
+            parsed = tomllib.loads(base)
+        except ValueError as e:
+            raise UsageError("%s is not valid TOML (%s); it was left untouched" % (path, e),
+                             hint="fix or move it, then run this again")
+        if "thrum" in (parsed.get("mcp_servers") or {}):
+            raise UsageError("%s defines mcp_servers.thrum outside thrum's block; it was "
+                             "left untouched" % path, hint="remove that table first")
+        if remove:
+            return path, old, None if old is not None and not base else (
+                base if old is not None else None)
+        sep = "" if not base or base.endswith("\n\n") else (
+            "\n" if base.endswith("\n") else "\n\n")
+        text = base + sep + _toml_block(self.mcp, self.commands)
+        try:
+            tomllib.loads(text)
+        except ValueError as e:
+            raise UsageError("%s: thrum's tables would not fit in it (%s); it was left "
+                             "untouched" % (path, e))
+        return path, old, text
+
+    def apply(self, plan, write, remove=False):
+        """[(path, action)], action create|update|remove|unchanged; writes when asked."""
+        done = []
+        for path, old, new in plan:
+            if new == old:
+                done.append((path, "unchanged"))
+                continue
+            action = "remove" if new is None else ("create" if old is None else "update")
+            if write:
+                backup = self._backup(path)
+                if new is None:
+                    os.unlink(path)
+                    for d in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+                        if os.path.abspath(d) != os.path.abspath(self.root):
+                            try:
+                                os.rmdir(d)  # only when empty: a dir we made
+                            except OSError:
+                                pass
+                else:
+                    if not remove and old is not None and path.endswith(".json") and \
+                            not os.path.exists(backup):
+                        os.makedirs(self.backups, exist_ok=True)
+                        _write_file_atomic(backup, old, 0o600)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    _write_file_atomic(path, new)
+                if remove and os.path.exists(backup):
+                    os.unlink(backup)
+            done.append((path, action))
+        return done
+
+
+def cmd_integrate(args, cli, out):
+    if cli.store is None:
+        raise NotSetUpError("thrum is not initialised here (%s)" % cli.caller.cwd,
+                            hint="register first: 'thrum quickstart --name N --role R "
+                                 "--module M'")
+    if args.agent:
+        agent = _strip_at(args.agent)
+        _check_name(agent)
+        cli.call("ping", name=agent)  # registered? (exit 4 if not)
+    else:
+        agent = cli.call("whoami")["agent_id"]
+    root = locate(cli.caller.cwd).worktree
+    integ = Integration(args.host, root, agent, cli.caller.env, cli.store.loc.var)
+    plan = integ.plan(remove=args.remove)
+    done = integ.apply(plan, write=args.write, remove=args.remove)
+    texts = {p: new for p, _, new in plan}
+    r = {"host": args.host, "agent_id": agent, "written": bool(args.write),
+         "remove": bool(args.remove), "files": [
+             {"path": p, "action": a, "content": texts[p]} for p, a in done]}
+    lines = []
+    for f in r["files"]:
+        rel = os.path.relpath(f["path"], cli.caller.cwd)
+        if args.write:
+            lines.append("%s %s" % ({"create": "created", "update": "updated", "remove":
+                                     "removed", "unchanged": "unchanged"}[f["action"]], rel))
+        else:
+            lines.append("--- %s (%s) ---" % (rel, "would be " + {
+                "create": "created", "update": "updated", "remove": "removed",
+                "unchanged": "left as it is"}[f["action"]]))
+            if f["action"] in ("create", "update"):
+                lines += f["content"].rstrip("\n").split("\n")
+    if not args.write:
+        lines.append("(nothing was written: run again with --write)")
+    out.emit(r, lines)
+
+
 # -- command handlers -------------------------------------------------------------
 # Each takes (args, cli, out): it turns the arguments into one operation's params,
 # calls it through `cli.call()` and renders the result. No policy lives here.
@@ -8219,6 +8658,59 @@ def cmd_tmux(args, cli, out):
              if r["ended"] else []))
 
 
+def cmd_install(args, cli, out):
+    """What install.sh does, built in: copy this file to the data dir, precompile it and
+    write a `thrum` launcher that imports the compiled module (or `--pip`)."""
+    import subprocess
+    env = cli.caller.env
+    home = env.get("HOME")
+    if not home:
+        raise UsageError("HOME is not set")
+    src = os.path.abspath(__file__)
+    if args.pip:
+        here = os.path.dirname(src)
+        if not os.path.exists(os.path.join(here, "pyproject.toml")):
+            raise UsageError("--pip installs a checkout: no pyproject.toml next to %s" % src,
+                             hint="run it from the repository, or install without --pip")
+        argv = [sys.executable, "-m", "pip", "install"] + (
+            [] if env.get("VIRTUAL_ENV") else ["--user"]) + [here]
+        out.flush()
+        code = subprocess.call(argv, env=env)
+        if code:
+            raise ThrumError("pip install failed (exit %d)" % code)
+        return out.ok({"mode": "pip", "source": here}, "Installed thrum with pip")
+    bindir = os.path.abspath(os.path.expanduser(args.prefix or env.get("PREFIX") or
+                                                os.path.join(home, ".local", "bin")))
+    datadir = os.path.join(env.get("XDG_DATA_HOME") or os.path.join(
+        home, ".local", "share"), "thrum")
+    dst = os.path.join(datadir, "thrum.py")
+    os.makedirs(datadir, exist_ok=True)
+    os.makedirs(bindir, exist_ok=True)
+    with open(src, "rb") as f:
+        code = f.read()
+    if os.path.realpath(src) != os.path.realpath(dst):
+        _write_file_atomic(dst, code)  # a running thrum never sees a half-written file
+    import py_compile
+    py_compile.compile(dst, doraise=True)
+    launcher = os.path.join(bindir, "thrum")
+    _write_file_atomic(launcher, (
+        "#!%s\n# thrum launcher written by `thrum install`: it imports the precompiled "
+        "single file below.\nimport sys\nsys.path.insert(0, %r)\nimport thrum\n"
+        "raise SystemExit(thrum.main())\n" % (sys.executable, datadir)), 0o755)
+    on_path = bindir in [os.path.abspath(d) for d in (env.get("PATH") or "").split(os.pathsep)
+                         if d]
+    r = {"mode": "file", "program": dst, "launcher": launcher, "on_path": on_path,
+         "version": __version__}
+    lines = ["Installed thrum %s" % __version__, "  program:  %s" % dst,
+             "  launcher: %s" % launcher]
+    if not on_path:
+        _warn("%s is not on your PATH; add it, e.g.: export PATH=\"%s:$PATH\""
+              % (bindir, bindir))
+    else:
+        lines.append("Run: thrum --help")
+    out.ok(r, *lines)
+
+
 def cmd_demo(args, cli, out):
     if not out.json:
         return run_demo(out, cli.caller.env)
@@ -8541,6 +9033,29 @@ def _args_tmux(p):
     k.add_argument("--socket", metavar="PATH")
 
 
+def _args_hook(p):
+    p.add_argument("event", metavar="EVENT", help="session-start | stop | prompt")
+    p.add_argument("--agent", metavar="NAME", help="the agent (default: THRUM_NAME, else "
+                   "the worktree's only identity)")
+
+
+def _args_integrate(p):
+    p.add_argument("host", metavar="HOST", choices=("claude", "codex"),
+                   help="claude | codex")
+    p.add_argument("--write", action="store_true", help="write the files (default: print "
+                   "what would be written)")
+    p.add_argument("--remove", action="store_true", help="take thrum's entries out again")
+    p.add_argument("--agent", metavar="NAME", help="the identity the host acts as "
+                   "(default: this worktree's)")
+
+
+def _args_install(p):
+    p.add_argument("--prefix", metavar="DIR", help="bin dir for the launcher (default: "
+                   "$PREFIX or ~/.local/bin)")
+    p.add_argument("--pip", action="store_true", help="pip install this checkout instead "
+                   "(--user unless a virtualenv is active)")
+
+
 def _args_doctor(p):
     p.add_argument("--fix", action="store_true", help="repair what can be repaired")
 
@@ -8581,8 +9096,14 @@ COMMANDS = {
                cmd_daemon),
     "mcp": ("serve: the MCP server for agents that speak MCP", _args_mcp, cmd_mcp),
     "tmux": ("create | quickstart | list | kill: agents in tmux panes", _args_tmux, cmd_tmux),
+    "hook": ("session-start | stop | prompt: for Claude Code / Codex hooks", _args_hook,
+             cmd_hook),
+    "integrate": ("claude | codex: MCP config, hooks, a listener subagent", _args_integrate,
+                  cmd_integrate),
     "doctor": ("check and repair the index, log, sync worktree", _args_doctor, cmd_doctor),
     "rebuild": ("rebuild the index from the log", _no_args, cmd_rebuild),
+    "install": ("install a fast `thrum` launcher for this user (or --pip)", _args_install,
+                cmd_install),
     "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo),
 }
 
@@ -8590,7 +9111,10 @@ _EPILOG = """global flags (anywhere): --json --quiet --verbose --repo PATH --ver
 exit codes: 0 ok, 1 failure/timeout, 2 usage, 3 not set up, 4 not found, 5 refused
 
 Start:  thrum quickstart --name alice --role implementer --module auth
-Then:   thrum send "hi" --to @bob | thrum inbox | thrum wait --timeout 5m"""
+Then:   thrum send "hi" --to @bob | thrum inbox | thrum wait --timeout 5m
+
+Run as a copied script, thrum.py is compiled on every call (~0.2 s); `python3 thrum.py
+install` writes a `thrum` launcher that imports a precompiled copy (3x faster)."""
 
 
 def build_parser(command=None):

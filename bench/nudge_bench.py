@@ -14,11 +14,11 @@ TMUX_TMPDIR=<tmp> (the user's own tmux server is never touched).
   1. send cost: the wall time (spawn to exit, pipes closed) of `thrum send "..." --to @bob
      -q` as alice, in four modes:
        A. bob has no tmux pane (`thrum tmux kill --name bob` before the block): baseline;
-       B. bob has a live pane (the nudge is queued and a forked child types it);
+       B. bob has a live pane (the nudge is queued and a spawned nudger types it);
        C. tmux missing: the sender's PATH is a directory holding only python3, git, env
           and sh (`thrum doctor` there must still find git);
        D. a hung tmux: a fake `tmux` first on the sender's PATH notes its call and sleeps
-          60 s (thrum bounds each tmux call at 3 s; the nudging is in a forked child, so
+          60 s (thrum bounds each tmux call at 3 s; the nudging is in a spawned process, so
           the send must not wait even that).
      40 runs per mode (10 with --quick) in blocks of 5, one untimed warm-up send per block,
      in the order ABCD DCBA ABCD ... (balanced, as ABBA). Between blocks, untimed: B's
@@ -220,10 +220,12 @@ class Bench:
         return out
 
     def nudgers(self):
-        """Forked nudgers still running: children of `thrum send`, whose argv they keep
-        (only ever called while no send of ours runs)."""
+        """Nudgers still running: the processes `thrum send` spawned (`python -c ...
+        thrum._nudge_main(...)`), or, from a thrum that forked them, children of `thrum
+        send` that kept its argv (only ever called while no send of ours runs)."""
         return [pid for pid, argv, _ in self.marked()
-                if argv[1:2] == [self.ws.launcher] and "send" in argv[2:3]]
+                if any("_nudge_main" in a for a in argv[1:3]) or
+                (argv[1:2] == [self.ws.launcher] and "send" in argv[2:3])]
 
     def fake_procs(self):
         fake = self.paths.get("fake")
