@@ -1325,9 +1325,25 @@ class LocalRecord:
             _warn("cannot record in %s (%s): it is not kept" % (self.path, e.strerror or e))
             return list(dict.fromkeys(ids))
 
+    def present(self, ids):
+        """The ids of `ids` the record holds (an old entry not compacted away yet counts):
+        a text search of the file, no parsing, for hot paths with few candidates."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return set()
+        return {i for i in ids if ('"%s"' % i).encode("utf-8") in data}
+
     def _add(self, ids, at, only_new):
         fd = self._locked()
         try:
+            if only_new and self._fast_add_ok():
+                have = self.present(ids)
+                new = [i for i in dict.fromkeys(ids) if i not in have]
+                if new:
+                    self._append(new, at or now_ts())
+                return new
             entries, lines = self._read()
             cutoff = self._cutoff()
             kept = {k: v for k, v in entries.items() if isinstance(v, str) and v >= cutoff}
@@ -1339,15 +1355,34 @@ class LocalRecord:
                     _write_file_atomic(self.path, "".join(
                         _ENCODE({"id": k, "at": v}) + "\n" for k, v in kept.items()), 0o600)
                 else:
-                    data = "".join(_ENCODE({"id": i, "at": at}) + "\n" for i in new)
-                    afd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                    try:
-                        os.write(afd, data.encode("utf-8"))
-                    finally:
-                        os.close(afd)
+                    self._append(new, at)
             return new
         finally:
             os.close(fd)
+
+    def _append(self, ids, at):
+        data = "".join(_ENCODE({"id": i, "at": at}) + "\n" for i in ids)
+        afd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(afd, data.encode("utf-8"))
+        finally:
+            os.close(afd)
+
+    def _fast_add_ok(self):
+        """Whether an add may skip parsing the file: it is small, or its oldest entry is
+        still kept (so nothing is due to be forgotten and compacted yet)."""
+        try:
+            with open(self.path, "rb") as f:
+                first = f.readline()
+                big = os.fstat(f.fileno()).st_size > 64 * 1024
+        except FileNotFoundError:
+            return True
+        if not big:
+            return False  # small: parsing is cheap, and compaction stays exact
+        try:
+            return json.loads(first)["at"] >= self._cutoff()
+        except (ValueError, KeyError, TypeError):
+            return False
 
 
 class _LogRewritten(Exception):
@@ -4568,19 +4603,50 @@ class Service:
     def hook_news(self, agent=None):
         """My unread messages that no wait, hook or listener has told me of yet; they are
         recorded as told (the delivered-once record), so each one is news once.
-        Returns {agent_id, messages: [{message_id, from}], unread}."""
+        Returns {agent_id, messages: [{message_id, from}]}. Only messages that reached
+        this store since the previous call are looked at (a mark per agent, with a 2 s
+        overlap for writers that project concurrently): older ones were considered then."""
         me = self.me(agent)["agent_id"]
-        rows = self.index.q(
-            "SELECT d.message_id, m.agent_id FROM deliveries d JOIN messages m ON "
-            "m.message_id = d.message_id WHERE d.agent_id = ? AND d.read_at IS NULL AND "
-            "d.deleted = 0 AND m.agent_id != ? ORDER BY d.created_at", (me, me))
+        mark_path = _safe_name_path(os.path.join(self.loc.var, "hooks"), me, ".mark")
+        mark = (_read_text(mark_path) or "").strip()
+        sql = ("SELECT d.message_id, m.agent_id, d.arrived_at FROM deliveries d JOIN "
+               "messages m ON m.message_id = d.message_id WHERE d.agent_id = ? AND "
+               "d.read_at IS NULL AND d.deleted = 0 AND m.agent_id != ?")
+        params = [me, me]
+        if mark:
+            try:
+                sql += " AND d.arrived_at > ?"
+                params.append(now_ts(parse_ts(mark) - 2.0))
+            except ValueError:
+                sql, params = sql[:sql.rindex(" AND d.arrived_at")], params[:2]
+        rows = self.index.q(sql + " ORDER BY d.created_at", params)
         delivered = self._delivered(me)
-        old = delivered.load()
-        fresh = [r for r in rows if r[0] not in old]
+        told = delivered.present([r[0] for r in rows]) if rows else set()
+        fresh = [r for r in rows if r[0] not in told]
         claimed = set(delivered.add([r[0] for r in fresh], only_new=True)) if fresh else ()
-        return {"agent_id": me, "unread": len(rows),
-                "messages": [{"message_id": r[0], "from": r[1]} for r in fresh
-                             if r[0] in claimed]}
+        newest = max([mark] + [r[2] for r in rows if r[2]])
+        if newest and newest != mark:
+            try:
+                os.makedirs(os.path.dirname(mark_path), exist_ok=True)
+                _write_file_atomic(mark_path, newest + "\n", 0o600)
+            except OSError:
+                pass  # a read-only store: the next call looks further back
+        return {"agent_id": me, "messages": [{"message_id": r[0], "from": r[1]}
+                                             for r in fresh if r[0] in claimed]}
+
+    def briefing(self, limit=8, agent=None):
+        """A short `prime` for hooks: me, my unread count and newest `limit` unread
+        messages, the team and my saved context. No git, nothing marked or told."""
+        who = self.whoami(agent)
+        me = who["agent_id"]
+        rows = self.index.q(
+            "SELECT %s, 0 FROM deliveries d JOIN messages m ON m.message_id = d.message_id "
+            "WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL ORDER BY "
+            "d.created_at DESC LIMIT ?" % self._MSG_COLS, (me, max(0, int(limit))))
+        return {"agent": who, "inbox": self._inbox_counts(me),
+                "unread": [self._msg(r, False) for r in rows],
+                "team": self._members(all_agents=False),
+                "context": self.context_show(agent=me)["content"]}
 
     # -- team & status --------------------------------------------------------------
     def team(self, all=False):
@@ -5089,6 +5155,7 @@ OPS = {
     "doctor": ("doctor", NEEDS_STORE),
     "rebuild_index": ("rebuild_index", NEEDS_STORE),
     "hook_news": ("hook_news", NEEDS_IDENTITY),
+    "briefing": ("briefing", NEEDS_IDENTITY),
     "tmux_create": ("tmux_create", NEEDS_NOTHING),
     "tmux_list": ("tmux_list", NEEDS_STORE),
     "tmux_kill": ("tmux_kill", NEEDS_STORE),
@@ -7824,15 +7891,15 @@ def hook_briefing(r, limit=HOOK_BRIEFING_MAX):
     ls = ["thrum: you are @%s (%s, %s)%s." % (a["agent_id"], a.get("role"), a.get("module"),
                                              "; intent: " + a["intent"] if a.get("intent")
                                              else "")]
-    unread = r["unread"]
-    if unread:
+    unread, n = r["unread"], r["inbox"]["unread"]
+    if n:
         ls.append("%d unread message%s (read with `thrum inbox`; nothing was marked read):"
-                  % (len(unread), "" if len(unread) == 1 else "s"))
-        for m in unread[-8:][::-1]:
+                  % (n, "" if n == 1 else "s"))
+        for m in unread:  # the newest few, newest first
             first = (m["body"]["content"] or "").strip().split("\n")[0]
             ls.append("- @%s %s: %s" % (m["agent_id"], m["message_id"], clip(first, 100)))
-        if len(unread) > 8:
-            ls.append("- ... and %d older" % (len(unread) - 8))
+        if n > len(unread):
+            ls.append("- ... and %d older" % (n - len(unread)))
     else:
         ls.append("No unread messages.")
     team = [m for m in r["team"] if m["agent_id"] != a["agent_id"]]
@@ -7888,7 +7955,7 @@ def cmd_hook(args, cli, out):
 
 def _hook_reply(event, data, cli):
     if event == "session-start":
-        r = cli.call("prime")
+        r = cli.call("briefing")
         limit = HOOK_BRIEFING_MAX - 100
         while True:  # the whole reply within the budget, JSON escapes included
             reply = {"hookSpecificOutput": {"hookEventName": "SessionStart",
