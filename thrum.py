@@ -5314,6 +5314,17 @@ class Nudges:
                     f.write("".join(m + "\n" for m in mids))
         return list(by)
 
+    def busy(self, aid):
+        """Whether a nudger for `aid` runs right now (holds its lock)."""
+        lock = _FileLock(self._path(aid, ".lock"), block=False)
+        try:
+            if lock.acquire():
+                lock.release()
+                return False
+        except OSError:
+            return False
+        return True
+
     def take(self, aid):
         path = self._path(aid, ".queue")
         if not os.path.exists(path):
@@ -5505,8 +5516,11 @@ def nudge_after_write(router, events):
     if not items or _which("tmux", env) is None or \
             DaemonFiles(store.loc.var, env).running():
         return
-    agents = nudges.enqueue(items)
-    router.start_nudger(agents)
+    # An agent whose nudger is running needs no new one: it takes up what was queued
+    # before it lets go of its lock (no storm of nudger processes in a burst).
+    agents = [a for a in nudges.enqueue(items) if not nudges.busy(a)]
+    if agents:
+        router.start_nudger(agents)
 
 
 # === 10. Daemon ===============================================================
@@ -7929,8 +7943,9 @@ def cmd_hook(args, cli, out):
             raise UsageError("unknown hook event %r (known: %s)" % (
                 args.event, ", ".join(HOOK_EVENTS)))
         data = {}
-        if args.event != "session-start" or not sys.stdin.isatty():
-            raw = _read_stdin() if sys.stdin is not None and not sys.stdin.isatty() else b""
+        stdin = sys.stdin
+        if stdin is not None and not stdin.closed and not stdin.isatty():
+            raw = _read_stdin()
             try:
                 data = json.loads(raw.decode("utf-8", "replace")) if raw.strip() else {}
             except ValueError:
@@ -7991,7 +8006,8 @@ tools: Bash
 You are the message listener of the agent @{agent}. You run one command in a loop and
 report what it prints. You never run any other command.
 
-1. Run exactly: `{wait}`
+1. Run exactly this with the Bash tool, with its timeout set to 600000 ms (10 minutes;
+   the default of 2 minutes would cut the wait short): `{wait}`
 2. If it exits 0 and prints `"status": "received"`, stop and return, for each message:
 
    MESSAGES_RECEIVED
@@ -8056,7 +8072,8 @@ def _merge_hooks(data, commands, remove=False):
         groups = hooks.get(event) or []
         if not isinstance(groups, list):
             raise UsageError("its hooks.%s is not a list; it was left untouched" % event)
-        kept = []
+        ours = {"hooks": [{"type": "command", "command": command, "timeout": 10}]}
+        kept, placed = [], remove
         for g in groups:
             if isinstance(g, dict) and isinstance(g.get("hooks"), list):
                 inner = [h for h in g["hooks"] if not _is_thrum_hook(h)]
@@ -8064,10 +8081,13 @@ def _merge_hooks(data, commands, remove=False):
                     kept.append(dict(g, hooks=inner))
                 elif not g["hooks"]:
                     kept.append(g)
+                elif not placed:  # thrum's own group: replaced where it stands
+                    kept.append(ours)
+                    placed = True
             else:
                 kept.append(g)
-        if not remove:
-            kept.append({"hooks": [{"type": "command", "command": command, "timeout": 10}]})
+        if not placed:
+            kept.append(ours)
         if kept:
             hooks[event] = kept
         else:
@@ -8082,7 +8102,7 @@ def _merge_hooks(data, commands, remove=False):
 
 def _toml_block(mcp, hooks):
     """Our part of a Codex config.toml: [mcp_servers.thrum] and the hook tables, written
-    with tomli-w when it is installed, else by hand (the same text)."""
+    with tomli-w when it is installed, else by hand (equivalent TOML)."""
     doc = {"mcp_servers": {"thrum": mcp}, "hooks": {
         event: [{"hooks": [{"type": "command", "command": cmd, "timeout": 10}]}]
         for event, cmd in hooks.items()}}
@@ -8142,8 +8162,8 @@ class Integration:
 
     def _backup(self, path):
         import hashlib
-        rel = os.path.relpath(path, self.root)
-        return os.path.join(self.backups, hashlib.sha256(rel.encode()).hexdigest()[:20])
+        key = os.path.realpath(path)  # (linked worktrees share .thrum/var)
+        return os.path.join(self.backups, hashlib.sha256(key.encode()).hexdigest()[:20])
 
     def _json(self, path, change, remove):
         data, old = _load_json_file(path)
@@ -8155,10 +8175,11 @@ class Integration:
             return path, old, old if new == data and old is not None else _json_text(new)
         backup = _read_text(self._backup(path))
         if backup is not None:
-            try:
-                if json.loads(backup) == new:
+            try:  # the file differs from its first version by thrum's entries only
+                first = json.loads(backup)
+                if isinstance(first, dict) and (first == new or change(first) == new):
                     return path, old, backup
-            except ValueError:
+            except (ValueError, UsageError):
                 pass
         if new == data:
             return path, old, old
