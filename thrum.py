@@ -8092,11 +8092,16 @@ def _merge_hooks(data, commands, remove=False):
             hooks[event] = kept
         else:
             hooks.pop(event, None)
+    return _with_key(data, "hooks", hooks)
+
+
+def _with_key(data, key, value):
+    """A copy of `data` with `key` set to `value`, or without it when `value` is empty."""
     out = dict(data)
-    if hooks:
-        out["hooks"] = hooks
+    if value:
+        out[key] = value
     else:
-        out.pop("hooks", None)
+        out.pop(key, None)
     return out
 
 
@@ -8203,12 +8208,7 @@ class Integration:
             servers.pop("thrum", None)
         else:
             servers["thrum"] = {"type": "stdio", **self.mcp}
-        new = dict(data)
-        if servers:
-            new["mcpServers"] = servers
-        else:
-            new.pop("mcpServers", None)
-        return new
+        return _with_key(data, "mcpServers", servers)
 
     def _listener(self, remove):
         path = os.path.join(self.root, ".claude", "agents", "thrum-listener.md")

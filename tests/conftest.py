@@ -214,6 +214,18 @@ def assert_error(r: Result, code: int, *fragments: str) -> Result:
     return r
 
 
+def wait_until(pred, timeout, what, interval=0.05):
+    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
+        time.sleep(interval)
+
+
 class BackgroundThrum:
     """A thrum command running in the background (e.g. a blocking `wait`): `finish()`
     collects its exit code and output and sets `ended` and `elapsed`."""

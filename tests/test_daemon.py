@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (THRUM_PY, BackgroundThrum, DaemonHandle, Runner, bare_remote, clone, git, log_dir,
+from conftest import (wait_until, THRUM_PY, BackgroundThrum, DaemonHandle, Runner, bare_remote, clone, git, log_dir,
                       make_env, make_repo, run_thrum)
 
 T = 60  # timeout of every CLI call
@@ -54,18 +54,6 @@ def pid_alive(pid) -> bool:
         return False
     state = data.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")
-
-
-def wait_until(pred, timeout, what, interval=0.05):
-    """Poll `pred` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        time.sleep(interval)
 
 
 def mode(path) -> int:

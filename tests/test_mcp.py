@@ -17,7 +17,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
-from conftest import (MSG_ID_RE, THRUM_PY, TS_RE, DaemonHandle, make_env, make_repo, make_team,
+from conftest import (wait_until, MSG_ID_RE, THRUM_PY, TS_RE, DaemonHandle, make_env, make_repo, make_team,
                       run_thrum)
 from test_daemon import waiting
 
@@ -27,16 +27,6 @@ MODERN = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
           "io.modelcontextprotocol/clientCapabilities": {}}
 INIT = {"protocolVersion": "2025-11-25", "capabilities": {},
         "clientInfo": {"name": "raw", "version": "1"}}
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def server_env(team, **extra) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (THRUM_PY, DaemonHandle, assert_error, bare_remote, clone, make_env,
+from conftest import (wait_until, THRUM_PY, DaemonHandle, assert_error, bare_remote, clone, make_env,
                       make_repo, make_team, run_thrum)
 
 NUDGE = "New message from @alice -- run `thrum inbox --unread`"
@@ -23,16 +23,6 @@ with open(sys.argv[1], "a", buffering=1) as log:
     for line in sys.stdin:
         log.write(line)
 """
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 class Tmux:
