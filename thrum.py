@@ -4613,12 +4613,13 @@ class Service:
                "messages m ON m.message_id = d.message_id WHERE d.agent_id = ? AND "
                "d.read_at IS NULL AND d.deleted = 0 AND m.agent_id != ?")
         params = [me, me]
-        if mark:
-            try:
-                sql += " AND d.arrived_at > ?"
-                params.append(now_ts(parse_ts(mark) - 2.0))
-            except ValueError:
-                sql, params = sql[:sql.rindex(" AND d.arrived_at")], params[:2]
+        try:
+            since = now_ts(parse_ts(mark) - 2.0) if mark else None
+        except ValueError:  # a damaged mark: look at everything once
+            since = None
+        if since:
+            sql += " AND d.arrived_at > ?"
+            params.append(since)
         rows = self.index.q(sql + " ORDER BY d.created_at", params)
         delivered = self._delivered(me)
         told = delivered.present([r[0] for r in rows]) if rows else set()
@@ -7952,11 +7953,14 @@ def cmd_hook(args, cli, out):
                 data = {}
             data = data if isinstance(data, dict) else {}
         agent = _strip_at(args.agent) if args.agent else None
-        if isinstance(data.get("cwd"), str) and os.path.isdir(data["cwd"]):
-            cli = Cli(Caller(data["cwd"], cli.caller.env, agent), out)
-        elif agent:
-            cli = Cli(Caller(cli.caller.cwd, cli.caller.env, agent), out)
-        reply = _hook_reply(args.event, data, cli)
+        cwd = data.get("cwd")  # the host's project directory, when it says
+        if not (isinstance(cwd, str) and os.path.isdir(cwd)):
+            cwd = cli.caller.cwd
+        here = Cli(Caller(cwd, cli.caller.env, agent), out)
+        try:
+            reply = _hook_reply(args.event, data, here)
+        finally:
+            here.close()
         if reply is not None:
             out.write(json.dumps(reply, ensure_ascii=False) + "\n")
     except BaseException as e:  # noqa: B902 - a hook must never fail the host's turn
@@ -8229,8 +8233,7 @@ class Integration:
             raise UsageError("%s defines mcp_servers.thrum outside thrum's block; it was "
                              "left untouched" % path, hint="remove that table first")
         if remove:
-            return path, old, None if old is not None and not base else (
-                base if old is not None else None)
+            return path, old, base if old is not None and base else None
         sep = "" if not base or base.endswith("\n\n") else (
             "\n" if base.endswith("\n") else "\n\n")
         text = base + sep + _toml_block(self.mcp, self.commands)
@@ -8712,13 +8715,6 @@ def cmd_mcp(args, cli, out):
         os._exit(EXIT_OK)
 
 
-def _pane_command(words):
-    """--command's words: thrum's global flags (--json, --quiet, ...) were taken out
-    already, unless they follow a `--` (`--command -- claude --verbose`)."""
-    words = list(words or ())
-    return words[1:] if words[:1] == ["--"] else words
-
-
 def cmd_tmux(args, cli, out):
     if args.sub in ("create", "quickstart"):
         cwd = os.path.abspath(os.path.join(cli.caller.cwd, args.cwd or "."))
@@ -8726,7 +8722,7 @@ def cmd_tmux(args, cli, out):
             raise UsageError("--cwd %s is not a directory" % (args.cwd or cwd))
         r = call("tmux_create", dict(
             session=args.session, name=args.name, role=args.role, module=args.module,
-            intent=args.intent, command=_pane_command(args.pane_command), force=args.force,
+            intent=args.intent, command=args.pane_command or (), force=args.force,
             socket=args.socket), Caller(cwd, cli.caller.env))
         return out.ok(r, "Session created: %s (pane %s)" % (r["session"], r["pane"]),
                       "  Agent:  @%s (%s, pid %d)" % (r["agent_id"], "registered" if
