@@ -42,15 +42,30 @@ if __name__ == "__main__":
 # === 1. Constants & errors ====================================================
 
 SCHEMA_VERSION = 7          #: index schema; an older index.db is rebuilt
+
+
 EVENT_VERSION = 1           #: the `v` field of every event
+
+
 THRUM_DIR = ".thrum"
+
+
 DEFAULT_BRANCH = "a-sync"
+
+
 RESERVED_NAMES = frozenset("daemon system thrum all broadcast everyone".split())
+
+
 BODY_FORMATS = ("markdown", "plain", "json")
+
+
 MAX_TIMEOUT = 24 * 3600.0
+
 
 #: Exit codes (SPEC §6).
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_SETUP, EXIT_NOT_FOUND, EXIT_REFUSED = range(6)
+
+
 EXIT_INTERRUPTED = 130
 
 
@@ -159,7 +174,27 @@ def error_payload(exc):
             "hint": "re-run with --debug for the traceback, and please report it"}
 
 
-# === 2. Paths & repo discovery ================================================
+def _valid_pid(v):
+    """A plausible process id, else None (a bad pid never breaks projection)."""
+    return v if type(v) is int and 0 < v < 2 ** 31 else None
+
+
+class AfterWriteError(ThrumError):
+    """The operation's write is stored, but the per-call sync after it failed
+    (THRUM_AUTOSYNC). Carries the operation's `result`."""
+
+    def __init__(self, error, result):
+        super().__init__("saved locally, but THRUM_AUTOSYNC failed: " + error.message,
+                         hint=error.hint)
+        self.error, self.result = error, result
+
+
+class WaitAbandoned(Exception):
+    """A wait whose waiter went away (a daemon shutting down, a client that closed
+    its connection, a cancelled MCP call): it returns nothing and claims nothing."""
+
+
+# === 2. Paths, files and locks ================================================
 #
 # Discovery never runs git: the send path must stay free of git processes, so
 # `.git` files and `commondir` pointers are parsed directly.
@@ -348,9 +383,145 @@ def _write_file_atomic(path, data, mode=0o644):
     os.replace(tmp, path)
 
 
+class _FileLock:
+    """An exclusive flock on a lock file (created 0600), as a context manager."""
+
+    def __init__(self, path, block=True):
+        self.path, self.block, self.fd = path, block, None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+#: Longest AF_UNIX path we bind (the kernel's limit is 107 bytes plus a NUL).
+_SOCK_MAX = 100
+
+
+class DaemonFiles:
+    """Where a store's daemon keeps its runtime files (all private to the user)."""
+
+    def __init__(self, var, env):
+        self.var = var
+        self.lock = os.path.join(var, "daemon.lock")
+        self.pid = os.path.join(var, "daemon.pid")
+        self.key = os.path.join(var, "daemon.key")
+        self.log = os.path.join(var, "daemon.log")
+        self.default_socket = os.path.join(var, "thrum.sock")
+        self.env = env
+
+    def socket_path(self):
+        """`var/thrum.sock`, or a short private path in the user runtime dir when that
+        is too long for AF_UNIX (the path in use is recorded in daemon.pid)."""
+        path = os.path.abspath(self.default_socket)
+        if len(os.fsencode(path)) <= _SOCK_MAX:
+            return path
+        import hashlib
+        name = "thrum-%s.sock" % hashlib.sha256(
+            os.fsencode(os.path.realpath(self.var))).hexdigest()[:20]
+        base = self.env.get("XDG_RUNTIME_DIR") or ""
+        if base and _private_dir(base) and \
+                len(os.fsencode(os.path.join(os.path.abspath(base), name))) <= _SOCK_MAX:
+            return os.path.join(os.path.abspath(base), name)
+        base = os.path.join("/tmp", "thrum-%d" % os.getuid())
+        _make_private_dir(base)
+        return os.path.join(base, name)
+
+    def running(self):
+        """True when a daemon holds the lock (a stale or recycled pid never counts)."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def info(self):
+        """{running, pid, socket, started_at} (pid etc. only while one runs)."""
+        if not self.running():
+            return {"running": False, "pid": None, "socket": None, "started_at": None}
+        data = {}
+        try:
+            data = json.loads(_read_text(self.pid) or "{}")
+        except (ValueError, ThrumError):
+            pass
+        if not isinstance(data, dict):
+            data = {}
+        return {"running": True, "pid": _valid_pid(data.get("pid")),
+                "socket": data.get("socket") if isinstance(data.get("socket"), str) else None,
+                "started_at": data.get("started_at")}
+
+    def read_key(self):
+        try:
+            with open(self.key, "rb") as f:
+                key = f.read().strip()
+        except OSError:
+            return None
+        return key or None
+
+
+def _private_dir(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _make_private_dir(path):
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not _private_dir(path):
+        raise ThrumError("%s is not a private directory of this user (0700)" % path,
+                         hint="remove it, or set XDG_RUNTIME_DIR to a private directory")
+
+
+def _clean_daemon_files(files):
+    """Remove the pid file and socket a killed daemon left (only when none runs)."""
+    if files.running():
+        return
+    sock = None
+    try:
+        sock = json.loads(_read_text(files.pid) or "{}").get("socket")
+    except (ValueError, ThrumError, AttributeError):
+        pass
+    for path in (files.pid, files.default_socket, sock):
+        if isinstance(path, str):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 # === 3. IDs & time ============================================================
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
 _ULID_CHARS = frozenset(_CROCKFORD)
 
 
@@ -740,7 +911,11 @@ class Config:
 # shared groups.jsonl. Appends hold an exclusive flock and write whole lines.
 
 LOG_DIRS = ("agents", "messages", "receipts")
+
+
 GROUPS_FILE = "groups.jsonl"
+
+
 #: Appends never follow a symlink.
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
 
@@ -789,6 +964,8 @@ def make_event(etype, origin, **fields):
 
 
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 #: The one encoder of log lines: no NaN/Infinity (strict readers skip them).
 _ENCODE_STRICT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                                   allow_nan=False).encode
@@ -1174,7 +1351,7 @@ def _event_problem(ev):
     return None
 
 
-# === 6. Index (the SQLite projection of the log) ==============================
+# === 6. Index: the projection of the log ======================================
 #
 # SQLite (WAL) cache of the log. Every projection is order-independent: source
 # tables (edits, deletes, receipts, register/delete keys) are keyed so that
@@ -1219,6 +1396,7 @@ CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEX
                            PRIMARY KEY(name, member_type, member)) WITHOUT ROWID;
 """
 
+
 #: Secondary indexes: created after a bulk build, which is faster.
 _SCHEMA_INDEXES = """
 CREATE INDEX messages_author ON messages(agent_id, created_at);
@@ -1234,18 +1412,17 @@ CREATE INDEX edits_msg ON edits(message_id);
 CREATE INDEX deletes_msg ON deletes(message_id);
 CREATE INDEX sessions_agent ON sessions(agent_id);
 """
+
+
 _SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
+
 
 #: Fields an agent.update may carry (work context); latest value wins per field.
 AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context", "tmux")
 
+
 #: An agent counts as registered when its latest register beats its latest delete.
 ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
-
-
-def _valid_pid(v):
-    """A plausible process id, else None (a bad pid never breaks projection)."""
-    return v if type(v) is int and 0 < v < 2 ** 31 else None
 
 
 def _key(ev):
@@ -1925,7 +2102,9 @@ class Index:
         return (self.db or self.open().db).execute(sql, params).fetchone()
 
 
-# === 7. Subprocess tools: git, work contexts ==================================
+# === 7. Index: named queries ==================================================
+
+# === 8. Processes and threads: git, work contexts, tmux =======================
 #
 # Every git call goes through git(): an argv list (never a shell), a bound on its time,
 # its own process group, and a THRUM_DEBUG trace.
@@ -2199,7 +2378,31 @@ _DIALOG = re.compile(
     re.IGNORECASE | re.MULTILINE)
 
 
-# === 8. Git sync ==============================================================
+def _pid_alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+
+
+def _thread_condition():
+    import threading
+    return threading.Condition()
+
+
+def _thread_event():
+    import threading
+    return threading.Event()
+
+
+# === 9. Git sync ==============================================================
 #
 # The log lives in a worktree of the orphan branch `a-sync` under
 # <git-common-dir>/thrum-sync/. A cycle merges the remote branch into the local
@@ -2211,6 +2414,8 @@ _DIALOG = re.compile(
 
 _BRANCH_HINT = ("choose a branch name that nothing else uses: "
                 "'thrum config set sync.branch thrum-log'")
+
+
 #: Push refusals that mean "someone else pushed first": fetch, merge and retry.
 #: Any other refusal (e.g. a pre-receive hook declining) fails at once.
 _CONTENTION = ("non-fast-forward", "fetch first", "stale info", "failed to update ref",
@@ -2774,8 +2979,7 @@ class SyncEngine:
         return out
 
 
-
-# === 9. Store, caller, service and operations =================================
+# === 10. Store, callers and the service's base ================================
 
 _ROLE_INTENTS = {
     "implementer": "Implement features and fixes in %s",
@@ -2934,20 +3138,6 @@ def _tag_str(tag):
     return "%s:%s" % (tag["type"], tag["value"])
 
 
-def _pid_alive(pid):
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OSError, ValueError, OverflowError):
-        return False
-
-
 class Store:
     """One thrum store, held open: its config, event log, index and origin.
 
@@ -3096,12 +3286,12 @@ class Caller:
         return "Caller(%r, agent=%r)" % (self.cwd, self.agent)
 
 
-class Service:
-    """Every thrum operation, as one method taking and returning plain data.
+class ServiceBase:
+    """What every operation stands on: the request's store and caller, the one write
+    path (`_emit`) and the per-call work after it (`finish`), and who "me" is (SPEC §4).
 
-    One Service serves one request: it pairs the long-lived Store (None until
-    `init` makes one) with the Caller, and resolves "me" from the caller, never
-    from the process. Front ends go through `call()`, which builds it.
+    One instance serves one request: it pairs the long-lived Store (None until `init`
+    makes one) with the Caller, and resolves "me" from the caller, never from the process.
     """
 
     def __init__(self, store, caller):
@@ -3346,6 +3536,21 @@ class Service:
         return self.index.q1("SELECT session_id, started_at, pid FROM sessions WHERE "
                              "agent_id = ? AND ended_at IS NULL AND started_at IS NOT NULL "
                              "ORDER BY started_at DESC LIMIT 1", (agent_id,))
+
+    def _agent_fields(self, agent_id):
+        return {f: json.loads(v) for f, v in self.index.q(
+            "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
+
+    def _update_fields(self, aid, **fields):
+        ev = self._event("agent.update", agent_id=aid, **fields)
+        self._emit([ev])
+        return ev
+
+
+# === 11. Operations: setup, agents, sessions, context =========================
+
+class AgentOps(ServiceBase):
+    """Operations: set-up (init, setup), agents, sessions and saved context."""
 
     # -- setup -------------------------------------------------------------------
     def init(self, local=False, force=False):
@@ -3610,61 +3815,6 @@ class Service:
                 "tmux_pane": ident.get("tmux_pane"), "tmux_socket": ident.get("tmux_socket"),
                 "identity_file": ident.get("identity_file")}
 
-    def _agent_fields(self, agent_id):
-        return {f: json.loads(v) for f, v in self.index.q(
-            "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
-
-    def _context_checked(self, worktree, host):
-        """When the daemon last looked at this local worktree's git state (None without
-        a daemon, or for other machines' agents)."""
-        contexts = self.store.contexts
-        if contexts is None or not worktree or host != os.uname().nodename:
-            return None
-        got = contexts.get(os.path.realpath(worktree))
-        return got[0] if got else None
-
-    def agent_list(self, context=False):
-        """Registered agents with their work context."""
-        return {"agents": self._members(all_agents=True, with_files=context)}
-
-    def _members(self, all_agents, with_files=False, me=None):
-        db = self.index
-        counts = {r[0]: (r[1], r[2]) for r in db.q(
-            "SELECT agent_id, count(*), sum(read_at IS NULL) FROM deliveries "
-            "WHERE deleted = 0 GROUP BY agent_id")}
-        fields, context_at = {}, {}
-        for aid, f, v, key in db.q("SELECT agent_id, field, value, key FROM agent_fields"):
-            fields.setdefault(aid, {})[f] = json.loads(v)
-            if f in ("branch", "files") and key:
-                context_at[aid] = max(context_at.get(aid, ""), key.split("|")[0])
-        seen = dict(db.q("SELECT agent_id, ts FROM seen"))
-        sessions = {r[0]: (r[1], r[2]) for r in db.q(
-            "SELECT agent_id, session_id, max(started_at) FROM sessions WHERE ended_at IS "
-            "NULL AND started_at IS NOT NULL GROUP BY agent_id")}
-        out = []
-        for aid, role, module, display, wt, host, reg in db.q(
-                "SELECT agent_id, role, module, display, worktree, hostname, registered_at "
-                "FROM agents WHERE " + ACTIVE_AGENT_SQL + " ORDER BY agent_id"):
-            ses = sessions.get(aid)
-            if not all_agents and not ses:
-                continue
-            f = fields.get(aid, {})
-            total, unread = counts.get(aid, (0, 0))
-            m = {"agent_id": aid, "role": role, "module": module, "display": display,
-                 "status": "active" if ses else "offline",
-                 "intent": f.get("intent"), "task": f.get("task"),
-                 "branch": f.get("branch"), "last_seen_at": seen.get(aid) or reg,
-                 "session_id": ses[0] if ses else None,
-                 "session_started_at": ses[1] if ses else None,
-                 "worktree": wt, "hostname": host, "registered_at": reg,
-                 "unread": unread or 0, "total": total,
-                 "context_at": self._context_checked(wt, host) or context_at.get(aid),
-                 "tmux": f.get("tmux")}
-            if with_files:
-                m["files"] = f.get("files") or []
-            out.append(m)
-        return out
-
     def agent_delete(self, name, force=False, agent=None):
         """Delete an agent (needs force). Removes its identity file when local."""
         self.require_store()
@@ -3785,11 +3935,6 @@ class Service:
              "end_reason": r[4], "status": "ended" if r[3] else "active"}
             for r in self.index.q(sql, (aid,))]}
 
-    def _update_fields(self, aid, **fields):
-        ev = self._event("agent.update", agent_id=aid, **fields)
-        self._emit([ev])
-        return ev
-
     def session_set_intent(self, text, agent=None):
         ident = self.me(agent)
         text = _check_text(text, "intent", 1000, allow_empty=True)
@@ -3883,6 +4028,12 @@ class Service:
             self._update_fields(name, context=None)
         return {"agent_id": name, "cleared": existed or unpublished,
                 "unpublished": unpublished}
+
+
+# === 12. Operations: messages and waiting =====================================
+
+class MessageOps(ServiceBase):
+    """Operations: addressing, sending, reading, waiting, and the hooks' news."""
 
     # -- addressing ------------------------------------------------------------------
     def _group_members(self, name, agents=None):
@@ -4432,173 +4583,6 @@ class Service:
                 return {"status": "timeout", "messages": []}
             sleep(min(_poll, left))
 
-    # -- tmux (SPEC §12) ------------------------------------------------------------------
-    def tmux_create(self, session, name=None, role=None, module=None, intent=None,
-                    command=(), force=False, socket=None):
-        """Register the agent in this worktree (init if needed) and start its session,
-        then a detached tmux session whose pane runs `command` (default: the user's
-        shell) with THRUM_NAME set and no other THRUM_*. The identity records the tmux
-        session, pane and server socket; the pane's process is the agent's long-lived pid.
-        Checks that need no writes come first; a failure after the registration rolls it
-        back (a new agent is deleted again, a re-registered one has its session ended)."""
-        if not isinstance(session, str) or not _TMUX_SESSION(session):
-            raise UsageError("invalid tmux session name %r" % (session,),
-                             hint="1-64 letters, digits, '_' or '-', starting with a letter "
-                                  "or digit")
-        if not self.loc.store and not self.loc.git_common:
-            raise UsageError("%s is not in a git repository" % self.caller.cwd,
-                             hint="pass --cwd DIR, a directory inside the repository")
-        name = _strip_at(name) if name else self.env.get("THRUM_NAME")
-        if not name:
-            raise UsageError("tmux create needs --name NAME")
-        _check_name(name)
-        if not (role or self.env.get("THRUM_ROLE")) or not (
-                module or self.env.get("THRUM_MODULE")):
-            raise UsageError("tmux create needs --role and --module (or THRUM_ROLE and "
-                             "THRUM_MODULE)")
-        _check_text(intent, "intent", 1000, allow_empty=True)
-        argv = _command_argv(command, self.env)
-        tmux = Tmux(self.env, tmux_socket(self.env, socket)).require()
-        if tmux.has_session(session):
-            if not force:
-                raise RefusedError("tmux session %s already exists" % session,
-                                   hint="--force replaces it (and ends its agent's session)")
-            if self.store is not None:
-                self._tmux_forget(session, None, "tmux session replaced")
-            tmux.run("kill-session", "-t", "=" + session, check=False)
-        existed = self.store is not None and self._agent_row(name) is not None
-        if existed and not force:
-            raise RefusedError("agent @%s is already registered" % name,
-                               hint="--force registers it again here and gives it this "
-                                    "tmux session")
-        if existed:  # (forced) its old tmux session on this host goes
-            for m in self._tmux_members(here=True):
-                if m["agent_id"] == name and m["tmux"]["session"] != session:
-                    Tmux(self.env, m["tmux"].get("socket")).run(
-                        "kill-session", "-t", "=" + m["tmux"]["session"], check=False)
-                    self._tmux_forget(m["tmux"]["session"], name, "tmux session replaced")
-        qs = self.quickstart(name=name, role=role, module=module, intent=intent, force=force)
-        aid = qs["register"]["agent_id"]
-        try:
-            pane, pid, sock = self._tmux_start(tmux, session, aid, argv)
-        except ThrumError:
-            if existed:
-                self.session_end(reason="tmux create failed", agent=aid)
-            else:
-                self.agent_delete(aid, force=True)
-            raise
-        ses = self.session_start(pid=pid, agent=aid)
-        rec = {"session": session, "pane": pane, "socket": sock, "host": os.uname().nodename,
-               "origin": self.origin}  # the clone whose nudgers type into this pane
-        self._emit([self._event("agent.update", agent_id=aid, tmux=rec)])
-        ident = self.me(aid)
-        ident.update(tmux_session=session, tmux_pane=pane, tmux_socket=sock)
-        self._write_identity(ident)
-        return {"session": session, "agent_id": aid, "pane": pane, "socket": sock,
-                "pid": pid, "session_id": ses["session_id"], "command": argv,
-                "cwd": self.caller.cwd, "registered": not existed}
-
-    def _tmux_start(self, tmux, session, aid, argv):
-        # The server's global environment (kept from whoever started it) may hold THRUM_*
-        # variables: the pane's command starts under env(1) with them removed.
-        out = tmux.run("show-environment", "-g", check=False)[1]
-        drop = {ln.lstrip("-").split("=")[0] for ln in out.splitlines()}
-        drop = sorted(k for k in drop | set(self.env) if k.startswith("THRUM_"))
-        env_argv = [_which("env", self.env) or "/usr/bin/env"]
-        for k in drop:
-            env_argv += ["-u", k]
-        tmux.run("new-session", "-d", "-s", session, "-c", self.caller.cwd, "-x", "200",
-                 "-y", "50", *env_argv, "THRUM_NAME=" + aid, *argv, timeout=10.0)
-        info = tmux.pane("=%s:" % session, "#{pane_id}\t#{pane_pid}\t#{socket_path}")
-        if info:
-            time.sleep(0.15)  # a command that cannot start ends at once
-        if not info or tmux.pane("=%s:" % session, "#{pane_dead}") not in ("0", ""):
-            tmux.run("kill-session", "-t", "=" + session, check=False)
-            raise ThrumError("%s exited as soon as it started in tmux session %s"
-                             % (argv[0], session), hint="run the command by hand to see why")
-        pane, pid, sock = info.split("\t")
-        return pane, int(pid), sock
-
-    def _tmux_members(self, here=False):
-        """Members with a tmux record (here: started on this host)."""
-        host = os.uname().nodename
-        return [m for m in self._members(all_agents=True) if m.get("tmux") and
-                (not here or m["tmux"].get("host") == host)]
-
-    def tmux_list(self):
-        """Agents with a tmux session: alive or gone (asked live for this host)."""
-        self.require_store()
-        host = os.uname().nodename
-        out, exe = [], _which("tmux", self.env)
-        if exe is None:
-            raise TmuxMissingError()
-        for m in self._tmux_members():
-            rec = m["tmux"]
-            alive = None
-            if rec.get("host") == host:
-                tm = Tmux(self.env, rec.get("socket"))
-                alive = tm.has_session(rec["session"]) and \
-                    tm.pane(rec["pane"], "#{pane_dead}") == "0"
-            out.append({"agent_id": m["agent_id"], "session": rec["session"],
-                        "pane": rec.get("pane"), "socket": rec.get("socket"),
-                        "host": rec.get("host"), "alive": alive, "status": m["status"],
-                        "unread": m["unread"]})
-        return {"agents": out}
-
-    def tmux_kill(self, session=None, name=None, socket=None):
-        """Kill a tmux session (exact name, never a prefix) and end its agent's session."""
-        self.require_store()
-        if bool(session) == bool(name):
-            raise UsageError("give a SESSION or --name NAME (one of them)")
-        if name:
-            row = self._require_agent(name)
-            m = next((m for m in self._tmux_members(here=True) if m["agent_id"] == row[0]),
-                     None)
-            if m is None:
-                raise NotFoundError("@%s has no tmux session" % row[0],
-                                    hint="see them with 'thrum tmux list'")
-            session, sock = m["tmux"]["session"], socket or m["tmux"].get("socket")
-        else:
-            if not _TMUX_SESSION(session):
-                raise UsageError("invalid tmux session name %r" % session)
-            mine = [m for m in self._tmux_members(here=True)
-                    if m["tmux"]["session"] == session]
-            sock = socket or (mine[0]["tmux"].get("socket") if mine else None)
-        tm = Tmux(self.env, tmux_socket(self.env, sock)).require()
-        killed = tm.has_session(session) and \
-            tm.run("kill-session", "-t", "=" + session, check=False)[0] == 0
-        agents, ended = self._tmux_forget(session, None if name is None else row[0],
-                                          "tmux session killed")
-        if not killed and not agents:
-            raise NotFoundError("no tmux session %s" % session,
-                                hint="see them with 'thrum tmux list' or 'tmux ls'")
-        return {"session": session, "killed": killed, "agents": agents, "ended": ended}
-
-    def _tmux_forget(self, session, aid, reason):
-        """The agents of tmux session `session` (or agent `aid`) lose it: their thrum
-        session ends and the record is cleared (log and identity file)."""
-        agents, events, ended = [], [], []
-        for m in self._tmux_members(here=True):
-            if (aid and m["agent_id"] != aid) or m["tmux"]["session"] != session:
-                continue
-            agents.append(m["agent_id"])
-            ses = self._open_session(m["agent_id"])
-            if ses:
-                ended.append(ses[0])
-                events.append(self._event("agent.session.end", agent_id=m["agent_id"],
-                                          session_id=ses[0], reason=reason))
-            events.append(self._event("agent.update", agent_id=m["agent_id"], tmux=None))
-            path = self._identity_file(m["agent_id"], m.get("worktree"))
-            ident = self._read_identity(path) if os.path.exists(path) else None
-            if ident and ident.get("tmux_session") == session:
-                for k in ("tmux_session", "tmux_pane", "tmux_socket", "pid"):
-                    ident[k] = None
-                if ses and ident.get("session_id") == ses[0]:
-                    ident["session_id"] = None
-                self._write_identity(ident)
-        self._emit(events)
-        return agents, ended
-
     # -- agent integrations (SPEC §15) ---------------------------------------------------
     def hook_news(self, agent=None):
         """My unread messages that no wait, hook or listener has told me of yet; they are
@@ -4648,6 +4632,63 @@ class Service:
                 "unread": [self._msg(r, False) for r in rows],
                 "team": self._members(all_agents=False),
                 "context": self.context_show(agent=me)["content"]}
+
+
+# === 13. Operations: team, groups, admin ======================================
+
+class TeamOps(ServiceBase):
+    """Operations: who is on the team and what they are doing; status and briefings."""
+
+    def _context_checked(self, worktree, host):
+        """When the daemon last looked at this local worktree's git state (None without
+        a daemon, or for other machines' agents)."""
+        contexts = self.store.contexts
+        if contexts is None or not worktree or host != os.uname().nodename:
+            return None
+        got = contexts.get(os.path.realpath(worktree))
+        return got[0] if got else None
+
+    def agent_list(self, context=False):
+        """Registered agents with their work context."""
+        return {"agents": self._members(all_agents=True, with_files=context)}
+
+    def _members(self, all_agents, with_files=False, me=None):
+        db = self.index
+        counts = {r[0]: (r[1], r[2]) for r in db.q(
+            "SELECT agent_id, count(*), sum(read_at IS NULL) FROM deliveries "
+            "WHERE deleted = 0 GROUP BY agent_id")}
+        fields, context_at = {}, {}
+        for aid, f, v, key in db.q("SELECT agent_id, field, value, key FROM agent_fields"):
+            fields.setdefault(aid, {})[f] = json.loads(v)
+            if f in ("branch", "files") and key:
+                context_at[aid] = max(context_at.get(aid, ""), key.split("|")[0])
+        seen = dict(db.q("SELECT agent_id, ts FROM seen"))
+        sessions = {r[0]: (r[1], r[2]) for r in db.q(
+            "SELECT agent_id, session_id, max(started_at) FROM sessions WHERE ended_at IS "
+            "NULL AND started_at IS NOT NULL GROUP BY agent_id")}
+        out = []
+        for aid, role, module, display, wt, host, reg in db.q(
+                "SELECT agent_id, role, module, display, worktree, hostname, registered_at "
+                "FROM agents WHERE " + ACTIVE_AGENT_SQL + " ORDER BY agent_id"):
+            ses = sessions.get(aid)
+            if not all_agents and not ses:
+                continue
+            f = fields.get(aid, {})
+            total, unread = counts.get(aid, (0, 0))
+            m = {"agent_id": aid, "role": role, "module": module, "display": display,
+                 "status": "active" if ses else "offline",
+                 "intent": f.get("intent"), "task": f.get("task"),
+                 "branch": f.get("branch"), "last_seen_at": seen.get(aid) or reg,
+                 "session_id": ses[0] if ses else None,
+                 "session_started_at": ses[1] if ses else None,
+                 "worktree": wt, "hostname": host, "registered_at": reg,
+                 "unread": unread or 0, "total": total,
+                 "context_at": self._context_checked(wt, host) or context_at.get(aid),
+                 "tmux": f.get("tmux")}
+            if with_files:
+                m["files"] = f.get("files") or []
+            out.append(m)
+        return out
 
     # -- team & status --------------------------------------------------------------
     def team(self, all=False):
@@ -4758,6 +4799,10 @@ class Service:
             if ap.startswith(r + os.sep):
                 return os.path.relpath(ap, r).replace(os.sep, "/")
         raise UsageError("%s is outside this repository (%s)" % (path, root))
+
+
+class GroupOps(ServiceBase):
+    """Operations: named groups of agents and roles."""
 
     # -- groups -----------------------------------------------------------------------
     def _group_row(self, name):
@@ -4879,6 +4924,10 @@ class Service:
         return {"group": row[0], "group_id": row[1], "description": row[2],
                 "created_by": row[3], "created_at": row[4], "members": members,
                 "agents": sorted(self._group_members(row[0]))}
+
+
+class AdminOps(ServiceBase):
+    """Operations: configuration, sync, health checks and the index."""
 
     # -- config ---------------------------------------------------------------------------
     def config_show(self):
@@ -5101,9 +5150,192 @@ class Service:
         return {"events": n}
 
 
+# === 14. Operations: tmux agents; the service and its table ===================
+
+class TmuxOps(ServiceBase):
+    """Operations: agents started in tmux sessions (SPEC §12)."""
+
+    # -- tmux (SPEC §12) ------------------------------------------------------------------
+    def tmux_create(self, session, name=None, role=None, module=None, intent=None,
+                    command=(), force=False, socket=None):
+        """Register the agent in this worktree (init if needed) and start its session,
+        then a detached tmux session whose pane runs `command` (default: the user's
+        shell) with THRUM_NAME set and no other THRUM_*. The identity records the tmux
+        session, pane and server socket; the pane's process is the agent's long-lived pid.
+        Checks that need no writes come first; a failure after the registration rolls it
+        back (a new agent is deleted again, a re-registered one has its session ended)."""
+        if not isinstance(session, str) or not _TMUX_SESSION(session):
+            raise UsageError("invalid tmux session name %r" % (session,),
+                             hint="1-64 letters, digits, '_' or '-', starting with a letter "
+                                  "or digit")
+        if not self.loc.store and not self.loc.git_common:
+            raise UsageError("%s is not in a git repository" % self.caller.cwd,
+                             hint="pass --cwd DIR, a directory inside the repository")
+        name = _strip_at(name) if name else self.env.get("THRUM_NAME")
+        if not name:
+            raise UsageError("tmux create needs --name NAME")
+        _check_name(name)
+        if not (role or self.env.get("THRUM_ROLE")) or not (
+                module or self.env.get("THRUM_MODULE")):
+            raise UsageError("tmux create needs --role and --module (or THRUM_ROLE and "
+                             "THRUM_MODULE)")
+        _check_text(intent, "intent", 1000, allow_empty=True)
+        argv = _command_argv(command, self.env)
+        tmux = Tmux(self.env, tmux_socket(self.env, socket)).require()
+        if tmux.has_session(session):
+            if not force:
+                raise RefusedError("tmux session %s already exists" % session,
+                                   hint="--force replaces it (and ends its agent's session)")
+            if self.store is not None:
+                self._tmux_forget(session, None, "tmux session replaced")
+            tmux.run("kill-session", "-t", "=" + session, check=False)
+        existed = self.store is not None and self._agent_row(name) is not None
+        if existed and not force:
+            raise RefusedError("agent @%s is already registered" % name,
+                               hint="--force registers it again here and gives it this "
+                                    "tmux session")
+        if existed:  # (forced) its old tmux session on this host goes
+            for m in self._tmux_members(here=True):
+                if m["agent_id"] == name and m["tmux"]["session"] != session:
+                    Tmux(self.env, m["tmux"].get("socket")).run(
+                        "kill-session", "-t", "=" + m["tmux"]["session"], check=False)
+                    self._tmux_forget(m["tmux"]["session"], name, "tmux session replaced")
+        qs = self.quickstart(name=name, role=role, module=module, intent=intent, force=force)
+        aid = qs["register"]["agent_id"]
+        try:
+            pane, pid, sock = self._tmux_start(tmux, session, aid, argv)
+        except ThrumError:
+            if existed:
+                self.session_end(reason="tmux create failed", agent=aid)
+            else:
+                self.agent_delete(aid, force=True)
+            raise
+        ses = self.session_start(pid=pid, agent=aid)
+        rec = {"session": session, "pane": pane, "socket": sock, "host": os.uname().nodename,
+               "origin": self.origin}  # the clone whose nudgers type into this pane
+        self._emit([self._event("agent.update", agent_id=aid, tmux=rec)])
+        ident = self.me(aid)
+        ident.update(tmux_session=session, tmux_pane=pane, tmux_socket=sock)
+        self._write_identity(ident)
+        return {"session": session, "agent_id": aid, "pane": pane, "socket": sock,
+                "pid": pid, "session_id": ses["session_id"], "command": argv,
+                "cwd": self.caller.cwd, "registered": not existed}
+
+    def _tmux_start(self, tmux, session, aid, argv):
+        # The server's global environment (kept from whoever started it) may hold THRUM_*
+        # variables: the pane's command starts under env(1) with them removed.
+        out = tmux.run("show-environment", "-g", check=False)[1]
+        drop = {ln.lstrip("-").split("=")[0] for ln in out.splitlines()}
+        drop = sorted(k for k in drop | set(self.env) if k.startswith("THRUM_"))
+        env_argv = [_which("env", self.env) or "/usr/bin/env"]
+        for k in drop:
+            env_argv += ["-u", k]
+        tmux.run("new-session", "-d", "-s", session, "-c", self.caller.cwd, "-x", "200",
+                 "-y", "50", *env_argv, "THRUM_NAME=" + aid, *argv, timeout=10.0)
+        info = tmux.pane("=%s:" % session, "#{pane_id}\t#{pane_pid}\t#{socket_path}")
+        if info:
+            time.sleep(0.15)  # a command that cannot start ends at once
+        if not info or tmux.pane("=%s:" % session, "#{pane_dead}") not in ("0", ""):
+            tmux.run("kill-session", "-t", "=" + session, check=False)
+            raise ThrumError("%s exited as soon as it started in tmux session %s"
+                             % (argv[0], session), hint="run the command by hand to see why")
+        pane, pid, sock = info.split("\t")
+        return pane, int(pid), sock
+
+    def _tmux_members(self, here=False):
+        """Members with a tmux record (here: started on this host)."""
+        host = os.uname().nodename
+        return [m for m in self._members(all_agents=True) if m.get("tmux") and
+                (not here or m["tmux"].get("host") == host)]
+
+    def tmux_list(self):
+        """Agents with a tmux session: alive or gone (asked live for this host)."""
+        self.require_store()
+        host = os.uname().nodename
+        out, exe = [], _which("tmux", self.env)
+        if exe is None:
+            raise TmuxMissingError()
+        for m in self._tmux_members():
+            rec = m["tmux"]
+            alive = None
+            if rec.get("host") == host:
+                tm = Tmux(self.env, rec.get("socket"))
+                alive = tm.has_session(rec["session"]) and \
+                    tm.pane(rec["pane"], "#{pane_dead}") == "0"
+            out.append({"agent_id": m["agent_id"], "session": rec["session"],
+                        "pane": rec.get("pane"), "socket": rec.get("socket"),
+                        "host": rec.get("host"), "alive": alive, "status": m["status"],
+                        "unread": m["unread"]})
+        return {"agents": out}
+
+    def tmux_kill(self, session=None, name=None, socket=None):
+        """Kill a tmux session (exact name, never a prefix) and end its agent's session."""
+        self.require_store()
+        if bool(session) == bool(name):
+            raise UsageError("give a SESSION or --name NAME (one of them)")
+        if name:
+            row = self._require_agent(name)
+            m = next((m for m in self._tmux_members(here=True) if m["agent_id"] == row[0]),
+                     None)
+            if m is None:
+                raise NotFoundError("@%s has no tmux session" % row[0],
+                                    hint="see them with 'thrum tmux list'")
+            session, sock = m["tmux"]["session"], socket or m["tmux"].get("socket")
+        else:
+            if not _TMUX_SESSION(session):
+                raise UsageError("invalid tmux session name %r" % session)
+            mine = [m for m in self._tmux_members(here=True)
+                    if m["tmux"]["session"] == session]
+            sock = socket or (mine[0]["tmux"].get("socket") if mine else None)
+        tm = Tmux(self.env, tmux_socket(self.env, sock)).require()
+        killed = tm.has_session(session) and \
+            tm.run("kill-session", "-t", "=" + session, check=False)[0] == 0
+        agents, ended = self._tmux_forget(session, None if name is None else row[0],
+                                          "tmux session killed")
+        if not killed and not agents:
+            raise NotFoundError("no tmux session %s" % session,
+                                hint="see them with 'thrum tmux list' or 'tmux ls'")
+        return {"session": session, "killed": killed, "agents": agents, "ended": ended}
+
+    def _tmux_forget(self, session, aid, reason):
+        """The agents of tmux session `session` (or agent `aid`) lose it: their thrum
+        session ends and the record is cleared (log and identity file)."""
+        agents, events, ended = [], [], []
+        for m in self._tmux_members(here=True):
+            if (aid and m["agent_id"] != aid) or m["tmux"]["session"] != session:
+                continue
+            agents.append(m["agent_id"])
+            ses = self._open_session(m["agent_id"])
+            if ses:
+                ended.append(ses[0])
+                events.append(self._event("agent.session.end", agent_id=m["agent_id"],
+                                          session_id=ses[0], reason=reason))
+            events.append(self._event("agent.update", agent_id=m["agent_id"], tmux=None))
+            path = self._identity_file(m["agent_id"], m.get("worktree"))
+            ident = self._read_identity(path) if os.path.exists(path) else None
+            if ident and ident.get("tmux_session") == session:
+                for k in ("tmux_session", "tmux_pane", "tmux_socket", "pid"):
+                    ident[k] = None
+                if ses and ident.get("session_id") == ses[0]:
+                    ident["session_id"] = None
+                self._write_identity(ident)
+        self._emit(events)
+        return agents, ended
+
+
+class Service(AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps):
+    """Every thrum operation, as one method taking and returning plain data.
+
+    The domains live in their own classes (sections 11-14); the operation names stay flat,
+    so the CLI, the daemon's RPC and the MCP tools name them the same way. Front ends go
+    through `call()`, which builds one Service per request.
+    """
+
+
 #: What an operation needs before it runs: nothing, a store, or the caller's identity
 #: (checked in this order, before the arguments' meaning: SPEC §14).
 NEEDS_NOTHING, NEEDS_STORE, NEEDS_IDENTITY = 0, 1, 2
+
 
 #: Every operation a front end can call: name -> (Service method, what it needs).
 #: The CLI, the daemon's RPC and the MCP tools all go through call() with these names.
@@ -5161,16 +5393,6 @@ OPS = {
     "tmux_list": ("tmux_list", NEEDS_STORE),
     "tmux_kill": ("tmux_kill", NEEDS_STORE),
 }
-
-
-class AfterWriteError(ThrumError):
-    """The operation's write is stored, but the per-call sync after it failed
-    (THRUM_AUTOSYNC). Carries the operation's `result`."""
-
-    def __init__(self, error, result):
-        super().__init__("saved locally, but THRUM_AUTOSYNC failed: " + error.message,
-                         hint=error.hint)
-        self.error, self.result = error, result
 
 
 def _check_params(method, params):
@@ -5233,6 +5455,8 @@ def call(op, params, caller, store=None, hooks=None):
         raise AfterWriteError(svc.autosync_error, result)
     return result
 
+
+# === 15. tmux nudges ==========================================================
 
 # -- nudges (SPEC §12) ------------------------------------------------------------------
 # When a message reaches an agent with a live tmux pane on this host, one line is typed
@@ -5475,35 +5699,6 @@ class Nudges:
             return False
 
 
-class _FileLock:
-    """An exclusive flock on a lock file (created 0600), as a context manager."""
-
-    def __init__(self, path, block=True):
-        self.path, self.block, self.fd = path, block, None
-
-    def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.block else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self.fd = fd
-        return True
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
 def nudge_after_write(router, events):
     """A Store listener of the CLI and the MCP server: nudge the tmux panes of the
     recipients of messages this process stored, unless a daemon runs (it nudges)."""
@@ -5524,7 +5719,40 @@ def nudge_after_write(router, events):
         router.start_nudger(agents)
 
 
-# === 10. Daemon ===============================================================
+def _nudge_quietly(store, env, aid):
+    try:
+        Nudges(store, env).run(aid)
+    except Exception:  # noqa: BLE001 - a nudge never disturbs its sender
+        pass
+
+
+def _spawn_nudger(store, env, agents):
+    """Run the nudgers in a new process (posix_spawn: a millisecond for the sender, which
+    exits without waiting; never a fork, which would carry SQLite's state along). It
+    imports this file as a module, so it runs from cached bytecode when there is some."""
+    argv = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+            "import thrum; thrum._nudge_main(sys.argv[2:])",
+            os.path.dirname(os.path.abspath(__file__)), store.loc.store_root] + list(agents)
+    try:
+        os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)])
+    except (OSError, AttributeError, TypeError):
+        pass  # no nudge is worth failing a send
+
+
+def _nudge_main(args):
+    """The nudger process: `STORE_ROOT AGENT...`."""
+    try:
+        loc = locate(args[0])
+        if loc.store:
+            nudges = Nudges(Store(loc, dict(os.environ)), dict(os.environ))
+            for aid in args[1:]:
+                nudges.run(aid)
+    except Exception:  # noqa: BLE001 - nobody to report to
+        pass
+
+
+# === 16. Daemon ===============================================================
 #
 # One optional process per store (SPEC §9). It holds `daemon.lock` (the lock, never
 # the pid file, says whether a daemon runs), serves the operations of section 9 over
@@ -5534,95 +5762,11 @@ def nudge_after_write(router, events):
 # (debounced push after writes, interval fetch, a cheap remote check while agents
 # wait), and ends the sessions of agents whose long-lived process died.
 
-#: Longest AF_UNIX path we bind (the kernel's limit is 107 bytes plus a NUL).
-_SOCK_MAX = 100
 #: daemon.log is rotated (one old copy kept) past this size.
 DAEMON_LOG_MAX = 1 << 20
+
+
 _CHALLENGE, _WELCOME, _FAILURE = b"#CHALLENGE#", b"#WELCOME#", b"#FAILURE#"
-
-
-class DaemonFiles:
-    """Where a store's daemon keeps its runtime files (all private to the user)."""
-
-    def __init__(self, var, env):
-        self.var = var
-        self.lock = os.path.join(var, "daemon.lock")
-        self.pid = os.path.join(var, "daemon.pid")
-        self.key = os.path.join(var, "daemon.key")
-        self.log = os.path.join(var, "daemon.log")
-        self.default_socket = os.path.join(var, "thrum.sock")
-        self.env = env
-
-    def socket_path(self):
-        """`var/thrum.sock`, or a short private path in the user runtime dir when that
-        is too long for AF_UNIX (the path in use is recorded in daemon.pid)."""
-        path = os.path.abspath(self.default_socket)
-        if len(os.fsencode(path)) <= _SOCK_MAX:
-            return path
-        import hashlib
-        name = "thrum-%s.sock" % hashlib.sha256(
-            os.fsencode(os.path.realpath(self.var))).hexdigest()[:20]
-        base = self.env.get("XDG_RUNTIME_DIR") or ""
-        if base and _private_dir(base) and \
-                len(os.fsencode(os.path.join(os.path.abspath(base), name))) <= _SOCK_MAX:
-            return os.path.join(os.path.abspath(base), name)
-        base = os.path.join("/tmp", "thrum-%d" % os.getuid())
-        _make_private_dir(base)
-        return os.path.join(base, name)
-
-    def running(self):
-        """True when a daemon holds the lock (a stale or recycled pid never counts)."""
-        try:
-            fd = os.open(self.lock, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-
-    def info(self):
-        """{running, pid, socket, started_at} (pid etc. only while one runs)."""
-        if not self.running():
-            return {"running": False, "pid": None, "socket": None, "started_at": None}
-        data = {}
-        try:
-            data = json.loads(_read_text(self.pid) or "{}")
-        except (ValueError, ThrumError):
-            pass
-        if not isinstance(data, dict):
-            data = {}
-        return {"running": True, "pid": _valid_pid(data.get("pid")),
-                "socket": data.get("socket") if isinstance(data.get("socket"), str) else None,
-                "started_at": data.get("started_at")}
-
-    def read_key(self):
-        try:
-            with open(self.key, "rb") as f:
-                key = f.read().strip()
-        except OSError:
-            return None
-        return key or None
-
-
-def _private_dir(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
-
-
-def _make_private_dir(path):
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if not _private_dir(path):
-        raise ThrumError("%s is not a private directory of this user (0700)" % path,
-                         hint="remove it, or set XDG_RUNTIME_DIR to a private directory")
 
 
 # -- the wire: multiprocessing.connection's framing and handshake, without importing it
@@ -5702,11 +5846,6 @@ def _check_mac(key, challenge, answer):
             return False
         return _hmac(key, challenge, name) == answer[end + 1:]
     return _hmac(key, challenge, "md5") == answer
-
-
-class WaitAbandoned(Exception):
-    """A wait whose waiter went away (a daemon shutting down, a client that closed
-    its connection, a cancelled MCP call): it returns nothing and claims nothing."""
 
 
 class DaemonUnavailable(Exception):
@@ -6360,32 +6499,75 @@ class Daemon:
                 self.log("session check: %s" % e.message)
 
 
-def _clean_daemon_files(files):
-    """Remove the pid file and socket a killed daemon left (only when none runs)."""
-    if files.running():
-        return
-    sock = None
-    try:
-        sock = json.loads(_read_text(files.pid) or "{}").get("socket")
-    except (ValueError, ThrumError, AttributeError):
-        pass
-    for path in (files.pid, files.default_socket, sock):
-        if isinstance(path, str):
+def _start_daemon(cli, files, wait=10.0):
+    """Start a detached daemon (it holds none of our pipes) and wait until it answers.
+    Returns its info. Concurrent starts give one daemon: the lock decides."""
+    info = files.info()
+    proc = None if info["running"] else _spawn_daemon(cli, files)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        info = files.info()
+        if info["running"] and info.get("socket"):  # it answers: report it
             try:
-                os.unlink(path)
+                DaemonClient(files).request({"op": "daemon_status"}, timeout=2.0)
+                return info, proc is not None and info.get("pid") == proc.pid
+            except DaemonUnavailable:
+                pass
+        elif proc is not None and proc.poll() not in (None, 0):
+            raise ThrumError("the daemon did not start (exit %s)" % proc.returncode,
+                             hint="see %s" % files.log)
+        time.sleep(0.02)
+    raise ThrumError("the daemon did not answer within %ds" % wait, hint="see %s" % files.log)
+
+
+def _spawn_daemon(cli, files):
+    """`thrum daemon run` as a detached process: its own session, no terminal, and none
+    of our pipes (its output goes to daemon.log)."""
+    import subprocess
+    _clean_daemon_files(files)
+    os.makedirs(files.var, exist_ok=True)
+    log = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        return subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--repo", cli.store.loc.store_root,
+             "daemon", "run"], cwd=cli.store.loc.store_root, env=cli.caller.env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            close_fds=True)
+    finally:
+        os.close(log)
+
+
+def _stop_daemon(files, wait=None):
+    """Stop the running daemon (asked over its socket, else SIGTERM); True if one ran."""
+    import signal
+    info = files.info()
+    if not info["running"]:
+        _clean_daemon_files(files)
+        return False
+    try:
+        DaemonClient(files).request({"op": "daemon_stop"}, timeout=2.0)
+    except DaemonUnavailable:
+        if info.get("pid"):
+            try:
+                os.kill(info["pid"], signal.SIGTERM)
             except OSError:
                 pass
+    if wait is None:  # a clean stop pushes pending writes, bounded by sync.timeout
+        try:
+            wait = 15.0 + parse_duration(Config(os.path.dirname(files.var), files.env)
+                                         .get("sync.timeout"))
+        except ThrumError:
+            wait = 45.0
+    deadline = time.monotonic() + wait
+    while files.running():
+        if time.monotonic() > deadline:
+            raise ThrumError("the daemon (pid %s) did not stop within %ds"
+                             % (info.get("pid"), wait), hint="kill it: kill %s" % info.get("pid"))
+        time.sleep(0.02)
+    return True
 
 
-def _thread_condition():
-    import threading
-    return threading.Condition()
-
-
-def _thread_event():
-    import threading
-    return threading.Event()
-
+# === 17. The front ends' way in: Router =======================================
 
 class Cancel:
     """A flag another thread raises to abandon a call (a cancelled MCP request, a
@@ -6423,39 +6605,6 @@ class Cancel:
         with self._lock:
             if fn in self._fns:
                 self._fns.remove(fn)
-
-
-def _nudge_quietly(store, env, aid):
-    try:
-        Nudges(store, env).run(aid)
-    except Exception:  # noqa: BLE001 - a nudge never disturbs its sender
-        pass
-
-
-def _spawn_nudger(store, env, agents):
-    """Run the nudgers in a new process (posix_spawn: a millisecond for the sender, which
-    exits without waiting; never a fork, which would carry SQLite's state along). It
-    imports this file as a module, so it runs from cached bytecode when there is some."""
-    argv = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-            "import thrum; thrum._nudge_main(sys.argv[2:])",
-            os.path.dirname(os.path.abspath(__file__)), store.loc.store_root] + list(agents)
-    try:
-        os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)])
-    except (OSError, AttributeError, TypeError):
-        pass  # no nudge is worth failing a send
-
-
-def _nudge_main(args):
-    """The nudger process: `STORE_ROOT AGENT...`."""
-    try:
-        loc = locate(args[0])
-        if loc.store:
-            nudges = Nudges(Store(loc, dict(os.environ)), dict(os.environ))
-            for aid in args[1:]:
-                nudges.run(aid)
-    except Exception:  # noqa: BLE001 - nobody to report to
-        pass
 
 
 # -- the front ends' way in ------------------------------------------------------------
@@ -6593,7 +6742,7 @@ class Router:
             self.store.close()
 
 
-# === 11. Rendering ============================================================
+# === 18. Rendering ============================================================
 
 def _visible(text, keep="\t"):
     """Escape control characters (ESC, CR, ...) so stored text cannot drive the
@@ -7049,7 +7198,7 @@ def render_doctor(r, style=PLAIN):
     return ls
 
 
-# === 12. MCP server ===========================================================
+# === 19. MCP server ===========================================================
 #
 # `thrum mcp serve`: MCP over stdio (one JSON-RPC 2.0 message per line) for agents
 # that speak MCP. One process serves both protocol eras, chosen per request: the
@@ -7061,10 +7210,18 @@ def render_doctor(r, style=PLAIN):
 # OPS entry: MCP adds argument checking and text content, never behaviour.
 
 MCP_LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+
+
 MCP_MODERN_VERSIONS = ("2026-07-28",)
+
+
 _MCP = "io.modelcontextprotocol/"
+
+
 _MCP_PARSE, _MCP_INVALID, _MCP_NO_METHOD, _MCP_PARAMS, _MCP_INTERNAL = (
     -32700, -32600, -32601, -32602, -32603)
+
+
 _MCP_VERSION = -32022
 
 
@@ -7082,6 +7239,8 @@ def _mcp_targets(what):
 
 _MCP_ID = {"type": "string", "description": "a message id (msg_...), or a unique prefix of "
            "at least 8 characters after msg_"}
+
+
 _MCP_TAGS = {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
              "description": "TYPE:VALUE tags, e.g. [\"module:auth\"]"}
 
@@ -7184,6 +7343,7 @@ MCP_TOOLS = {
         _mcp_schema(("path",), path={"type": "string", "description": "a file path"}),
         lambda a: {"path": a["path"]}, lambda r, a: render_who_has(r)),
 }
+
 
 _MCP_KINDS = {"string": "text", "boolean": "true or false", "integer": "a whole number",
               "number": "a number", "array": "a list of strings"}
@@ -7673,7 +7833,7 @@ def serve_mcp(caller, channel=False):
     return server
 
 
-# === 13. CLI: parser, handlers, demo ==========================================
+# === 20. CLI: output, arguments, the Cli context ==============================
 
 class Output:
     """Writes results: one JSON document with --json, compact text otherwise."""
@@ -7887,7 +8047,48 @@ def _read_stdin(stream=None):
     return stream.read()
 
 
+# -- command handlers -------------------------------------------------------------
+# Each takes (args, cli, out): it turns the arguments into one operation's params,
+# calls it through `cli.call()` and renders the result. No policy lives here.
+
+class Cli(Router):
+    """The CLI's side of one process: the caller (cwd, environment, --repo), the store
+    it opened and the output, shared by the operations one command runs."""
+
+    def __init__(self, caller, out):
+        super().__init__(caller)
+        self.out = out
+
+    def call(self, op, **params):
+        """Run an operation (see Router.run). A write whose THRUM_AUTOSYNC failed still
+        returns its result; the error is reported after the output (exit 1)."""
+        try:
+            return self.run(op, params)
+        except AfterWriteError as e:
+            self.out.autosync_error = e.error
+            return e.result
+
+    def check(self, op, **params):
+        """Run `op` without its body, when the body could not be read: set-up and
+        the other arguments are checked first (SPEC §14), then the body error stands."""
+        try:  # here, not through the daemon: only the error matters
+            call(op, params, self.caller, self.store)
+        except MissingBodyError:
+            pass
+
+    def body(self, args, op, **params):
+        try:
+            return read_body(args)
+        except UsageError:
+            self.check(op, **params)
+            raise
+
+
+# === 21. Host integrations: hooks, integrate, install =========================
+
 HOOK_EVENTS = ("session-start", "stop", "prompt")
+
+
 HOOK_BRIEFING_MAX = 2000  # bytes: a host may move longer hook output to a file
 
 
@@ -7997,7 +8198,10 @@ def _hook_reply(event, data, cli):
 # -- integrate: hooks, MCP config and a listener subagent for Claude Code and Codex -----
 
 INTEGRATE_MARK = "# >>> thrum (written by `thrum integrate codex`; `--remove` takes it out)"
+
+
 INTEGRATE_END = "# <<< thrum"
+
 
 _LISTENER = """\
 ---
@@ -8311,42 +8515,60 @@ def cmd_integrate(args, cli, out):
     out.emit(r, lines)
 
 
-# -- command handlers -------------------------------------------------------------
-# Each takes (args, cli, out): it turns the arguments into one operation's params,
-# calls it through `cli.call()` and renders the result. No policy lives here.
+def cmd_install(args, cli, out):
+    """What install.sh does, built in: copy this file to the data dir, precompile it and
+    write a `thrum` launcher that imports the compiled module (or `--pip`)."""
+    import subprocess
+    env = cli.caller.env
+    home = env.get("HOME")
+    if not home:
+        raise UsageError("HOME is not set")
+    src = os.path.abspath(__file__)
+    if args.pip:
+        here = os.path.dirname(src)
+        if not os.path.exists(os.path.join(here, "pyproject.toml")):
+            raise UsageError("--pip installs a checkout: no pyproject.toml next to %s" % src,
+                             hint="run it from the repository, or install without --pip")
+        argv = [sys.executable, "-m", "pip", "install"] + (
+            [] if env.get("VIRTUAL_ENV") else ["--user"]) + [here]
+        out.flush()
+        code = subprocess.call(argv, env=env)
+        if code:
+            raise ThrumError("pip install failed (exit %d)" % code)
+        return out.ok({"mode": "pip", "source": here}, "Installed thrum with pip")
+    bindir = os.path.abspath(os.path.expanduser(args.prefix or env.get("PREFIX") or
+                                                os.path.join(home, ".local", "bin")))
+    datadir = os.path.join(env.get("XDG_DATA_HOME") or os.path.join(
+        home, ".local", "share"), "thrum")
+    dst = os.path.join(datadir, "thrum.py")
+    os.makedirs(datadir, exist_ok=True)
+    os.makedirs(bindir, exist_ok=True)
+    with open(src, "rb") as f:
+        code = f.read()
+    if os.path.realpath(src) != os.path.realpath(dst):
+        _write_file_atomic(dst, code)  # a running thrum never sees a half-written file
+    import py_compile
+    py_compile.compile(dst, doraise=True)
+    launcher = os.path.join(bindir, "thrum")
+    _write_file_atomic(launcher, (
+        "#!%s\n# thrum launcher written by `thrum install`: it imports the precompiled "
+        "single file below.\nimport sys\nsys.path.insert(0, %r)\nimport thrum\n"
+        "raise SystemExit(thrum.main())\n" % (sys.executable, datadir)), 0o755)
+    on_path = bindir in [os.path.abspath(d) for d in (env.get("PATH") or "").split(os.pathsep)
+                         if d]
+    r = {"mode": "file", "program": dst, "launcher": launcher, "on_path": on_path,
+         "version": __version__}
+    lines = ["Installed thrum %s" % __version__, "  program:  %s" % dst,
+             "  launcher: %s" % launcher]
+    if not on_path:
+        _warn("%s is not on your PATH; add it, e.g.: export PATH=\"%s:$PATH\""
+              % (bindir, bindir))
+    else:
+        lines.append("Run: thrum --help")
+    out.ok(r, *lines)
 
-class Cli(Router):
-    """The CLI's side of one process: the caller (cwd, environment, --repo), the store
-    it opened and the output, shared by the operations one command runs."""
 
-    def __init__(self, caller, out):
-        super().__init__(caller)
-        self.out = out
-
-    def call(self, op, **params):
-        """Run an operation (see Router.run). A write whose THRUM_AUTOSYNC failed still
-        returns its result; the error is reported after the output (exit 1)."""
-        try:
-            return self.run(op, params)
-        except AfterWriteError as e:
-            self.out.autosync_error = e.error
-            return e.result
-
-    def check(self, op, **params):
-        """Run `op` without its body, when the body could not be read: set-up and
-        the other arguments are checked first (SPEC §14), then the body error stands."""
-        try:  # here, not through the daemon: only the error matters
-            call(op, params, self.caller, self.store)
-        except MissingBodyError:
-            pass
-
-    def body(self, args, op, **params):
-        try:
-            return read_body(args)
-        except UsageError:
-            self.check(op, **params)
-            raise
-
+# === 22. CLI: command handlers and the parser =================================
 
 def _split_list(items):
     return [t for item in items or () for t in item.split(",") if t.strip()]
@@ -8606,74 +8828,6 @@ def _daemon_files(cli):
     return DaemonFiles(cli.store.loc.var, cli.caller.env)
 
 
-def _start_daemon(cli, files, wait=10.0):
-    """Start a detached daemon (it holds none of our pipes) and wait until it answers.
-    Returns its info. Concurrent starts give one daemon: the lock decides."""
-    info = files.info()
-    proc = None if info["running"] else _spawn_daemon(cli, files)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        info = files.info()
-        if info["running"] and info.get("socket"):  # it answers: report it
-            try:
-                DaemonClient(files).request({"op": "daemon_status"}, timeout=2.0)
-                return info, proc is not None and info.get("pid") == proc.pid
-            except DaemonUnavailable:
-                pass
-        elif proc is not None and proc.poll() not in (None, 0):
-            raise ThrumError("the daemon did not start (exit %s)" % proc.returncode,
-                             hint="see %s" % files.log)
-        time.sleep(0.02)
-    raise ThrumError("the daemon did not answer within %ds" % wait, hint="see %s" % files.log)
-
-
-def _spawn_daemon(cli, files):
-    """`thrum daemon run` as a detached process: its own session, no terminal, and none
-    of our pipes (its output goes to daemon.log)."""
-    import subprocess
-    _clean_daemon_files(files)
-    os.makedirs(files.var, exist_ok=True)
-    log = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        return subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--repo", cli.store.loc.store_root,
-             "daemon", "run"], cwd=cli.store.loc.store_root, env=cli.caller.env,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True)
-    finally:
-        os.close(log)
-
-
-def _stop_daemon(files, wait=None):
-    """Stop the running daemon (asked over its socket, else SIGTERM); True if one ran."""
-    import signal
-    info = files.info()
-    if not info["running"]:
-        _clean_daemon_files(files)
-        return False
-    try:
-        DaemonClient(files).request({"op": "daemon_stop"}, timeout=2.0)
-    except DaemonUnavailable:
-        if info.get("pid"):
-            try:
-                os.kill(info["pid"], signal.SIGTERM)
-            except OSError:
-                pass
-    if wait is None:  # a clean stop pushes pending writes, bounded by sync.timeout
-        try:
-            wait = 15.0 + parse_duration(Config(os.path.dirname(files.var), files.env)
-                                         .get("sync.timeout"))
-        except ThrumError:
-            wait = 45.0
-    deadline = time.monotonic() + wait
-    while files.running():
-        if time.monotonic() > deadline:
-            raise ThrumError("the daemon (pid %s) did not stop within %ds"
-                             % (info.get("pid"), wait), hint="kill it: kill %s" % info.get("pid"))
-        time.sleep(0.02)
-    return True
-
-
 def cmd_daemon(args, cli, out):
     files = _daemon_files(cli)
     if args.sub == "status":
@@ -8740,59 +8894,6 @@ def cmd_tmux(args, cli, out):
                                             " (it was already gone)"),
            *(["  Ended the thrum session of %s" % ", ".join("@" + a for a in r["agents"])]
              if r["ended"] else []))
-
-
-def cmd_install(args, cli, out):
-    """What install.sh does, built in: copy this file to the data dir, precompile it and
-    write a `thrum` launcher that imports the compiled module (or `--pip`)."""
-    import subprocess
-    env = cli.caller.env
-    home = env.get("HOME")
-    if not home:
-        raise UsageError("HOME is not set")
-    src = os.path.abspath(__file__)
-    if args.pip:
-        here = os.path.dirname(src)
-        if not os.path.exists(os.path.join(here, "pyproject.toml")):
-            raise UsageError("--pip installs a checkout: no pyproject.toml next to %s" % src,
-                             hint="run it from the repository, or install without --pip")
-        argv = [sys.executable, "-m", "pip", "install"] + (
-            [] if env.get("VIRTUAL_ENV") else ["--user"]) + [here]
-        out.flush()
-        code = subprocess.call(argv, env=env)
-        if code:
-            raise ThrumError("pip install failed (exit %d)" % code)
-        return out.ok({"mode": "pip", "source": here}, "Installed thrum with pip")
-    bindir = os.path.abspath(os.path.expanduser(args.prefix or env.get("PREFIX") or
-                                                os.path.join(home, ".local", "bin")))
-    datadir = os.path.join(env.get("XDG_DATA_HOME") or os.path.join(
-        home, ".local", "share"), "thrum")
-    dst = os.path.join(datadir, "thrum.py")
-    os.makedirs(datadir, exist_ok=True)
-    os.makedirs(bindir, exist_ok=True)
-    with open(src, "rb") as f:
-        code = f.read()
-    if os.path.realpath(src) != os.path.realpath(dst):
-        _write_file_atomic(dst, code)  # a running thrum never sees a half-written file
-    import py_compile
-    py_compile.compile(dst, doraise=True)
-    launcher = os.path.join(bindir, "thrum")
-    _write_file_atomic(launcher, (
-        "#!%s\n# thrum launcher written by `thrum install`: it imports the precompiled "
-        "single file below.\nimport sys\nsys.path.insert(0, %r)\nimport thrum\n"
-        "raise SystemExit(thrum.main())\n" % (sys.executable, datadir)), 0o755)
-    on_path = bindir in [os.path.abspath(d) for d in (env.get("PATH") or "").split(os.pathsep)
-                         if d]
-    r = {"mode": "file", "program": dst, "launcher": launcher, "on_path": on_path,
-         "version": __version__}
-    lines = ["Installed thrum %s" % __version__, "  program:  %s" % dst,
-             "  launcher: %s" % launcher]
-    if not on_path:
-        _warn("%s is not on your PATH; add it, e.g.: export PATH=\"%s:$PATH\""
-              % (bindir, bindir))
-    else:
-        lines.append("Run: thrum --help")
-    out.ok(r, *lines)
 
 
 def cmd_demo(args, cli, out):
@@ -9191,6 +9292,7 @@ COMMANDS = {
     "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo),
 }
 
+
 _EPILOG = """global flags (anywhere): --json --quiet --verbose --repo PATH --version --debug
 exit codes: 0 ok, 1 failure/timeout, 2 usage, 3 not set up, 4 not found, 5 refused
 
@@ -9213,7 +9315,7 @@ def build_parser(command=None):
     return p
 
 
-# === 14. main =================================================================
+# === 23. main =================================================================
 
 def _version_text():
     import hashlib
