@@ -23,7 +23,6 @@ it). Everything prefixed with `_` is private.
 
 __version__ = "0.1.0"
 
-import _thread
 import fcntl
 import json
 import os
@@ -31,6 +30,7 @@ import re
 import sqlite3
 import stat
 import sys
+import threading
 import time
 
 # Run as a script the module is `__main__`; alias it so `import thrum` (e.g. from
@@ -383,26 +383,63 @@ def _write_file_atomic(path, data, mode=0o644):
     os.replace(tmp, path)
 
 
-class _FileLock:
-    """An exclusive flock on a lock file (created 0600), as a context manager."""
+def flock(fd, shared=False, wait=True):
+    """Take an flock on an open descriptor (released by unlock() or by closing it).
+    With wait=False, returns False at once when another holder conflicts."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) |
+                    (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
 
-    def __init__(self, path, block=True):
-        self.path, self.block, self.fd = path, block, None
 
-    def acquire(self):
+def unlock(fd):
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class FileLock:
+    """An flock on a lock file (created 0600), as a context manager: the one way thrum
+    takes a lock file (log files are locked through their own descriptors, `flock()`).
+
+    `acquire(wait=False)` tries once; `acquire(timeout=S)` keeps trying for S seconds;
+    `held()` asks whether another process holds it (without creating the file)."""
+
+    def __init__(self, path, shared=False):
+        self.path, self.shared, self.fd = path, shared, None
+
+    def acquire(self, wait=True, timeout=None, step=0.02):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.block else fcntl.LOCK_NB))
-        except BlockingIOError:
+            while not flock(fd, self.shared, wait and deadline is None):
+                if deadline is None or time.monotonic() > deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(step)
+        except BaseException:
             os.close(fd)
-            return False
+            raise
         self.fd = fd
         return True
 
     def release(self):
         if self.fd is not None:
-            os.close(self.fd)
+            os.close(self.fd)  # closing releases the lock
             self.fd = None
+
+    def held(self):
+        """True when another process holds the lock exclusively (a missing file: no)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            return not flock(fd, shared=True, wait=False)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def __enter__(self):
         self.acquire()
@@ -447,19 +484,7 @@ class DaemonFiles:
 
     def running(self):
         """True when a daemon holds the lock (a stale or recycled pid never counts)."""
-        try:
-            fd = os.open(self.lock, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        return FileLock(self.lock).held()
 
     def info(self):
         """{running, pid, socket, started_at} (pid etc. only while one runs)."""
@@ -475,6 +500,22 @@ class DaemonFiles:
         return {"running": True, "pid": _valid_pid(data.get("pid")),
                 "socket": data.get("socket") if isinstance(data.get("socket"), str) else None,
                 "started_at": data.get("started_at")}
+
+    def clean(self):
+        """Remove the pid file and socket a killed daemon left (only when none runs)."""
+        if self.running():
+            return
+        sock = None
+        try:
+            sock = json.loads(_read_text(self.pid) or "{}").get("socket")
+        except (ValueError, ThrumError, AttributeError):
+            pass
+        for path in (self.pid, self.default_socket, sock):
+            if isinstance(path, str):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def read_key(self):
         try:
@@ -500,23 +541,6 @@ def _make_private_dir(path):
                          hint="remove it, or set XDG_RUNTIME_DIR to a private directory")
 
 
-def _clean_daemon_files(files):
-    """Remove the pid file and socket a killed daemon left (only when none runs)."""
-    if files.running():
-        return
-    sock = None
-    try:
-        sock = json.loads(_read_text(files.pid) or "{}").get("socket")
-    except (ValueError, ThrumError, AttributeError):
-        pass
-    for path in (files.pid, files.default_socket, sock):
-        if isinstance(path, str):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-
 # === 3. IDs & time ============================================================
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -531,7 +555,7 @@ class _UlidGen:
     def __init__(self):
         self.last_ms = -1
         self.last_rand = 0
-        self._lock = _thread.allocate_lock()  # threads share one monotonic sequence
+        self._lock = threading.Lock()  # threads share one monotonic sequence
 
     def __call__(self, now_ms=None):
         with self._lock:
@@ -1112,7 +1136,7 @@ class EventLog:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, _APPEND_FLAGS, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            flock(fd)
             self.repair_tail(fd, rel)
             view = memoryview(data)
             while view:
@@ -1167,7 +1191,7 @@ class EventLog:
         for rel, _ in self.torn_files():
             fd = os.open(os.path.join(self.root, rel), _APPEND_FLAGS)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                flock(fd)
                 self.repair_tail(fd, rel)
             finally:
                 os.close(fd)
@@ -1179,10 +1203,11 @@ def _is_torn(f):
     """True when a file's incomplete tail is not a write in progress: appenders hold
     an exclusive flock while writing, so a free lock means a crash left it."""
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if not flock(f.fileno(), shared=True, wait=False):
+            return False
+        unlock(f.fileno())
     except OSError:
         return False
-    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     return True
 
 
@@ -1488,9 +1513,7 @@ class LocalRecord:
 
     def _locked(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        return FileLock(self.path + ".lock")
 
     def add(self, ids, at=None, only_new=False):
         """Record ids (at `at`, default now). With only_new, ids already kept are
@@ -1513,8 +1536,7 @@ class LocalRecord:
         return {i for i in ids if ('"%s"' % i).encode("utf-8") in data}
 
     def _add(self, ids, at, only_new):
-        fd = self._locked()
-        try:
+        with self._locked():
             if only_new and self._fast_add_ok():
                 have = self.present(ids)
                 new = [i for i in dict.fromkeys(ids) if i not in have]
@@ -1534,8 +1556,6 @@ class LocalRecord:
                 else:
                     self._append(new, at)
             return new
-        finally:
-            os.close(fd)
 
     def _append(self, ids, at):
         data = "".join(_ENCODE({"id": i, "at": at}) + "\n" for i in ids)
@@ -1566,15 +1586,15 @@ class _LogRewritten(Exception):
     """A log file no longer starts with the bytes the index read from it."""
 
 
-class Index:
-    """The SQLite projection of the log at `path`."""
+class Projection:
+    """The SQLite projection of the log at `path` (queries: Index, section 7)."""
 
     def __init__(self, path, log, arrivals=None):
         self.path = path
         self.log = log
         self.arrivals = arrivals  # LocalRecord of late arrivals (None: not recorded)
         self._known = None
-        self._local = _thread._local()  # one SQLite connection per thread
+        self._local = threading.local()  # one SQLite connection per thread
         self.built = 0       # events read by the last full build
         self.building = False
         self.memory = False  # the store is read-only: the index lives in memory
@@ -1667,10 +1687,7 @@ class Index:
         secondary indexes added after the bulk insert, then renamed into place
         (so a crash mid-build leaves no half-built index) and switched to WAL.
         """
-        lock = self.path + ".lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with FileLock(self.path + ".lock"):
             if os.path.exists(self.path):
                 try:
                     db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -1691,7 +1708,7 @@ class Index:
                 db.execute("PRAGMA synchronous=OFF")
                 db.execute("PRAGMA cache_size=-262144")  # 256 MiB while building
                 db.executescript(_SCHEMA_TABLES)
-                builder = Index(tmp, self.log, self.arrivals)
+                builder = type(self)(tmp, self.log, self.arrivals)
                 builder.db = db
                 builder.building = True
                 self.built = builder.catch_up()
@@ -1701,8 +1718,6 @@ class Index:
             finally:
                 db.close()
             os.replace(tmp, self.path)
-        finally:
-            os.close(fd)
 
     def _remove_files(self):
         for suffix in ("", "-wal", "-shm", "-journal"):
@@ -2094,15 +2109,414 @@ class Index:
             self._known = self.arrivals.load() if self.arrivals is not None else {}
         return self._known
 
-    # -- small queries used everywhere ----------------------------------------
-    def q(self, sql, params=()):
-        return (self.db or self.open().db).execute(sql, params).fetchall()
-
-    def q1(self, sql, params=()):
-        return (self.db or self.open().db).execute(sql, params).fetchone()
-
 
 # === 7. Index: named queries ==================================================
+#
+# Every read of the index outside this section goes through a named query here, and
+# rows come back with names (sqlite3.Row, or dicts for messages), so the meaning of a
+# column stays next to the schema that gives it.
+
+#: The columns of a message as readers see it: the latest edit over the original.
+_MSG_COLS = (
+    "m.message_id AS message_id, m.thread_id AS thread_id, m.reply_to AS reply_to, "
+    "m.agent_id AS agent_id, m.recipients AS recipients, m.audiences AS audiences, "
+    "coalesce(m.format, m.format0) AS format, coalesce(m.content, m.content0) AS content, "
+    "CASE WHEN m.version > 0 THEN m.structured ELSE m.structured0 END AS structured, "
+    "m.scopes AS scopes, m.refs AS refs, m.created_at AS created_at, "
+    "m.updated_at AS updated_at, m.deleted AS deleted, m.version AS version, "
+    "m.session_id AS session_id")
+
+#: A delivery joined with its message (the rows of inboxes and waits).
+_DELIVERED = "deliveries d JOIN messages m ON m.message_id = d.message_id"
+
+#: A group that exists (its latest create beats its latest delete)...
+_ACTIVE_GROUP_SQL = "create_key IS NOT NULL AND (delete_key IS NULL OR create_key > delete_key)"
+#: ...and a member that is in it (added after its latest removal and the group's delete).
+_ACTIVE_MEMBER_SQL = ("gm.add_key IS NOT NULL AND (gm.remove_key IS NULL OR "
+                      "gm.add_key > gm.remove_key) AND (g.delete_key IS NULL OR "
+                      "gm.add_key > g.delete_key)")
+
+
+def message_dict(row, is_read):
+    """A message row (_MSG_COLS) as the SPEC §6 message object."""
+    st = row["structured"]
+    return {"message_id": row["message_id"], "thread_id": row["thread_id"],
+            "reply_to": row["reply_to"], "agent_id": row["agent_id"],
+            "recipients": json.loads(row["recipients"]),
+            "audiences": json.loads(row["audiences"]),
+            "body": {"format": row["format"], "content": row["content"],
+                     "structured": json.loads(st) if st else None},
+            "scopes": json.loads(row["scopes"]), "refs": json.loads(row["refs"]),
+            "created_at": row["created_at"], "updated_at": row["updated_at"],
+            "deleted": bool(row["deleted"]), "version": row["version"],
+            "session_id": row["session_id"], "is_read": bool(is_read)}
+
+
+def _scope_filter(tag, where, params):
+    """Add `only messages with this scope tag` to a query's WHERE parts."""
+    if tag:
+        where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
+                     "AND t.kind = 'scope' AND t.type = ? AND t.value = ?)")
+        params += [tag["type"], tag["value"]]
+
+
+class Index(Projection):
+    """The index: the projection (section 6) plus the named queries every reader uses."""
+
+    def rows(self, sql, params=()):
+        """All rows of a query, as sqlite3.Row (by name)."""
+        cur = (self.db or self.open().db).cursor()
+        cur.row_factory = sqlite3.Row
+        try:
+            return cur.execute(sql, params).fetchall()
+        finally:
+            cur.close()
+
+    def row(self, sql, params=()):
+        """The first row of a query (sqlite3.Row), or None."""
+        found = self.rows(sql + " LIMIT 1", params)
+        return found[0] if found else None
+
+    def value(self, sql, params=()):
+        """The single value of a one-column, one-row query (None without a row)."""
+        r = (self.db or self.open().db).execute(sql, params).fetchone()
+        return r[0] if r else None
+
+    # -- agents ----------------------------------------------------------------------
+    def agent(self, name):
+        """A registered agent: agent_id, role, module, display, worktree, hostname,
+        origin, registered_at, takeover; None when unknown or deleted."""
+        return self.row("SELECT agent_id, role, module, display, worktree, hostname, origin, "
+                        "registered_at, takeover FROM agents WHERE agent_id = ? AND "
+                        + ACTIVE_AGENT_SQL, (name,))
+
+    def agent_roles(self):
+        """{agent: role} of every registered agent."""
+        return {r["agent_id"]: r["role"] for r in self.rows(
+            "SELECT agent_id, role FROM agents WHERE " + ACTIVE_AGENT_SQL)}
+
+    def local_agents(self, host, origin):
+        """Agents registered from this clone on this host: [Row(agent_id, worktree)]."""
+        return self.rows("SELECT agent_id, worktree FROM agents WHERE %s AND hostname = ? "
+                         "AND origin = ?" % ACTIVE_AGENT_SQL, (host, origin))
+
+    def agent_fields(self, agent_id):
+        """{field: value} of an agent's work context (agent.update, latest per field)."""
+        return {r["field"]: json.loads(r["value"]) for r in self.rows(
+            "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
+
+    def agent_field(self, agent_id, field):
+        """(value, set_at) of one work-context field, or None when never set."""
+        r = self.row("SELECT value, key FROM agent_fields WHERE agent_id = ? AND field = ?",
+                     (agent_id, field))
+        return (json.loads(r["value"]), r["key"].split("|")[0]) if r else None
+
+    def field_of_all(self, field):
+        """{agent: value} of one field for every agent that has it."""
+        return {r["agent_id"]: json.loads(r["value"]) for r in self.rows(
+            "SELECT agent_id, value FROM agent_fields WHERE field = ?", (field,))}
+
+    def team(self):
+        """Every registered agent with what `team` shows, by name: agent_id, role, module,
+        display, worktree, hostname, registered_at, last_seen_at, session_id,
+        session_started_at, total, unread, fields ({field: value}), context_at (when its
+        branch or files were last published)."""
+        counts = {r["agent_id"]: r for r in self.rows(
+            "SELECT agent_id, count(*) AS total, sum(read_at IS NULL) AS unread FROM "
+            "deliveries WHERE deleted = 0 GROUP BY agent_id")}
+        fields, context_at = {}, {}
+        for r in self.rows("SELECT agent_id, field, value, key FROM agent_fields"):
+            aid = r["agent_id"]
+            fields.setdefault(aid, {})[r["field"]] = json.loads(r["value"])
+            if r["field"] in ("branch", "files") and r["key"]:
+                context_at[aid] = max(context_at.get(aid, ""), r["key"].split("|")[0])
+        seen = {r["agent_id"]: r["ts"] for r in self.rows("SELECT agent_id, ts FROM seen")}
+        sessions = {r["agent_id"]: r for r in self.rows(
+            "SELECT agent_id, session_id, max(started_at) AS started_at FROM sessions WHERE "
+            "ended_at IS NULL AND started_at IS NOT NULL GROUP BY agent_id")}
+        out = []
+        for a in self.rows("SELECT agent_id, role, module, display, worktree, hostname, "
+                           "registered_at FROM agents WHERE " + ACTIVE_AGENT_SQL +
+                           " ORDER BY agent_id"):
+            aid = a["agent_id"]
+            ses, n = sessions.get(aid), counts.get(aid)
+            out.append(dict(a, last_seen_at=seen.get(aid) or a["registered_at"],
+                            session_id=ses["session_id"] if ses else None,
+                            session_started_at=ses["started_at"] if ses else None,
+                            total=n["total"] if n else 0,
+                            unread=(n["unread"] or 0) if n else 0,
+                            fields=fields.get(aid, {}), context_at=context_at.get(aid)))
+        return out
+
+    # -- sessions --------------------------------------------------------------------
+    def open_session(self, agent_id, session_id=None):
+        """An agent's open session (the newest, or `session_id`): session_id,
+        started_at, pid; None when there is none."""
+        if session_id is not None:
+            return self.row("SELECT session_id, started_at, pid FROM sessions WHERE "
+                            "session_id = ? AND agent_id = ? AND ended_at IS NULL",
+                            (session_id, agent_id))
+        return self.row("SELECT session_id, started_at, pid FROM sessions WHERE "
+                        "agent_id = ? AND ended_at IS NULL AND started_at IS NOT NULL "
+                        "ORDER BY started_at DESC", (agent_id,))
+
+    def open_session_ids(self, agent_id):
+        """Every open session of an agent (a new one supersedes them all)."""
+        return [r["session_id"] for r in self.rows(
+            "SELECT session_id FROM sessions WHERE agent_id = ? AND ended_at IS NULL "
+            "AND started_at IS NOT NULL", (agent_id,))]
+
+    def sessions(self, agent_id, active=False):
+        """An agent's sessions, newest first: session_id, agent_id, started_at, ended_at,
+        end_reason."""
+        return self.rows("SELECT session_id, agent_id, started_at, ended_at, end_reason FROM "
+                         "sessions WHERE agent_id = ?" +
+                         (" AND ended_at IS NULL" if active else "") +
+                         " ORDER BY started_at DESC", (agent_id,))
+
+    def sessions_with_pid(self, host, origin):
+        """Open sessions with a recorded long-lived process, of agents registered from
+        this clone on this host: session_id, agent_id, pid."""
+        return self.rows("SELECT s.session_id, s.agent_id, s.pid FROM sessions s JOIN agents "
+                         "a ON a.agent_id = s.agent_id WHERE s.ended_at IS NULL AND "
+                         "s.started_at IS NOT NULL AND s.pid IS NOT NULL AND a.hostname = ? "
+                         "AND a.origin = ?", (host, origin))
+
+    # -- groups ----------------------------------------------------------------------
+    def group_names(self):
+        return {r["name"] for r in self.rows(
+            "SELECT name FROM groups WHERE " + _ACTIVE_GROUP_SQL)}
+
+    def group(self, name):
+        """A group that exists: name, group_id, description, created_by, created_at."""
+        return self.row("SELECT name, group_id, description, created_by, created_at FROM "
+                        "groups WHERE name = ? AND " + _ACTIVE_GROUP_SQL, (name,))
+
+    def groups(self):
+        return self.rows("SELECT name, group_id, description, created_by, created_at FROM "
+                         "groups WHERE " + _ACTIVE_GROUP_SQL + " ORDER BY name")
+
+    def group_members(self, name):
+        """A group's current members: member_type (agent|role), member, added_by,
+        added_at."""
+        return self.rows("SELECT gm.member_type, gm.member, gm.added_by, gm.added_at FROM "
+                         "group_members gm JOIN groups g ON g.name = gm.name WHERE "
+                         "gm.name = ? AND " + _ACTIVE_MEMBER_SQL +
+                         " ORDER BY gm.member_type, gm.member", (name,))
+
+    # -- messages --------------------------------------------------------------------
+    def message_ids(self, prefix, limit):
+        """Message ids starting with `prefix`, in order, at most `limit`."""
+        return [r["message_id"] for r in self.rows(
+            "SELECT message_id FROM messages WHERE message_id >= ? AND message_id < ? "
+            "ORDER BY message_id LIMIT ?", (prefix, prefix + "~", limit))]
+
+    def message(self, mid):
+        """A message row (_MSG_COLS plus deleted_at, delete_reason), or None."""
+        return self.row("SELECT %s, m.deleted_at AS deleted_at, m.delete_reason AS "
+                        "delete_reason FROM messages m WHERE m.message_id = ?" % _MSG_COLS,
+                        (mid,))
+
+    def thread_exists(self, thread_id):
+        return self.value("SELECT 1 FROM messages WHERE thread_id = ?", (thread_id,)) \
+            is not None
+
+    def edits(self, mid, author):
+        """The author's edits of a message, oldest first: edited_at, content."""
+        return self.rows("SELECT ts AS edited_at, content FROM edits WHERE message_id = ? AND "
+                         "agent_id = ? ORDER BY ts, event_id", (mid, author))
+
+    def receipts(self, mid):
+        """{recipient: read_at or None} of a message."""
+        return {r["agent_id"]: r["read_at"] for r in self.rows(
+            "SELECT agent_id, read_at FROM deliveries WHERE message_id = ?", (mid,))}
+
+    def delivery(self, mid, agent_id):
+        """A message's delivery to one agent (read_at), or None when not addressed."""
+        return self.row("SELECT read_at FROM deliveries WHERE message_id = ? AND "
+                        "agent_id = ?", (mid, agent_id))
+
+    def unread_among(self, agent_id, mids):
+        """The ids of `mids` addressed to the agent and still unread."""
+        out = []
+        for i in range(0, len(mids), 500):
+            chunk = list(mids[i:i + 500])
+            out += [r["message_id"] for r in self.rows(
+                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
+                "AND message_id IN (%s)" % ",".join("?" * len(chunk)), [agent_id] + chunk)]
+        return out
+
+    def unread_ids(self, agent_id):
+        return [r["message_id"] for r in self.rows(
+            "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
+            "AND deleted = 0", (agent_id,))]
+
+    def inbox_counts(self, agent_id):
+        """{total, unread} of an agent's inbox. Two counts, each a range of the covering
+        index deliveries_state, are faster than one pass summing read_at over the rows."""
+        sql = "SELECT count(*) FROM deliveries WHERE agent_id = ? AND deleted = 0"
+        return {"total": self.value(sql, (agent_id,)),
+                "unread": self.value(sql + " AND read_at IS NULL", (agent_id,))}
+
+    def unread_messages(self, agent_id, newest_first=False, limit=-1):
+        """An agent's unread messages as message dicts (prime, briefings)."""
+        return [message_dict(r, False) for r in self.rows(
+            "SELECT %s FROM %s WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL "
+            "ORDER BY d.created_at %s LIMIT ?" % (_MSG_COLS, _DELIVERED,
+                                                  "DESC" if newest_first else "ASC"),
+            (agent_id, limit))]
+
+    def inbox(self, agent_id, role, unread=False, mentions=False, tags=(), sender=None,
+              thread=None, all=False, limit=10, offset=0, oldest=False):
+        """One page of an inbox (SPEC §6, §14). `tags`: [(kind, {type, value})] filters;
+        `sender`: an author; `thread`: a thread id (or a root message id). Returns
+        {total, unread, rows: [(message dict, addressed to me)]}, `unread` counted without
+        the `unread` filter."""
+        # Filters are written against deliveries (d.*) where they can be, so the counts
+        # need no join with messages and the page query walks the (agent_id, deleted,
+        # created_at) index in order.
+        where, params = [], [agent_id]
+        if all:
+            frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
+                   "d.agent_id = ?")
+            count_frm, mid, author = frm, "m.message_id", "m.agent_id"
+            where.append("m.deleted = 0")
+            order = "m.created_at %s, m.message_id %s"
+            unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
+        else:
+            frm = _DELIVERED
+            count_frm, mid, author = "deliveries d", "d.message_id", "d.author"
+            where += ["d.agent_id = ?", "d.deleted = 0"]
+            order = "d.created_at %s, d.message_id %s"
+            unread_sql = "d.read_at IS NULL"  # a range of the index deliveries_state
+        if mentions:
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s "
+                         "AND t.kind = 'aud' AND ((t.type = 'agent' AND t.value = ?) OR "
+                         "(t.type = 'role' AND t.value = ?)))" % mid)
+            params += [agent_id, role]
+        for kind, tag in tags:
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s"
+                         " AND t.kind = ? AND t.type = ? AND t.value = ?)" % mid)
+            params += [kind, tag["type"], tag["value"]]
+        if sender:
+            where.append("%s = ?" % author)
+            params.append(sender)
+        if thread:
+            where.append("(m.thread_id = ? OR m.message_id = ?)")
+            params += [thread, thread]
+            count_frm = frm
+        base_where = " AND ".join(where)
+        if unread:
+            where.append(unread_sql)
+        wsql = " AND ".join(where)
+        total = self.value("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql), params)
+        n_unread = total if unread else self.value(  # (then it is the same count)
+            "SELECT count(*) FROM %s WHERE %s AND %s" % (count_frm, base_where, unread_sql),
+            params)
+        direction = "ASC" if oldest else "DESC"
+        rows = self.rows(
+            "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL AS is_read, "
+            "d.agent_id IS NOT NULL AS addressed FROM %s WHERE %s ORDER BY %s LIMIT ? "
+            "OFFSET ?" % (_MSG_COLS, frm, wsql, order % (direction, direction)),
+            params + [limit, offset])
+        return {"total": total, "unread": n_unread,
+                "rows": [(message_dict(r, r["is_read"]), bool(r["addressed"])) for r in rows]}
+
+    def sent(self, agent_id, to=None, unread=False, limit=10, offset=0):
+        """One page of what an agent sent, newest first: {total, messages} (dicts with
+        is_read true). `to`: only messages to this agent, or by this role or group."""
+        where, params = ["m.agent_id = ?", "m.deleted = 0"], [agent_id]
+        if to:
+            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
+                         "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
+                         "WHERE t.message_id = m.message_id AND t.kind = 'aud' AND "
+                         "t.value = ?))")
+            params += [to, to]
+        if unread:
+            where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
+                         "m.message_id AND x.read_at IS NULL)")
+        wsql = " AND ".join(where)
+        total = self.value("SELECT count(*) FROM messages m WHERE " + wsql, params)
+        rows = self.rows("SELECT %s FROM messages m WHERE %s ORDER BY m.created_at DESC, "
+                         "m.message_id DESC LIMIT ? OFFSET ?" % (_MSG_COLS, wsql),
+                         params + [limit, offset])
+        return {"total": total, "messages": [message_dict(r, True) for r in rows]}
+
+    def waiting_for(self, agent_id, since=None, unread=False, skip_read=False, scope=None):
+        """Messages to the agent, not by it, not deleted, oldest first, as message dicts:
+        all unread ones (`since` None), or those created or
+        arrived in this store after `since` (a timestamp), only unread ones with `unread`
+        or `skip_read`; `scope`: a {type, value} tag they must carry."""
+        where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
+        params = [agent_id, agent_id]
+        if skip_read or unread or since is None:
+            where.append("d.read_at IS NULL")
+        _scope_filter(scope, where, params)
+        if since is not None:
+            where.append("(d.created_at > ? OR d.arrived_at > ?)")
+            params += [since, since]
+        return [message_dict(r, r["is_read"]) for r in self.rows(
+            "SELECT %s, d.read_at IS NOT NULL AS is_read FROM %s WHERE %s ORDER BY "
+            "d.created_at" % (_MSG_COLS, _DELIVERED, " AND ".join(where)), params)]
+
+    def unread_arrived(self, agent_id, since=None):
+        """An agent's unread messages (not its own) that arrived in this store after
+        `since` (all without it), oldest first: message_id, author, arrived_at."""
+        sql = ("SELECT d.message_id, m.agent_id AS author, d.arrived_at FROM %s WHERE "
+               "d.agent_id = ? AND d.read_at IS NULL AND d.deleted = 0 AND m.agent_id != ?"
+               % _DELIVERED)
+        params = [agent_id, agent_id]
+        if since:
+            sql += " AND d.arrived_at > ?"
+            params.append(since)
+        return self.rows(sql + " ORDER BY d.created_at", params)
+
+    def unread_deliveries(self, agent_id, mids):
+        """Of `mids`, those still unread by the agent and not deleted, oldest first:
+        message_id, author."""
+        return self.rows("SELECT d.message_id, m.agent_id AS author FROM %s WHERE "
+                         "d.agent_id = ? AND d.read_at IS NULL AND d.deleted = 0 AND "
+                         "d.message_id IN (%s) ORDER BY d.created_at"
+                         % (_DELIVERED, ",".join("?" * len(mids))), [agent_id] + list(mids))
+
+    def arrivals_since(self, since):
+        """Unread deliveries that arrived in this store after `since`: agent_id,
+        message_id, author, arrived_at."""
+        return self.rows("SELECT d.agent_id, d.message_id, m.agent_id AS author, "
+                         "d.arrived_at FROM %s WHERE d.arrived_at > ? AND d.read_at IS NULL "
+                         "AND d.deleted = 0" % _DELIVERED, (since,))
+
+    # -- checks ------------------------------------------------------------------------
+    def quick_check(self):
+        """SQLite's quick_check of the index file: 'ok' or the problem."""
+        return self.value("PRAGMA quick_check")
+
+    def differs_from_log(self):
+        """Compare this index with a projection of the whole log in memory: None when they
+        agree, else which table differs."""
+        mem = Index(":memory:", self.log)
+        mem.db = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            mem.db.executescript(_SCHEMA)
+            mem.db.execute("BEGIN")
+            evs = []
+            for rel, path, _ in self.log.files():
+                with open(path, "rb") as f:
+                    data = f.read()
+                evs += parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)[0]
+            mem.apply(evs)
+            mem.db.execute("COMMIT")
+            for table, cols in (("messages", "message_id, content0, content, deleted, "
+                                             "thread_id, version"),
+                                ("deliveries", "agent_id, message_id, read_at, deleted"),
+                                ("agents", "agent_id, role, reg_key, del_key")):
+                sql = "SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)
+                a, b = self.db.execute(sql).fetchall(), mem.db.execute(sql).fetchall()
+                if a != b:
+                    return "%s differ from the log (%d rows vs %d)" % (table, len(a), len(b))
+            return None
+        finally:
+            mem.db.close()
 
 # === 8. Processes and threads: git, work contexts, tmux =======================
 #
@@ -2392,14 +2806,12 @@ def _pid_alive(pid):
         return False
 
 
-def _thread_condition():
-    import threading
-    return threading.Condition()
-
-
-def _thread_event():
-    import threading
-    return threading.Event()
+def start_thread(name, fn, *args):
+    """Start a daemon thread named `thrum-NAME` (the name shows in tracebacks, py-spy and
+    /proc/PID/task/*/comm): every thread thrum starts goes through here."""
+    t = threading.Thread(target=fn, args=args, name="thrum-" + name, daemon=True)
+    t.start()
+    return t
 
 
 # === 9. Git sync ==============================================================
@@ -2487,11 +2899,11 @@ class SyncEngine:
         Holds the sync lock (unless the caller already does), so agents starting at
         once in a fresh repository create one worktree, not several."""
         if not locked:
-            fd = self._lock(wait=120)
+            lock = self._lock(wait=120)
             try:
                 return self.ensure_branch_and_worktree(locked=True)
             finally:
-                os.close(fd)
+                lock.release()
         out = {"adopted_remote": False, "created_branch": False, "repaired_worktree": None}
         worktrees = self._worktrees()
         self.check_branch(worktrees)
@@ -2658,7 +3070,7 @@ class SyncEngine:
             _warn("sync: not merging into %s: %s" % (rel, e.strerror))
             return 0
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            flock(fd)
             self.store.log.repair_tail(fd, rel)
             size = os.fstat(fd).st_size
             local = os.pread(fd, size, 0) if size else b""
@@ -2741,7 +3153,7 @@ class SyncEngine:
             for rel, full, _ in sorted(EventLog(self.wt, self.store.log.torn_dir).files()):
                 fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
                 with os.fdopen(fd, "rb") as f:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+                    flock(f.fileno(), shared=True)
                     data = f.read()
                 data = data[:data.rfind(b"\n") + 1]  # never commit a torn tail
                 copy = os.path.join(tmp, "%d" % len(paths))
@@ -2819,19 +3231,13 @@ class SyncEngine:
 
     # -- the cycle ----------------------------------------------------------------------
     def _lock(self, wait=30.0):
+        """The clone's sync lock (one cycle at a time), held by the returned FileLock."""
         os.makedirs(self.loc.var, exist_ok=True)
-        fd = os.open(os.path.join(self.loc.var, "sync.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise ThrumError("another sync is still running for this clone",
-                                     hint="retry in a moment")
-                time.sleep(0.05)
+        lock = FileLock(os.path.join(self.loc.var, "sync.lock"))
+        if not lock.acquire(timeout=wait, step=0.05):
+            raise ThrumError("another sync is still running for this clone",
+                             hint="retry in a moment")
+        return lock
 
     def _save_state(self, **kw):
         state = self.load_state()
@@ -2850,14 +3256,14 @@ class SyncEngine:
         Returns {pulled, committed, pushed, attempts, local_only, remote}. Any
         failure is recorded as `last_error` in the sync state before it is raised.
         """
-        fd = self._lock()
+        lock = self._lock()
         try:
             return self._cycle(max_attempts)
         except ThrumError as e:
             self._save_state(last_error=e.message, last_attempt_at=now_ts())
             raise
         finally:
-            os.close(fd)
+            lock.release()
             try:
                 self.store.refresh()
             except ThrumError as e:  # never hide the sync's own outcome
@@ -3158,7 +3564,7 @@ class Store:
         self.config = Config(loc.store, env, overrides)
         self._overrides = overrides
         self._log = self._index = self._origin = None
-        self._lock = _thread.allocate_lock()
+        self._lock = threading.Lock()
         self.listeners = []  # see notify()
         #: A running daemon keeps {worktree: (checked_at, work context)} here.
         self.contexts = None
@@ -3472,15 +3878,14 @@ class ServiceBase:
             raise NotSetUpError("several identities in this worktree (%s); "
                                 "cannot choose" % ", ".join(here),
                                 hint="set THRUM_NAME to one of: %s" % ", ".join(here))
-        row = self.index.q1("SELECT role, worktree, hostname, takeover FROM agents WHERE "
-                            "agent_id = ? AND " + ACTIVE_AGENT_SQL, (ident["agent_id"],))
-        if row and row[1] and ident.get("worktree") and ident.get("identity_file") and \
-                os.path.realpath(row[1]) != os.path.realpath(ident["worktree"]):
-            where = row[1] + ("" if row[2] in (None, os.uname().nodename) else
-                              " on " + str(row[2]))
+        row = self.index.agent(ident["agent_id"])
+        if row and row["worktree"] and ident.get("worktree") and ident.get("identity_file") \
+                and os.path.realpath(row["worktree"]) != os.path.realpath(ident["worktree"]):
+            where = row["worktree"] + ("" if row["hostname"] in (None, os.uname().nodename)
+                                       else " on " + str(row["hostname"]))
             hint = ("register another name here, or claim it back with 'thrum quickstart "
                     "--name %s --role ROLE --module MODULE --force'" % ident["agent_id"])
-            if row[3]:
+            if row["takeover"]:
                 raise NotSetUpError("agent @%s was taken over (a forced registration) by the worktree %s"
                                     % (ident["agent_id"], where), hint=hint)
             raise NotSetUpError(
@@ -3496,50 +3901,27 @@ class ServiceBase:
 
     def _identity_elsewhere(self, name):
         """An identity of another worktree of this store (helper processes)."""
-        row = self.index.q1("SELECT agent_id, role, module, display, worktree FROM agents "
-                            "WHERE agent_id = ? AND " + ACTIVE_AGENT_SQL, (name,))
+        row = self.index.agent(name)
         if row is None:
             return None
-        if row[4]:
-            ident = self._read_identity(self._identity_file(name, row[4]))
+        if row["worktree"]:
+            ident = self._read_identity(self._identity_file(name, row["worktree"]))
             if ident:
                 return ident
-        return {"agent_id": row[0], "role": row[1], "module": row[2], "display": row[3],
-                "worktree": row[4], "intent": None, "session_id": None,
-                "identity_file": None}
-
-    def _agent_row(self, name):
-        return self.index.q1("SELECT agent_id, role, module, display, worktree, hostname, "
-                             "registered_at FROM agents WHERE agent_id = ? AND "
-                             + ACTIVE_AGENT_SQL, (name,))
+        return {"agent_id": row["agent_id"], "role": row["role"], "module": row["module"],
+                "display": row["display"], "worktree": row["worktree"], "intent": None,
+                "session_id": None, "identity_file": None}
 
     def _require_agent(self, name, what="agent"):
+        """The index row of a registered agent (`@` optional), else a clear error."""
         name = _strip_at(name)
         if not name_ok(name or ""):
             raise UsageError("invalid agent name %r" % name)
-        row = self._agent_row(name)
+        row = self.index.agent(name)
         if row is None:
             raise NotFoundError("unknown %s @%s" % (what, name),
                                 hint="see registered agents with 'thrum team --all'")
         return row
-
-    def _active_agents(self):
-        return {r[0]: r[1] for r in self.index.q(
-            "SELECT agent_id, role FROM agents WHERE " + ACTIVE_AGENT_SQL)}
-
-    def _active_groups(self):
-        return {r[0] for r in self.index.q(
-            "SELECT name FROM groups WHERE create_key IS NOT NULL AND "
-            "(delete_key IS NULL OR create_key > delete_key)")}
-
-    def _open_session(self, agent_id):
-        return self.index.q1("SELECT session_id, started_at, pid FROM sessions WHERE "
-                             "agent_id = ? AND ended_at IS NULL AND started_at IS NOT NULL "
-                             "ORDER BY started_at DESC LIMIT 1", (agent_id,))
-
-    def _agent_fields(self, agent_id):
-        return {f: json.loads(v) for f, v in self.index.q(
-            "SELECT field, value FROM agent_fields WHERE agent_id = ?", (agent_id,))}
 
     def _update_fields(self, aid, **fields):
         ev = self._event("agent.update", agent_id=aid, **fields)
@@ -3689,9 +4071,9 @@ class AgentOps(ServiceBase):
         if name == role:
             raise UsageError("agent name %r cannot be the same as its role" % name,
                              hint="use a distinct name, e.g. %s_1" % name)
-        agents = self._active_agents()
+        agents = self.index.agent_roles()
         roles = {r for a, r in agents.items() if a != name}
-        groups = self._active_groups()
+        groups = self.index.group_names()
         if name in roles:
             raise UsageError("agent name %r is already a role of other agents" % name,
                              hint="pick another name so @%s stays unambiguous" % name)
@@ -3704,16 +4086,19 @@ class AgentOps(ServiceBase):
             raise UsageError("role %r is already a group name" % role)
         worktree = os.path.realpath(self.loc.worktree)
         host = os.uname().nodename
-        row = self._agent_row(name)
+        row = self.index.agent(name)
         status = "registered"
         if row is not None:
-            if row[4] and os.path.realpath(row[4]) != worktree and not force:
+            if row["worktree"] and os.path.realpath(row["worktree"]) != worktree and \
+                    not force:
                 raise RefusedError(
                     "agent name %r is already registered from %s%s" % (
-                        name, row[4], "" if row[5] == host else " on " + str(row[5])),
+                        name, row["worktree"], "" if row["hostname"] == host else
+                        " on " + str(row["hostname"])),
                     hint="pick another name, or take it over with --force")
             status = "updated"
-        display = display or (row[3] if row and row[2] == module and row[1] == role
+        display = display or (row["display"] if row and row["module"] == module and
+                              row["role"] == role
                               else None) or "%s (%s)" % (role.capitalize(), module)
         path = self._identity_file(name)
         try:
@@ -3722,10 +4107,11 @@ class AgentOps(ServiceBase):
             _warn("%s; replacing it" % e.message)
             ident = None
         events = []
-        if (row is None or force or (row[1], row[2], row[3], row[4]) !=
-                (role, module, display, worktree)):
-            extra = {"takeover": True} if (force and row is not None and row[4] and
-                                           os.path.realpath(row[4]) != worktree) else {}
+        if (row is None or force or (row["role"], row["module"], row["display"],
+                                     row["worktree"]) != (role, module, display, worktree)):
+            extra = {"takeover": True} if (
+                force and row is not None and row["worktree"] and
+                os.path.realpath(row["worktree"]) != worktree) else {}
             events.append(self._event("agent.register", agent_id=name, role=role,
                                       module=module, display=display, worktree=worktree,
                                       hostname=host, **extra))
@@ -3787,7 +4173,7 @@ class AgentOps(ServiceBase):
         _check_text(intent, "intent", 1000, allow_empty=True)  # refuse before writing
         reg = self.register(name, role, module, display=display, force=force)
         ses = self.session_start(agent=reg["agent_id"])
-        current = self._agent_fields(reg["agent_id"]).get("intent")
+        current = self.index.agent_fields(reg["agent_id"]).get("intent")
         if not intent and current:  # a re-run keeps the intent the agent set
             it = {"agent_id": reg["agent_id"], "session_id": ses["session_id"],
                   "intent": current, "intent_updated_at": None}
@@ -3801,16 +4187,16 @@ class AgentOps(ServiceBase):
     def whoami(self, agent=None):
         """My identity and session."""
         ident = self.me(agent)
-        ses = self._open_session(ident["agent_id"])
-        fields = self._agent_fields(ident["agent_id"])
+        ses = self.index.open_session(ident["agent_id"])
+        fields = self.index.agent_fields(ident["agent_id"])
         return {"agent_id": ident["agent_id"], "role": ident.get("role"),
                 "module": ident.get("module"), "display": ident.get("display"),
                 "worktree": ident.get("worktree"),
                 "intent": fields.get("intent", ident.get("intent")),
                 "task": fields.get("task"), "branch": fields.get("branch"),
-                "session_id": ses[0] if ses else None,
-                "session_started_at": ses[1] if ses else None,
-                "pid": ses[2] if ses else None,
+                "session_id": ses["session_id"] if ses else None,
+                "session_started_at": ses["started_at"] if ses else None,
+                "pid": ses["pid"] if ses else None,
                 "tmux_session": ident.get("tmux_session"),
                 "tmux_pane": ident.get("tmux_pane"), "tmux_socket": ident.get("tmux_socket"),
                 "identity_file": ident.get("identity_file")}
@@ -3819,26 +4205,26 @@ class AgentOps(ServiceBase):
         """Delete an agent (needs force). Removes its identity file when local."""
         self.require_store()
         row = self._require_agent(name)
+        aid = row["agent_id"]
         if not force:
             raise RefusedError("deleting agent @%s must be forced (it cannot be undone)"
-                               % row[0],
-                               hint="thrum agent delete %s --force" % row[0])
+                               % aid, hint="thrum agent delete %s --force" % aid)
         by = None
         try:
             by = self.me(agent)["agent_id"]
         except ThrumError:
             pass
-        self._emit([self._event("agent.delete", agent_id=row[0], by=by or row[0])])
+        self._emit([self._event("agent.delete", agent_id=aid, by=by or aid)])
         self._me.clear()
         removed = None
-        if row[4] and (row[5] in (None, os.uname().nodename)):
-            path = self._identity_file(row[0], row[4])
+        if row["worktree"] and (row["hostname"] in (None, os.uname().nodename)):
+            path = self._identity_file(aid, row["worktree"])
             try:
                 os.unlink(path)
                 removed = path
             except FileNotFoundError:
                 pass
-        return {"agent_id": row[0], "deleted": True, "identity_file_removed": removed}
+        return {"agent_id": aid, "deleted": True, "identity_file_removed": removed}
 
     def agent_cleanup(self, dry_run=False, force=False, agent=None):
         """Find agents whose worktree is gone (on this host) or silent too long."""
@@ -3872,10 +4258,9 @@ class AgentOps(ServiceBase):
         """Start a session, ending any open one (reason `superseded`)."""
         ident = self.me(agent)
         aid = ident["agent_id"]
-        events = [self._event("agent.session.end", agent_id=aid, session_id=r[0],
-                              reason="superseded") for r in self.index.q(
-            "SELECT session_id FROM sessions WHERE agent_id = ? AND ended_at IS NULL "
-            "AND started_at IS NOT NULL", (aid,))]
+        events = [self._event("agent.session.end", agent_id=aid, session_id=sid,
+                              reason="superseded")
+                  for sid in self.index.open_session_ids(aid)]
         sid = new_id("ses_")
         fields = {"pid": int(pid)} if pid else {}
         start = self._event("agent.session.start", agent_id=aid, session_id=sid, **fields)
@@ -3896,15 +4281,13 @@ class AgentOps(ServiceBase):
     def session_end(self, reason="normal", session_id=None, agent=None):
         ident = self.me(agent)
         aid = ident["agent_id"]
-        current = self._open_session(aid)
+        current = self.index.open_session(aid)
         if session_id:
-            row = self.index.q1("SELECT session_id, started_at FROM sessions WHERE "
-                                "session_id = ? AND agent_id = ? AND ended_at IS NULL",
-                                (session_id, aid))
+            row = self.index.open_session(aid, session_id)
             if row is None:
                 raise NotFoundError(
                     "%s is not an open session of @%s" % (session_id, aid),
-                    hint=("the open session is %s" % current[0]) if current else
+                    hint=("the open session is %s" % current["session_id"]) if current else
                     "@%s has no open session" % aid)
         else:
             row = current
@@ -3912,28 +4295,24 @@ class AgentOps(ServiceBase):
             raise NotFoundError("no open session to end for @%s" % aid,
                                 hint="start one with 'thrum session start'")
         reason = _check_text(reason or "normal", "reason", 200)
-        ev = self._event("agent.session.end", agent_id=aid, session_id=row[0], reason=reason)
+        sid, started = row["session_id"], row["started_at"]
+        ev = self._event("agent.session.end", agent_id=aid, session_id=sid, reason=reason)
         self._emit([ev])
-        if ident.get("session_id") == row[0] and ident.get("identity_file"):
+        if ident.get("session_id") == sid and ident.get("identity_file"):
             ident["session_id"] = None
             self._write_identity(ident)
-        dur = parse_ts(ev["timestamp"]) - parse_ts(row[1]) if row[1] else None
-        return {"session_id": row[0], "agent_id": aid, "ended_at": ev["timestamp"],
+        dur = parse_ts(ev["timestamp"]) - parse_ts(started) if started else None
+        return {"session_id": sid, "agent_id": aid, "ended_at": ev["timestamp"],
                 "duration_ms": int(dur * 1000) if dur is not None else None,
                 "reason": reason}
 
     def session_list(self, agent_filter=None, active=False, agent=None):
         if agent_filter:
-            aid = self._require_agent(agent_filter)[0]
+            aid = self._require_agent(agent_filter)["agent_id"]
         else:
             aid = self.me(agent)["agent_id"]
-        sql = ("SELECT session_id, agent_id, started_at, ended_at, end_reason FROM sessions "
-               "WHERE agent_id = ?" + (" AND ended_at IS NULL" if active else "") +
-               " ORDER BY started_at DESC")
-        return {"sessions": [
-            {"session_id": r[0], "agent_id": r[1], "started_at": r[2], "ended_at": r[3],
-             "end_reason": r[4], "status": "ended" if r[3] else "active"}
-            for r in self.index.q(sql, (aid,))]}
+        return {"sessions": [dict(r, status="ended" if r["ended_at"] else "active")
+                             for r in self.index.sessions(aid, active)]}
 
     def session_set_intent(self, text, agent=None):
         ident = self.me(agent)
@@ -3942,29 +4321,29 @@ class AgentOps(ServiceBase):
         if ident.get("identity_file"):
             ident["intent"] = text
             self._write_identity(ident)
-        ses = self._open_session(ident["agent_id"])
-        return {"agent_id": ident["agent_id"], "session_id": ses[0] if ses else None,
+        ses = self.index.open_session(ident["agent_id"])
+        return {"agent_id": ident["agent_id"], "session_id": ses["session_id"] if ses else None,
                 "intent": text, "intent_updated_at": ev["timestamp"]}
 
     def session_set_task(self, text, agent=None):
         ident = self.me(agent)
         text = _check_text(text, "task", 1000, allow_empty=True)
         ev = self._update_fields(ident["agent_id"], task=text)
-        ses = self._open_session(ident["agent_id"])
-        return {"agent_id": ident["agent_id"], "session_id": ses[0] if ses else None,
+        ses = self.index.open_session(ident["agent_id"])
+        return {"agent_id": ident["agent_id"], "session_id": ses["session_id"] if ses else None,
                 "task": text, "task_updated_at": ev["timestamp"]}
 
     def session_heartbeat(self, agent=None):
         """Record liveness and my worktree's git state (branch, changed files)."""
         ident = self.me(agent)
-        ses = self._open_session(ident["agent_id"])
+        ses = self.index.open_session(ident["agent_id"])
         if ses is None:
             raise NotFoundError("no open session for @%s" % ident["agent_id"],
                                 hint="start one with 'thrum session start'")
         wc = work_context(ident.get("worktree") or self.loc.worktree, self.store.env)
         ev = self._update_fields(ident["agent_id"], branch=wc.get("branch"),
                                  files=wc.get("files", []))
-        return {"agent_id": ident["agent_id"], "session_id": ses[0],
+        return {"agent_id": ident["agent_id"], "session_id": ses["session_id"],
                 "last_seen_at": ev["timestamp"], "branch": wc.get("branch"),
                 "files": wc.get("files", [])}
 
@@ -3974,7 +4353,7 @@ class AgentOps(ServiceBase):
 
     def _context_agent(self, agent_filter, agent):
         if agent_filter:
-            return self._require_agent(agent_filter)[0]
+            return self._require_agent(agent_filter)["agent_id"]
         return self.me(agent)["agent_id"]
 
     def context_save(self, content=None, agent_filter=None, allow_empty=False, agent=None):
@@ -3999,11 +4378,10 @@ class AgentOps(ServiceBase):
         text = _read_text(path)
         source = "local"
         if text is None:  # published from another machine with `context sync`
-            row = self.index.q1("SELECT value, key FROM agent_fields WHERE agent_id = ? AND "
-                                "field = 'context'", (name,))
-            if row and json.loads(row[0]) is not None:
-                text, source = json.loads(row[0]), "synced"
-                updated = row[1].split("|")[0]
+            published = self.index.agent_field(name, "context")
+            if published and published[0] is not None:
+                text, source = published[0], "synced"
+                updated = published[1]
         if text is None:
             source, updated = None, None
         elif source == "local":
@@ -4021,9 +4399,8 @@ class AgentOps(ServiceBase):
             existed = True
         except FileNotFoundError:
             existed = False
-        row = self.index.q1("SELECT value FROM agent_fields WHERE agent_id = ? AND "
-                            "field = 'context'", (name,))
-        unpublished = bool(row and json.loads(row[0]) is not None)
+        published = self.index.agent_field(name, "context")
+        unpublished = bool(published and published[0] is not None)
         if unpublished:  # a copy published with `context sync` is withdrawn too
             self._update_fields(name, context=None)
         return {"agent_id": name, "cleared": existed or unpublished,
@@ -4039,24 +4416,20 @@ class MessageOps(ServiceBase):
     def _group_members(self, name, agents=None):
         """Agent names of a group (agents and role members), now."""
         if agents is None:
-            agents = self._active_agents()
+            agents = self.index.agent_roles()
         out = set()
-        for mtype, member in self.index.q(
-                "SELECT gm.member_type, gm.member FROM group_members gm JOIN groups g "
-                "ON g.name = gm.name WHERE gm.name = ? AND gm.add_key IS NOT NULL AND "
-                "(gm.remove_key IS NULL OR gm.add_key > gm.remove_key) AND "
-                "(g.delete_key IS NULL OR gm.add_key > g.delete_key)", (name,)):
-            if mtype == "agent" and member in agents:
-                out.add(member)
-            elif mtype == "role":
-                out.update(a for a, r in agents.items() if r == member)
+        for m in self.index.group_members(name):
+            if m["member_type"] == "agent" and m["member"] in agents:
+                out.add(m["member"])
+            elif m["member_type"] == "role":
+                out.update(a for a, r in agents.items() if r == m["member"])
         return out
 
     def resolve_targets(self, targets, me):
         """Targets -> (recipients, audiences, unknown). SPEC §5."""
-        agents = self._active_agents()
+        agents = self.index.agent_roles()
         roles = set(agents.values())
-        groups = self._active_groups()
+        groups = self.index.group_names()
         recipients, audiences, unknown = [], [], []
 
         def add(names):
@@ -4166,9 +4539,9 @@ class MessageOps(ServiceBase):
         if not recipients:
             warnings.append("no agent received this message (the targets have no other "
                             "members)")
-        ses = self._open_session(me)
+        ses = self.index.open_session(me)
         fields = dict(message_id=new_id("msg_"), agent_id=me,
-                      session_id=ses[0] if ses else None, body=body,
+                      session_id=ses["session_id"] if ses else None, body=body,
                       recipients=recipients, audiences=audiences, scopes=scopes, refs=refs)
         if reply_to:
             fields["reply_to"] = reply_to
@@ -4187,18 +4560,17 @@ class MessageOps(ServiceBase):
         ident = self.me(agent)
         me = ident["agent_id"]
         mid = self.resolve_message_id(message_id)
-        parent = self.index.q1("SELECT agent_id, recipients, thread_id FROM messages "
-                               "WHERE message_id = ?", (mid,))
-        agents = self._active_agents()
+        parent = self.index.message(mid)
+        agents = self.index.agent_roles()
         recips = []
-        for n in [parent[0]] + json.loads(parent[1]):
+        for n in [parent["agent_id"]] + json.loads(parent["recipients"]):
             if n != me and n in agents and n not in recips:
                 recips.append(n)
         if not recips:
             raise UsageError("nobody to reply to: the author and recipients of %s are you "
                              "or no longer registered" % mid,
                              hint="send a new message with 'thrum send TEXT --to @agent'")
-        thread = self._thread_of(mid, parent[2])
+        thread = self._thread_of(mid, parent["thread_id"])
         res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
                         agent=me, _reply=(recips, [{"type": "agent", "value": n}
                                                    for n in recips], mid, thread))
@@ -4209,28 +4581,11 @@ class MessageOps(ServiceBase):
         """The thread a reply to `mid` joins: its thread, else a new one (the index then
         gives the parent that thread too)."""
         if known is None:
-            row = self.index.q1("SELECT thread_id FROM messages WHERE message_id = ?", (mid,))
-            known = row[0] if row else None
+            row = self.index.message(mid)
+            known = row["thread_id"] if row else None
         return known or new_id("thr_")
 
     # -- reading -----------------------------------------------------------------------
-    _MSG_COLS = ("m.message_id, m.thread_id, m.reply_to, m.agent_id, m.recipients, "
-                 "m.audiences, coalesce(m.format, m.format0), coalesce(m.content, m.content0), "
-                 "CASE WHEN m.version > 0 THEN m.structured ELSE m.structured0 END, "
-                 "m.scopes, m.refs, "
-                 "m.created_at, m.updated_at, m.deleted, m.version, m.session_id")
-
-    @staticmethod
-    def _msg(row, is_read):
-        return {"message_id": row[0], "thread_id": row[1], "reply_to": row[2],
-                "agent_id": row[3], "recipients": json.loads(row[4]),
-                "audiences": json.loads(row[5]),
-                "body": {"format": row[6], "content": row[7],
-                         "structured": json.loads(row[8]) if row[8] else None},
-                "scopes": json.loads(row[9]), "refs": json.loads(row[10]),
-                "created_at": row[11], "updated_at": row[12], "deleted": bool(row[13]),
-                "version": row[14], "session_id": row[15], "is_read": bool(is_read)}
-
     def resolve_message_id(self, text):
         """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14."""
         if not isinstance(text, str) or not text.strip():
@@ -4244,17 +4599,15 @@ class MessageOps(ServiceBase):
         if len(s) < 8:
             raise UsageError("message id prefix %r is too short: give at least 8 "
                              "characters after msg_" % text)
-        rows = self.index.q("SELECT message_id FROM messages WHERE message_id >= ? AND "
-                            "message_id < ? ORDER BY message_id LIMIT 6",
-                            ("msg_" + s, "msg_" + s + "~"))
-        if not rows:
+        ids = self.index.message_ids("msg_" + s, 6)
+        if not ids:
             raise NotFoundError("message not found: %s" % text,
                                 hint="see message ids with 'thrum inbox --all'")
-        if len(rows) > 1:
+        if len(ids) > 1:
             raise UsageError("message id prefix %r is ambiguous: matches %s%s" % (
-                text, ", ".join(r[0] for r in rows[:5]), ", ..." if len(rows) > 5 else ""),
+                text, ", ".join(ids[:5]), ", ..." if len(ids) > 5 else ""),
                 hint="give more characters")
-        return rows[0][0]
+        return ids[0]
 
     def mark_read(self, message_ids, agent=None):
         """Mark these exact message ids read for me (those addressed to me and unread).
@@ -4270,12 +4623,7 @@ class MessageOps(ServiceBase):
         """Write receipts for the given messages addressed to me and still unread."""
         if not mids:
             return 0
-        todo = []
-        for i in range(0, len(mids), 500):
-            chunk = list(mids[i:i + 500])
-            todo += [r[0] for r in self.index.q(
-                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
-                "AND message_id IN (%s)" % ",".join("?" * len(chunk)), [me] + chunk)]
+        todo = self.index.unread_among(me, mids)
         if todo:
             self._emit([self._event("message.receipt", message_id=m, agent_id=me)
                         for m in todo])
@@ -4292,66 +4640,20 @@ class MessageOps(ServiceBase):
         ident = self.me(agent)
         me, role = ident["agent_id"], ident.get("role")
         limit, page = self._paging(limit, page)
-        # Filters are written against deliveries (d.*) where they can be, so the
-        # counts need no join with messages and the page query walks the
-        # (agent_id, deleted, created_at) index in order.
-        where, params = [], []
-        if all:
-            frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
-                   "d.agent_id = ?")
-            count_frm, mid, author = frm, "m.message_id", "m.agent_id"
-            params.append(me)
-            where.append("m.deleted = 0")
-            order = "m.created_at %s, m.message_id %s"
-        else:
-            frm = "deliveries d JOIN messages m ON m.message_id = d.message_id"
-            count_frm, mid, author = "deliveries d", "d.message_id", "d.author"
-            where += ["d.agent_id = ?", "d.deleted = 0"]
-            params.append(me)
-            order = "d.created_at %s, d.message_id %s"
-        if mentions:
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s "
-                         "AND t.kind = 'aud' AND ((t.type = 'agent' AND t.value = ?) OR "
-                         "(t.type = 'role' AND t.value = ?)))" % mid)
-            params += [me, role]
-        for kind, text in (("scope", scope), ("ref", ref)):
-            if text:
-                tag = parse_tag(text, kind)
-                where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s"
-                             " AND t.kind = ? AND t.type = ? AND t.value = ?)" % mid)
-                params += [kind, tag["type"], tag["value"]]
-        if sender:
-            where.append("%s = ?" % author)
-            params.append(self._require_agent(sender)[0])
-        if thread:
-            tid = self._resolve_thread(thread)
-            where.append("(m.thread_id = ? OR m.message_id = ?)")
-            params += [tid, tid]
-            count_frm = frm
-        unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
-        if not all:
-            unread_sql = "d.read_at IS NULL"  # a range of the index deliveries_state
-        base_where = " AND ".join(where)
-        if unread:
-            where.append(unread_sql)
-        wsql = " AND ".join(where)
-        total = self.index.q1("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql),
-                              params)[0]
-        n_unread = total if unread else self.index.q1(  # (then it is the same count)
-            "SELECT count(*) FROM %s WHERE %s AND %s" % (count_frm, base_where, unread_sql),
-            params)[0]
-        direction = "ASC" if oldest else "DESC"
-        rows = self.index.q(
-            "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL, d.agent_id IS NOT NULL "
-            "FROM %s WHERE %s ORDER BY %s LIMIT ? OFFSET ?" % (
-                self._MSG_COLS, frm, wsql, order % (direction, direction)),
-            params + [limit, (page - 1) * limit])
-        msgs = [self._msg(r, r[16]) for r in rows]
+        tags = [(kind, parse_tag(text, kind)) for kind, text in (("scope", scope),
+                                                                  ("ref", ref)) if text]
+        sender = self._require_agent(sender)["agent_id"] if sender else None
+        thread = self._resolve_thread(thread) if thread else None
+        got = self.index.inbox(me, role, unread=unread, mentions=mentions, tags=tags,
+                               sender=sender, thread=thread, all=all, limit=limit,
+                               offset=(page - 1) * limit, oldest=oldest)
+        msgs = [m for m, _ in got["rows"]]
         if mark_read is None:
             mark_read = not unread
-        marks = [m["message_id"] for m, r in zip(msgs, rows)
-                 if r[17] and not m["is_read"]] if mark_read else []
-        res = {"messages": msgs, "total": total, "unread": n_unread, "page": page,
+        marks = [m["message_id"] for m, addressed in got["rows"]
+                 if addressed and not m["is_read"]] if mark_read else []
+        total = got["total"]
+        res = {"messages": msgs, "total": total, "unread": got["unread"], "page": page,
                "page_size": limit, "total_pages": max(1, -(-total // limit)),
                "agent_id": me}
         if defer_marks:
@@ -4375,54 +4677,38 @@ class MessageOps(ServiceBase):
     def _resolve_thread(self, text):
         t = text.strip()
         if t.startswith("thr_"):
-            if not self.index.q1("SELECT 1 FROM messages WHERE thread_id = ?", (t,)):
+            if not self.index.thread_exists(t):
                 raise NotFoundError("thread not found: %s" % t)
             return t
         mid = self.resolve_message_id(t)
-        row = self.index.q1("SELECT thread_id FROM messages WHERE message_id = ?", (mid,))
-        return row[0] or mid
+        return self.index.message(mid)["thread_id"] or mid
 
     def sent(self, to=None, unread=False, limit=10, page=1, agent=None):
         """What I sent, newest first, with per-recipient read state."""
         ident = self.me(agent)
         me = ident["agent_id"]
         limit, page = self._paging(limit, page)
-        where, params = ["m.agent_id = ?", "m.deleted = 0"], [me]
+        t = None
         if to:
             t = _strip_at(to)
             if t != "everyone":
                 if not name_ok(t or ""):
                     raise UsageError("invalid recipient filter %r" % to)
-                agents = self._active_agents()
+                agents = self.index.agent_roles()
                 if t not in agents and t not in set(agents.values()) and \
-                        t not in self._active_groups():
+                        t not in self.index.group_names():
                     raise NotFoundError("unknown agent, role or group @%s" % t,
                                         hint="see 'thrum team --all' and 'thrum group list'")
-            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
-                         "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
-                         "WHERE t.message_id = m.message_id AND t.kind = 'aud' AND "
-                         "t.value = ?))")
-            params += [t, t]
-        if unread:
-            where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
-                         "m.message_id AND x.read_at IS NULL)")
-        wsql = " AND ".join(where)
-        total = self.index.q1("SELECT count(*) FROM messages m WHERE " + wsql, params)[0]
-        rows = self.index.q("SELECT %s FROM messages m WHERE %s ORDER BY m.created_at DESC, "
-                            "m.message_id DESC LIMIT ? OFFSET ?" % (self._MSG_COLS, wsql),
-                            params + [limit, (page - 1) * limit])
-        msgs = []
-        for r in rows:
-            m = self._msg(r, True)
+        got = self.index.sent(me, to=t, unread=unread, limit=limit, offset=(page - 1) * limit)
+        for m in got["messages"]:
             m["receipts"] = self._receipts(m)
             m["read_count"] = sum(1 for x in m["receipts"] if x["read_at"])
-            msgs.append(m)
-        return {"messages": msgs, "total": total, "page": page, "page_size": limit,
-                "total_pages": max(1, -(-total // limit))}
+        total = got["total"]
+        return {"messages": got["messages"], "total": total, "page": page,
+                "page_size": limit, "total_pages": max(1, -(-total // limit))}
 
     def _receipts(self, m):
-        got = dict(self.index.q("SELECT agent_id, read_at FROM deliveries WHERE "
-                                "message_id = ?", (m["message_id"],)))
+        got = self.index.receipts(m["message_id"])
         return [{"agent_id": a, "read_at": got.get(a)} for a in m["recipients"]]
 
     def message_get(self, message_id, agent=None):
@@ -4434,45 +4720,38 @@ class MessageOps(ServiceBase):
             me = self.me(agent)["agent_id"]
         except NotSetUpError:
             pass
-        row = self.index.q1("SELECT %s, m.deleted_at, m.delete_reason FROM messages m "
-                            "WHERE m.message_id = ?" % self._MSG_COLS, (mid,))
-        d = self.index.q1("SELECT read_at FROM deliveries WHERE message_id = ? AND "
-                          "agent_id = ?", (mid, me)) if me else None
-        m = self._msg(row, d is None or d[0] is not None)
-        m["edits"] = [{"edited_at": r[0], "content": r[1]} for r in self.index.q(
-            "SELECT ts, content FROM edits WHERE message_id = ? AND agent_id = ? "
-            "ORDER BY ts, event_id", (mid, m["agent_id"]))]
+        row = self.index.message(mid)
+        d = self.index.delivery(mid, me) if me else None
+        m = message_dict(row, d is None or d["read_at"] is not None)
+        m["edits"] = [dict(r) for r in self.index.edits(mid, m["agent_id"])]
         m["receipts"] = self._receipts(m)
-        m["deleted_at"], m["delete_reason"] = row[16], row[17]
+        m["deleted_at"], m["delete_reason"] = row["deleted_at"], row["delete_reason"]
         if me and not m["deleted"]:
             self._mark_read(me, [mid])
         return {"message": m}
 
     def _own_message(self, message_id, me, verb):
         mid = self.resolve_message_id(message_id)
-        author, deleted, fmt = self.index.q1(
-            "SELECT agent_id, deleted, coalesce(format, format0) FROM messages WHERE "
-            "message_id = ?", (mid,))
+        row = self.index.message(mid)
+        author = row["agent_id"]
         if author != me:
             raise RefusedError("only the author can %s %s (author: @%s, you: @%s)"
                                % (verb, mid, author, me),
                                hint="ask @%s, or reply to it instead" % author)
-        if deleted:
+        if row["deleted"]:
             raise RefusedError("cannot %s %s: it was deleted" % (verb, mid))
-        return mid, fmt
+        return mid, row
 
     def message_edit(self, message_id, content=None, fmt=None, structured=None, agent=None):
         """Replace a message's body (author only). Returns {message_id, updated_at, version}."""
         me = self.me(agent)["agent_id"]
-        mid, old_fmt = self._own_message(message_id, me, "edit")
+        mid, old = self._own_message(message_id, me, "edit")
         if structured is None:  # an edit replaces the text; structured data stays
-            old = self.index.q1("SELECT CASE WHEN version > 0 THEN structured ELSE "
-                                "structured0 END FROM messages WHERE message_id = ?", (mid,))
-            structured = json.loads(old[0]) if old and old[0] else None
-        body = self._check_body(content, fmt or old_fmt, structured)
+            structured = json.loads(old["structured"]) if old["structured"] else None
+        body = self._check_body(content, fmt or old["format"], structured)
         ev = self._event("message.edit", message_id=mid, agent_id=me, body=body)
         self._emit([ev])
-        version = self.index.q1("SELECT version FROM messages WHERE message_id = ?", (mid,))[0]
+        version = self.index.message(mid)["version"]
         return {"message_id": mid, "updated_at": ev["timestamp"], "version": version}
 
     def message_delete(self, message_id, force=False, reason=None, agent=None):
@@ -4495,9 +4774,7 @@ class MessageOps(ServiceBase):
         if not message_ids and not all:
             raise UsageError("give message ids, or all", hint="thrum message read ID... | --all")
         if all:
-            mids = [r[0] for r in self.index.q(
-                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
-                "AND deleted = 0", (me,))]
+            mids = self.index.unread_ids(me)
         else:
             mids = [self.resolve_message_id(m) for m in message_ids]
         return {"marked_count": self._mark_read(me, mids), "message_ids": mids}
@@ -4532,30 +4809,15 @@ class MessageOps(ServiceBase):
         if start is None:
             start = time.time() - 1.0
         tag = parse_tag(scope, "scope") if scope else None
-        where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
-        if skip_read:
-            where.append("d.read_at IS NULL")
-        params = [me, me]
-        if tag:
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
-                         "AND t.kind = 'scope' AND t.type = ? AND t.value = ?)")
-            params += [tag["type"], tag["value"]]
-        base = ("SELECT %s, d.read_at IS NOT NULL FROM deliveries d JOIN messages m ON "
-                "m.message_id = d.message_id WHERE %s" % (self._MSG_COLS, " AND ".join(where)))
         delivered = self._delivered(me, _record)
-
-        def received(rows):
-            return {"status": "received", "messages": [self._msg(r, r[16]) for r in rows]}
         if unread:
-            rows = self.index.q(base + " AND d.read_at IS NULL ORDER BY d.created_at", params)
-            if rows:
+            msgs = self.index.waiting_for(me, scope=tag)
+            if msgs:
                 if _alive is not None and not _alive():
                     raise WaitAbandoned()
-                delivered.add([r[0] for r in rows])
-                return received(rows)
-            base += " AND d.read_at IS NULL"  # and while waiting, only unread ones
+                delivered.add([m["message_id"] for m in msgs])
+                return {"status": "received", "messages": msgs}
         since = now_ts(start)
-        new_sql = base + " AND (d.created_at > ? OR d.arrived_at > ?) ORDER BY d.created_at"
         deadline = time.monotonic() + timeout
         sleep = _wake or time.sleep
         seen = None
@@ -4568,16 +4830,17 @@ class MessageOps(ServiceBase):
                 if seen is not None:
                     self.index.catch_up()
                 seen = sig
-                rows = self.index.q(new_sql, params + [since, since])
-                if rows and _alive is not None and not _alive():
+                msgs = self.index.waiting_for(me, since, unread=unread, skip_read=skip_read,
+                                              scope=tag)
+                if msgs and _alive is not None and not _alive():
                     raise WaitAbandoned()  # nobody to deliver to: claim nothing
-                if rows:
+                if msgs:
                     old = delivered.load()
-                    fresh = [r[0] for r in rows if r[0] not in old]
+                    fresh = [m["message_id"] for m in msgs if m["message_id"] not in old]
                     claimed = set(delivered.add(fresh, only_new=True)) if fresh else ()
-                    rows = [r for r in rows if r[0] in claimed]
-                    if rows:
-                        return received(rows)
+                    msgs = [m for m in msgs if m["message_id"] in claimed]
+                    if msgs:
+                        return {"status": "received", "messages": msgs}
             left = deadline - time.monotonic()
             if left <= 0:
                 return {"status": "timeout", "messages": []}
@@ -4593,43 +4856,35 @@ class MessageOps(ServiceBase):
         me = self.me(agent)["agent_id"]
         mark_path = _safe_name_path(os.path.join(self.loc.var, "hooks"), me, ".mark")
         mark = (_read_text(mark_path) or "").strip()
-        sql = ("SELECT d.message_id, m.agent_id, d.arrived_at FROM deliveries d JOIN "
-               "messages m ON m.message_id = d.message_id WHERE d.agent_id = ? AND "
-               "d.read_at IS NULL AND d.deleted = 0 AND m.agent_id != ?")
-        params = [me, me]
         try:
             since = now_ts(parse_ts(mark) - 2.0) if mark else None
         except ValueError:  # a damaged mark: look at everything once
             since = None
-        if since:
-            sql += " AND d.arrived_at > ?"
-            params.append(since)
-        rows = self.index.q(sql + " ORDER BY d.created_at", params)
+        rows = self.index.unread_arrived(me, since)
         delivered = self._delivered(me)
-        told = delivered.present([r[0] for r in rows]) if rows else set()
-        fresh = [r for r in rows if r[0] not in told]
-        claimed = set(delivered.add([r[0] for r in fresh], only_new=True)) if fresh else ()
-        newest = max([mark] + [r[2] for r in rows if r[2]])
+        told = delivered.present([r["message_id"] for r in rows]) if rows else set()
+        fresh = [r for r in rows if r["message_id"] not in told]
+        claimed = set(delivered.add([r["message_id"] for r in fresh], only_new=True)) \
+            if fresh else ()
+        newest = max([mark] + [r["arrived_at"] for r in rows if r["arrived_at"]])
         if newest and newest != mark:
             try:
                 os.makedirs(os.path.dirname(mark_path), exist_ok=True)
                 _write_file_atomic(mark_path, newest + "\n", 0o600)
             except OSError:
                 pass  # a read-only store: the next call looks further back
-        return {"agent_id": me, "messages": [{"message_id": r[0], "from": r[1]}
-                                             for r in fresh if r[0] in claimed]}
+        return {"agent_id": me, "messages": [{"message_id": r["message_id"],
+                                              "from": r["author"]}
+                                             for r in fresh if r["message_id"] in claimed]}
 
     def briefing(self, limit=8, agent=None):
         """A short `prime` for hooks: me, my unread count and newest `limit` unread
         messages, the team and my saved context. No git, nothing marked or told."""
         who = self.whoami(agent)
         me = who["agent_id"]
-        rows = self.index.q(
-            "SELECT %s, 0 FROM deliveries d JOIN messages m ON m.message_id = d.message_id "
-            "WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL ORDER BY "
-            "d.created_at DESC LIMIT ?" % self._MSG_COLS, (me, max(0, int(limit))))
-        return {"agent": who, "inbox": self._inbox_counts(me),
-                "unread": [self._msg(r, False) for r in rows],
+        return {"agent": who, "inbox": self.index.inbox_counts(me),
+                "unread": self.index.unread_messages(me, newest_first=True,
+                                                     limit=max(0, int(limit))),
                 "team": self._members(all_agents=False),
                 "context": self.context_show(agent=me)["content"]}
 
@@ -4652,39 +4907,26 @@ class TeamOps(ServiceBase):
         """Registered agents with their work context."""
         return {"agents": self._members(all_agents=True, with_files=context)}
 
-    def _members(self, all_agents, with_files=False, me=None):
-        db = self.index
-        counts = {r[0]: (r[1], r[2]) for r in db.q(
-            "SELECT agent_id, count(*), sum(read_at IS NULL) FROM deliveries "
-            "WHERE deleted = 0 GROUP BY agent_id")}
-        fields, context_at = {}, {}
-        for aid, f, v, key in db.q("SELECT agent_id, field, value, key FROM agent_fields"):
-            fields.setdefault(aid, {})[f] = json.loads(v)
-            if f in ("branch", "files") and key:
-                context_at[aid] = max(context_at.get(aid, ""), key.split("|")[0])
-        seen = dict(db.q("SELECT agent_id, ts FROM seen"))
-        sessions = {r[0]: (r[1], r[2]) for r in db.q(
-            "SELECT agent_id, session_id, max(started_at) FROM sessions WHERE ended_at IS "
-            "NULL AND started_at IS NOT NULL GROUP BY agent_id")}
+    def _members(self, all_agents, with_files=False):
+        """The team as `team` shows it: agents with an open session (all_agents: every
+        registered agent), with their work context and inbox counts."""
         out = []
-        for aid, role, module, display, wt, host, reg in db.q(
-                "SELECT agent_id, role, module, display, worktree, hostname, registered_at "
-                "FROM agents WHERE " + ACTIVE_AGENT_SQL + " ORDER BY agent_id"):
-            ses = sessions.get(aid)
-            if not all_agents and not ses:
+        for a in self.index.team():
+            if not all_agents and not a["session_id"]:
                 continue
-            f = fields.get(aid, {})
-            total, unread = counts.get(aid, (0, 0))
-            m = {"agent_id": aid, "role": role, "module": module, "display": display,
-                 "status": "active" if ses else "offline",
+            f = a["fields"]
+            m = {"agent_id": a["agent_id"], "role": a["role"], "module": a["module"],
+                 "display": a["display"],
+                 "status": "active" if a["session_id"] else "offline",
                  "intent": f.get("intent"), "task": f.get("task"),
-                 "branch": f.get("branch"), "last_seen_at": seen.get(aid) or reg,
-                 "session_id": ses[0] if ses else None,
-                 "session_started_at": ses[1] if ses else None,
-                 "worktree": wt, "hostname": host, "registered_at": reg,
-                 "unread": unread or 0, "total": total,
-                 "context_at": self._context_checked(wt, host) or context_at.get(aid),
-                 "tmux": f.get("tmux")}
+                 "branch": f.get("branch"), "last_seen_at": a["last_seen_at"],
+                 "session_id": a["session_id"],
+                 "session_started_at": a["session_started_at"],
+                 "worktree": a["worktree"], "hostname": a["hostname"],
+                 "registered_at": a["registered_at"], "unread": a["unread"],
+                 "total": a["total"],
+                 "context_at": self._context_checked(a["worktree"], a["hostname"]) or
+                 a["context_at"], "tmux": f.get("tmux")}
             if with_files:
                 m["files"] = f.get("files") or []
             out.append(m)
@@ -4695,20 +4937,13 @@ class TeamOps(ServiceBase):
         """Agents with an open session (all=True: everyone)."""
         return {"members": self._members(all_agents=all)}
 
-    def _inbox_counts(self, me):
-        # Two counts, each a range of the covering index deliveries_state, are
-        # faster than one pass summing read_at over the rows.
-        sql = "SELECT count(*) FROM deliveries WHERE agent_id = ? AND deleted = 0"
-        return {"total": self.index.q1(sql, (me,))[0],
-                "unread": self.index.q1(sql + " AND read_at IS NULL", (me,))[0]}
-
     def status(self, agent=None):
         """Me, my session, inbox counts, daemon and sync state."""
         who = self.whoami(agent)
         ses = ({"session_id": who["session_id"], "started_at": who["session_started_at"]}
                if who["session_id"] else None)
         sync = self.sync_status()
-        return {"agent": who, "session": ses, "inbox": self._inbox_counts(who["agent_id"]),
+        return {"agent": who, "session": ses, "inbox": self.index.inbox_counts(who["agent_id"]),
                 "daemon": self.daemon_info(),
                 "sync": {"state": sync["state"], "last_sync_at": sync["last_sync_at"],
                          "remote": sync["remote"], "last_error": sync["last_error"]}}
@@ -4728,10 +4963,7 @@ class TeamOps(ServiceBase):
         """Recovery briefing after a restart: nothing is marked read."""
         who = self.whoami(agent)
         me = who["agent_id"]
-        rows = self.index.q(
-            "SELECT %s, 0 FROM deliveries d JOIN messages m ON m.message_id = d.message_id "
-            "WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL "
-            "ORDER BY d.created_at" % self._MSG_COLS, (me,))
+        unread = self.index.unread_messages(me)
         ctx = self.context_show(agent=me)
         try:
             wc = work_context(who.get("worktree") or self.loc.worktree, self.store.env)
@@ -4742,8 +4974,8 @@ class TeamOps(ServiceBase):
                 "session": {"session_id": who["session_id"],
                             "started_at": who["session_started_at"]}
                 if who["session_id"] else None,
-                "unread": [self._msg(r, False) for r in rows],
-                "inbox": self._inbox_counts(me),
+                "unread": unread,
+                "inbox": self.index.inbox_counts(me),
                 "team": self._members(all_agents=False),
                 "work_context": wc,
                 "context": ctx["content"]}
@@ -4752,7 +4984,7 @@ class TeamOps(ServiceBase):
         """Is the agent active; last seen; intent."""
         row = self._require_agent(name)
         for m in self._members(all_agents=True):
-            if m["agent_id"] == row[0]:
+            if m["agent_id"] == row["agent_id"]:
                 return m
         raise NotFoundError("unknown agent @%s" % name)  # pragma: no cover
 
@@ -4805,11 +5037,6 @@ class GroupOps(ServiceBase):
     """Operations: named groups of agents and roles."""
 
     # -- groups -----------------------------------------------------------------------
-    def _group_row(self, name):
-        return self.index.q1("SELECT name, group_id, description, created_by, created_at "
-                             "FROM groups WHERE name = ? AND create_key IS NOT NULL AND "
-                             "(delete_key IS NULL OR create_key > delete_key)", (name,))
-
     def _by(self, agent):
         try:
             return self.me(agent)["agent_id"]
@@ -4820,12 +5047,12 @@ class GroupOps(ServiceBase):
         self.require_store()
         name = _check_name(_strip_at(name), "group name")
         description = _check_text(description, "description", 500)
-        agents = self._active_agents()
+        agents = self.index.agent_roles()
         if name in agents:
             raise UsageError("group name %r is already an agent name" % name)
         if name in set(agents.values()):
             raise UsageError("group name %r is already a role" % name)
-        if self._group_row(name):
+        if self.index.group(name):
             raise RefusedError("group %r already exists" % name)
         ev = self._event("group.create", group=name, group_id=new_id("grp_"),
                          description=description, by=self._by(agent))
@@ -4834,22 +5061,23 @@ class GroupOps(ServiceBase):
                 "created_at": ev["timestamp"]}
 
     def _require_group(self, name):
+        """The name of a group that exists (`@` optional), else a clear error."""
         name = _strip_at(name)
-        row = self._group_row(name) if name_ok(name or "") else None
+        row = self.index.group(name) if name_ok(name or "") else None
         if row is None:
             raise NotFoundError("unknown group %r" % name,
                                 hint="see groups with 'thrum group list'")
-        return row
+        return row["name"]
 
     def group_delete(self, name, agent=None):
         self.require_store()
-        row = self._require_group(name)
-        self._emit([self._event("group.delete", group=row[0], by=self._by(agent))])
-        return {"group": row[0], "deleted": True}
+        group = self._require_group(name)
+        self._emit([self._event("group.delete", group=group, by=self._by(agent))])
+        return {"group": group, "deleted": True}
 
     def _parse_members(self, members):
         out = []
-        agents = self._active_agents()
+        agents = self.index.agent_roles()
         for raw in members:
             if not isinstance(raw, str) or not raw.strip():
                 raise UsageError("empty group member")
@@ -4873,57 +5101,49 @@ class GroupOps(ServiceBase):
 
     def group_add(self, name, members, agent=None):
         self.require_store()
-        row = self._require_group(name)
+        group = self._require_group(name)
         parsed = self._parse_members(members)
         by = self._by(agent)
-        self._emit([self._event("group.member.add", group=row[0], member_type=t, member=m,
+        self._emit([self._event("group.member.add", group=group, member_type=t, member=m,
                                 by=by) for t, m in parsed])
-        return self.group_info(row[0])
+        return self.group_info(group)
 
     def group_remove(self, name, members, agent=None):
         self.require_store()
-        row = self._require_group(name)
-        current = {(m["type"], m["value"]) for m in self.group_info(row[0])["members"]}
+        group = self._require_group(name)
+        current = {(m["type"], m["value"]) for m in self.group_info(group)["members"]}
         parsed = []
         for raw in members:
             s = raw.strip()
             key = ("role", s[5:]) if s.startswith("role:") else ("agent", _strip_at(s))
             if key not in current:
-                raise NotFoundError("%s is not a member of group %s" % (raw, row[0]))
+                raise NotFoundError("%s is not a member of group %s" % (raw, group))
             parsed.append(key)
         by = self._by(agent)
-        self._emit([self._event("group.member.remove", group=row[0], member_type=t,
+        self._emit([self._event("group.member.remove", group=group, member_type=t,
                                 member=m, by=by) for t, m in parsed])
-        return self.group_info(row[0])
+        return self.group_info(group)
 
     def group_list(self):
         self.require_store()
         out = []
-        for name, gid, desc, by, at in self.index.q(
-                "SELECT name, group_id, description, created_by, created_at FROM groups "
-                "WHERE create_key IS NOT NULL AND (delete_key IS NULL OR "
-                "create_key > delete_key) ORDER BY name"):
-            info = self.group_info(name)
-            out.append({"group": name, "group_id": gid, "description": desc,
-                        "created_by": by, "created_at": at,
-                        "member_count": len(info["members"]),
+        for g in self.index.groups():
+            info = self.group_info(g["name"])
+            out.append({"group": g["name"], "group_id": g["group_id"],
+                        "description": g["description"], "created_by": g["created_by"],
+                        "created_at": g["created_at"], "member_count": len(info["members"]),
                         "agents": info["agents"]})
         return {"groups": out}
 
     def group_info(self, name):
         self.require_store()
-        row = self._require_group(name)
-        members = [{"type": t, "value": m, "added_by": b, "added_at": a}
-                   for t, m, b, a in self.index.q(
-                       "SELECT gm.member_type, gm.member, gm.added_by, gm.added_at FROM "
-                       "group_members gm JOIN groups g ON g.name = gm.name WHERE gm.name = ? "
-                       "AND gm.add_key IS NOT NULL AND (gm.remove_key IS NULL OR "
-                       "gm.add_key > gm.remove_key) AND (g.delete_key IS NULL OR "
-                       "gm.add_key > g.delete_key) ORDER BY gm.member_type, gm.member",
-                       (row[0],))]
-        return {"group": row[0], "group_id": row[1], "description": row[2],
-                "created_by": row[3], "created_at": row[4], "members": members,
-                "agents": sorted(self._group_members(row[0]))}
+        row = self.index.group(self._require_group(name))
+        members = [{"type": m["member_type"], "value": m["member"], "added_by": m["added_by"],
+                    "added_at": m["added_at"]} for m in self.index.group_members(row["name"])]
+        return {"group": row["name"], "group_id": row["group_id"],
+                "description": row["description"], "created_by": row["created_by"],
+                "created_at": row["created_at"], "members": members,
+                "agents": sorted(self._group_members(row["name"]))}
 
 
 class AdminOps(ServiceBase):
@@ -5028,12 +5248,12 @@ class AdminOps(ServiceBase):
         try:
             idx = Index(os.path.join(self.loc.var, "index.db"), self.log, self.store.arrivals)
             idx.open()
-            res = idx.db.execute("PRAGMA quick_check").fetchone()[0]
+            res = idx.quick_check()
             if res != "ok":
                 problem = "integrity check: %s" % res
             else:
                 idx.catch_up()
-                problem = self._index_differs(idx)
+                problem = idx.differs_from_log()
             idx.close()
         except (sqlite3.DatabaseError, ThrumError) as e:
             problem = str(e)
@@ -5080,7 +5300,7 @@ class AdminOps(ServiceBase):
         pidf = os.path.join(self.loc.var, "daemon.pid")
         if os.path.exists(pidf) and not self.daemon_info()["running"]:
             if fix:
-                _clean_daemon_files(DaemonFiles(self.loc.var, self.env))
+                DaemonFiles(self.loc.var, self.env).clean()
             check("daemon files", False, "stale daemon.pid and socket (no daemon holds "
                   "daemon.lock)", fixed=fix)
         ok = all(c["ok"] or c["fixed"] for c in checks)
@@ -5100,16 +5320,16 @@ class AdminOps(ServiceBase):
                 problem = e.message
             fixed = False
             if fix:
-                row = self._agent_row(name)
+                row = self.index.agent(name)
                 here = os.path.realpath(self.loc.worktree)
-                if row and row[4] and os.path.realpath(row[4]) == here:
-                    ses = self._open_session(name)
+                if row and row["worktree"] and os.path.realpath(row["worktree"]) == here:
+                    ses = self.index.open_session(name)
                     self._write_identity({
-                        "agent_id": name, "role": row[1], "module": row[2],
-                        "display": row[3], "worktree": here,
-                        "intent": self._agent_fields(name).get("intent"),
-                        "session_id": ses[0] if ses else None, "created_at": row[6],
-                        "identity_file": path})
+                        "agent_id": name, "role": row["role"], "module": row["module"],
+                        "display": row["display"], "worktree": here,
+                        "intent": self.index.agent_fields(name).get("intent"),
+                        "session_id": ses["session_id"] if ses else None,
+                        "created_at": row["registered_at"], "identity_file": path})
                     problem += "; rewritten from its registration"
                 else:
                     os.replace(path, path + ".corrupt")
@@ -5117,31 +5337,6 @@ class AdminOps(ServiceBase):
                 fixed = True
             out.append((name, problem, fixed))
         return out
-
-    def _index_differs(self, idx):
-        """Compare the live index with a rebuild in memory; None when they agree."""
-        mem = Index(":memory:", self.log)
-        mem.db = sqlite3.connect(":memory:", isolation_level=None)
-        mem.db.executescript(_SCHEMA)
-        mem.db.execute("BEGIN")
-        evs = []
-        for rel, path, _ in self.log.files():
-            with open(path, "rb") as f:
-                data = f.read()
-            evs += parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)[0]
-        mem.apply(evs)
-        mem.db.execute("COMMIT")
-        for table, cols in (("messages", "message_id, content0, content, deleted, thread_id, "
-                                          "version"),
-                            ("deliveries", "agent_id, message_id, read_at, deleted"),
-                            ("agents", "agent_id, role, reg_key, del_key")):
-            a = idx.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
-            b = mem.db.execute("SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)).fetchall()
-            if a != b:
-                mem.db.close()
-                return "%s differ from the log (%d rows vs %d)" % (table, len(a), len(b))
-        mem.db.close()
-        return None
 
     def rebuild_index(self):
         store = self.require_store()
@@ -5189,7 +5384,7 @@ class TmuxOps(ServiceBase):
             if self.store is not None:
                 self._tmux_forget(session, None, "tmux session replaced")
             tmux.run("kill-session", "-t", "=" + session, check=False)
-        existed = self.store is not None and self._agent_row(name) is not None
+        existed = self.store is not None and self.index.agent(name) is not None
         if existed and not force:
             raise RefusedError("agent @%s is already registered" % name,
                                hint="--force registers it again here and gives it this "
@@ -5273,12 +5468,13 @@ class TmuxOps(ServiceBase):
         self.require_store()
         if bool(session) == bool(name):
             raise UsageError("give a SESSION or --name NAME (one of them)")
+        aid = None
         if name:
-            row = self._require_agent(name)
-            m = next((m for m in self._tmux_members(here=True) if m["agent_id"] == row[0]),
+            aid = self._require_agent(name)["agent_id"]
+            m = next((m for m in self._tmux_members(here=True) if m["agent_id"] == aid),
                      None)
             if m is None:
-                raise NotFoundError("@%s has no tmux session" % row[0],
+                raise NotFoundError("@%s has no tmux session" % aid,
                                     hint="see them with 'thrum tmux list'")
             session, sock = m["tmux"]["session"], socket or m["tmux"].get("socket")
         else:
@@ -5290,8 +5486,7 @@ class TmuxOps(ServiceBase):
         tm = Tmux(self.env, tmux_socket(self.env, sock)).require()
         killed = tm.has_session(session) and \
             tm.run("kill-session", "-t", "=" + session, check=False)[0] == 0
-        agents, ended = self._tmux_forget(session, None if name is None else row[0],
-                                          "tmux session killed")
+        agents, ended = self._tmux_forget(session, aid, "tmux session killed")
         if not killed and not agents:
             raise NotFoundError("no tmux session %s" % session,
                                 hint="see them with 'thrum tmux list' or 'tmux ls'")
@@ -5305,18 +5500,19 @@ class TmuxOps(ServiceBase):
             if (aid and m["agent_id"] != aid) or m["tmux"]["session"] != session:
                 continue
             agents.append(m["agent_id"])
-            ses = self._open_session(m["agent_id"])
-            if ses:
-                ended.append(ses[0])
+            ses = self.index.open_session(m["agent_id"])
+            sid = ses["session_id"] if ses else None
+            if sid:
+                ended.append(sid)
                 events.append(self._event("agent.session.end", agent_id=m["agent_id"],
-                                          session_id=ses[0], reason=reason))
+                                          session_id=sid, reason=reason))
             events.append(self._event("agent.update", agent_id=m["agent_id"], tmux=None))
             path = self._identity_file(m["agent_id"], m.get("worktree"))
             ident = self._read_identity(path) if os.path.exists(path) else None
             if ident and ident.get("tmux_session") == session:
                 for k in ("tmux_session", "tmux_pane", "tmux_socket", "pid"):
                     ident[k] = None
-                if ses and ident.get("session_id") == ses[0]:
+                if sid and ident.get("session_id") == sid:
                     ident["session_id"] = None
                 self._write_identity(ident)
         self._emit(events)
@@ -5498,9 +5694,7 @@ class Nudges:
         this host: another clone of the same machine leaves them to this one)."""
         host, origin = os.uname().nodename, self.store.origin
         out = {}
-        for aid, v in self.store.index.q(
-                "SELECT agent_id, value FROM agent_fields WHERE field = 'tmux'"):
-            rec = json.loads(v)
+        for aid, rec in self.store.index.field_of_all("tmux").items():
             if isinstance(rec, dict) and rec.get("host") == host and rec.get("pane") and \
                     rec.get("origin", origin) == origin:
                 out[aid] = rec
@@ -5534,16 +5728,16 @@ class Nudges:
             by.setdefault(aid, []).append(mid)
         os.makedirs(self.dir, exist_ok=True)
         for aid, mids in by.items():
-            with _FileLock(self._path(aid, ".qlock")):
+            with FileLock(self._path(aid, ".qlock")):
                 with open(self._path(aid, ".queue"), "a") as f:
                     f.write("".join(m + "\n" for m in mids))
         return list(by)
 
     def busy(self, aid):
         """Whether a nudger for `aid` runs right now (holds its lock)."""
-        lock = _FileLock(self._path(aid, ".lock"), block=False)
+        lock = FileLock(self._path(aid, ".lock"))
         try:
-            if lock.acquire():
+            if lock.acquire(wait=False):
                 lock.release()
                 return False
         except OSError:
@@ -5554,7 +5748,7 @@ class Nudges:
         path = self._path(aid, ".queue")
         if not os.path.exists(path):
             return []
-        with _FileLock(self._path(aid, ".qlock")):
+        with FileLock(self._path(aid, ".qlock")):
             try:
                 with open(path, "r+") as f:
                     ids = [ln.strip() for ln in f if ln.strip()]
@@ -5567,8 +5761,8 @@ class Nudges:
         """Deliver what is queued for `aid`, as its only nudger (returns at once when
         another one runs: that one picks the new entries up)."""
         while True:
-            lock = _FileLock(self._path(aid, ".lock"), block=False)
-            if not lock.acquire():
+            lock = FileLock(self._path(aid, ".lock"))
+            if not lock.acquire(wait=False):
                 return
             try:
                 while True:
@@ -5607,12 +5801,8 @@ class Nudges:
         if not ids:
             return [], []
         self.store.refresh()
-        rows = self.store.index.q(
-            "SELECT d.message_id, m.agent_id FROM deliveries d JOIN messages m ON "
-            "m.message_id = d.message_id WHERE d.agent_id = ? AND d.read_at IS NULL AND "
-            "d.deleted = 0 AND d.message_id IN (%s) ORDER BY d.created_at"
-            % ",".join("?" * len(ids)), [aid] + ids)
-        return [r[0] for r in rows], [r[1] for r in rows]
+        rows = self.store.index.unread_deliveries(aid, ids)
+        return [r["message_id"] for r in rows], [r["author"] for r in rows]
 
     def _deliver(self, aid, ids):
         rec = self.targets().get(aid)
@@ -6023,15 +6213,15 @@ class Daemon:
         self.env = env
         self.files = DaemonFiles(store.loc.var, env)
         self.stopping = False
-        self._stopped = _thread_event()  # set by stop(): loops sleep on it
-        self._cond = _thread_condition()
+        self._stopped = threading.Event()  # set by stop(): loops sleep on it
+        self._cond = threading.Condition()
         self._changes = 0            # bumped on every change of the log (wakes waiters)
         self._waiting = 0            # requests blocked in a wait
         self._dirty_since = None     # first local write not yet pushed
         self._uncommitted = False    # writes waiting for the next interval (no remote)
         self._active = False         # a local write since the sync loop last looked
         self._synced_sig = None      # the log as the last sync cycle left it
-        self._sync_wake = _thread_condition()
+        self._sync_wake = threading.Condition()
         self.listener = None
         self.socket = None
 
@@ -6059,15 +6249,9 @@ class Daemon:
         var = self.files.var
         os.makedirs(var, exist_ok=True)
         os.chmod(var, 0o700)
-        lock_fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        for attempt in range(25):  # a status probe holds it shared for an instant
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.02)
-        else:
-            os.close(lock_fd)
+        lock = FileLock(self.files.lock)
+        # (a status probe holds it shared for an instant: try for half a second)
+        if not lock.acquire(timeout=0.5):
             return None  # another daemon runs: never disturb it
         try:
             return self._serve(signal)
@@ -6078,7 +6262,7 @@ class Daemon:
                         os.unlink(path)
                 except OSError:
                     pass
-            os.close(lock_fd)  # releasing the lock is the last thing a daemon does
+            lock.release()  # releasing the lock is the last thing a daemon does
 
     def _serve(self, signal):
         from multiprocessing.connection import Listener
@@ -6107,9 +6291,9 @@ class Daemon:
         self.log("daemon %d started for %s (socket %s)" % (os.getpid(), self.store.path,
                                                           self.socket))
         for fn in (self._watch_loop, self._sync_loop, self._reap_loop, self._context_loop,
-                   self._nudge_loop):
-            _thread.start_new_thread(self._guard, (fn,))
-        _thread.start_new_thread(self._guard, (self._accept_loop,))
+                   self._nudge_loop, self._accept_loop):
+            start_thread("daemon-" + fn.__name__.strip("_").replace("_loop", ""),
+                         self._guard, fn)
         while not self._stopped.wait(0.5):
             pass
         self.log("daemon %d stopping" % os.getpid())
@@ -6154,7 +6338,7 @@ class Daemon:
                     return
                 time.sleep(0.05)
                 continue
-            _thread.start_new_thread(self._guard, (self._serve_connection, conn))
+            start_thread("daemon-client", self._guard, self._serve_connection, conn)
 
     def _serve_connection(self, conn):
         from multiprocessing import AuthenticationError
@@ -6386,36 +6570,29 @@ class Daemon:
         --no-optional-locks and recorded as agent.update only when it changed."""
         host = os.uname().nodename
         cache = {}
-        self.store.contexts = {}
         while not self.stopping:
             try:
                 self.store.refresh()
                 idx = self.store.index
                 # This clone's agents only: another clone's daemon looks after its own.
-                rows = idx.q("SELECT agent_id, worktree FROM agents WHERE %s AND "
-                             "hostname = ? AND origin = ?" % ACTIVE_AGENT_SQL,
-                             (host, self.store.origin))
-                fields = {}
-                for aid, f, v in idx.q("SELECT agent_id, field, value FROM agent_fields "
-                                       "WHERE field IN ('branch', 'files')"):
-                    fields.setdefault(aid, {})[f] = json.loads(v)
+                rows = idx.local_agents(host, self.store.origin)
+                branches, files = idx.field_of_all("branch"), idx.field_of_all("files")
                 by_wt = {}
-                for aid, wt in rows:
+                for r in rows:
+                    wt = r["worktree"]
                     if wt and os.path.isdir(wt):
-                        by_wt.setdefault(os.path.realpath(wt), []).append(aid)
-                events = []
+                        by_wt.setdefault(os.path.realpath(wt), []).append(r["agent_id"])
+                events, contexts = [], {}
                 for wt, agents in by_wt.items():
                     wc = work_context(wt, self.store.env, cache)
-                    self.store.contexts[wt] = (now_ts(), wc)
+                    contexts[wt] = (now_ts(), wc)
                     for aid in agents:
-                        have = fields.get(aid, {})
-                        if (have.get("branch"), have.get("files") or []) != \
+                        if (branches.get(aid), files.get(aid) or []) != \
                                 (wc["branch"], wc["files"]):
                             events.append(self.store.event("agent.update", agent_id=aid,
                                                            branch=wc["branch"],
                                                            files=wc["files"]))
-                for gone in set(self.store.contexts) - set(by_wt):
-                    del self.store.contexts[gone]
+                self.store.contexts = contexts  # replaced whole: readers never see it change
                 if events:
                     self.store.emit(events)
                     self._changed(local=True)
@@ -6430,7 +6607,7 @@ class Daemon:
         mark = now_ts(time.time() - 1.0)
         seen = {}                       # (agent, message id) -> when it was queued
         running = set()                 # agents with a nudger thread of ours
-        lock = _thread.allocate_lock()
+        lock = threading.Lock()
         with self._cond:
             last = self._changes
 
@@ -6453,18 +6630,16 @@ class Daemon:
                 # Overlapping windows (2 s back) and `seen`: a message projected by
                 # another process a moment before a later one is not missed.
                 since = now_ts(parse_ts(mark) - 2.0)
-                rows = self.store.index.q(
-                    "SELECT d.agent_id, d.message_id, m.agent_id, d.arrived_at FROM "
-                    "deliveries d JOIN messages m ON m.message_id = d.message_id WHERE "
-                    "d.arrived_at > ? AND d.read_at IS NULL AND d.deleted = 0", (since,))
+                rows = self.store.index.arrivals_since(since)
             except ThrumError as e:
                 self.log("nudges: %s" % e.message)
                 continue
             now = time.monotonic()
             for k in [k for k, t in seen.items() if now - t > 60.0]:
                 del seen[k]
-            fresh = [(a, m, au) for a, m, au, _ in rows if (a, m) not in seen]
-            mark = max([mark] + [r[3] for r in rows if r[3]])
+            fresh = [(r["agent_id"], r["message_id"], r["author"]) for r in rows
+                     if (r["agent_id"], r["message_id"]) not in seen]
+            mark = max([mark] + [r["arrived_at"] for r in rows if r["arrived_at"]])
             items = nudges.collect(fresh)
             for a, m, _ in fresh:
                 seen[(a, m)] = now
@@ -6474,7 +6649,7 @@ class Daemon:
                         if aid in running:
                             continue
                         running.add(aid)
-                    _thread.start_new_thread(self._guard, (nudger, aid))
+                    start_thread("nudge-" + aid, self._guard, nudger, aid)
 
     def _reap_loop(self):
         """End the sessions of agents whose recorded long-lived process died (SPEC §14
@@ -6484,26 +6659,25 @@ class Daemon:
             try:
                 idx = self.store.index
                 self.store.refresh()
-                rows = idx.q("SELECT s.session_id, s.agent_id, s.pid FROM sessions s JOIN "
-                             "agents a ON a.agent_id = s.agent_id WHERE s.ended_at IS NULL "
-                             "AND s.started_at IS NOT NULL AND s.pid IS NOT NULL AND "
-                             "a.hostname = ? AND a.origin = ?", (host, self.store.origin))
-                dead = [r for r in rows if not _pid_alive(r[2])]
+                dead = [r for r in idx.sessions_with_pid(host, self.store.origin)
+                        if not _pid_alive(r["pid"])]
                 if dead:
                     self.store.emit([self.store.event(
-                        "agent.session.end", agent_id=aid, session_id=sid,
-                        reason="process %d exited" % pid) for sid, aid, pid in dead])
+                        "agent.session.end", agent_id=r["agent_id"],
+                        session_id=r["session_id"], reason="process %d exited" % r["pid"])
+                        for r in dead])
                     self.log("ended %d session(s) of dead processes" % len(dead))
                     self._changed(local=True)
             except ThrumError as e:
                 self.log("session check: %s" % e.message)
 
 
-def _start_daemon(cli, files, wait=10.0):
+def start_daemon(store, env, files, wait=10.0):
     """Start a detached daemon (it holds none of our pipes) and wait until it answers.
-    Returns its info. Concurrent starts give one daemon: the lock decides."""
+    Returns (its info, whether this call started it). Concurrent starts give one
+    daemon: the lock decides."""
     info = files.info()
-    proc = None if info["running"] else _spawn_daemon(cli, files)
+    proc = None if info["running"] else spawn_daemon(store, env, files)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         info = files.info()
@@ -6520,29 +6694,29 @@ def _start_daemon(cli, files, wait=10.0):
     raise ThrumError("the daemon did not answer within %ds" % wait, hint="see %s" % files.log)
 
 
-def _spawn_daemon(cli, files):
+def spawn_daemon(store, env, files):
     """`thrum daemon run` as a detached process: its own session, no terminal, and none
     of our pipes (its output goes to daemon.log)."""
     import subprocess
-    _clean_daemon_files(files)
+    files.clean()
     os.makedirs(files.var, exist_ok=True)
     log = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         return subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--repo", cli.store.loc.store_root,
-             "daemon", "run"], cwd=cli.store.loc.store_root, env=cli.caller.env,
+            [sys.executable, os.path.abspath(__file__), "--repo", store.loc.store_root,
+             "daemon", "run"], cwd=store.loc.store_root, env=env,
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             close_fds=True)
     finally:
         os.close(log)
 
 
-def _stop_daemon(files, wait=None):
+def stop_daemon(files, wait=None):
     """Stop the running daemon (asked over its socket, else SIGTERM); True if one ran."""
     import signal
     info = files.info()
     if not info["running"]:
-        _clean_daemon_files(files)
+        files.clean()
         return False
     try:
         DaemonClient(files).request({"op": "daemon_stop"}, timeout=2.0)
@@ -6574,8 +6748,8 @@ class Cancel:
     server shutting down); what is registered with `on_set` runs when it is raised."""
 
     def __init__(self):
-        self._event = _thread_event()
-        self._lock = _thread.allocate_lock()
+        self._event = threading.Event()
+        self._lock = threading.Lock()
         self._fns = []
 
     def set(self):
@@ -6628,8 +6802,8 @@ class Router:
         self.caller = caller
         self.store = None
         self._autostarted = not autostart
-        self._tls = _thread._local()
-        self._lock = _thread.allocate_lock()
+        self._tls = threading.local()
+        self._lock = threading.Lock()
         self._clients = []
         loc = locate(caller.cwd)
         if loc.store:
@@ -6643,7 +6817,7 @@ class Router:
         """Type the queued nudges for these agents without holding up this call."""
         if self.threads:
             for aid in agents:
-                _thread.start_new_thread(_nudge_quietly, (self.store, self.caller.env, aid))
+                start_thread("nudge-" + aid, _nudge_quietly, self.store, self.caller.env, aid)
             return
         _spawn_nudger(self.store, self.caller.env, agents)
 
@@ -6701,7 +6875,7 @@ class Router:
                 self.store.config.get("daemon.autostart"):
             self._autostarted = True  # start one for the calls after this one
             try:
-                _spawn_daemon(self, files)
+                spawn_daemon(self.store, self.caller.env, files)
             except OSError as e:
                 _warn("daemon.autostart: cannot start the daemon: %s" % e)
         return None
@@ -7405,7 +7579,7 @@ class _Workers:
     def __init__(self, guard):
         import queue
         self._jobs = queue.SimpleQueue()
-        self._lock = _thread.allocate_lock()
+        self._lock = threading.Lock()
         self._idle = 0
         self._guard = guard
 
@@ -7416,7 +7590,7 @@ class _Workers:
                 self._idle -= 1
         self._jobs.put((fn, args))
         if start:
-            _thread.start_new_thread(self._loop, ())
+            start_thread("mcp-worker", self._loop)
 
     def _loop(self):
         while True:
@@ -7456,9 +7630,9 @@ class McpServer:
         self.channel = channel
         self.started = time.time()
         self.closing = Cancel()        # stdin closed: abandon waits and the channel
-        self._wlock = _thread.allocate_lock()
+        self._wlock = threading.Lock()
         self._calls = {}               # request id (as JSON) -> _McpCall
-        self._reg_lock = _thread.allocate_lock()
+        self._reg_lock = threading.Lock()
         self._registered = False
         self._reg_error = None
         self._channel_on = False
@@ -7497,7 +7671,7 @@ class McpServer:
 
     def serve(self):
         """Answer requests until stdin closes; then abandon what is in flight."""
-        started = _thread.allocate_lock()
+        started = threading.Lock()
         started.acquire()
 
         def register():
@@ -7505,7 +7679,7 @@ class McpServer:
                 self._register()
             finally:
                 started.release()
-        _thread.start_new_thread(self._guard, (register,))
+        start_thread("mcp-register", self._guard, register)
         while not self.closing.is_set():
             try:
                 line = self.rfile.readline()
@@ -7544,7 +7718,8 @@ class McpServer:
             if not msg:
                 return self.send(self._error(None, _MCP_INVALID, "Invalid Request: an "
                                                                  "empty batch"))
-            return _thread.start_new_thread(self._guard, (self._batch, msg))
+            start_thread("mcp-batch", self._guard, self._batch, msg)
+            return None
         reply = self._message(msg)
         if reply is not None:
             self.send(reply)
@@ -7741,7 +7916,7 @@ class McpServer:
         if self._last_wait is not None:
             after = max(min(after, self._last_wait - 1.0), c.received - self.LOOKBACK)
         if c.token is not None:
-            _thread.start_new_thread(self._guard, (self._progress, c, params["timeout"]))
+            start_thread("mcp-progress", self._guard, self._progress, c, params["timeout"])
         r = self.router.run("wait", dict(params, after=after, skip_read=True),
                             cancel=c.cancel)  # (stdin closing cancels every call)
         self._last_wait = time.time()
@@ -7782,7 +7957,7 @@ class McpServer:
     def _start_channel(self):
         if self.channel and not self._channel_on:
             self._channel_on = True
-            _thread.start_new_thread(self._guard, (self._channel_loop,))
+            start_thread("mcp-channel", self._guard, self._channel_loop)
 
     def _channel_loop(self):
         """Push each new message to this agent once (its own record, `pushed`: the push
@@ -8844,11 +9019,11 @@ def cmd_daemon(args, cli, out):
             return EXIT_OK
         return code
     if args.sub in ("stop", "restart"):
-        stopped = _stop_daemon(files)
+        stopped = stop_daemon(files)
         if args.sub == "stop":
             return out.ok({"running": False, "stopped": stopped},
                           "daemon stopped" if stopped else "no daemon was running")
-    r, started = _start_daemon(cli, files)
+    r, started = start_daemon(cli.store, cli.caller.env, files)
     out.ok(dict(r, started=started), ("daemon started (pid %s)" if started else
                                       "daemon already running (pid %s)") % r["pid"],
            "  Socket: %s" % r.get("socket"))
