@@ -3385,6 +3385,134 @@ class SyncEngine:
         return out
 
 
+class SyncSchedule:
+    """When a daemon's sync loop runs a cycle (SPEC §8, §9): the rules, with an injected
+    clock, so they are tested without waiting; the loop does the git work.
+
+    - push: PUSH_AFTER seconds after the first local write of a burst (debounce); with
+      no remote, those writes are committed at the next interval instead;
+    - fetch: every `interval` (sync.interval);
+    - check: while an agent waits, a cheap remote check every `wait_every`
+      (sync.wait_interval), backing off (doubling, up to `interval`) after QUIET_CHECKS
+      checks that saw nothing, and back to `wait_every` on any change (a local write, a
+      new wait, a pull);
+    - after a failed cycle the next fetch comes 10 s later, doubling, at most `interval`.
+
+    Thread-safe: every field is guarded by `cond`. Any thread reports local writes and
+    new waits (`wrote`, `poke`); the loop sleeps on `cond` for `due_in()`, asks
+    `next_action()` and reports what came of it (`checked`, `started`, `ran`, `failed`).
+    """
+
+    PUSH_AFTER = 2.0    #: seconds after the first write of a burst
+    QUIET_CHECKS = 6    #: unchanged remote checks before their interval starts doubling
+    RETRY_FIRST = 10.0  #: seconds before the first retry of a failed cycle
+
+    def __init__(self, interval, wait_every, clock=time.monotonic):
+        self.clock = clock
+        self.cond = threading.Condition()
+        now = clock()
+        self.interval, self.wait_every = interval, wait_every
+        self.next_fetch = now + interval
+        self.check_every, self.next_check = wait_every, now + wait_every
+        self.dirty_since = None    # the first local write not pushed yet
+        self.uncommitted = False   # writes left for the next interval (no remote)
+        self.active = False        # a write or a new wait since the loop last looked
+        self.quiet = 0             # remote checks in a row that saw nothing
+        self.failures = 0          # failed cycles in a row
+
+    def set_intervals(self, interval, wait_every):
+        """The configured intervals (re-read every round: `config set` applies at once)."""
+        with self.cond:
+            self.interval, self.wait_every = interval, wait_every
+            self.check_every = min(self.check_every, interval)
+
+    def wrote(self):
+        """A local write: push it soon, and check the remote often again."""
+        with self.cond:
+            if self.dirty_since is None:
+                self.dirty_since = self.clock()
+            self.active = True
+            self.cond.notify_all()
+
+    def poke(self):
+        """A new wait (or a stop): check the remote often again, and look now."""
+        with self.cond:
+            self.active = True
+            self.cond.notify_all()
+
+    def pending(self):
+        """Whether local writes wait for a cycle (a clean stop runs one for them)."""
+        with self.cond:
+            return self.dirty_since is not None or self.uncommitted
+
+    def due_in(self, waiting):
+        """Seconds until the next action is due (0: now). `waiting`: an agent waits."""
+        with self.cond:
+            due = self.next_fetch
+            if self.dirty_since is not None:
+                due = min(due, self.dirty_since + self.PUSH_AFTER)
+            if waiting:
+                due = min(due, self.next_check)
+            return max(0.0, due - self.clock())
+
+    def next_action(self, waiting):
+        """What is due now: 'push' (a burst's debounce is over: cycle if there is a
+        remote), 'commit' (the interval is up and writes wait: cycle), 'fetch' (the
+        interval is up: cycle if there is a remote), 'check' (compare the remote tip,
+        then `checked()`), or None."""
+        with self.cond:
+            now = self.clock()
+            if self.active:  # a local write or a new wait: the short interval again
+                self.active = False
+                self.check_every, self.next_check, self.quiet = (
+                    self.wait_every, now + self.wait_every, 0)
+            if self.dirty_since is not None and now >= self.dirty_since + self.PUSH_AFTER:
+                # With nowhere to push, the writes are committed at the next interval
+                # instead (no git work per write).
+                self.dirty_since, self.uncommitted = None, True
+                return "push"
+            if now >= self.next_fetch:
+                self.next_fetch = now + self.interval
+                return "commit" if self.uncommitted else "fetch"
+            if waiting and now >= self.next_check:
+                return "check"
+            return None
+
+    def checked(self, moved):
+        """The result of a remote check. An active conversation keeps the short interval;
+        an idle wait costs ever less, down to one check per `interval`."""
+        with self.cond:
+            if moved:
+                self.check_every, self.quiet = self.wait_every, 0
+            else:
+                self.quiet += 1
+                if self.quiet >= self.QUIET_CHECKS:
+                    self.check_every = min(self.interval, self.check_every * 2)
+            self.next_check = self.clock() + self.check_every
+
+    def started(self):
+        """A cycle starts: it takes every pending write with it."""
+        with self.cond:
+            self.dirty_since, self.uncommitted = None, False
+
+    def ran(self, pulled):
+        """A cycle succeeded (`pulled`: it brought events in: a conversation is on)."""
+        with self.cond:
+            now = self.clock()
+            self.failures = 0
+            if pulled:
+                self.check_every, self.next_check, self.quiet = (
+                    self.wait_every, now + self.wait_every, 0)
+            self.next_fetch = now + self.interval
+
+    def failed(self):
+        """A cycle failed: try again soon, backing off up to `interval`."""
+        with self.cond:
+            self.failures += 1
+            self.next_fetch = self.clock() + min(
+                self.interval, self.RETRY_FIRST * 2 ** min(self.failures - 1, 5))
+
+
 # === 10. Store, callers and the service's base ================================
 
 _ROLE_INTENTS = {
@@ -3692,6 +3820,93 @@ class Caller:
         return "Caller(%r, agent=%r)" % (self.cwd, self.agent)
 
 
+#: What an operation needs before it runs: nothing, a store, or the caller's identity
+#: (checked in this order, before the arguments' meaning: SPEC §14).
+NEEDS_NOTHING, NEEDS_STORE, NEEDS_IDENTITY = 0, 1, 2
+
+
+class Operation:
+    """The facts of one operation, declared once, with @operation on its Service method;
+    the front ends (call(), the Router, the daemon, the CLI parser, the MCP tools) derive
+    what they need from here.
+
+    needs          NEEDS_NOTHING | NEEDS_STORE | NEEDS_IDENTITY, checked before it runs
+    retry_safe     running it again changes nothing, so a request the daemon took but never
+                   answered may simply run again in the caller's process: True, False, or
+                   a function of the request's params
+    local          front ends run it in their own process, never through the daemon (it
+                   checks or repairs local files). An operation that needs nothing is
+                   always local: without a store there is no daemon
+    blocks         it waits for something (wait): front ends pass it wake-ups and a way
+                   to abandon it, and through the daemon it blocks on change notifications
+    starts_daemon  with daemon.autostart, the first such call that finds no daemon
+                   starts one (not config_set: it may be turning autostart off)
+
+    The parameters, and their defaults, are the method's signature: `params()` and
+    `default(name)` read them, and `check()` refuses anything else."""
+
+    __slots__ = ("name", "needs", "retry_safe", "local", "blocks", "starts_daemon", "_fn")
+
+    def __init__(self, fn, needs, retry_safe=False, local=False, blocks=False,
+                 starts_daemon=True):
+        self.name, self._fn, self.needs = fn.__name__, fn, needs
+        self.retry_safe, self.blocks, self.starts_daemon = retry_safe, blocks, starts_daemon
+        self.local = local or needs == NEEDS_NOTHING
+
+    def params(self):
+        """{name: default} of the parameters a request may pass (a required one has the
+        default `REQUIRED`). `agent` and `_private` ones are not a request's to set."""
+        code = self._fn.__code__
+        names = code.co_varnames[1:code.co_argcount]
+        defaults = self._fn.__defaults__ or ()
+        out = {}
+        for i, n in enumerate(names):
+            d = i - (len(names) - len(defaults))
+            if not n.startswith("_") and n != "agent":
+                out[n] = defaults[d] if d >= 0 else REQUIRED
+        return out
+
+    def default(self, name):
+        return self.params()[name]
+
+    def may_retry(self, params):
+        safe = self.retry_safe
+        return bool(safe(params) if callable(safe) else safe)
+
+    def check(self, params):
+        """Refuse, as usage errors, parameters the operation does not take (or private
+        ones), missing ones, and a non-boolean where the parameter is a flag."""
+        allowed = self.params()
+        bad = sorted(str(k) for k in params if k not in allowed)
+        if bad:
+            raise UsageError("unknown parameter%s for this operation: %s (known: %s)" % (
+                "s" if len(bad) > 1 else "", ", ".join(map(str, bad)),
+                ", ".join(sorted(allowed)) or "none"))
+        missing = [n for n, d in allowed.items() if d is REQUIRED and n not in params]
+        if missing:
+            raise UsageError("missing parameter%s: %s" % ("s" if len(missing) > 1 else "",
+                                                          ", ".join(missing)))
+        for name, default in allowed.items():
+            if isinstance(default, bool) and name in params and \
+                    not isinstance(params[name], bool):
+                raise UsageError("%s must be true or false" % name)
+
+    def __repr__(self):  # pragma: no cover - debugging aid
+        return "Operation(%s)" % self.name
+
+
+#: The default of a required parameter (Operation.params()).
+REQUIRED = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
+
+
+def operation(needs, **facts):
+    """Declare a Service method an operation, with its facts (see Operation)."""
+    def declare(fn):
+        fn.operation = Operation(fn, needs, **facts)
+        return fn
+    return declare
+
+
 class ServiceBase:
     """What every operation stands on: the request's store and caller, the one write
     path (`_emit`) and the per-call work after it (`finish`), and who "me" is (SPEC §4).
@@ -3935,6 +4150,7 @@ class AgentOps(ServiceBase):
     """Operations: set-up (init, setup), agents, sessions and saved context."""
 
     # -- setup -------------------------------------------------------------------
+    @operation(NEEDS_NOTHING)
     def init(self, local=False, force=False):
         """Create `.thrum/`, the sync branch and its worktree. Idempotent.
 
@@ -4020,6 +4236,7 @@ class AgentOps(ServiceBase):
         out.update(sync.ensure_branch_and_worktree())
         return out
 
+    @operation(NEEDS_NOTHING)
     def setup(self, main_repo=None):
         """In a linked worktree, write `.thrum/redirect` to the main checkout's store."""
         loc = self.loc
@@ -4142,6 +4359,7 @@ class AgentOps(ServiceBase):
                 "worktree": worktree, "status": status,
                 "identity_file": ident["identity_file"]}
 
+    @operation(NEEDS_STORE)
     def agent_register(self, name=None, role=None, module=None, display=None, intent=None,
                        force=False):
         """`agent register`: register (name, role and module fall back to THRUM_NAME,
@@ -4154,6 +4372,7 @@ class AgentOps(ServiceBase):
                              module or self.env.get("THRUM_MODULE"), display=display,
                              intent=intent, force=force)
 
+    @operation(NEEDS_NOTHING)
     def quickstart(self, name=None, role=None, module=None, intent=None, display=None,
                    force=False):
         """init if needed, register, start a session and set the intent. The name,
@@ -4184,6 +4403,7 @@ class AgentOps(ServiceBase):
             it = self.session_set_intent(intent, agent=reg["agent_id"])
         return {"register": reg, "session": ses, "intent": it}
 
+    @operation(NEEDS_IDENTITY, retry_safe=True)
     def whoami(self, agent=None):
         """My identity and session."""
         ident = self.me(agent)
@@ -4201,6 +4421,7 @@ class AgentOps(ServiceBase):
                 "tmux_pane": ident.get("tmux_pane"), "tmux_socket": ident.get("tmux_socket"),
                 "identity_file": ident.get("identity_file")}
 
+    @operation(NEEDS_STORE)
     def agent_delete(self, name, force=False, agent=None):
         """Delete an agent (needs force). Removes its identity file when local."""
         self.require_store()
@@ -4226,6 +4447,7 @@ class AgentOps(ServiceBase):
                 pass
         return {"agent_id": aid, "deleted": True, "identity_file_removed": removed}
 
+    @operation(NEEDS_STORE)
     def agent_cleanup(self, dry_run=False, force=False, agent=None):
         """Find agents whose worktree is gone (on this host) or silent too long."""
         if dry_run and force:
@@ -4254,6 +4476,7 @@ class AgentOps(ServiceBase):
                 "stale_after": stale}
 
     # -- sessions & work context -----------------------------------------------
+    @operation(NEEDS_IDENTITY)
     def session_start(self, pid=None, agent=None):
         """Start a session, ending any open one (reason `superseded`)."""
         ident = self.me(agent)
@@ -4278,6 +4501,7 @@ class AgentOps(ServiceBase):
                 "branch": branch, "ended": [e["session_id"] for e in events
                                             if e["type"] == "agent.session.end"]}
 
+    @operation(NEEDS_IDENTITY)
     def session_end(self, reason="normal", session_id=None, agent=None):
         ident = self.me(agent)
         aid = ident["agent_id"]
@@ -4306,6 +4530,7 @@ class AgentOps(ServiceBase):
                 "duration_ms": int(dur * 1000) if dur is not None else None,
                 "reason": reason}
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def session_list(self, agent_filter=None, active=False, agent=None):
         if agent_filter:
             aid = self._require_agent(agent_filter)["agent_id"]
@@ -4314,6 +4539,7 @@ class AgentOps(ServiceBase):
         return {"sessions": [dict(r, status="ended" if r["ended_at"] else "active")
                              for r in self.index.sessions(aid, active)]}
 
+    @operation(NEEDS_IDENTITY)
     def session_set_intent(self, text, agent=None):
         ident = self.me(agent)
         text = _check_text(text, "intent", 1000, allow_empty=True)
@@ -4325,6 +4551,7 @@ class AgentOps(ServiceBase):
         return {"agent_id": ident["agent_id"], "session_id": ses["session_id"] if ses else None,
                 "intent": text, "intent_updated_at": ev["timestamp"]}
 
+    @operation(NEEDS_IDENTITY)
     def session_set_task(self, text, agent=None):
         ident = self.me(agent)
         text = _check_text(text, "task", 1000, allow_empty=True)
@@ -4333,6 +4560,7 @@ class AgentOps(ServiceBase):
         return {"agent_id": ident["agent_id"], "session_id": ses["session_id"] if ses else None,
                 "task": text, "task_updated_at": ev["timestamp"]}
 
+    @operation(NEEDS_IDENTITY)
     def session_heartbeat(self, agent=None):
         """Record liveness and my worktree's git state (branch, changed files)."""
         ident = self.me(agent)
@@ -4356,6 +4584,7 @@ class AgentOps(ServiceBase):
             return self._require_agent(agent_filter)["agent_id"]
         return self.me(agent)["agent_id"]
 
+    @operation(NEEDS_STORE)
     def context_save(self, content=None, agent_filter=None, allow_empty=False, agent=None):
         """Save my (or another agent's) context notes. An empty save would wipe the
         notes, so it is refused unless allow_empty."""
@@ -4372,6 +4601,7 @@ class AgentOps(ServiceBase):
         _write_file_atomic(path, content, 0o600)
         return {"agent_id": name, "path": path, "bytes": len(content.encode("utf-8"))}
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def context_show(self, agent_filter=None, agent=None):
         name = self._context_agent(agent_filter, agent)
         path = self._context_path(name)
@@ -4391,6 +4621,7 @@ class AgentOps(ServiceBase):
                 "bytes": len(text.encode("utf-8")) if text is not None else 0,
                 "updated_at": updated}
 
+    @operation(NEEDS_STORE)
     def context_clear(self, agent_filter=None, agent=None):
         name = self._context_agent(agent_filter, agent)
         path = self._context_path(name)
@@ -4408,6 +4639,12 @@ class AgentOps(ServiceBase):
 
 
 # === 12. Operations: messages and waiting =====================================
+
+def _marks_nothing(params):
+    """An inbox that marks nothing read (unread only, or marks left to the front end) is
+    safe to run again; one that marked rows read would show them read the second time."""
+    return bool(params.get("defer_marks") or params.get("unread"))
+
 
 class MessageOps(ServiceBase):
     """Operations: addressing, sending, reading, waiting, and the hooks' news."""
@@ -4496,6 +4733,7 @@ class MessageOps(ServiceBase):
             body["structured"] = structured
         return body
 
+    @operation(NEEDS_IDENTITY)
     def send(self, content=None, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
              fmt="markdown", structured=None, reply_to=None, agent=None, _reply=None):
         """Send a message to targets (`to`, `mentions`: names, roles, groups or
@@ -4554,6 +4792,7 @@ class MessageOps(ServiceBase):
                 "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
                 "recipients": recipients, "audiences": audiences, "warnings": warnings}
 
+    @operation(NEEDS_IDENTITY)
     def reply(self, message_id, content=None, fmt="markdown", structured=None, scopes=(),
               refs=(), agent=None):
         """Reply to a message: its author and recipients except me; joins its thread."""
@@ -4609,6 +4848,7 @@ class MessageOps(ServiceBase):
                 hint="give more characters")
         return ids[0]
 
+    @operation(NEEDS_IDENTITY, retry_safe=True)
     def mark_read(self, message_ids, agent=None):
         """Mark these exact message ids read for me (those addressed to me and unread).
         Returns the number marked."""
@@ -4629,6 +4869,7 @@ class MessageOps(ServiceBase):
                         for m in todo])
         return len(todo)
 
+    @operation(NEEDS_IDENTITY, retry_safe=_marks_nothing)
     def inbox(self, unread=False, mentions=False, scope=None, ref=None, sender=None,
               thread=None, all=False, limit=10, page=1, oldest=False, mark_read=None,
               defer_marks=False, agent=None):
@@ -4683,6 +4924,7 @@ class MessageOps(ServiceBase):
         mid = self.resolve_message_id(t)
         return self.index.message(mid)["thread_id"] or mid
 
+    @operation(NEEDS_IDENTITY, retry_safe=True)
     def sent(self, to=None, unread=False, limit=10, page=1, agent=None):
         """What I sent, newest first, with per-recipient read state."""
         ident = self.me(agent)
@@ -4711,6 +4953,7 @@ class MessageOps(ServiceBase):
         got = self.index.receipts(m["message_id"])
         return [{"agent_id": a, "read_at": got.get(a)} for a in m["recipients"]]
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def message_get(self, message_id, agent=None):
         """One message with its edits and receipts; marks it read for me."""
         self.require_store()
@@ -4742,6 +4985,7 @@ class MessageOps(ServiceBase):
             raise RefusedError("cannot %s %s: it was deleted" % (verb, mid))
         return mid, row
 
+    @operation(NEEDS_IDENTITY)
     def message_edit(self, message_id, content=None, fmt=None, structured=None, agent=None):
         """Replace a message's body (author only). Returns {message_id, updated_at, version}."""
         me = self.me(agent)["agent_id"]
@@ -4754,6 +4998,7 @@ class MessageOps(ServiceBase):
         version = self.index.message(mid)["version"]
         return {"message_id": mid, "updated_at": ev["timestamp"], "version": version}
 
+    @operation(NEEDS_IDENTITY)
     def message_delete(self, message_id, force=False, reason=None, agent=None):
         """Soft-delete my message (needs force)."""
         me = self.me(agent)["agent_id"]
@@ -4766,6 +5011,7 @@ class MessageOps(ServiceBase):
         self._emit([ev])
         return {"message_id": mid, "deleted_at": ev["timestamp"]}
 
+    @operation(NEEDS_IDENTITY, retry_safe=True)
     def message_read(self, message_ids=(), all=False, agent=None):
         """Mark messages (or all my unread) read. Returns {marked_count}."""
         me = self.me(agent)["agent_id"]
@@ -4786,6 +5032,7 @@ class MessageOps(ServiceBase):
         return LocalRecord(_safe_name_path(os.path.join(self.loc.var, record), me,
                                            ".jsonl"))
 
+    @operation(NEEDS_IDENTITY, retry_safe=True, blocks=True)
     def wait(self, timeout="30s", after=None, unread=False, scope=None, skip_read=False,
              agent=None, _poll=0.05, _wake=None, _alive=None, _record="delivered"):
         """Block until a message to me (not by me) is new to this store: created or
@@ -4847,6 +5094,7 @@ class MessageOps(ServiceBase):
             sleep(min(_poll, left))
 
     # -- agent integrations (SPEC §15) ---------------------------------------------------
+    @operation(NEEDS_IDENTITY)
     def hook_news(self, agent=None):
         """My unread messages that no wait, hook or listener has told me of yet; they are
         recorded as told (the delivered-once record), so each one is news once.
@@ -4877,6 +5125,7 @@ class MessageOps(ServiceBase):
                                               "from": r["author"]}
                                              for r in fresh if r["message_id"] in claimed]}
 
+    @operation(NEEDS_IDENTITY, retry_safe=True)
     def briefing(self, limit=8, agent=None):
         """A short `prime` for hooks: me, my unread count and newest `limit` unread
         messages, the team and my saved context. No git, nothing marked or told."""
@@ -4903,6 +5152,7 @@ class TeamOps(ServiceBase):
         got = contexts.get(os.path.realpath(worktree))
         return got[0] if got else None
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def agent_list(self, context=False):
         """Registered agents with their work context."""
         return {"agents": self._members(all_agents=True, with_files=context)}
@@ -4933,10 +5183,12 @@ class TeamOps(ServiceBase):
         return out
 
     # -- team & status --------------------------------------------------------------
+    @operation(NEEDS_STORE, retry_safe=True)
     def team(self, all=False):
         """Agents with an open session (all=True: everyone)."""
         return {"members": self._members(all_agents=all)}
 
+    @operation(NEEDS_IDENTITY, retry_safe=True)
     def status(self, agent=None):
         """Me, my session, inbox counts, daemon and sync state."""
         who = self.whoami(agent)
@@ -4954,11 +5206,13 @@ class TeamOps(ServiceBase):
             return {"running": False, "pid": None}
         return DaemonFiles(self.loc.var, self.env).info()
 
+    @operation(NEEDS_IDENTITY, retry_safe=True)
     def overview(self, agent=None):
         st = self.status(agent)
         st["team"] = self._members(all_agents=False)
         return st
 
+    @operation(NEEDS_IDENTITY, retry_safe=True)
     def prime(self, agent=None):
         """Recovery briefing after a restart: nothing is marked read."""
         who = self.whoami(agent)
@@ -4980,6 +5234,7 @@ class TeamOps(ServiceBase):
                 "work_context": wc,
                 "context": ctx["content"]}
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def ping(self, name):
         """Is the agent active; last seen; intent."""
         row = self._require_agent(name)
@@ -4988,6 +5243,7 @@ class TeamOps(ServiceBase):
                 return m
         raise NotFoundError("unknown agent @%s" % name)  # pragma: no cover
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def who_has(self, path):
         """Agents whose worktree has PATH changed or uncommitted (asks git live for
         local worktrees; uses the last recorded context for others)."""
@@ -5043,6 +5299,7 @@ class GroupOps(ServiceBase):
         except NotSetUpError:
             return None
 
+    @operation(NEEDS_STORE)
     def group_create(self, name, description=None, agent=None):
         self.require_store()
         name = _check_name(_strip_at(name), "group name")
@@ -5069,6 +5326,7 @@ class GroupOps(ServiceBase):
                                 hint="see groups with 'thrum group list'")
         return row["name"]
 
+    @operation(NEEDS_STORE)
     def group_delete(self, name, agent=None):
         self.require_store()
         group = self._require_group(name)
@@ -5099,6 +5357,7 @@ class GroupOps(ServiceBase):
             raise UsageError("give at least one member (@agent or role:ROLE)")
         return out
 
+    @operation(NEEDS_STORE)
     def group_add(self, name, members, agent=None):
         self.require_store()
         group = self._require_group(name)
@@ -5108,6 +5367,7 @@ class GroupOps(ServiceBase):
                                 by=by) for t, m in parsed])
         return self.group_info(group)
 
+    @operation(NEEDS_STORE)
     def group_remove(self, name, members, agent=None):
         self.require_store()
         group = self._require_group(name)
@@ -5124,6 +5384,7 @@ class GroupOps(ServiceBase):
                                 member=m, by=by) for t, m in parsed])
         return self.group_info(group)
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def group_list(self):
         self.require_store()
         out = []
@@ -5135,6 +5396,7 @@ class GroupOps(ServiceBase):
                         "agents": info["agents"]})
         return {"groups": out}
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def group_info(self, name):
         self.require_store()
         row = self.index.group(self._require_group(name))
@@ -5150,16 +5412,19 @@ class AdminOps(ServiceBase):
     """Operations: configuration, sync, health checks and the index."""
 
     # -- config ---------------------------------------------------------------------------
+    @operation(NEEDS_NOTHING, retry_safe=True)
     def config_show(self):
         return {"repo_file": self.config.repo_file, "user_file": self.config.user_file,
                 "values": {k: {"value": v, "source": s} for k, v, s in self.config.items()}}
 
+    @operation(NEEDS_NOTHING, retry_safe=True)
     def config_get(self, key):
         if key not in CONFIG_KEYS:
             raise UsageError("unknown config key %r" % key,
                              hint="known keys: " + ", ".join(CONFIG_KEYS))
         return {"key": key, "value": self.config.get(key), "source": self.config.source(key)}
 
+    @operation(NEEDS_STORE, starts_daemon=False)
     def config_set(self, key, value):
         self.require_store()
         if key == "sync.branch" and self.loc.git_common:
@@ -5181,6 +5446,7 @@ class AdminOps(ServiceBase):
         return {"key": key, "value": v, "file": self.config.repo_file}
 
     # -- sync (the engine is section 8) ---------------------------------------------------
+    @operation(NEEDS_STORE)
     def sync_force(self):
         """Run one sync cycle now. Returns the sync status plus what the cycle did:
         {remote, branch, local_only, last_sync_at, last_error, ahead, behind, state,
@@ -5192,6 +5458,7 @@ class AdminOps(ServiceBase):
         st.update(res)
         return st
 
+    @operation(NEEDS_STORE, retry_safe=True)
     def sync_status(self):
         """Sync state without network: {remote, branch, local_only, last_sync_at,
         last_error, ahead, behind, state, git}."""
@@ -5204,6 +5471,7 @@ class AdminOps(ServiceBase):
         st["git"] = True
         return st
 
+    @operation(NEEDS_IDENTITY)
     def context_sync(self, agent=None):
         """Publish my saved context on the sync branch (an agent.update event whose
         `context` field is the text; the latest publication wins), then sync."""
@@ -5219,6 +5487,7 @@ class AdminOps(ServiceBase):
         return res
 
     # -- health -------------------------------------------------------------------------------
+    @operation(NEEDS_STORE, local=True)
     def doctor(self, fix=False):
         """Check (and with fix, repair) the index, log lines, sync worktree, daemon files.
 
@@ -5338,6 +5607,7 @@ class AdminOps(ServiceBase):
             out.append((name, problem, fixed))
         return out
 
+    @operation(NEEDS_STORE, local=True)
     def rebuild_index(self):
         store = self.require_store()
         n = store.index.rebuild()
@@ -5347,10 +5617,32 @@ class AdminOps(ServiceBase):
 
 # === 14. Operations: tmux agents; the service and its table ===================
 
+#: The first process of a pane `tmux create` starts (run with `python -I -S -c`, argv:
+#: GO_FILE NAME CMD...): it waits until thrum has recorded the pane and creates GO_FILE,
+#: then becomes CMD with THRUM_NAME=NAME and no other THRUM_* variable. No shell.
+_PANE_START = """\
+import os, sys, time
+go, name, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+deadline = time.monotonic() + 60
+while not os.path.exists(go):
+    if time.monotonic() > deadline:
+        sys.exit("thrum: the agent was not recorded in time; not starting " + argv[0])
+    time.sleep(0.005)
+os.unlink(go)
+env = {k: v for k, v in os.environ.items() if not k.startswith("THRUM_")}
+env["THRUM_NAME"] = name
+try:
+    os.execvpe(argv[0], argv, env)
+except OSError as e:
+    sys.exit("thrum: cannot run %s: %s" % (argv[0], e.strerror or e))
+"""
+
+
 class TmuxOps(ServiceBase):
     """Operations: agents started in tmux sessions (SPEC §12)."""
 
     # -- tmux (SPEC §12) ------------------------------------------------------------------
+    @operation(NEEDS_NOTHING)
     def tmux_create(self, session, name=None, role=None, module=None, intent=None,
                     command=(), force=False, socket=None):
         """Register the agent in this worktree (init if needed) and start its session,
@@ -5398,44 +5690,69 @@ class TmuxOps(ServiceBase):
         qs = self.quickstart(name=name, role=role, module=module, intent=intent, force=force)
         aid = qs["register"]["agent_id"]
         try:
-            pane, pid, sock = self._tmux_start(tmux, session, aid, argv)
+            # The pane starts held: its session, pane and pid are recorded before the
+            # command runs, so the command's first `thrum whoami` sees them (SPEC §12).
+            pane, pid, sock, go = self._tmux_start(tmux, session, aid, argv)
+            ses = self.session_start(pid=pid, agent=aid)
+            rec = {"session": session, "pane": pane, "socket": sock,
+                   "host": os.uname().nodename,
+                   "origin": self.origin}  # the clone whose nudgers type into this pane
+            self._emit([self._event("agent.update", agent_id=aid, tmux=rec)])
+            ident = self.me(aid)
+            ident.update(tmux_session=session, tmux_pane=pane, tmux_socket=sock)
+            self._write_identity(ident)
+            self._tmux_release(tmux, session, go, argv)
         except ThrumError:
-            if existed:
-                self.session_end(reason="tmux create failed", agent=aid)
-            else:
+            tmux.run("kill-session", "-t", "=" + session, check=False)
+            self._tmux_forget(session, aid, "tmux create failed")
+            if not existed:
                 self.agent_delete(aid, force=True)
+            elif self.index.open_session(aid):
+                self.session_end(reason="tmux create failed", agent=aid)
             raise
-        ses = self.session_start(pid=pid, agent=aid)
-        rec = {"session": session, "pane": pane, "socket": sock, "host": os.uname().nodename,
-               "origin": self.origin}  # the clone whose nudgers type into this pane
-        self._emit([self._event("agent.update", agent_id=aid, tmux=rec)])
-        ident = self.me(aid)
-        ident.update(tmux_session=session, tmux_pane=pane, tmux_socket=sock)
-        self._write_identity(ident)
         return {"session": session, "agent_id": aid, "pane": pane, "socket": sock,
                 "pid": pid, "session_id": ses["session_id"], "command": argv,
                 "cwd": self.caller.cwd, "registered": not existed}
 
     def _tmux_start(self, tmux, session, aid, argv):
-        # The server's global environment (kept from whoever started it) may hold THRUM_*
-        # variables: the pane's command starts under env(1) with them removed.
-        out = tmux.run("show-environment", "-g", check=False)[1]
-        drop = {ln.lstrip("-").split("=")[0] for ln in out.splitlines()}
-        drop = sorted(k for k in drop | set(self.env) if k.startswith("THRUM_"))
-        env_argv = [_which("env", self.env) or "/usr/bin/env"]
-        for k in drop:
-            env_argv += ["-u", k]
+        """Start the tmux session with its pane held: the pane's first process (this
+        interpreter, _PANE_START) waits for a go file, then drops every THRUM_* variable
+        (the tmux server's global environment may hold some, kept from whoever started
+        it), sets THRUM_NAME and becomes the command (exec: the pane's pid is the
+        command's). Returns (pane, pid, socket, go file)."""
+        hold = os.path.join(self.loc.var, "tmux")
+        os.makedirs(hold, mode=0o700, exist_ok=True)
+        go = os.path.join(hold, "%s.%s.go" % (session, new_id("")))
         tmux.run("new-session", "-d", "-s", session, "-c", self.caller.cwd, "-x", "200",
-                 "-y", "50", *env_argv, "THRUM_NAME=" + aid, *argv, timeout=10.0)
+                 "-y", "50", sys.executable, "-I", "-S", "-c", _PANE_START, go, aid, *argv,
+                 timeout=10.0)
         info = tmux.pane("=%s:" % session, "#{pane_id}\t#{pane_pid}\t#{socket_path}")
-        if info:
-            time.sleep(0.15)  # a command that cannot start ends at once
-        if not info or tmux.pane("=%s:" % session, "#{pane_dead}") not in ("0", ""):
-            tmux.run("kill-session", "-t", "=" + session, check=False)
+        if not info:
+            raise ThrumError("tmux session %s ended as soon as it started" % session,
+                             hint="see 'tmux%s ls'" % (" -S " + tmux.socket if tmux.socket
+                                                       else ""))
+        pane, pid, sock = info.split("\t")
+        return pane, int(pid), sock, go
+
+    def _tmux_release(self, tmux, session, go, argv):
+        """Let the held pane run its command, and see that it did not end at once."""
+        _write_file_atomic(go, b"", 0o600)
+        deadline, n = time.monotonic() + 10.0, 0
+        while os.path.exists(go):  # the pane takes the file just before it becomes CMD
+            n += 1
+            if time.monotonic() > deadline or (n % 10 == 0 and tmux.pane(
+                    "=%s:" % session, "#{pane_dead}") not in ("0", "")):
+                try:
+                    os.unlink(go)
+                except FileNotFoundError:
+                    pass
+                raise ThrumError("the pane of tmux session %s did not start" % session,
+                                 hint="is %s runnable there?" % sys.executable)
+            time.sleep(0.01)
+        time.sleep(0.15)  # a command that cannot start ends at once
+        if tmux.pane("=%s:" % session, "#{pane_dead}") not in ("0", ""):
             raise ThrumError("%s exited as soon as it started in tmux session %s"
                              % (argv[0], session), hint="run the command by hand to see why")
-        pane, pid, sock = info.split("\t")
-        return pane, int(pid), sock
 
     def _tmux_members(self, here=False):
         """Members with a tmux record (here: started on this host)."""
@@ -5443,6 +5760,7 @@ class TmuxOps(ServiceBase):
         return [m for m in self._members(all_agents=True) if m.get("tmux") and
                 (not here or m["tmux"].get("host") == host)]
 
+    @operation(NEEDS_STORE, retry_safe=True, local=True)
     def tmux_list(self):
         """Agents with a tmux session: alive or gone (asked live for this host)."""
         self.require_store()
@@ -5463,6 +5781,7 @@ class TmuxOps(ServiceBase):
                         "unread": m["unread"]})
         return {"agents": out}
 
+    @operation(NEEDS_STORE, local=True)
     def tmux_kill(self, session=None, name=None, socket=None):
         """Kill a tmux session (exact name, never a prefix) and end its agent's session."""
         self.require_store()
@@ -5528,91 +5847,11 @@ class Service(AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps):
     """
 
 
-#: What an operation needs before it runs: nothing, a store, or the caller's identity
-#: (checked in this order, before the arguments' meaning: SPEC §14).
-NEEDS_NOTHING, NEEDS_STORE, NEEDS_IDENTITY = 0, 1, 2
-
-
-#: Every operation a front end can call: name -> (Service method, what it needs).
-#: The CLI, the daemon's RPC and the MCP tools all go through call() with these names.
-OPS = {
-    "init": ("init", NEEDS_NOTHING),
-    "setup": ("setup", NEEDS_NOTHING),
-    "quickstart": ("quickstart", NEEDS_NOTHING),
-    "agent_register": ("agent_register", NEEDS_STORE),
-    "whoami": ("whoami", NEEDS_IDENTITY),
-    "status": ("status", NEEDS_IDENTITY),
-    "overview": ("overview", NEEDS_IDENTITY),
-    "prime": ("prime", NEEDS_IDENTITY),
-    "team": ("team", NEEDS_STORE),
-    "send": ("send", NEEDS_IDENTITY),
-    "reply": ("reply", NEEDS_IDENTITY),
-    "inbox": ("inbox", NEEDS_IDENTITY),
-    "sent": ("sent", NEEDS_IDENTITY),
-    "mark_read": ("mark_read", NEEDS_IDENTITY),
-    "message_get": ("message_get", NEEDS_STORE),
-    "message_edit": ("message_edit", NEEDS_IDENTITY),
-    "message_delete": ("message_delete", NEEDS_IDENTITY),
-    "message_read": ("message_read", NEEDS_IDENTITY),
-    "wait": ("wait", NEEDS_IDENTITY),
-    "who_has": ("who_has", NEEDS_STORE),
-    "ping": ("ping", NEEDS_STORE),
-    "agent_list": ("agent_list", NEEDS_STORE),
-    "agent_delete": ("agent_delete", NEEDS_STORE),
-    "agent_cleanup": ("agent_cleanup", NEEDS_STORE),
-    "session_start": ("session_start", NEEDS_IDENTITY),
-    "session_end": ("session_end", NEEDS_IDENTITY),
-    "session_list": ("session_list", NEEDS_STORE),
-    "session_heartbeat": ("session_heartbeat", NEEDS_IDENTITY),
-    "session_set_intent": ("session_set_intent", NEEDS_IDENTITY),
-    "session_set_task": ("session_set_task", NEEDS_IDENTITY),
-    "context_save": ("context_save", NEEDS_STORE),
-    "context_show": ("context_show", NEEDS_STORE),
-    "context_clear": ("context_clear", NEEDS_STORE),
-    "context_sync": ("context_sync", NEEDS_IDENTITY),
-    "group_create": ("group_create", NEEDS_STORE),
-    "group_delete": ("group_delete", NEEDS_STORE),
-    "group_add": ("group_add", NEEDS_STORE),
-    "group_remove": ("group_remove", NEEDS_STORE),
-    "group_list": ("group_list", NEEDS_STORE),
-    "group_info": ("group_info", NEEDS_STORE),
-    "config_show": ("config_show", NEEDS_NOTHING),
-    "config_get": ("config_get", NEEDS_NOTHING),
-    "config_set": ("config_set", NEEDS_STORE),
-    "sync_force": ("sync_force", NEEDS_STORE),
-    "sync_status": ("sync_status", NEEDS_STORE),
-    "doctor": ("doctor", NEEDS_STORE),
-    "rebuild_index": ("rebuild_index", NEEDS_STORE),
-    "hook_news": ("hook_news", NEEDS_IDENTITY),
-    "briefing": ("briefing", NEEDS_IDENTITY),
-    "tmux_create": ("tmux_create", NEEDS_NOTHING),
-    "tmux_list": ("tmux_list", NEEDS_STORE),
-    "tmux_kill": ("tmux_kill", NEEDS_STORE),
-}
-
-
-def _check_params(method, params):
-    """Refuse, as usage errors, parameters a method does not take (or private ones),
-    missing ones, and a non-boolean where the parameter is a flag."""
-    code = method.__code__
-    names = code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount]
-    allowed = {n for n in names if not n.startswith("_") and n != "agent"}
-    bad = sorted(str(k) for k in params if k not in allowed)
-    if bad:
-        raise UsageError("unknown parameter%s for this operation: %s (known: %s)" % (
-            "s" if len(bad) > 1 else "", ", ".join(map(str, bad)),
-            ", ".join(sorted(allowed)) or "none"))
-    defaults = method.__defaults__ or ()
-    positional = names[:code.co_argcount - 1]
-    required = positional[:len(positional) - len(defaults)]
-    missing = [n for n in required if n not in params]
-    if missing:
-        raise UsageError("missing parameter%s: %s" % ("s" if len(missing) > 1 else "",
-                                                      ", ".join(missing)))
-    for name, default in zip(positional[len(positional) - len(defaults):], defaults):
-        if isinstance(default, bool) and name in params and \
-                not isinstance(params[name], bool):
-            raise UsageError("%s must be true or false" % name)
+#: Every operation a front end can call, by name: the methods of Service declared with
+#: @operation, in the order of their classes. The CLI, the daemon's RPC and the MCP tools
+#: all go through call() with these names.
+OPS = {op.name: op for cls in (AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps)
+       for op in (getattr(v, "operation", None) for v in vars(cls).values()) if op}
 
 
 def call(op, params, caller, store=None, hooks=None):
@@ -5626,7 +5865,7 @@ def call(op, params, caller, store=None, hooks=None):
     passes in process, e.g. a wait's `_wake`); never taken from a request.
     """
     try:
-        name, needs = OPS[op]
+        spec = OPS[op]
     except (KeyError, TypeError):
         raise UsageError("unknown operation %r" % (op,))
     if params is None:
@@ -5636,13 +5875,12 @@ def call(op, params, caller, store=None, hooks=None):
     params = dict(params)
     svc = Service(store, caller)
     try:
-        method = getattr(svc, name)
-        _check_params(method, params)
-        if needs >= NEEDS_STORE:
+        spec.check(params)
+        if spec.needs >= NEEDS_STORE:
             svc.require_store()
-        if needs >= NEEDS_IDENTITY:
+        if spec.needs >= NEEDS_IDENTITY:
             svc.me()
-        result = method(**params, **(hooks or {}))
+        result = getattr(svc, spec.name)(**params, **(hooks or {}))
         svc.finish()
     finally:
         if store is None:  # a store opened for this call only
@@ -6166,20 +6404,13 @@ class DaemonClient:
             raise DaemonUnavailable("a reply that is not an object")
         return reply
 
-    #: Operations that change nothing (or only what a repeat leaves the same), so a
-    #: request the daemon never answered may simply run again here.
-    RETRY_SAFE = frozenset((
-        "whoami", "status", "overview", "prime", "team", "inbox", "sent", "message_get",
-        "mark_read", "message_read", "wait", "who_has", "ping", "agent_list",
-        "session_list", "context_show", "group_list", "group_info", "config_show",
-        "config_get", "sync_status"))
-
     def call(self, op, params, caller, wait=None):
-        """call() through the daemon: the same result, or the same error raised."""
-        safe = op in self.RETRY_SAFE and not (op == "inbox" and not params.get("defer_marks")
-                                              and not params.get("unread"))
+        """call() through the daemon: the same result, or the same error raised. A
+        request that was never answered is run again by the caller only when the
+        operation declares that safe (Operation.retry_safe)."""
+        spec = OPS.get(op)
         reply = self.request({"op": op, "params": params, "caller": caller.to_dict()},
-                             wait=wait, retry_safe=safe)
+                             wait=wait, retry_safe=spec is not None and spec.may_retry(params))
         if reply.get("ok"):
             if reply.get("after_error"):
                 raise AfterWriteError(_error_from(reply["after_error"]), reply.get("result"))
@@ -6195,35 +6426,51 @@ def _error_from(payload):
 
 
 class Daemon:
-    """The daemon process for one store. `run()` returns when it is told to stop."""
+    """The daemon process for one store. `run()` returns when it is told to stop.
+
+    Threads: the main one (signals, shutdown), `accept`, one `client` per connection,
+    and the loops `watch`, `sync`, `reap`, `context` and `nudge` (plus a nudger per
+    agent being nudged). What they share, and what guards it:
+
+        field                      guarded by        written by
+        _changes, _waiting         _cond             _changed() (any thread), _wait()
+        _synced_sig                _cond             the sync loop; read by the watch loop
+        schedule.*                 schedule.cond     SyncSchedule's methods (any thread)
+        _stopped                   (an Event)        stop()
+        key, socket, listener      set before any thread starts, read-only after
+        store.contexts             replaced whole by the context loop (never mutated);
+                                   readers take the reference once
+    """
 
     #: How often the log files are checked for writes made without the daemon.
     WATCH_EVERY = 0.25
     #: How often sessions with a recorded long-lived pid are checked.
     REAP_EVERY = 3.0
-    #: Debounce: a push this long after the first write of a burst.
-    PUSH_AFTER = 2.0
     #: How often local agents' worktrees are looked at (live work contexts).
     CONTEXT_EVERY = 5.0
-    #: Unchanged remote checks before their interval starts doubling.
-    QUIET_CHECKS = 6
 
-    def __init__(self, store, env):
+    def __init__(self, store, env, clock=time.monotonic):
         self.store = store
         self.env = env
         self.files = DaemonFiles(store.loc.var, env)
-        self.stopping = False
         self._stopped = threading.Event()  # set by stop(): loops sleep on it
         self._cond = threading.Condition()
         self._changes = 0            # bumped on every change of the log (wakes waiters)
         self._waiting = 0            # requests blocked in a wait
-        self._dirty_since = None     # first local write not yet pushed
-        self._uncommitted = False    # writes waiting for the next interval (no remote)
-        self._active = False         # a local write since the sync loop last looked
         self._synced_sig = None      # the log as the last sync cycle left it
-        self._sync_wake = threading.Condition()
+        self.schedule = SyncSchedule(*self._intervals(), clock=clock)
         self.listener = None
         self.socket = None
+
+    @property
+    def stopping(self):
+        return self._stopped.is_set()
+
+    def _intervals(self):
+        """(sync.interval, sync.wait_interval) in seconds, as configured now."""
+        cfg = self.store.config
+        return (parse_duration(cfg.get("sync.interval")),
+                parse_duration(cfg.get("sync.wait_interval")))
 
     # -- logging -------------------------------------------------------------------
     def log(self, msg):
@@ -6305,12 +6552,10 @@ class Daemon:
         return EXIT_OK
 
     def stop(self):
-        self.stopping = True
         self._stopped.set()
         with self._cond:
             self._cond.notify_all()
-        with self._sync_wake:
-            self._sync_wake.notify_all()
+        self.schedule.poke()  # the sync loop looks up and sees the stop
 
     def _guard(self, fn, *args):
         """Run a connection, or a background loop (restarted after a bug, a second
@@ -6377,12 +6622,13 @@ class Daemon:
             if op == "daemon_stop":
                 self.stop()
                 return {"ok": True, "result": {"stopping": True, "pid": os.getpid()}}
-            if OPS.get(op, (None, NEEDS_NOTHING))[1] == NEEDS_NOTHING:
+            spec = OPS.get(op)
+            if spec is None or spec.needs == NEEDS_NOTHING:  # without a store: no daemon
                 raise UsageError("operation %r is not served by the daemon" % (op,))
             caller = Caller.from_dict(req.get("caller"))
             params = req.get("params") or {}
-            if op == "wait" and isinstance(params, dict):
-                return {"ok": True, "result": self._wait(dict(params), caller, conn)}
+            if spec.blocks and isinstance(params, dict):
+                return {"ok": True, "result": self._wait(op, dict(params), caller, conn)}
             try:
                 return {"ok": True, "result": call(op, params, caller, self.store)}
             except AfterWriteError as e:
@@ -6395,16 +6641,14 @@ class Daemon:
                 self.log("request failed:\n%s" % traceback.format_exc())
             return {"ok": False, "error": error_payload(e)}
 
-    def _wait(self, params, caller, conn=None):
+    def _wait(self, op, params, caller, conn=None):
         """A wait that blocks on the daemon's change notification (no polling). It ends
         as soon as its client goes away (killed, timed out), so it never takes a message
         as delivered for a listener that is no longer there."""
         with self._cond:
             self._waiting += 1
             seen = [self._changes]
-        with self._sync_wake:
-            self._active = True  # the sync loop checks the remote every wait_interval now
-            self._sync_wake.notify_all()
+        self.schedule.poke()  # the sync loop checks the remote every wait_interval now
 
         def gone():
             try:  # the client sends nothing while it waits: readable means closed
@@ -6424,7 +6668,7 @@ class Daemon:
             if self.stopping or gone():
                 raise WaitAbandoned()
         try:  # woken by changes, not by a clock: between them it costs nothing
-            return call("wait", params, caller, self.store, hooks=dict(
+            return call(op, params, caller, self.store, hooks=dict(
                 _poll=3600.0, _wake=wake, _alive=lambda: not gone()))
         finally:
             with self._cond:
@@ -6440,11 +6684,7 @@ class Daemon:
             self._changes += 1
             self._cond.notify_all()
         if local:
-            with self._sync_wake:
-                if self._dirty_since is None:
-                    self._dirty_since = time.monotonic()
-                self._active = True  # remote checks go back to the short interval
-                self._sync_wake.notify_all()
+            self.schedule.wrote()  # a push soon; remote checks at the short interval
 
     def _on_write(self, events):
         """A request served here wrote events: wake waiters now, schedule a push."""
@@ -6467,77 +6707,54 @@ class Daemon:
                 except ThrumError as e:
                     self.log("catching up: %s" % e.message)
                 # Lines a sync just merged in need no push; anything else was written here.
-                self._changed(local=sig != self._synced_sig)
+                with self._cond:
+                    synced = self._synced_sig
+                self._changed(local=sig != synced)
 
     def _sync_loop(self):
-        """Debounced push after local writes; fetch every sync.interval; while an agent
-        waits, a cheap remote check every sync.wait_interval (backing off towards
-        sync.interval while nothing changes). Failures back off and never stop it."""
+        """Run sync cycles when the schedule says so (SyncSchedule: a debounced push
+        after local writes, a fetch every sync.interval, cheap remote checks while an
+        agent waits). Failures back off and never stop it."""
         if not self.store.loc.git_common:
             return
-        def intervals():  # re-read each round: `config set` applies without a restart
-            cfg = self.store.config
-            return (parse_duration(cfg.get("sync.interval")),
-                    parse_duration(cfg.get("sync.wait_interval")))
-        interval, wait_every = intervals()
-        next_fetch = time.monotonic() + interval
-        check_every, next_check = wait_every, time.monotonic() + wait_every
-        failures = quiet = 0
+        sched = self.schedule
         while not self.stopping:
-            interval, wait_every = intervals()
-            check_every = min(check_every, interval)
-            now = time.monotonic()
-            due = next_fetch
-            if self._dirty_since is not None:
-                due = min(due, self._dirty_since + self.PUSH_AFTER)
-            if self._waiting:
-                due = min(due, next_check)
-            with self._sync_wake:
-                if not self.stopping and due > now:
-                    self._sync_wake.wait(min(due - now, 5.0))
+            sched.set_intervals(*self._intervals())  # `config set` applies at once
+            with self._cond:
+                waiting = self._waiting > 0
+            with sched.cond:
+                due = sched.due_in(waiting)
+                if due > 0 and not self.stopping:
+                    sched.cond.wait(min(due, 5.0))
             if self.stopping:
                 return
-            now = time.monotonic()
-            if self._active:  # a local write or a new wait: the short interval again
-                self._active = False
-                check_every, next_check, quiet = wait_every, now + wait_every, 0
-            run = False
-            if self._dirty_since is not None and now >= self._dirty_since + self.PUSH_AFTER:
-                # Pushed shortly after a burst; with nowhere to push, the writes are
-                # committed at the next interval instead (no git work per write).
-                self._dirty_since = None
-                self._uncommitted = True
+            with self._cond:
+                waiting = self._waiting > 0
+            action = sched.next_action(waiting)
+            if action == "check":
+                run = self._remote_moved()
+                sched.checked(run)
+            elif action in ("push", "fetch"):  # (no remote: committed at the next interval)
                 run = self.store.sync_engine().has_remote()
-            elif now >= next_fetch:
-                run = self._uncommitted or self.store.sync_engine().has_remote()
-                next_fetch = now + interval
-            elif self._waiting and now >= next_check:
-                moved = self._remote_moved()
-                if moved:
-                    run = True
-                    check_every, quiet = wait_every, 0
-                else:
-                    # Back off only after a while of nothing: an active conversation
-                    # keeps the short interval; an idle wait costs ever less.
-                    quiet += 1
-                    if quiet >= self.QUIET_CHECKS:
-                        check_every = min(interval, check_every * 2)
-                next_check = now + check_every
-            if not run:
-                continue
-            self._dirty_since, self._uncommitted = None, False
-            try:
-                res = self.store.sync_engine().cycle()
-                self._synced_sig = self.store.log_signature(None)
-                failures = 0
-                if res.get("pulled"):
-                    check_every, next_check = wait_every, time.monotonic() + wait_every
-                    self._changed(local=False)
-                next_fetch = time.monotonic() + interval
-            except ThrumError as e:
-                failures += 1
-                self.log("sync failed (%d in a row): %s" % (failures, e.message))
-                next_fetch = time.monotonic() + min(interval, 5.0 * 2 ** min(failures, 6))
+            else:
+                run = action == "commit"
+            if run:
+                self._sync_cycle()
+
+    def _sync_cycle(self):
+        sched = self.schedule
+        sched.started()
+        try:
+            res = self.store.sync_engine().cycle()
+        except ThrumError as e:
+            sched.failed()
+            self.log("sync failed (%d in a row): %s" % (sched.failures, e.message))
+            return
+        with self._cond:
+            self._synced_sig = self.store.log_signature(None)
+        sched.ran(pulled=bool(res.get("pulled")))
+        if res.get("pulled"):
+            self._changed(local=False)
 
     def _remote_moved(self):
         """One round trip: has the remote branch moved past what we last fetched?"""
@@ -6557,8 +6774,7 @@ class Daemon:
 
     def _flush_sync(self):
         """On a clean stop, push what is pending (bounded by sync.timeout)."""
-        if (self._dirty_since is not None or self._uncommitted) and \
-                self.store.loc.git_common:
+        if self.schedule.pending() and self.store.loc.git_common:
             try:
                 self.store.sync_engine().cycle()
             except ThrumError as e:
@@ -6789,9 +7005,6 @@ class Router:
     same result either way. Threads may share it: each keeps its own daemon connection.
     """
 
-    #: Operations that always run in this process (they check or rebuild local files).
-    LOCAL_OPS = frozenset(("doctor", "rebuild_index", "tmux_create", "tmux_list",
-                           "tmux_kill"))
     #: Config keys that only change what a front end does (not the operation's result).
     FRONT_KEYS = ("mcp.",)
 
@@ -6830,16 +7043,17 @@ class Router:
                 with self._lock:
                     if self.store is None:
                         self._open(loc)
-        client = self._daemon(op)
+        spec = OPS.get(op)
+        client = self._daemon(spec)
         if client is not None:
             try:
-                return self._via_daemon(client, op, params, cancel)
+                return self._via_daemon(client, spec, params, cancel)
             except DaemonUnavailable:
                 if cancel is not None and cancel.is_set():
                     raise WaitAbandoned()
                 # else silently, directly
         return call(op, params, self.caller, self.store,
-                    hooks=self._wait_hooks(cancel) if op == "wait" else None)
+                    hooks=self._wait_hooks(cancel) if spec and spec.blocks else None)
 
     @staticmethod
     def _wait_hooks(cancel):
@@ -6852,10 +7066,9 @@ class Router:
                 raise WaitAbandoned()
         return {"_wake": wake, "_alive": lambda: not cancel.is_set()}
 
-    def _daemon(self, op):
+    def _daemon(self, spec):
         """A client of this store's daemon when the operation may go through it."""
-        if self.store is None or op in self.LOCAL_OPS or \
-                OPS.get(op, (None, NEEDS_NOTHING))[1] == NEEDS_NOTHING:
+        if self.store is None or spec is None or spec.local:
             return None
         env = self.caller.env
         # Settings only this process sees (config from the environment, a debug
@@ -6871,7 +7084,7 @@ class Router:
                 with self._lock:
                     self._clients.append(client)
             return client
-        if not self._autostarted and not op.startswith("config_") and \
+        if not self._autostarted and spec.starts_daemon and \
                 self.store.config.get("daemon.autostart"):
             self._autostarted = True  # start one for the calls after this one
             try:
@@ -6880,13 +7093,14 @@ class Router:
                 _warn("daemon.autostart: cannot start the daemon: %s" % e)
         return None
 
-    def _via_daemon(self, client, op, params, cancel):
-        if op != "wait":
+    def _via_daemon(self, client, spec, params, cancel):
+        op = spec.name
+        if not spec.blocks:
             return client.call(op, params, self.caller)
         # A blocking wait: if the daemon goes away mid-wait, carry on here from the
         # same start point, for the time that is left.
         try:
-            timeout = parse_timeout(params.get("timeout", "30s"))
+            timeout = parse_timeout(params.get("timeout", spec.default("timeout")))
             start = parse_after(params.get("after"))
         except UsageError:  # the daemon reports it, after the set-up checks
             return client.call(op, params, self.caller)
@@ -7441,7 +7655,13 @@ def _mcp_marked(r, a):
             "No unread messages to mark."]
 
 
+#: wait_for_message's default timeout (seconds): the wait operation's own default.
+_MCP_WAIT_DEFAULT = parse_duration(OPS["wait"].default("timeout"))
+
 #: tool -> (operation, description, input schema, arguments -> params, result -> text).
+#: Schema defaults come from the operations' declarations (Operation.default), except
+#: where a tool differs on purpose: check_messages lists unread messages and marks
+#: nothing unless asked.
 MCP_TOOLS = {
     "send_message": (
         "send",
@@ -7461,7 +7681,9 @@ MCP_TOOLS = {
         "List messages sent to you, newest first. By default only unread ones, and nothing "
         "is marked read (pass mark_read: true to mark the listed messages read).",
         _mcp_schema((), limit={"type": "integer", "minimum": 1, "maximum": 100,
-                               "default": 10, "description": "how many (default 10)"},
+                               "default": OPS["inbox"].default("limit"),
+                               "description": "how many (default %d)"
+                               % OPS["inbox"].default("limit")},
                     unread_only={"type": "boolean", "default": True,
                                  "description": "only unread messages (default true)"},
                     mark_read={"type": "boolean", "default": False,
@@ -7477,8 +7699,9 @@ MCP_TOOLS = {
         "status \"received\" with the messages, or status \"timeout\" with none. Call it "
         "again after handling a message.",
         _mcp_schema((), timeout={"type": "number", "minimum": 0, "maximum": 600,
-                                 "default": 30, "description": "seconds to wait (default "
-                                                               "30, at most 600)"}),
+                                 "default": _MCP_WAIT_DEFAULT,
+                                 "description": "seconds to wait (default %g, at most 600)"
+                                 % _MCP_WAIT_DEFAULT}),
         lambda a: {"timeout": a["timeout"]}, lambda r, a: render_wait(r)),
     "reply_message": (
         "reply",
@@ -7498,14 +7721,15 @@ MCP_TOOLS = {
         "Mark messages read: the given ids, or all your unread messages with all: true.",
         _mcp_schema((), message_ids={"type": "array", "items": _MCP_ID,
                                      "description": "ids to mark read"},
-                    all={"type": "boolean", "default": False,
+                    all={"type": "boolean", "default": OPS["message_read"].default("all"),
                          "description": "mark every unread message read"}),
         _mcp_mark_params, _mcp_marked),
     "list_agents": (
         "team",
         "The agents of this team with an open session: name, role, module, intent, "
         "branch, last seen, unread count. include_offline: everyone registered.",
-        _mcp_schema((), include_offline={"type": "boolean", "default": False,
+        _mcp_schema((), include_offline={"type": "boolean",
+                                         "default": OPS["team"].default("all"),
                                          "description": "also agents without an open "
                                                         "session"}),
         lambda a: {"all": a["include_offline"]},
@@ -7884,8 +8108,8 @@ class McpServer:
             a = mcp_arguments(schema, args)
             params = adapt(a)
             self._register()
-            if op == "wait":
-                r = self._wait(params, c)
+            if OPS[op].blocks:  # a wait: it looks back, reports progress, is cancelled
+                r = self._wait(op, params, c)
             else:
                 r = self.router.run(op, params)
         except AfterWriteError as e:  # stored; only the sync after it failed
@@ -7907,7 +8131,7 @@ class McpServer:
             content.append({"type": "text", "text": "hint: " + err["hint"]})
         return {"content": content, "structuredContent": {"error": err}, "isError": True}
 
-    def _wait(self, params, c):
+    def _wait(self, op, params, c):
         """wait_for_message: `thrum wait` for this agent (the same delivered-once
         record), from one second before the request was read (not when a worker got to
         it), looking back over the gap since this server's previous wait, leaving out
@@ -7917,7 +8141,7 @@ class McpServer:
             after = max(min(after, self._last_wait - 1.0), c.received - self.LOOKBACK)
         if c.token is not None:
             start_thread("mcp-progress", self._guard, self._progress, c, params["timeout"])
-        r = self.router.run("wait", dict(params, after=after, skip_read=True),
+        r = self.router.run(op, dict(params, after=after, skip_read=True),
                             cancel=c.cancel)  # (stdin closing cancels every call)
         self._last_wait = time.time()
         return r
@@ -8150,14 +8374,17 @@ def _pid_arg(text):
     return pid
 
 
-def _add_body_args(p, positional=True):
-    if positional:
-        p.add_argument("body", nargs="*", metavar="BODY",
-                       help="message text ('-' reads standard input)")
+def _add_body_args(p, op):
+    """BODY, --stdin, --body-file, --format and --structured of operation `op` (their
+    defaults are the operation's)."""
+    p.add_argument("body", nargs="*", metavar="BODY",
+                   help="message text ('-' reads standard input)")
     p.add_argument("--stdin", action="store_true", help="read the body from standard input")
     p.add_argument("--body-file", metavar="PATH", help="read the body from a file")
-    p.add_argument("--format", dest="fmt", default=None, metavar="FMT",
-                   help="markdown (default), plain or json")
+    fmt = OPS[op].default("fmt")
+    p.add_argument("--format", dest="fmt", default=fmt, metavar="FMT",
+                   help="markdown, plain or json (default: %s)" % (
+                       fmt or "the message's format"))
     p.add_argument("--structured", metavar="JSON", help="a JSON object of structured data")
 
 
@@ -8169,10 +8396,13 @@ def _int_arg(text):
         raise argparse.ArgumentTypeError("not a whole number: %r" % text)
 
 
-def _add_paging(p, default=10):
-    p.add_argument("--limit", "--page-size", type=_int_arg, default=default, metavar="N",
-                   help="messages per page (default %d)" % default)
-    p.add_argument("--page", type=_int_arg, default=1, metavar="N", help="page number")
+def _add_paging(p, op):
+    """--limit and --page of operation `op` (their defaults are the operation's)."""
+    limit, page = OPS[op].default("limit"), OPS[op].default("page")
+    p.add_argument("--limit", "--page-size", type=_int_arg, default=limit, metavar="N",
+                   help="messages per page (default %d)" % limit)
+    p.add_argument("--page", type=_int_arg, default=page, metavar="N",
+                   help="page number (default %d)" % page)
 
 
 def read_body(args, stdin=None):
@@ -8802,14 +9032,14 @@ def _warnings(r):
 def cmd_send(args, cli, out):
     params = dict(to=_split_list(args.to), mentions=_split_list(args.mention),
                   broadcast=args.broadcast, scopes=args.scope or (), refs=args.ref or (),
-                  fmt=args.fmt or "markdown", structured=args.structured)
+                  fmt=args.fmt, structured=args.structured)
     r = cli.call("send", content=cli.body(args, "send", **params), **params)
     _warnings(r)
     out.ok(r, *render_send(r))
 
 
 def cmd_reply(args, cli, out):
-    params = dict(message_id=args.message_id, fmt=args.fmt or "markdown",
+    params = dict(message_id=args.message_id, fmt=args.fmt,
                   structured=args.structured, scopes=args.scope or (), refs=args.ref or ())
     r = cli.call("reply", content=cli.body(args, "reply", **params), **params)
     _warnings(r)
@@ -9202,7 +9432,7 @@ def _args_team(p):
 
 
 def _args_send(p):
-    _add_body_args(p)
+    _add_body_args(p, "send")
     p.add_argument("--to", action="append", metavar="T", help="@agent, role, group or "
                    "everyone (repeatable, comma lists)")
     p.add_argument("--mention", action="append", metavar="T", help="deliver like --to and "
@@ -9214,7 +9444,7 @@ def _args_send(p):
 
 def _args_reply(p):
     p.add_argument("message_id", metavar="MSG_ID")
-    _add_body_args(p)
+    _add_body_args(p, "reply")
     p.add_argument("--scope", action="append", metavar="TYPE:VALUE")
     p.add_argument("--ref", action="append", metavar="TYPE:VALUE")
 
@@ -9228,13 +9458,13 @@ def _args_inbox(p):
     p.add_argument("--thread", metavar="THREAD", help="thr_... id or a message id in it")
     p.add_argument("--all", action="store_true", help="every message in the store")
     p.add_argument("--oldest", action="store_true", help="oldest first")
-    _add_paging(p)
+    _add_paging(p, "inbox")
 
 
 def _args_sent(p):
     p.add_argument("--to", metavar="T")
     p.add_argument("--unread", action="store_true", help="not yet read by every recipient")
-    _add_paging(p)
+    _add_paging(p, "sent")
 
 
 def _args_message(p):
@@ -9243,7 +9473,7 @@ def _args_message(p):
     g.add_argument("message_id", metavar="MSG_ID")
     e = sub.add_parser("edit", help="replace the body of my message")
     e.add_argument("message_id", metavar="MSG_ID")
-    _add_body_args(e)
+    _add_body_args(e, "message_edit")
     d = sub.add_parser("delete", help="delete my message (needs --force)")
     d.add_argument("message_id", metavar="MSG_ID")
     d.add_argument("--force", action="store_true")
@@ -9254,8 +9484,9 @@ def _args_message(p):
 
 
 def _args_wait(p):
-    p.add_argument("--timeout", default="30s", metavar="D", help="how long (default 30s, "
-                   "max 24h; 0 checks once)")
+    timeout = OPS["wait"].default("timeout")
+    p.add_argument("--timeout", default=timeout, metavar="D", help="how long (default %s, "
+                   "max 24h; 0 checks once)" % timeout)
     p.add_argument("--after", metavar="D", help="start point: -15s (ago) or a UTC timestamp")
     p.add_argument("--unread", action="store_true", help="return at once if I have unread "
                    "messages")
@@ -9293,7 +9524,7 @@ def _args_session(p):
     s.add_argument("--pid", type=_pid_arg, help="a long-lived process whose death ends the "
                    "session")
     e = sub.add_parser("end", help="end my session")
-    e.add_argument("--reason", default="normal")
+    e.add_argument("--reason", default=OPS["session_end"].default("reason"))
     e.add_argument("--session-id")
     ls = sub.add_parser("list", help="my sessions")
     ls.add_argument("--agent", metavar="NAME")
