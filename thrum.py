@@ -8149,7 +8149,8 @@ class McpServer:
     def _progress(self, c, timeout):
         store = self.router.store
         every = parse_duration(store.config.get("mcp.progress_interval")
-                               if store is not None else "15s")
+                               if store is not None else
+                               CONFIG_KEYS["mcp.progress_interval"][0])
         t0 = time.monotonic()
         while not c.cancel.wait(every):
             left = max(0, round(timeout - (time.monotonic() - t0)))
