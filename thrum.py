@@ -763,6 +763,7 @@ CONFIG_KEYS = {
     "daemon.autostart": (False, _parse_bool),
     "agents.stale_after": ("30d", _parse_duration_value),
     "mcp.progress_interval": ("15s", _parse_duration_value),
+    "index.lock_wait": ("30s", _parse_duration_value),
 }
 
 
@@ -1582,6 +1583,33 @@ class LocalRecord:
             return False
 
 
+#: SQLite's result codes for a damaged file (SQLITE_CORRUPT, SQLITE_NOTADB): the only
+#: errors that make thrum rebuild the index. Too many open files, a full disk, an I/O
+#: error or a lock (CANTOPEN, FULL, IOERR, BUSY) fail the request and change nothing.
+_SQLITE_DAMAGED = (11, 26)
+
+
+def _sqlite_corrupt(err):
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is None:  # no code: only the damaged-file messages count
+        text = str(err).lower()
+        return "malformed" in text or "not a database" in text
+    return code & 0xff in _SQLITE_DAMAGED
+
+
+def _sqlite_reason(err):
+    """SQLite's message, with what the errno behind it says when that helps."""
+    text = str(err)
+    if getattr(err, "sqlite_errorcode", 0) & 0xff == 14:  # CANTOPEN: often EMFILE
+        import errno
+        try:
+            os.close(os.dup(0))
+        except OSError as e:
+            if e.errno == errno.EMFILE:
+                return text + " (too many open files)"
+    return text
+
+
 class _LogRewritten(Exception):
     """A log file no longer starts with the bytes the index read from it."""
 
@@ -1589,10 +1617,11 @@ class _LogRewritten(Exception):
 class Projection:
     """The SQLite projection of the log at `path` (queries: Index, section 7)."""
 
-    def __init__(self, path, log, arrivals=None):
+    def __init__(self, path, log, arrivals=None, lock_wait=30.0):
         self.path = path
         self.log = log
         self.arrivals = arrivals  # LocalRecord of late arrivals (None: not recorded)
+        self.lock_wait = lock_wait  # seconds to wait for another process's write lock
         self._known = None
         self._local = threading.local()  # one SQLite connection per thread
         self.built = 0       # events read by the last full build
@@ -1634,6 +1663,10 @@ class Projection:
                     raise
                 if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
                     raise ThrumError("the index is locked by another process: %s" % e)
+                if not _sqlite_corrupt(e):  # EMFILE, ENOSPC, EIO: this request fails
+                    raise ThrumError("cannot open the index %s: %s" % (
+                        self.path, _sqlite_reason(e)), hint="nothing was changed; if it "
+                        "persists, check open files, disk space and 'thrum doctor'")
                 if attempt == 2:
                     raise ThrumError("cannot open the index %s: %s" % (self.path, e),
                                      hint="run 'thrum doctor --fix'")
@@ -1660,10 +1693,10 @@ class Projection:
     def _connect(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fresh = not os.path.exists(self.path)
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+        db = sqlite3.connect(self.path, timeout=self.lock_wait, isolation_level=None,
                              check_same_thread=False)
         try:
-            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA busy_timeout=%d" % int(self.lock_wait * 1000))
             ver = db.execute("PRAGMA user_version").fetchone()[0]
             if ver != SCHEMA_VERSION:
                 if not fresh and ver != 0:
@@ -1671,9 +1704,9 @@ class Projection:
                           % (ver, SCHEMA_VERSION))
                 db.close()
                 self._create()
-                db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                     check_same_thread=False)
-                db.execute("PRAGMA busy_timeout=30000")
+                db = sqlite3.connect(self.path, timeout=self.lock_wait,
+                                     isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA busy_timeout=%d" % int(self.lock_wait * 1000))
             db.execute("PRAGMA synchronous=NORMAL")
         except BaseException:
             db.close()
@@ -1690,13 +1723,16 @@ class Projection:
         with FileLock(self.path + ".lock"):
             if os.path.exists(self.path):
                 try:
-                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                    db = sqlite3.connect(self.path, timeout=self.lock_wait,
+                                         isolation_level=None)
                     ok = db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
                     db.close()
                     if ok:
                         return  # another process created it meanwhile
-                except sqlite3.DatabaseError:
-                    pass
+                except sqlite3.DatabaseError as e:
+                    if not _sqlite_corrupt(e):  # only a damaged file is replaced
+                        raise
+
                 self._remove_files()
             tmp = self.path + ".new"
             for suffix in ("", "-wal", "-shm", "-journal"):
@@ -1753,11 +1789,12 @@ class Projection:
         try:
             known = {r[0]: r[1:] for r in self.db.execute(
                 "SELECT path, ino, size, mtime_ns FROM files")}
-        except sqlite3.OperationalError as e:
-            raise ThrumError("the index cannot be read: %s" % e, hint="retry; if it "
-                             "persists, check disk space and run 'thrum doctor --fix'")
         except sqlite3.DatabaseError as e:
-            return self._recover(e)
+            if _sqlite_corrupt(e):
+                return self._recover(e)
+            raise ThrumError("the index cannot be read: %s" % _sqlite_reason(e),
+                             hint="retry; if it persists, check disk space and run "
+                                  "'thrum doctor --fix'")
         changed = [f for f in files
                    if known.get(f[0]) != (f[2].st_ino, f[2].st_size, f[2].st_mtime_ns)]
         if not changed:
@@ -1766,14 +1803,15 @@ class Projection:
             return self._catch_up_locked(changed)
         except _LogRewritten as e:
             return self._rebuild_for("%s shrank or was replaced" % e.args[0])
-        except sqlite3.OperationalError as e:  # busy, disk full, I/O: not corruption
+        except sqlite3.DatabaseError as e:  # busy, disk full, I/O: not corruption
+            if _sqlite_corrupt(e):
+                return self._recover(e)
             if not self.memory and self._unwritable(e):
                 self._open_in_memory(e)
                 return self.catch_up()
-            raise ThrumError("the index cannot be updated: %s" % e, hint="retry; if it "
-                             "persists, check disk space and run 'thrum doctor --fix'")
-        except sqlite3.DatabaseError as e:
-            return self._recover(e)
+            raise ThrumError("the index cannot be updated: %s" % _sqlite_reason(e),
+                             hint="retry; if it persists, check disk space and run "
+                                  "'thrum doctor --fix'")
 
     def _rebuild_for(self, reason):
         """The log lost lines the index holds: only a rebuild forgets them."""
@@ -2872,6 +2910,7 @@ class SyncEngine:
         #: Bound on every git call that talks to the remote (sync.timeout).
         self.net_timeout = parse_duration(store.config.get("sync.timeout"))
         self._trees = {}  # commit -> its log files (commits never change)
+        self.restored = []  # events this engine put back (restore_lost)
 
     # -- git helpers ------------------------------------------------------------
     def git(self, *args, check=True, input=None, timeout=60, env_extra=None, cwd=None):
@@ -3097,18 +3136,22 @@ class SyncEngine:
     def _tree_files(self, commit):
         """{path: blob_sha} of a commit's regular log files (symlinks, submodules and
         other paths are ignored)."""
+        return {path: sha for path, (sha, _) in self._tree_blobs(commit).items()}
+
+    def _tree_blobs(self, commit):
+        """{path: (blob_sha, size)} of a commit's regular log files."""
         if not commit:
             return {}
         if commit in self._trees:
             return self._trees[commit]
-        p = self.git("ls-tree", "-r", "-z", commit)
+        p = self.git("ls-tree", "-r", "-l", "-z", commit)
         out = {}
         for entry in p.stdout.split("\0"):
             if entry:
                 meta, path = entry.split("\t", 1)
-                mode, kind, sha = meta.split()
+                mode, kind, sha, size = meta.split()
                 if kind == "blob" and mode in ("100644", "100755") and log_relpath_ok(path):
-                    out[path] = sha
+                    out[path] = (sha, int(size))
         self._trees[commit] = out
         return out
 
@@ -3138,6 +3181,58 @@ class SyncEngine:
         blobs = self._read_blobs(sorted(set(todo.values())))
         return sum(self._merge_file(p, blobs[s]) for p, s in sorted(todo.items()))
 
+    # -- append-only, enforced ----------------------------------------------------------
+    def lost_lines(self, commits):
+        """{path: [blob shas]}: log files of the worktree that no longer start with what
+        one of `commits` holds for them (truncated, rewritten or replaced by another
+        process, or missing). The check hashes the worktree file's first N bytes the way
+        git hashes a blob of N bytes, so it needs no git process and reads each file once."""
+        import hashlib
+        here = {rel: path for rel, path, _ in EventLog(self.wt, self.store.log.torn_dir)
+                .files()}
+        lost = {}
+        for commit in dict.fromkeys(c for c in commits if c):
+            for rel, (sha, size) in self._tree_blobs(commit).items():
+                data = b""
+                if rel in here:
+                    try:
+                        with open(here[rel], "rb") as f:
+                            data = f.read(size)
+                    except FileNotFoundError:
+                        pass
+                h = hashlib.new("sha256" if len(sha) == 64 else "sha1")
+                h.update(b"blob %d\0" % size)
+                h.update(data)
+                if len(data) < size or h.hexdigest() != sha:
+                    lost.setdefault(rel, []).append(sha)
+        return lost
+
+    def restore_lost(self, commits):
+        """Append back, from git, the events a worktree file lost against `commits`
+        (SPEC §8: the log is append-only; only retention removes events). Reported
+        once: a warning on stderr (the daemon's goes to daemon.log), and a record in
+        sync.json that `doctor` shows. Returns [{file, events}]."""
+        lost = self.lost_lines(commits)
+        if not lost:
+            return []
+        blobs = self._read_blobs(sorted({s for shas in lost.values() for s in shas}))
+        out = []
+        for rel, shas in sorted(lost.items()):
+            n = sum(self._merge_file(rel, blobs[sha]) for sha in shas)
+            if n:
+                out.append({"file": rel, "events": n, "at": now_ts()})
+                _warn("sync: %s had lost %d event%s against its last commit (truncated or "
+                      "rewritten by another process); restored from git" % (
+                          rel, n, "" if n == 1 else "s"))
+        if out:
+            try:
+                self._save_state(restored=((self.load_state().get("restored") or [])
+                                           + out)[-20:])
+            except OSError:  # only a report; the events are back either way
+                pass
+            self.restored += out
+        return out
+
     # -- committing -------------------------------------------------------------------
     def _snapshot_tree(self, parent=None):
         """Write a tree: the parent's log files, with the worktree's log files
@@ -3145,6 +3240,9 @@ class SyncEngine:
         parent's copy, so a damaged worktree never deletes history from the branch;
         anything on the parent that is not a log file is left out (cleaned up)."""
         import tempfile
+        # Never commit a file that lost lines against the last commit of this clone or
+        # the commit this one goes on top of: put them back first.
+        self.restore_lost([self.rev(self.ref), parent])
         entries = {path: "100644 " + sha for path, sha in self._tree_files(parent).items()}
         with tempfile.TemporaryDirectory(prefix="thrum-sync-") as tmp:
             paths = []
@@ -3273,7 +3371,7 @@ class SyncEngine:
         self.ensure_branch_and_worktree(locked=True)
         self.store.log.repair()
         res = {"pulled": 0, "committed": False, "pushed": False, "attempts": 0,
-               "local_only": self.local_only, "remote": None}
+               "local_only": self.local_only, "remote": None, "restored": self.restored}
         if not self.has_remote():
             res["committed"] = self._commit_locally()
             self._save_state(last_sync_at=now_ts(), last_error=None)
@@ -3721,7 +3819,8 @@ class Store:
             with self._lock:
                 if self._index is None:
                     self._index = Index(os.path.join(self.loc.var, "index.db"), self.log,
-                                        self.arrivals)
+                                        self.arrivals, parse_duration(
+                                            self.config.get("index.lock_wait")))
         return self._index
 
     def refresh(self):
@@ -3752,10 +3851,19 @@ class Store:
         return make_event(etype, self.origin, **fields)
 
     def emit(self, events):
-        """Append events to the log, then project them. The only write path."""
-        if events:
-            self.log.append(events)
+        """Append events to the log, then project them. The only write path.
+
+        Once the events are in the log they are stored, whatever happens next: a failure
+        to project them (the index locked by another process, a full disk) is a
+        StoredError, which says what was stored and never to retry (SPEC §16). The next
+        command's catch-up projects them."""
+        if not events:
+            return
+        self.log.append(events)
+        try:
             self.index.catch_up()
+        except (ThrumError, OSError, sqlite3.Error) as e:
+            raise StoredError(events, e) from None
 
     def log_signature(self, subdir="messages"):
         """What the message files look like now (names, inodes, sizes, mtimes): every
@@ -3790,6 +3898,27 @@ class Store:
         """Close this thread's index connection."""
         if self._index is not None:
             self._index.close()
+
+
+class StoredError(ThrumError):
+    """The events are in the log (stored), but a later step of the same write failed:
+    exit 1, saying what was stored, and that repeating the command would store it twice."""
+
+    def __init__(self, events, cause):
+        reason = getattr(cause, "message", None) or getattr(cause, "strerror", None) or \
+            str(cause)
+        sent = [e["message_id"] for e in events if e.get("type") == "message.create"]
+        if sent:
+            what = "stored as %s" % ", ".join(sent)
+            again = "do not send it again"
+            hint = "it shows in 'thrum sent' once the index catches up (any command does)"
+        else:
+            what = "written to the log"
+            again = "do not repeat the command"
+            hint = "the index catches up at the next command"
+        super().__init__("%s, but the index could not be updated (%s); %s" % (
+            what, reason, again), hint=hint)
+        self.message_ids = sent
 
 
 class Caller:
@@ -4351,6 +4480,8 @@ class AgentOps(ServiceBase):
         self._write_identity(ident)
         try:
             self._emit(events)
+        except StoredError:
+            raise  # the registration is in the log: the identity file stays with it
         except BaseException:
             if not existed:
                 os.unlink(path)
@@ -5553,6 +5684,7 @@ class AdminOps(ServiceBase):
                     check("sync worktree: other files", not stray, "not log files, never "
                           "committed: %s" % ", ".join(stray[:5]) if stray else "none",
                           fixed=bool(stray and fix))
+                    self._doctor_append_only(eng, check, fix, issue)
             except ThrumError as e:
                 check("sync worktree", False, e.message)
         # can thrum write where it must?
@@ -5574,6 +5706,33 @@ class AdminOps(ServiceBase):
                   "daemon.lock)", fixed=fix)
         ok = all(c["ok"] or c["fixed"] for c in checks)
         return {"ok": ok, "checks": checks}
+
+    def _doctor_append_only(self, eng, check, fix, worktree_issue):
+        """The log is append-only (SPEC §8): a file that lost lines against the last
+        commit is a problem (--fix restores it from git), and restorations a sync made
+        since the last doctor are reported once."""
+        if not worktree_issue:
+            tip = eng.rev(eng.ref)
+            lost = eng.lost_lines([tip])
+            if lost and fix:
+                eng.restore_lost([tip])
+            check("log: append-only", not lost, "lost lines against the last commit: %s "
+                  "(truncated or rewritten by another process; --fix restores them from "
+                  "git)" % ", ".join(sorted(lost)) if lost else "no file lost lines",
+                  fixed=bool(lost and fix))
+        state = eng.load_state()
+        shown = state.get("restored_shown_at") or ""
+        news = [r for r in state.get("restored") or [] if isinstance(r, dict) and
+                str(r.get("at") or "") > shown]
+        if news:
+            check("log: restored by sync", False, "; ".join(
+                "%s: %s events at %s" % (r.get("file"), r.get("events"), r.get("at"))
+                for r in news) + " (the files had been truncated or rewritten by another "
+                "process; sync put the events back from git)", fixed=True)
+            try:
+                eng._save_state(restored_shown_at=max(str(r.get("at")) for r in news))
+            except OSError:
+                pass
 
     def _check_identities(self, fix):
         """[(name, problem, fixed)] for damaged identity files of this worktree. A fix
@@ -7611,6 +7770,13 @@ _MCP_PARSE, _MCP_INVALID, _MCP_NO_METHOD, _MCP_PARAMS, _MCP_INTERNAL = (
 
 
 _MCP_VERSION = -32022
+#: Frames are compact JSON, never NaN or Infinity (a strict client could not read them).
+_MCP_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _mcp_id_ok(rid):
+    """A JSON-RPC id we answer with: a string or an integer (not a bool), JSON-safe."""
+    return isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool))
 
 
 def _mcp_schema(required, **props):
@@ -7874,8 +8040,17 @@ class McpServer:
             pass
 
     def _write(self, msg):
-        """One frame; the caller holds _wlock. A closed stdout ends the server."""
-        data = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        """One frame; the caller holds _wlock. A closed stdout ends the server. A reply
+        that cannot be encoded (it should never happen: what a request echoes is made
+        JSON-safe) goes out as an internal error for its id instead."""
+        try:
+            data = _MCP_ENCODE(msg).encode("utf-8") + b"\n"
+        except (ValueError, TypeError, RecursionError, UnicodeError) as e:
+            self.log("cannot encode a frame: %s: %s" % (type(e).__name__, e))
+            rid = msg.get("id") if isinstance(msg, dict) else None
+            data = _MCP_ENCODE(self._error(rid if _mcp_id_ok(rid) else None, _MCP_INTERNAL,
+                                           "Internal error: the reply could not be "
+                                           "encoded")).encode("utf-8") + b"\n"
         try:
             while data:
                 data = data[os.write(self.wfd, data):]
@@ -7934,9 +8109,12 @@ class McpServer:
 
     # -- JSON-RPC -------------------------------------------------------------------------
     def _line(self, line):
+        """One line of input: whatever it holds, an answer or nothing (a notification),
+        and the server goes on (SPEC §11): invalid UTF-8, NaN or Infinity, a number too
+        long, nesting too deep are parse errors."""
         try:
-            msg = json.loads(line)
-        except ValueError:
+            msg = json.loads(line, parse_constant=_no_constant)
+        except (ValueError, RecursionError, UnicodeDecodeError):
             return self.send(self._error(None, _MCP_PARSE, "Parse error: not JSON"))
         if isinstance(msg, list):  # a batch (2025-03-26): answered with one array
             if not msg:
@@ -7944,12 +8122,23 @@ class McpServer:
                                                                  "empty batch"))
             start_thread("mcp-batch", self._guard, self._batch, msg)
             return None
-        reply = self._message(msg)
+        reply = self._answer(msg)
         if reply is not None:
             self.send(reply)
 
+    def _answer(self, msg, inline=False):
+        """_message(), with a bug answered as an internal error (and logged)."""
+        try:
+            return self._message(msg, inline)
+        except Exception:  # noqa: BLE001 - the read loop must go on
+            import traceback
+            self.log("internal error:\n" + traceback.format_exc())
+            rid = msg.get("id") if isinstance(msg, dict) else None
+            return self._error(rid if _mcp_id_ok(rid) else None, _MCP_INTERNAL,
+                               "Internal error")
+
     def _batch(self, msgs):
-        replies = [r for r in (self._message(m, inline=True) for m in msgs) if r is not None]
+        replies = [r for r in (self._answer(m, inline=True) for m in msgs) if r is not None]
         if replies:
             self.send(replies)
 
@@ -7960,7 +8149,7 @@ class McpServer:
         method, rid, has_id = msg.get("method"), msg.get("id"), "id" in msg
         if method is None and ("result" in msg or "error" in msg):
             return None  # a response: we never send requests, so nothing to match
-        if has_id and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        if has_id and not _mcp_id_ok(rid):
             return self._error(None, _MCP_INVALID, "Invalid Request: id must be a string "
                                                    "or an integer")
         if msg.get("jsonrpc") != "2.0" or not isinstance(method, str):
@@ -7993,9 +8182,11 @@ class McpServer:
     def _check_modern(self, rid, meta):
         version = meta.get(_MCP + "protocolVersion")
         if version not in MCP_MODERN_VERSIONS:
+            # `requested` echoes only a JSON-safe value: a short string, else null
+            asked = version[:100] if isinstance(version, str) else None
             return self._error(rid, _MCP_VERSION, "Unsupported protocol version: %s" % (
-                version,), {"supported": list(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS),
-                            "requested": version})
+                asked,), {"supported": list(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS),
+                          "requested": asked})
         if not isinstance(meta.get(_MCP + "clientCapabilities"), dict):
             return self._error(rid, _MCP_PARAMS, "params._meta needs %sclientCapabilities"
                                % _MCP)

@@ -1,0 +1,250 @@
+"""Faults from outside: a log file truncated or rewritten by another process, an index
+that cannot be opened or written, a store touched through symlinks. Each test pins a break
+found by an attack pass (issue: reliability under faults) and what SPEC §8, §9 and §16
+promise instead."""
+
+import json
+import sys
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (THRUM_PY, Runner, bare_remote, clone, git, log_dir, make_env,
+                      make_repo, run_thrum, wait_until)
+
+
+@pytest.fixture
+def net(tmp_path):
+    """Clone A of a bare remote, with alice and bob registered and synced."""
+    env = make_env(tmp_path / "home")
+    remote = bare_remote(tmp_path / "remote.git", env)
+    seed = make_repo(tmp_path / "seed", env=env)
+    git("remote", "add", "origin", str(remote), cwd=seed, env=env)
+    git("push", "-q", "origin", "main", cwd=seed, env=env)
+    a = clone(remote, tmp_path / "A", env)
+    t = Runner(a, env)
+    for name, role in (("alice", "implementer"), ("bob", "reviewer")):
+        t.ok("quickstart", "--name", name, "--role", role, "--module", "m", name=name)
+
+    class Net:
+        pass
+
+    n = Net()
+    n.env, n.remote, n.a, n.t, n.tmp = env, remote, a, t, tmp_path
+    return n
+
+
+def message_lines_on_remote(net, writer):
+    out = git("show", f"a-sync:messages/{writer}.jsonl", cwd=net.remote, env=net.env,
+              check=False)
+    return [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+
+
+def truncate_lines(path: Path, keep: int):
+    lines = path.read_bytes().splitlines(keepends=True)
+    with open(path, "r+b") as f:  # in place, as another process would
+        f.truncate(sum(len(ln) for ln in lines[:keep]))
+
+
+def seed_messages(net, n):
+    ids = []
+    for i in range(n):
+        ids.append(net.t.json("send", f"message {i}", "--to", "bob", name="alice")
+                   ["message_id"])
+    net.t.ok("sync", "force")
+    assert len(message_lines_on_remote(net, "alice")) == n
+    return ids
+
+
+def test_sync_force_restores_a_truncated_log_instead_of_pushing_it(net):
+    ids = seed_messages(net, 20)
+    log = log_dir(net.a) / "messages" / "alice.jsonl"
+    truncate_lines(log, 5)
+    net.t.ok("send", "one more", "--to", "bob", name="alice")  # a change to commit
+    r = net.t.ok("sync", "force")
+    assert "restored" in r.err and "messages/alice.jsonl" in r.err, r.describe()
+    assert r.err.count("thrum: warning:") == 1, r.describe()
+    on_remote = [e["message_id"] for e in message_lines_on_remote(net, "alice")]
+    assert set(ids) <= set(on_remote) and len(on_remote) == 21
+    assert {json.loads(ln)["message_id"] for ln in log.read_text().splitlines()} >= set(ids)
+    # a fresh clone sees every message
+    c = clone(net.remote, net.tmp / "C", net.env)
+    tc = Runner(c, net.env)
+    tc.ok("init")
+    tc.ok("quickstart", "--name", "carol", "--role", "ops", "--module", "m", name="carol")
+    got = tc.json("inbox", "--all", "--limit", "100", name="carol")
+    assert set(ids) <= {m["message_id"] for m in got["messages"]}
+    # doctor reports the restoration once
+    d1 = net.t.json("doctor")
+    rows = [c for c in d1["checks"] if c["name"] == "log: restored by sync"]
+    assert len(rows) == 1 and rows[0]["fixed"] and "messages/alice.jsonl" in rows[0]["detail"]
+    d2 = net.t.json("doctor")
+    assert not [c for c in d2["checks"] if c["name"] == "log: restored by sync"]
+    assert d2["ok"] is True
+
+
+def test_doctor_finds_a_truncated_log_and_fix_restores_it(net):
+    ids = seed_messages(net, 10)
+    log = log_dir(net.a) / "messages" / "alice.jsonl"
+    truncate_lines(log, 3)
+    r = net.t("doctor", "--json")
+    assert r.code == 1, r.describe()
+    row = [c for c in r.json["checks"] if c["name"] == "log: append-only"][0]
+    assert not row["ok"] and "messages/alice.jsonl" in row["detail"]
+    net.t.ok("doctor", "--fix")
+    assert {json.loads(ln)["message_id"] for ln in log.read_text().splitlines()} == set(ids)
+    assert net.t.json("doctor")["ok"] is True
+
+
+def test_a_daemon_restores_a_truncated_log_and_pushes_nothing_shorter(net):
+    ids = seed_messages(net, 20)
+    remote0 = git("rev-parse", "a-sync", cwd=net.remote, env=net.env).strip()
+    r = net.t("daemon", "start", "--json")
+    assert r.code == 0, r.describe()
+    pid = r.json["pid"]
+    try:
+        log = log_dir(net.a) / "messages" / "alice.jsonl"
+        truncate_lines(log, 5)
+        daemon_log = net.a / ".thrum" / "var" / "daemon.log"
+        wait_until(lambda: daemon_log.exists() and "restored" in daemon_log.read_text(),
+                   30, "the daemon restoring messages/alice.jsonl")
+        # what the daemon pushed since (if anything) still holds every message
+        state = net.a / ".thrum" / "var" / "sync.json"
+        at = json.loads(state.read_text())["restored"][-1]["at"]
+        wait_until(lambda: (json.loads(state.read_text()).get("last_sync_at") or "") > at,
+                   30, "the daemon's cycle after the restoration")
+        assert {e["message_id"] for e in message_lines_on_remote(net, "alice")} >= set(ids)
+        assert git("rev-parse", "a-sync", cwd=net.remote, env=net.env).strip() == remote0
+        assert {json.loads(ln)["message_id"] for ln in log.read_text().splitlines()} == \
+            set(ids)
+        assert net.t("daemon", "status", "--json").json["pid"] == pid
+    finally:
+        net.t("daemon", "stop")
+
+
+def test_running_out_of_descriptors_never_deletes_the_index(tmp_path):
+    """EMFILE while opening the index (a long-lived process with many threads) is an
+    error for that request; only a damaged file is ever rebuilt (SPEC §9)."""
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    t.ok("quickstart", "--name", "alice", "--role", "implementer", "--module", "m",
+         name="alice")
+    t.ok("send", "hello", "--to", "alice", name="alice")
+    index = repo / ".thrum" / "var" / "index.db"
+    ino = index.stat().st_ino
+    script = r"""
+import os, resource, sys, threading
+sys.path.insert(0, sys.argv[1])
+import thrum
+caller = thrum.Caller(sys.argv[2], dict(os.environ, THRUM_NAME="alice"))
+store = thrum.Store(thrum.locate(sys.argv[2]), caller.env)
+thrum.call("whoami", {}, caller, store)          # this thread's connection is open
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+out = {}
+def other_thread():                # a request on a new thread needs a new connection
+    try:
+        store.refresh()
+        out["error"] = None
+    except thrum.ThrumError as e:
+        out["error"] = e.message
+t = threading.Thread(target=other_thread)
+t.start(); t.join()
+for fd in held:
+    os.close(fd)
+print(out["error"])
+"""
+    p = subprocess.run([sys.executable, "-c", script, str(Path(THRUM_PY).parent), str(repo)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "cannot open the index" in p.stdout, p.stdout + p.stderr
+    assert "rebuilding" not in p.stderr, p.stderr
+    assert index.exists() and index.stat().st_ino == ino, "the index was deleted"
+    assert [m["body"]["content"] for m in t.json("inbox", name="alice")["messages"]] == \
+        ["hello"]
+
+
+@pytest.mark.parametrize("mode", ["cli", "daemon"])
+def test_a_send_whose_index_update_fails_says_it_was_stored(tmp_path, mode):
+    """The event reached the log, then the index could not be updated (another process
+    holds its write lock): exit 1, "stored as msg_..., do not send it again", never
+    "retry" (SPEC §16); the message is there once."""
+    import sqlite3
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    for name, role in (("alice", "implementer"), ("bob", "reviewer")):
+        t.ok("quickstart", "--name", name, "--role", role, "--module", "m", name=name)
+    t.ok("config", "set", "index.lock_wait", "500ms")
+    if mode == "daemon":
+        t.ok("daemon", "start")
+    parent = t.json("send", "first", "--to", "bob", name="alice")["message_id"]
+    index = str(repo / ".thrum" / "var" / "index.db")
+
+    def with_index_locked(*args, name):
+        db = sqlite3.connect(index, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")  # another process holds the index's write lock
+            return t(*args, name=name)
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+    r = with_index_locked("send", "hello", "--to", "bob", name="alice")
+    assert r.code == 1, r.describe()
+    assert "stored as msg_" in r.err and "do not send it again" in r.err, r.describe()
+    assert "retry" not in r.err.lower(), r.describe()
+    mid = next(w for w in r.err.split() if w.startswith("msg_")).rstrip(",;")
+    t.ok("status", name="bob")  # any command catches the index up
+    r = with_index_locked("reply", parent, "a reply", name="bob")
+    assert r.code == 1 and "stored as msg_" in r.err and "retry" not in r.err.lower(), \
+        r.describe()
+    sent = t.json("sent", name="alice")["messages"]
+    assert [m["body"]["content"] for m in sent].count("hello") == 1
+    inbox = t.json("inbox", "--limit", "100", name="bob")["messages"]
+    assert [m["message_id"] for m in inbox].count(mid) == 1
+    assert [m["body"]["content"] for m in t.json("inbox", name="alice")["messages"]] == \
+        ["a reply"]
+    if mode == "daemon":
+        assert t("daemon", "status").code == 0
+        t.ok("daemon", "stop")
+
+
+def test_no_line_of_input_stops_the_mcp_server(tmp_path):
+    """Deep nesting, NaN, a number too long, invalid UTF-8, an unusable protocolVersion:
+    each gets an error reply and the server keeps serving (SPEC §11)."""
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    Runner(repo, env).ok("quickstart", "--name", "alice", "--role", "r", "--module", "m",
+                         name="alice")
+    meta = '"io.modelcontextprotocol/clientCapabilities":{}'
+    bad = [b"[" * 100000,
+           b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{'
+           b'"io.modelcontextprotocol/protocolVersion":NaN,' + meta.encode() + b'}}}',
+           b'{"jsonrpc":"2.0","id":2,"method":"ping","params":{"_meta":{'
+           b'"io.modelcontextprotocol/protocolVersion":[{"x":1}],' + meta.encode() + b'}}}',
+           b'{"jsonrpc":"2.0","id":3,"method":"ping","params":{"n":' + b"9" * 5000 + b"}}",
+           b"\xff\xfe{}",
+           b'{"jsonrpc":"2.0","id":4,"method":"ping","params":{"x":Infinity}}']
+    lines = b"".join(ln + b"\n" + b'{"jsonrpc":"2.0","id":"after-%d","method":"ping"}\n'
+                     % i for i, ln in enumerate(bad))
+    p = subprocess.run([sys.executable, THRUM_PY, "mcp", "serve"], cwd=repo,
+                       env=dict(env, THRUM_NAME="alice"), input=lines, capture_output=True,
+                       timeout=60)
+    replies = [json.loads(ln) for ln in p.stdout.splitlines()]
+    assert [r["id"] for r in replies if "result" in r] == ["after-%d" % i
+                                                            for i in range(len(bad))]
+    errors = [r for r in replies if "error" in r]
+    assert len(errors) == len(bad), replies
+    assert {e["error"]["code"] for e in errors} <= {-32700, -32600, -32022}
+    version = [e for e in errors if e["error"]["code"] == -32022]
+    assert version and all(e["error"]["data"]["requested"] is None for e in version)
+    assert b"Traceback" not in p.stderr, p.stderr.decode()
