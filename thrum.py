@@ -383,6 +383,36 @@ def _write_file_atomic(path, data, mode=0o644):
     os.replace(tmp, path)
 
 
+#: Open flags that never follow a symlink in the last path component.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def own_path(path, what, private=False):
+    """Refuse a part of the store (`.thrum`, `.thrum/var`, a runtime file) that is a
+    symlink or belongs to another user: it could lead thrum's writes (keys, sockets, the
+    index) anywhere. git refuses repositories owned by others for the same reason.
+    private: a directory of ours with group or other permissions is made 0700. Returns
+    the lstat result, or None when the path does not exist."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise ThrumError("%s (%s) is a symbolic link; thrum does not follow links there"
+                         % (path, what), hint="replace it with a real %s of your own" % (
+                             "directory" if what != "file" else "file"))
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise ThrumError("%s (%s) belongs to another user (uid %d); thrum will not use it"
+                         % (path, what, st.st_uid),
+                         hint="use a store of your own, or ask its owner")
+    if private and stat.S_ISDIR(st.st_mode) and st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError:  # a read-only store still answers
+            pass
+    return st
+
+
 def flock(fd, shared=False, wait=True):
     """Take an flock on an open descriptor (released by unlock() or by closing it).
     With wait=False, returns False at once when another holder conflicts."""
@@ -409,7 +439,7 @@ class FileLock:
         self.path, self.shared, self.fd = path, shared, None
 
     def acquire(self, wait=True, timeout=None, step=0.02):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not flock(fd, self.shared, wait and deadline is None):
@@ -519,7 +549,7 @@ class DaemonFiles:
 
     def read_key(self):
         try:
-            with open(self.key, "rb") as f:
+            with os.fdopen(os.open(self.key, os.O_RDONLY | O_NOFOLLOW), "rb") as f:
                 key = f.read().strip()
         except OSError:
             return None
@@ -942,7 +972,7 @@ GROUPS_FILE = "groups.jsonl"
 
 
 #: Appends never follow a symlink.
-_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW
 
 
 def log_relpath_ok(rel):
@@ -1560,7 +1590,7 @@ class LocalRecord:
 
     def _append(self, ids, at):
         data = "".join(_ENCODE({"id": i, "at": at}) + "\n" for i in ids)
-        afd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        afd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, 0o600)
         try:
             os.write(afd, data.encode("utf-8"))
         finally:
@@ -1691,8 +1721,14 @@ class Projection:
         return self.open()
 
     def _connect(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fresh = not os.path.exists(self.path)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        st = own_path(self.path, "file")
+        if st is not None and st.st_mode & 0o077:  # private, like the rest of var/
+            try:
+                os.chmod(self.path, 0o600)
+            except OSError:  # a read-only store still answers
+                pass
+        fresh = st is None
         db = sqlite3.connect(self.path, timeout=self.lock_wait, isolation_level=None,
                              check_same_thread=False)
         try:
@@ -1738,6 +1774,7 @@ class Projection:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 if os.path.exists(tmp + suffix):
                     os.unlink(tmp + suffix)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o600))
             db = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False)
             try:
                 db.execute("PRAGMA journal_mode=OFF")
@@ -3786,6 +3823,8 @@ class Store:
                                 hint="run 'thrum init' (or 'thrum quickstart --name N "
                                      "--role R --module M')")
         self.loc = Location(loc.store_root, loc.store, loc.git_common)
+        own_path(self.loc.store, "the thrum store")
+        own_path(self.loc.var, "thrum's local state", private=True)
         self.env = env
         self.config = Config(loc.store, env, overrides)
         self._overrides = overrides
@@ -4304,7 +4343,7 @@ class AgentOps(ServiceBase):
         pending_config = None
         fresh = not os.path.exists(store)
         if not _is_store(store):
-            for sub in ("identities", "context", "var"):
+            for sub in ("identities", "context", "var"):  # (var: private, below)
                 os.makedirs(os.path.join(store, sub), exist_ok=True)
             # config.toml marks a finished store, so it is written last: other agents
             # starting now run init too (and wait on the sync lock) instead of writing
@@ -4313,7 +4352,9 @@ class AgentOps(ServiceBase):
             created.append(store)
         elif local:
             Config(store, self.env).set("sync.local_only", "true")
-        os.makedirs(os.path.join(store, "var"), exist_ok=True)
+        own_path(store, "the thrum store")
+        os.makedirs(os.path.join(store, "var"), mode=0o700, exist_ok=True)
+        own_path(os.path.join(store, "var"), "thrum's local state", private=True)
         self.loc = Location(loc.worktree, store, loc.git_common)
         self.store = Store(self.loc, self.env, {"sync.local_only": True} if local else None)
         self._fresh = False
@@ -5841,7 +5882,7 @@ class TmuxOps(ServiceBase):
                                hint="--force registers it again here and gives it this "
                                     "tmux session")
         if existed:  # (forced) its old tmux session on this host goes
-            for m in self._tmux_members(here=True):
+            for m in self._tmux_members(mine=True):
                 if m["agent_id"] == name and m["tmux"]["session"] != session:
                     Tmux(self.env, m["tmux"].get("socket")).run(
                         "kill-session", "-t", "=" + m["tmux"]["session"], check=False)
@@ -5913,31 +5954,35 @@ class TmuxOps(ServiceBase):
             raise ThrumError("%s exited as soon as it started in tmux session %s"
                              % (argv[0], session), hint="run the command by hand to see why")
 
-    def _tmux_members(self, here=False):
-        """Members with a tmux record (here: started on this host)."""
-        host = os.uname().nodename
+    def _tmux_members(self, mine=False):
+        """Members with a tmux record. mine: only records this clone wrote on this host,
+        the only panes thrum ever types into, kills or replaces (SPEC §12): a record
+        synced from another clone, or one with no origin, is data, never a target."""
         return [m for m in self._members(all_agents=True) if m.get("tmux") and
-                (not here or m["tmux"].get("host") == host)]
+                (not mine or self._tmux_mine(m["tmux"]))]
+
+    def _tmux_mine(self, rec):
+        return isinstance(rec, dict) and rec.get("host") == os.uname().nodename and \
+            rec.get("origin") == self.origin
 
     @operation(NEEDS_STORE, retry_safe=True, local=True)
     def tmux_list(self):
         """Agents with a tmux session: alive or gone (asked live for this host)."""
         self.require_store()
-        host = os.uname().nodename
         out, exe = [], _which("tmux", self.env)
         if exe is None:
             raise TmuxMissingError()
         for m in self._tmux_members():
             rec = m["tmux"]
-            alive = None
-            if rec.get("host") == host:
+            alive, mine = None, self._tmux_mine(rec)
+            if mine:  # another clone's panes are only shown, never asked about
                 tm = Tmux(self.env, rec.get("socket"))
                 alive = tm.has_session(rec["session"]) and \
                     tm.pane(rec["pane"], "#{pane_dead}") == "0"
             out.append({"agent_id": m["agent_id"], "session": rec["session"],
                         "pane": rec.get("pane"), "socket": rec.get("socket"),
                         "host": rec.get("host"), "alive": alive, "status": m["status"],
-                        "unread": m["unread"]})
+                        "unread": m["unread"], "clone": "this" if mine else "other"})
         return {"agents": out}
 
     @operation(NEEDS_STORE, local=True)
@@ -5949,7 +5994,7 @@ class TmuxOps(ServiceBase):
         aid = None
         if name:
             aid = self._require_agent(name)["agent_id"]
-            m = next((m for m in self._tmux_members(here=True) if m["agent_id"] == aid),
+            m = next((m for m in self._tmux_members(mine=True) if m["agent_id"] == aid),
                      None)
             if m is None:
                 raise NotFoundError("@%s has no tmux session" % aid,
@@ -5958,7 +6003,7 @@ class TmuxOps(ServiceBase):
         else:
             if not _TMUX_SESSION(session):
                 raise UsageError("invalid tmux session name %r" % session)
-            mine = [m for m in self._tmux_members(here=True)
+            mine = [m for m in self._tmux_members(mine=True)
                     if m["tmux"]["session"] == session]
             sock = socket or (mine[0]["tmux"].get("socket") if mine else None)
         tm = Tmux(self.env, tmux_socket(self.env, sock)).require()
@@ -5974,7 +6019,7 @@ class TmuxOps(ServiceBase):
         """The agents of tmux session `session` (or agent `aid`) lose it: their thrum
         session ends and the record is cleared (log and identity file)."""
         agents, events, ended = [], [], []
-        for m in self._tmux_members(here=True):
+        for m in self._tmux_members(mine=True):
             if (aid and m["agent_id"] != aid) or m["tmux"]["session"] != session:
                 continue
             agents.append(m["agent_id"])
@@ -6093,7 +6138,7 @@ class Nudges:
         out = {}
         for aid, rec in self.store.index.field_of_all("tmux").items():
             if isinstance(rec, dict) and rec.get("host") == host and rec.get("pane") and \
-                    rec.get("origin", origin) == origin:
+                    rec.get("origin") == origin:  # (no origin: not ours, never typed into)
                 out[aid] = rec
         return out
 
@@ -6640,7 +6685,8 @@ class Daemon:
         except OSError:
             pass
         try:
-            fd = os.open(self.files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW,
+                         0o600)
             try:
                 os.write(fd, line.encode("utf-8", "replace"))
             finally:
@@ -6653,8 +6699,10 @@ class Daemon:
         """Take the lock, listen, serve until stopped. Returns an exit code."""
         import signal
         var = self.files.var
-        os.makedirs(var, exist_ok=True)
-        os.chmod(var, 0o700)
+        os.makedirs(var, mode=0o700, exist_ok=True)
+        own_path(var, "thrum's local state", private=True)
+        for path in (self.files.lock, self.files.key, self.files.pid, self.files.log):
+            own_path(path, "file")
         lock = FileLock(self.files.lock)
         # (a status probe holds it shared for an instant: try for half a second)
         if not lock.acquire(timeout=0.5):
@@ -7075,7 +7123,7 @@ def spawn_daemon(store, env, files):
     import subprocess
     files.clean()
     os.makedirs(files.var, exist_ok=True)
-    log = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    log = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, 0o600)
     try:
         return subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--repo", store.loc.store_root,
@@ -7614,7 +7662,7 @@ def render_tmux_list(r, style=PLAIN):
     ls = []
     for a in r["agents"]:
         state = {True: style.c("32", "alive"), False: style.c("31", "gone"),
-                 None: "on %s" % a.get("host")}[a["alive"]]
+                 None: "other clone (on %s)" % a.get("host")}[a["alive"]]
         ls.append(clip("@%s  %s (pane %s)  %s  inbox %d unread" % (
             a["agent_id"], a["session"], a.get("pane"), state, a["unread"])))
     return ls

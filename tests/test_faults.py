@@ -248,3 +248,106 @@ def test_no_line_of_input_stops_the_mcp_server(tmp_path):
     version = [e for e in errors if e["error"]["code"] == -32022]
     assert version and all(e["error"]["data"]["requested"] is None for e in version)
     assert b"Traceback" not in p.stderr, p.stderr.decode()
+
+
+def test_a_synced_tmux_record_without_origin_is_never_typed_into(tmp_path):
+    """A tmux record that came from another clone (here: one with no origin at all) is
+    shown, never nudged, killed or replaced (SPEC §12), even when its pane exists on a
+    tmux server this user can reach."""
+    import shutil
+    import socket as _socket
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    tdir = tmp_path / "tmux"
+    tdir.mkdir()
+    sock = str(tdir / "s.sock")
+    tenv = {"PATH": env["PATH"], "TMUX_TMPDIR": str(tdir)}
+    subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-s", "foreign", "cat"],
+                   env=tenv, check=True)
+    try:
+        pane = subprocess.run(["tmux", "-S", sock, "display-message", "-p", "-t",
+                               "=foreign:", "#{pane_id}"], env=tenv, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        env = dict(env, THRUM_TMUX_SOCKET=sock, TMUX_TMPDIR=str(tdir))
+        t = Runner(repo, env)
+        for name in ("alice", "bob"):
+            t.ok("quickstart", "--name", name, "--role", "r" + name, "--module", "m",
+                 name=name)
+        ev = {"v": 1, "event_id": "evt_01M9999999999999999999999Z", "type": "agent.update",
+              "timestamp": "2026-12-07T00:00:00.000000Z", "origin": "o_another_clone",
+              "agent_id": "bob", "tmux": {"session": "foreign", "pane": pane,
+                                          "socket": sock, "host": _socket.gethostname()}}
+        with open(log_dir(repo) / "agents" / "bob.jsonl", "a") as f:
+            f.write(json.dumps(ev) + "\n")
+        t.ok("send", "hello", "--to", "bob", name="alice")
+        assert not (repo / ".thrum" / "var" / "nudge" / "bob.queue").exists()
+        listed = t.json("tmux", "list")["agents"]
+        assert [(a["agent_id"], a["clone"], a["alive"]) for a in listed] == \
+            [("bob", "other", None)]
+        r = t("tmux", "kill", "--name", "bob")
+        assert r.code == 4, r.describe()
+        screen = subprocess.run(["tmux", "-S", sock, "capture-pane", "-p", "-t", pane],
+                                env=tenv, capture_output=True, text=True).stdout
+        assert "New message" not in screen
+        assert subprocess.run(["tmux", "-S", sock, "has-session", "-t", "=foreign"],
+                              env=tenv).returncode == 0
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], env=tenv)
+
+
+def test_store_parts_reached_through_symlinks_are_refused(tmp_path):
+    """`.thrum/var` as a symlink (to a directory of another user, say) would lead the
+    daemon's key, socket and the index there: refused with one line, nothing written."""
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    t.ok("quickstart", "--name", "alice", "--role", "r", "--module", "m", name="alice")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    var = repo / ".thrum" / "var"
+    var.rename(tmp_path / "var.real")
+    var.symlink_to(elsewhere)
+    for args in (["daemon", "start"], ["inbox"], ["send", "hi", "--to", "alice"]):
+        r = t(*args, name="alice")
+        assert r.code == 1 and len(r.error_lines) == 1, r.describe()
+        assert "symbolic link" in r.err, r.describe()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_local_state_is_private_from_init_on(tmp_path):
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    t.ok("init")
+    var = repo / ".thrum" / "var"
+    assert oct(var.stat().st_mode & 0o777) == "0o700"
+    t.ok("quickstart", "--name", "alice", "--role", "r", "--module", "m", name="alice")
+    for p in var.iterdir():
+        if p.is_file():
+            assert p.stat().st_mode & 0o077 == 0, p
+    # an older store with loose modes is tightened by the next command
+    var.chmod(0o755)
+    (var / "index.db").chmod(0o644)
+    t.ok("inbox", name="alice")
+    assert oct(var.stat().st_mode & 0o777) == "0o700"
+    assert (var / "index.db").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
+                    reason="needs root to give a directory to another user")
+def test_a_store_owned_by_another_user_is_refused(tmp_path):
+    import os
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    t.ok("quickstart", "--name", "alice", "--role", "r", "--module", "m", name="alice")
+    var = repo / ".thrum" / "var"
+    os.chown(var, 65534, 65534)
+    try:
+        r = t("daemon", "start", name="alice")
+        assert r.code == 1 and "belongs to another user" in r.err, r.describe()
+        assert not (var / "daemon.key").exists()
+    finally:
+        os.chown(var, os.getuid(), os.getgid())
