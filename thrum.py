@@ -7218,9 +7218,10 @@ class Router:
     #: Nudgers run in threads (a long-lived front end) or in a spawned process (the CLI).
     threads = False
 
-    def __init__(self, caller, autostart=True):
+    def __init__(self, caller, autostart=True, overrides=None):
         self.caller = caller
         self.store = None
+        self._overrides = overrides  # config this front end sets for its own store
         self._autostarted = not autostart
         self._tls = threading.local()
         self._lock = threading.Lock()
@@ -7230,7 +7231,7 @@ class Router:
             self._open(loc)
 
     def _open(self, loc):
-        self.store = Store(loc, self.caller.env)
+        self.store = Store(loc, self.caller.env, self._overrides)
         self.store.listeners.append(lambda events: nudge_after_write(self, events))
 
     def start_nudger(self, agents):
@@ -8700,8 +8701,8 @@ class Cli(Router):
     """The CLI's side of one process: the caller (cwd, environment, --repo), the store
     it opened and the output, shared by the operations one command runs."""
 
-    def __init__(self, caller, out):
-        super().__init__(caller)
+    def __init__(self, caller, out, overrides=None):
+        super().__init__(caller, overrides=overrides)
         self.out = out
 
     def call(self, op, **params):
@@ -8783,39 +8784,114 @@ def hook_briefing(r, limit=HOOK_BRIEFING_MAX):
     return "\n".join(out)
 
 
+#: A hook answers within this many seconds whatever the store's state (SPEC §15)...
+HOOK_BUDGET = 1.8
+#: ...of which reading the host's JSON on stdin may take this long...
+HOOK_STDIN_WAIT = 1.0
+#: ...and this many bytes: more is junk (and not read).
+HOOK_STDIN_MAX = 1 << 20
+
+
+def _args_hook(p):
+    p.add_argument("event", metavar="EVENT", help="session-start | stop | prompt")
+    p.add_argument("--agent", metavar="NAME", help="the agent (default: THRUM_NAME, else "
+                   "the worktree's only identity)")
+
+
 def cmd_hook(args, cli, out):
-    """Hooks never break the agent's turn: any problem is exit 0 and one stderr line."""
-    try:
-        if args.event not in HOOK_EVENTS:
-            raise UsageError("unknown hook event %r (known: %s)" % (
-                args.event, ", ".join(HOOK_EVENTS)))
-        data = {}
-        stdin = sys.stdin
-        if stdin is not None and not stdin.closed and not stdin.isatty():
-            raw = _read_stdin()
+    """(`thrum hook` runs through run_hook(), from _run(): this is for the table.)"""
+    return run_hook(["hook"] + [a for a in (args.event,) if a] +
+                    (["--agent", args.agent] if args.agent else []), cli.caller, out)
+
+
+def run_hook(rest, caller, out):
+    """`thrum hook EVENT [--agent NAME]`: a hook of Claude Code or Codex. It never breaks
+    the host's turn: exit 0 always; at most one line on stderr (the problem, or the first
+    warning); an answer within HOOK_BUDGET seconds even when the index is locked, the
+    disk is full or stdin never closes (then silently, nothing on stdout)."""
+    import io
+    deadline = time.monotonic() + HOOK_BUDGET
+    real_err, sys.stderr = sys.stderr, io.StringIO()  # warnings are collected, not shown
+    result = {}
+
+    def work():
+        try:
+            _, parser = _argparse()
+            parser = parser(prog="thrum hook")
+            _args_hook(parser)
+            at = rest.index("hook") if "hook" in rest else -1
+            args = parser.parse_args(rest[:at] + rest[at + 1:] if at >= 0 else rest)
+            result["event"] = args.event
+            if args.event not in HOOK_EVENTS:
+                raise UsageError("unknown hook event %r (known: %s)" % (
+                    args.event, ", ".join(HOOK_EVENTS)))
+            data = _read_hook_input(min(deadline, time.monotonic() + HOOK_STDIN_WAIT))
+            agent = _strip_at(args.agent) if args.agent else None
+            cwd = data.get("cwd")  # the host's project directory, when it says
+            if not (isinstance(cwd, str) and os.path.isdir(cwd)):
+                cwd = caller.cwd
+            wait = "%dms" % max(100, int((deadline - time.monotonic()) * 1000) - 300)
+            here = Cli(Caller(cwd, caller.env, agent), out, {"index.lock_wait": wait})
             try:
-                data = json.loads(raw.decode("utf-8", "replace")) if raw.strip() else {}
-            except ValueError:
-                data = {}
-            data = data if isinstance(data, dict) else {}
-        agent = _strip_at(args.agent) if args.agent else None
-        cwd = data.get("cwd")  # the host's project directory, when it says
-        if not (isinstance(cwd, str) and os.path.isdir(cwd)):
-            cwd = cli.caller.cwd
-        here = Cli(Caller(cwd, cli.caller.env, agent), out)
+                result["reply"] = _hook_reply(args.event, data, here)
+            finally:
+                here.close()
+        except BaseException as e:  # noqa: B902 - a hook must never fail the host's turn
+            result["error"] = e
+    worker = start_thread("hook", work)
+    worker.join(max(0.0, deadline - time.monotonic()))
+    collected, sys.stderr = sys.stderr.getvalue(), real_err
+    line = None
+    if worker.is_alive():
+        pass  # out of time: silently, nothing on stdout
+    elif "error" in result:
+        line = "thrum hook %s: %s" % (result.get("event", "?"),
+                                      _visible(error_payload(result["error"])["message"]))
+    else:
+        if result.get("reply") is not None:
+            try:
+                out.write(json.dumps(result["reply"], ensure_ascii=False) + "\n")
+            except OutputError:
+                pass
+        first = [ln for ln in collected.splitlines() if ln.strip()][:1]
+        line = first[0] if first else None
+    if line:
         try:
-            reply = _hook_reply(args.event, data, here)
-        finally:
-            here.close()
-        if reply is not None:
-            out.write(json.dumps(reply, ensure_ascii=False) + "\n")
-    except BaseException as e:  # noqa: B902 - a hook must never fail the host's turn
-        try:
-            sys.stderr.write("thrum hook %s: %s\n" % (
-                getattr(args, "event", "?"), error_payload(e)["message"]))
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
         except (OSError, ValueError):
             pass
+    if worker.is_alive():  # stuck in a lock or a read: leave it behind
+        os._exit(EXIT_OK)
     return EXIT_OK
+
+
+def _read_hook_input(deadline):
+    """The host's hook JSON on stdin, read until EOF, `deadline` or HOOK_STDIN_MAX bytes:
+    anything else (no stdin, a terminal, junk, too big, too slow, nested too deep) is {}."""
+    import select
+    stdin = sys.stdin
+    if stdin is None or stdin.closed or stdin.isatty():
+        return {}
+    fd, chunks, size = stdin.fileno(), [], 0
+    while size <= HOOK_STDIN_MAX:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return {}  # the host never closed it: junk
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > HOOK_STDIN_MAX:
+        return {}
+    raw = b"".join(chunks)
+    try:
+        data = json.loads(raw.decode("utf-8", "replace"), parse_constant=_no_constant) \
+            if raw.strip() else {}
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _hook_reply(event, data, cli):
@@ -9864,12 +9940,6 @@ def _args_tmux(p):
     k.add_argument("--socket", metavar="PATH")
 
 
-def _args_hook(p):
-    p.add_argument("event", metavar="EVENT", help="session-start | stop | prompt")
-    p.add_argument("--agent", metavar="NAME", help="the agent (default: THRUM_NAME, else "
-                   "the worktree's only identity)")
-
-
 def _args_integrate(p):
     p.add_argument("host", metavar="HOST", choices=("claude", "codex"),
                    help="claude | codex")
@@ -10044,6 +10114,11 @@ def _run(argv, out):
     command = next((a for a in rest if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
+    if command == "hook" and not {"-h", "--help"} & set(rest):
+        env = dict(os.environ)
+        if flags["debug"]:
+            env["THRUM_DEBUG"] = "1"
+        return run_hook(rest, Caller(_cli_cwd(flags["repo"]), env), out)
     parser = build_parser(command)
     try:
         if out.json:  # --help with --json: the help text inside one JSON document

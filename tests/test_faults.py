@@ -351,3 +351,106 @@ def test_a_store_owned_by_another_user_is_refused(tmp_path):
         assert not (var / "daemon.key").exists()
     finally:
         os.chown(var, os.getuid(), os.getgid())
+
+
+# --------------------------------------------------------------------------- hooks
+
+def hook_team(tmp_path):
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    for name, role in (("alice", "implementer"), ("bob", "reviewer")):
+        t.ok("quickstart", "--name", name, "--role", role, "--module", "m", name=name)
+    return repo, env, t
+
+
+def run_hook(repo, env, args, stdin, timeout=15):
+    """Run `thrum hook ARGS` with `stdin` (bytes, or None: a pipe left open)."""
+    p = subprocess.Popen([sys.executable, THRUM_PY, "hook", *args], cwd=repo,
+                         env=dict(env, THRUM_NAME="bob"), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if stdin is None:  # the host never closes it
+            out, err = p.stdout.read(), p.stderr.read()
+            p.wait(timeout=timeout)
+        else:
+            out, err = p.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("thrum hook %s did not answer within %ss" % (" ".join(args), timeout))
+    finally:
+        if p.stdin and not p.stdin.closed:
+            try:
+                p.stdin.close()
+            except BrokenPipeError:
+                pass
+    return p.returncode, out.decode(), err.decode()
+
+
+def test_a_hook_whose_stdin_never_closes_still_answers(tmp_path):
+    repo, env, t = hook_team(tmp_path)
+    t.ok("send", "news", "--to", "bob", name="alice")
+    code, out, err = run_hook(repo, env, ["stop"], None)
+    assert code == 0 and len(err.splitlines()) <= 1, err
+    assert json.loads(out)["decision"] == "block"  # the junk input is ignored, not fatal
+
+
+def test_a_hook_answers_while_the_index_is_locked(tmp_path):
+    import sqlite3
+    repo, env, t = hook_team(tmp_path)
+    # a message written without thrum's index: the hook must catch it up, which needs the
+    # index's write lock
+    ev = {"v": 1, "event_id": "evt_01M9999999999999999999999Y", "type": "message.create",
+          "timestamp": "2026-12-07T00:00:00.000000Z", "origin": "o_elsewhere",
+          "message_id": "msg_01M9999999999999999999999X", "agent_id": "alice",
+          "body": {"format": "markdown", "content": "news"}, "recipients": ["bob"],
+          "audiences": [{"type": "agent", "value": "bob"}], "scopes": [], "refs": []}
+    (log_dir(repo) / "messages").mkdir(exist_ok=True)
+    with open(log_dir(repo) / "messages" / "alice.jsonl", "a") as f:
+        f.write(json.dumps(ev) + "\n")
+    db = sqlite3.connect(str(repo / ".thrum" / "var" / "index.db"), isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for event in ("stop", "prompt", "session-start"):
+            code, out, err = run_hook(repo, env, [event], b"{}")
+            assert code == 0 and out == "" and len(err.splitlines()) <= 1, (event, out, err)
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+
+
+@pytest.mark.parametrize("args,stdin", [
+    (["stop", "--bogus"], b"{}"),
+    (["nope"], b"{}"),
+    (["stop"], b"[" * 200000),
+    (["stop"], b"{" + b" " * (3 << 20) + b"}"),
+    (["stop"], b'{"cwd": NaN}'),
+], ids=["unknown flag", "unknown event", "nested", "too big", "nan"])
+def test_bad_hook_input_is_exit_0_and_one_line_at_most(tmp_path, args, stdin):
+    repo, env, t = hook_team(tmp_path)
+    code, out, err = run_hook(repo, env, args, stdin)
+    assert code == 0, err
+    assert len(err.splitlines()) <= 1, err
+    assert "Traceback" not in err and "RecursionError" not in err, err
+    if args == ["stop"]:
+        assert out == ""  # nothing new for bob: silent
+
+
+def test_hooks_on_a_read_only_store_print_one_line_at_most(tmp_path):
+    import os
+    import stat
+    if os.geteuid() == 0:
+        pytest.skip("root writes through read-only modes")
+    repo, env, t = hook_team(tmp_path)
+    t.ok("send", "news", "--to", "bob", name="alice")
+    dirs = [repo / ".thrum" / "var", log_dir(repo) / "messages"]
+    modes = {d: d.stat().st_mode for d in dirs}
+    try:
+        for d in dirs:
+            d.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        for event in ("stop", "prompt", "session-start"):
+            code, out, err = run_hook(repo, env, [event], b"{}")
+            assert code == 0 and len(err.splitlines()) <= 1, (event, err)
+    finally:
+        for d, m in modes.items():
+            d.chmod(m)
