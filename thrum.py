@@ -2598,6 +2598,40 @@ class Index(Projection):
 # Every git call goes through git(): an argv list (never a shell), a bound on its time,
 # its own process group, and a THRUM_DEBUG trace.
 
+class ChildProcesses:
+    """The git and tmux processes this process is running (each in a process group of its
+    own), so a daemon that stops ends them instead of leaving them behind (SPEC §9). By
+    nature there is one per process: `CHILDREN`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._procs = set()
+
+    def add(self, proc):
+        with self._lock:
+            self._procs.add(proc)
+
+    def discard(self, proc):
+        with self._lock:
+            self._procs.discard(proc)
+
+    def kill_all(self):
+        """Kill every running child's process group. Returns how many there were."""
+        import signal
+        with self._lock:
+            procs = list(self._procs)
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        return len(procs)
+
+
+#: This process's running git and tmux children.
+CHILDREN = ChildProcesses()
+
+
 def git(args, cwd, env, check=True, input=None, timeout=60, env_extra=None, text=True):
     """Run git with an argv list (never a shell) in `cwd`, with the environment `env`
     (the process environment the caller was given). Returns CompletedProcess (text,
@@ -2631,6 +2665,7 @@ def git(args, cwd, env, check=True, input=None, timeout=60, env_extra=None, text
         _trace(env, argv[5:], "not found", t0)
         raise GitMissingError("git is not installed or not on PATH",
                               hint="install git, or run thrum outside a repository")
+    CHILDREN.add(proc)
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except BaseException as e:  # timeout, Ctrl-C: never leave git running
@@ -2640,6 +2675,8 @@ def git(args, cwd, env, check=True, input=None, timeout=60, env_extra=None, text
             raise GitError(list(args), "timeout", "timed out after %s" % format_duration(
                 timeout)) from None
         raise
+    finally:
+        CHILDREN.discard(proc)
     _trace(env, argv[5:], proc.returncode, t0)
     if text:
         out = out.decode("utf-8", "surrogateescape")
@@ -2832,6 +2869,7 @@ class Tmux:
                                     start_new_session=True)
         except OSError as e:
             raise ThrumError("cannot run tmux: %s" % (e.strerror or e))
+        CHILDREN.add(proc)
         try:
             out, err = proc.communicate(timeout=timeout)
         except Exception:
@@ -2839,6 +2877,8 @@ class Tmux:
             _trace(self._trace_env, argv[1:], "timeout", t0, tool="tmux")
             raise ThrumError("tmux did not answer within %gs (%s)" % (timeout, " ".join(
                 args[:1])), hint="is the tmux server hung? ('tmux kill-server' ends it)")
+        finally:
+            CHILDREN.discard(proc)
         _trace(self._trace_env, argv[1:], proc.returncode, t0, tool="tmux")
         out = out.decode("utf-8", "replace")
         err = err.decode("utf-8", "replace")
@@ -3457,6 +3497,25 @@ class SyncEngine:
                              hint="nothing is lost; run 'thrum sync force' again")
         self._save_state(last_sync_at=now_ts(), last_error=None)
         return res
+
+    def unpushed(self):
+        """How many events of the log the remote's branch (as last fetched) lacks: writes
+        not pushed yet. None when there is no remote to push to."""
+        if not self.has_remote():
+            return None
+        theirs = self._tree_blobs(self.rev(self.tracking))
+        mine = EventLog(self.wt, self.store.log.torn_dir).files()
+        changed = [(rel, path) for rel, path, st in mine
+                   if theirs.get(rel, (None, -1))[1] != st.st_size]
+        blobs = self._read_blobs(sorted({theirs[rel][0] for rel, _ in changed
+                                         if rel in theirs}))
+        n = 0
+        for rel, path in changed:
+            with open(path, "rb") as f:
+                data = f.read()
+            data = data[:data.rfind(b"\n") + 1]
+            n += len(_event_ids(data) - _event_ids(blobs.get(theirs.get(rel, ("",))[0], b"")))
+        return n
 
     def pending_paths(self):
         """Log files of the worktree that differ from the branch (other files are
@@ -6704,9 +6763,8 @@ class Daemon:
         for path in (self.files.lock, self.files.key, self.files.pid, self.files.log):
             own_path(path, "file")
         lock = FileLock(self.files.lock)
-        # (a status probe holds it shared for an instant: try for half a second)
-        if not lock.acquire(timeout=0.5):
-            return None  # another daemon runs: never disturb it
+        if not lock.acquire(timeout=DAEMON_LOCK_TRY):
+            return None  # another daemon runs (or a stop holds it): never disturb it
         try:
             return self._serve(signal)
         finally:
@@ -6744,10 +6802,10 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *a: self.stop())
         self.log("daemon %d started for %s (socket %s)" % (os.getpid(), self.store.path,
                                                           self.socket))
-        for fn in (self._watch_loop, self._sync_loop, self._reap_loop, self._context_loop,
-                   self._nudge_loop, self._accept_loop):
-            start_thread("daemon-" + fn.__name__.strip("_").replace("_loop", ""),
-                         self._guard, fn)
+        threads = {fn: start_thread("daemon-" + fn.__name__.strip("_").replace("_loop", ""),
+                                    self._guard, fn)
+                   for fn in (self._watch_loop, self._sync_loop, self._reap_loop,
+                              self._context_loop, self._nudge_loop, self._accept_loop)}
         while not self._stopped.wait(0.5):
             pass
         self.log("daemon %d stopping" % os.getpid())
@@ -6755,8 +6813,36 @@ class Daemon:
             self.listener.close()
         except OSError:
             pass
-        self._flush_sync()
+        self._shut_down(threads[self._sync_loop])
         return EXIT_OK
+
+    def _shut_down(self, sync_thread):
+        """A clean stop within sync.timeout (SPEC §9): the sync cycle in flight may finish,
+        pending writes get one more cycle in the time left, and then every git or tmux
+        process this daemon started is killed: none outlives it."""
+        budget = parse_duration(self.store.config.get("sync.timeout"))
+        deadline = time.monotonic() + budget
+        if not self._within(sync_thread, deadline):
+            self.log("the sync in progress did not end within %s; stopped it"
+                     % format_duration(budget))
+        if self.schedule.pending() and self.store.loc.git_common and \
+                time.monotonic() < deadline:
+            flush = start_thread("daemon-flush", self._guard, self._flush_sync)
+            if not self._within(flush, deadline):
+                self.log("the final sync did not end within %s; stopped it (run "
+                         "'thrum sync force')" % format_duration(budget))
+        CHILDREN.kill_all()
+
+    @staticmethod
+    def _within(thread, deadline):
+        """Let a thread end by `deadline`; past it, kill the git processes it waits on.
+        True when it ended in time."""
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if not thread.is_alive():
+            return True
+        CHILDREN.kill_all()
+        thread.join(5.0)
+        return False
 
     def stop(self):
         self._stopped.set()
@@ -6980,7 +7066,7 @@ class Daemon:
             return False
 
     def _flush_sync(self):
-        """On a clean stop, push what is pending (bounded by sync.timeout)."""
+        """On a clean stop, push what is pending (bounded by _shut_down)."""
         if self.schedule.pending() and self.store.loc.git_common:
             try:
                 self.store.sync_engine().cycle()
@@ -7134,34 +7220,56 @@ def spawn_daemon(store, env, files):
         os.close(log)
 
 
+#: How long a starting daemon tries for the lock (a status probe holds it shared for an
+#: instant); `daemon stop` holds the lock longer than this after the daemon is gone, so a
+#: start that raced with it cannot take it over.
+DAEMON_LOCK_TRY = 0.5
+
+
 def stop_daemon(files, wait=None):
-    """Stop the running daemon (asked over its socket, else SIGTERM); True if one ran."""
-    import signal
-    info = files.info()
-    if not info["running"]:
-        files.clean()
-        return False
-    try:
-        DaemonClient(files).request({"op": "daemon_stop"}, timeout=2.0)
-    except DaemonUnavailable:
-        if info.get("pid"):
-            try:
-                os.kill(info["pid"], signal.SIGTERM)
-            except OSError:
-                pass
-    if wait is None:  # a clean stop pushes pending writes, bounded by sync.timeout
+    """Stop the running daemon (asked over its socket, else SIGTERM); True if one ran.
+
+    When it returns, no daemon of the store runs, even when `daemon start`s raced with
+    the stop: it asks every daemon that holds the lock meanwhile to stop, takes the lock
+    itself, and holds it a moment longer than a starting daemon tries for it. A daemon's
+    own stop is bounded by sync.timeout (the sync in flight, one more for pending writes,
+    then its git processes are killed); this waits that long plus 15 s."""
+    if wait is None:
         try:
             wait = 15.0 + parse_duration(Config(os.path.dirname(files.var), files.env)
                                          .get("sync.timeout"))
         except ThrumError:
             wait = 45.0
     deadline = time.monotonic() + wait
-    while files.running():
+    lock, asked, ran = FileLock(files.lock), set(), False
+    while not lock.acquire(wait=False):
+        info = files.info()
+        if info["running"] and info["pid"] and info["pid"] not in asked:
+            asked.add(info["pid"])
+            ran = True
+            _ask_to_stop(files, info["pid"])
         if time.monotonic() > deadline:
-            raise ThrumError("the daemon (pid %s) did not stop within %ds"
-                             % (info.get("pid"), wait), hint="kill it: kill %s" % info.get("pid"))
+            pids = " ".join(map(str, sorted(asked))) or "?"
+            raise ThrumError("the daemon (pid %s) did not stop within %ds" % (pids, wait),
+                             hint="kill it: kill %s" % pids)
         time.sleep(0.02)
-    return True
+    try:
+        time.sleep(DAEMON_LOCK_TRY + 0.2)  # a start that raced with us gives up meanwhile
+    finally:
+        lock.release()
+    files.clean()
+    return ran
+
+
+def _ask_to_stop(files, pid):
+    import signal
+    try:
+        DaemonClient(files).request({"op": "daemon_stop"}, timeout=2.0)
+    except DaemonUnavailable:  # not listening (yet, or any more): the signal does it
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
 
 
 # === 17. The front ends' way in: Router =======================================
@@ -9566,13 +9674,27 @@ def cmd_daemon(args, cli, out):
         return code
     if args.sub in ("stop", "restart"):
         stopped = stop_daemon(files)
+        unpushed = _unpushed(cli.store)
+        if unpushed:
+            _warn("%d write%s not pushed: run `thrum sync force`" % (
+                unpushed, "" if unpushed == 1 else "s"))
         if args.sub == "stop":
-            return out.ok({"running": False, "stopped": stopped},
+            return out.ok({"running": False, "stopped": stopped, "unpushed": unpushed},
                           "daemon stopped" if stopped else "no daemon was running")
     r, started = start_daemon(cli.store, cli.caller.env, files)
     out.ok(dict(r, started=started), ("daemon started (pid %s)" if started else
                                       "daemon already running (pid %s)") % r["pid"],
            "  Socket: %s" % r.get("socket"))
+
+
+def _unpushed(store):
+    """Events not on the remote yet (None: no git, no remote, or it cannot be told)."""
+    if not store.loc.git_common:
+        return None
+    try:
+        return store.sync_engine().unpushed()
+    except (ThrumError, OSError):
+        return None
 
 
 def cmd_mcp(args, cli, out):

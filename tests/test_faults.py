@@ -454,3 +454,93 @@ def test_hooks_on_a_read_only_store_print_one_line_at_most(tmp_path):
     finally:
         for d, m in modes.items():
             d.chmod(m)
+
+
+# --------------------------------------------------------------------------- daemon stop
+
+def daemon_runs_of(repo):
+    """Pids of `thrum ... daemon run` processes for this store (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"daemon" in argv and b"run" in argv and str(repo).encode() in argv:
+            out.append(int(d.name))
+    return out
+
+
+def test_after_daemon_stop_no_daemon_runs_even_when_starts_raced(tmp_path):
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    t.ok("quickstart", "--name", "alice", "--role", "r", "--module", "m", name="alice")
+    for _ in range(3):
+        starts = [subprocess.Popen([sys.executable, THRUM_PY, "daemon", "start"], cwd=repo,
+                                   env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL) for _ in range(2)]
+        for p in starts:
+            assert p.wait(timeout=30) == 0
+        t.ok("daemon", "stop", timeout=90)
+        # no daemon now, and none appears from a start that lost the race
+        assert t("daemon", "status").code == 1
+        wait_until(lambda: not daemon_runs_of(repo), 10, "the losing starts to give up")
+        assert t("daemon", "status").code == 1
+
+
+def test_daemon_stop_with_a_silent_remote_is_bounded_and_says_what_is_unpushed(tmp_path):
+    """The remote accepts connections and never answers. `daemon stop` waits for the
+    sync in flight at most sync.timeout, kills the git processes the daemon started,
+    reports the writes not pushed, and reports success only once all of it is gone."""
+    import socket
+    import threading
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port, held, stop = srv.getsockname()[1], [], threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    try:
+        t = Runner(repo, env)
+        t.ok("quickstart", "--name", "alice", "--role", "r", "--module", "m", name="alice")
+        t.ok("config", "set", "sync.timeout", "3s")
+        git("remote", "add", "origin", f"git://127.0.0.1:{port}/x.git", cwd=repo, env=env)
+        t.ok("daemon", "start")
+        t.ok("send", "one", "--to", "alice", name="alice")
+        t.ok("send", "two", "--to", "alice", name="alice")
+        wait_until(lambda: held, 20, "the daemon's git reaching the silent remote")
+        r = t("daemon", "stop", "--json", timeout=60)
+        assert r.code == 0, r.describe()
+        assert r.json["stopped"] is True and r.json["unpushed"] >= 2, r.describe()
+        assert "not pushed: run `thrum sync force`" in r.err, r.describe()
+        assert t("daemon", "status").code == 1
+        left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and
+                str(port).encode() in _cmdline(p)]
+        assert not left, "git processes outlived the daemon: %s" % [
+            _cmdline(p) for p in left]
+    finally:
+        stop.set()
+        th.join(5)
+        for c in held:
+            c.close()
+        srv.close()
+
+
+def _cmdline(p):
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""
