@@ -6688,6 +6688,39 @@ def _error_from(payload):
                       hint=payload.get("hint"), exit_code=code)
 
 
+class ContextPublishing:
+    """When a daemon publishes an agent's work context (SPEC §8, no commit noise): a
+    change must hold for SETTLE seconds (an editor's swap file that appears and vanishes
+    is no event), and an agent publishes at most once per EVERY seconds (so at most one
+    work-context commit per agent per minute). The clock is injected for tests."""
+
+    SETTLE = 10.0
+    EVERY = 60.0
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._seen = {}   # agent -> (observed context, since when)
+        self._last = {}   # agent -> when it last published
+
+    def decide(self, agent, observed, published):
+        """'publish' (write it now), 'changed' (a new change: wait for it to settle),
+        'wait' (not settled yet, or too soon after the last one), 'revert' (a change that
+        went back to what is published: dropped), or None (unchanged)."""
+        now = self.clock()
+        if observed == published:
+            return "revert" if self._seen.pop(agent, None) is not None else None
+        seen = self._seen.get(agent)
+        if seen is None or seen[0] != observed:
+            self._seen[agent] = (observed, now)
+            return "changed"
+        last = self._last.get(agent)
+        if now - seen[1] < self.SETTLE or (last is not None and now - last < self.EVERY):
+            return "wait"
+        self._seen.pop(agent, None)
+        self._last[agent] = now
+        return "publish"
+
+
 class Daemon:
     """The daemon process for one store. `run()` returns when it is told to stop.
 
@@ -7076,9 +7109,10 @@ class Daemon:
     def _context_loop(self):
         """Live work contexts: every few seconds, each local agent's worktree (branch,
         files changed against the default branch, uncommitted files), asked with
-        --no-optional-locks and recorded as agent.update only when it changed."""
+        --no-optional-locks, kept live for who-has and team (Store.contexts), and
+        recorded as agent.update when ContextPublishing says so."""
         host = os.uname().nodename
-        cache = {}
+        cache, publishing = {}, ContextPublishing()
         while not self.stopping:
             try:
                 self.store.refresh()
@@ -7096,11 +7130,19 @@ class Daemon:
                     wc = work_context(wt, self.store.env, cache)
                     contexts[wt] = (now_ts(), wc)
                     for aid in agents:
-                        if (branches.get(aid), files.get(aid) or []) != \
-                                (wc["branch"], wc["files"]):
+                        decision = publishing.decide(
+                            aid, (wc["branch"], wc["files"]),
+                            (branches.get(aid), files.get(aid) or []))
+                        if decision == "publish":
                             events.append(self.store.event("agent.update", agent_id=aid,
                                                            branch=wc["branch"],
                                                            files=wc["files"]))
+                        elif decision == "changed":
+                            self.log("work context of @%s changed; published once it holds "
+                                     "for %ds" % (aid, publishing.SETTLE))
+                        elif decision == "revert":
+                            self.log("work context of @%s: a change went back within %ds; "
+                                     "not published" % (aid, publishing.SETTLE))
                 self.store.contexts = contexts  # replaced whole: readers never see it change
                 if events:
                     self.store.emit(events)

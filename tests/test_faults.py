@@ -544,3 +544,28 @@ def _cmdline(p):
         return (p / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_swap_file_that_comes_and_goes_makes_no_commit(tmp_path):
+    """An editor's swap file appearing and vanishing in an agent's worktree is not a
+    work-context change worth an event, a commit or a push (SPEC §8)."""
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    t.ok("quickstart", "--name", "bob", "--role", "r", "--module", "m", name="bob")
+    t.ok("daemon", "start")
+    try:
+        dlog = repo / ".thrum" / "var" / "daemon.log"
+        agents = log_dir(repo) / "agents" / "bob.jsonl"
+        before = agents.read_bytes()
+        swap = repo / ".README.swp"
+        swap.write_text("x")
+        wait_until(lambda: "work context of @bob changed" in dlog.read_text(), 30,
+                   "the daemon seeing the swap file")
+        swap.unlink()
+        wait_until(lambda: "went back" in dlog.read_text(), 30,
+                   "the daemon dropping the change that went back")
+        assert agents.read_bytes() == before, "a work-context event was written"
+        assert t("daemon", "status").code == 0
+    finally:
+        t("daemon", "stop")

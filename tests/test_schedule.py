@@ -175,3 +175,46 @@ def test_a_shorter_configured_interval_applies_at_once(clock):
     acts = run_until(sched, clock, 100, waiting=False)
     fetches = [t for t, a in acts if a == "fetch"]
     assert all(round(b - a, 3) == 20.0 for a, b in zip(fetches, fetches[1:]))
+
+
+# --------------------------------------------------------------------------- work contexts
+
+def test_a_change_that_reverts_within_the_settle_window_is_no_event(clock):
+    pub = thrum.ContextPublishing(clock=clock)
+    published = ("main", [])
+    swap = ("main", [{"path": ".x.swp", "status": "untracked"}])
+    decisions = []
+    for t, seen in ((0, published), (5, swap), (10, published), (15, published)):
+        clock.now = 1000.0 + t
+        decisions.append(pub.decide("bob", seen, published))
+    assert decisions == [None, "changed", "revert", None]
+
+
+def test_a_settled_change_is_published_at_most_once_a_minute(clock):
+    pub = thrum.ContextPublishing(clock=clock)
+    published = ("main", [])
+    published_at = []
+    for step in range(0, 240, 5):  # the daemon looks every 5 s; the files keep changing
+        clock.now = 1000.0 + step
+        observed = ("main", [{"path": "f%d.py" % (step // 20), "status": "modified"}])
+        if pub.decide("bob", observed, published) == "publish":
+            published_at.append(step)
+            published = observed
+    assert published_at, "a change that holds is published"
+    assert all(b - a >= 60 for a, b in zip(published_at, published_at[1:])), published_at
+    # one that holds still gets out: 10 s after it settled, once the minute is over
+    clock.now += 60
+    steady = ("feature", [])
+    assert pub.decide("bob", steady, published) == "changed"
+    clock.now += 10
+    assert pub.decide("bob", steady, published) == "publish"
+
+
+def test_agents_are_paced_separately(clock):
+    pub = thrum.ContextPublishing(clock=clock)
+    change = ("main", [{"path": "a.py", "status": "modified"}])
+    for aid in ("bob", "carol"):
+        assert pub.decide(aid, change, ("main", [])) == "changed"
+    clock.advance(10)
+    assert [pub.decide(a, change, ("main", [])) for a in ("bob", "carol")] == \
+        ["publish", "publish"]
