@@ -6548,9 +6548,14 @@ class DaemonClient:
     """A short-lived client of the daemon over `socket` (what
     multiprocessing.connection.Client would do, at a fraction of the import cost)."""
 
+    #: A kept connection idle longer than this is replaced by a new one, well before the
+    #: daemon closes idle ones (Daemon.IDLE), so a request never meets a closing socket.
+    REUSE = 5.0
+
     def __init__(self, files):
         self.files = files
         self._sock = None  # kept open between the requests of one command
+        self._used = 0.0   # when the kept connection last carried a request
         self.aborted = False  # set by abort(): the request in flight must not go on
 
     def close(self):
@@ -6573,6 +6578,8 @@ class DaemonClient:
     def _open(self, timeout):
         """The kept connection if the daemon still holds it open, else a new one."""
         import _socket
+        if self._sock is not None and time.monotonic() - self._used > self.REUSE:
+            self.close()
         if self._sock is not None:
             try:  # a closed peer reads as b"" at once; an open one has nothing to read
                 self._sock.settimeout(0.0)  # (with a timeout, recv would wait for data)
@@ -6650,6 +6657,7 @@ class DaemonClient:
             try:
                 data = _recv_frame(sock)
                 done = True
+                self._used = time.monotonic()
             except (OSError, ConnectionError, ValueError) as e:
                 if retry_safe:
                     raise DaemonUnavailable(str(e))
@@ -6674,6 +6682,8 @@ class DaemonClient:
         spec = OPS.get(op)
         reply = self.request({"op": op, "params": params, "caller": caller.to_dict()},
                              wait=wait, retry_safe=spec is not None and spec.may_retry(params))
+        if reply.get("busy"):  # the daemon keeps its workers for others: run it here
+            raise DaemonUnavailable("busy")
         if reply.get("ok"):
             if reply.get("after_error"):
                 raise AfterWriteError(_error_from(reply["after_error"]), reply.get("result"))
@@ -6744,6 +6754,18 @@ class Daemon:
     REAP_EVERY = 3.0
     #: How often local agents' worktrees are looked at (live work contexts).
     CONTEXT_EVERY = 5.0
+    #: Threads that serve clients (a fixed pool: more clients wait in the backlog), of
+    #: which at most MAX_WAITS may block in waits (beyond, a client waits by itself).
+    WORKERS = 16
+    MAX_WAITS = 12
+    #: A client connection idle this long is closed (its worker takes the next one);
+    #: clients reconnect after half of it (DaemonClient.REUSE).
+    IDLE = 10.0
+    #: Bounds on a client's handshake and on writing a reply to it.
+    HANDSHAKE_WAIT = 5.0
+    SEND_WAIT = 30.0
+    #: The largest request the daemon reads.
+    FRAME_MAX = 64 << 20
 
     def __init__(self, store, env, clock=time.monotonic):
         self.store = store
@@ -6810,7 +6832,7 @@ class Daemon:
             lock.release()  # releasing the lock is the last thing a daemon does
 
     def _serve(self, signal):
-        from multiprocessing.connection import Listener
+        import socket
         key = self.files.read_key()
         if not key:
             key = os.urandom(32).hex().encode("ascii")
@@ -6821,12 +6843,16 @@ class Daemon:
             os.unlink(self.socket)  # stale, from a daemon that was killed
         except FileNotFoundError:
             pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            self.listener = Listener(self.socket, family="AF_UNIX", backlog=128)
+            listener.bind(self.socket)
         finally:
             os.umask(old_umask)
         os.chmod(self.socket, 0o600)
+        listener.listen(1024)  # connections beyond the workers wait here (up to somaxconn)
+        listener.settimeout(0.5)  # workers look up at a stop
+        self.listener = listener
         _write_file_atomic(self.files.pid, json.dumps(
             {"pid": os.getpid(), "socket": os.path.abspath(self.socket),
              "started_at": now_ts()}) + "\n", 0o600)
@@ -6838,7 +6864,9 @@ class Daemon:
         threads = {fn: start_thread("daemon-" + fn.__name__.strip("_").replace("_loop", ""),
                                     self._guard, fn)
                    for fn in (self._watch_loop, self._sync_loop, self._reap_loop,
-                              self._context_loop, self._nudge_loop, self._accept_loop)}
+                              self._context_loop, self._nudge_loop)}
+        for n in range(self.WORKERS):
+            start_thread("daemon-worker-%d" % n, self._guard, self._worker_loop)
         while not self._stopped.wait(0.5):
             pass
         self.log("daemon %d stopping" % os.getpid())
@@ -6900,42 +6928,75 @@ class Daemon:
             self.store.close()  # this thread's index connection
 
     # -- serving -------------------------------------------------------------------
-    def _accept_loop(self):
+    def _worker_loop(self):
+        """One of WORKERS threads: take the next client from the listening socket (more
+        wait in its backlog), serve its requests until it closes, goes idle for IDLE
+        seconds or the daemon stops, then take the next one. A worker keeps its SQLite
+        connection across clients, so a burst costs no descriptors or memory that stay."""
+        import socket
+        idle_since = time.monotonic()
         while not self.stopping:
             try:
-                conn = self.listener.accept()
+                sock, _ = self.listener.accept()
+            except socket.timeout:
+                if idle_since is not None and time.monotonic() - idle_since > self.IDLE:
+                    self.store.close()  # idle after a burst: keep no connection open
+                    idle_since = None
+                continue
             except OSError:
                 if self.stopping:
                     return
                 time.sleep(0.05)
                 continue
-            start_thread("daemon-client", self._guard, self._serve_connection, conn)
+            try:
+                self._serve_client(sock)
+            finally:
+                sock.close()
+                idle_since = time.monotonic()
 
-    def _serve_connection(self, conn):
-        from multiprocessing import AuthenticationError
-        from multiprocessing.connection import answer_challenge, deliver_challenge
+    def _serve_client(self, sock):
+        import socket
+        sock.settimeout(self.HANDSHAKE_WAIT)
         try:
-            try:  # the same handshake as Listener(authkey=...), but off the accept loop
-                deliver_challenge(conn, self.key)
-                answer_challenge(conn, self.key)
-            except (AuthenticationError, EOFError, OSError) as e:
-                self.log("refused a client: %s" % (str(e) or type(e).__name__))
+            self._handshake(sock)
+        except ValueError as e:  # a wrong key
+            self.log("refused a client: %s" % e)
+            return
+        except (OSError, ConnectionError):  # gone (it gave up waiting in the backlog)
+            return
+        while not self.stopping:
+            sock.settimeout(self.IDLE)
+            try:
+                data = _recv_frame(sock, self.FRAME_MAX)
+            except socket.timeout:
+                return  # idle: the worker goes to the next client (this one reconnects)
+            except (OSError, ConnectionError):
                 return
-            while not self.stopping:
-                try:
-                    data = conn.recv_bytes()
-                except (EOFError, OSError):
-                    return
-                try:
-                    reply = self._handle(data, conn)
-                except WaitAbandoned:
-                    return  # no reply: the client's wait carries on by itself
-                try:
-                    conn.send_bytes(json.dumps(reply, allow_nan=False).encode("utf-8"))
-                except (OSError, ValueError):
-                    return
-        finally:
-            conn.close()
+            try:
+                reply = self._handle(data, sock)
+            except WaitAbandoned:
+                return  # no reply: the client's wait carries on by itself
+            sock.settimeout(self.SEND_WAIT)
+            try:
+                _send_frame(sock, json.dumps(reply, allow_nan=False).encode("utf-8"))
+            except (OSError, ValueError):
+                return
+
+    def _handshake(self, sock):
+        """multiprocessing.connection's handshake, both ways: the client proves it holds
+        daemon.key, then the daemon does (what Listener(authkey=...) and Client() do)."""
+        challenge = os.urandom(_LEGACY_CHALLENGE)
+        _send_frame(sock, _CHALLENGE + challenge)
+        if not _check_mac(self.key, challenge, _recv_frame(sock, 256)):
+            _send_frame(sock, _FAILURE)
+            raise ValueError("the client did not prove the key")
+        _send_frame(sock, _WELCOME)
+        msg = _recv_frame(sock, 256)
+        if not msg.startswith(_CHALLENGE):
+            raise ValueError("no challenge from the client")
+        _send_frame(sock, _mac_for(self.key, msg[len(_CHALLENGE):]))
+        if _recv_frame(sock, 256) != _WELCOME:
+            raise ValueError("the client refused the daemon's answer")
 
     def _handle(self, data, conn=None):
         try:
@@ -6954,6 +7015,11 @@ class Daemon:
             caller = Caller.from_dict(req.get("caller"))
             params = req.get("params") or {}
             if spec.blocks and isinstance(params, dict):
+                with self._cond:
+                    busy = self._waiting >= self.MAX_WAITS
+                if busy:  # workers are kept for other requests: the client waits itself
+                    return {"ok": False, "busy": True, "error": error_payload(ThrumError(
+                        "the daemon serves %d waits already" % self.MAX_WAITS))}
                 return {"ok": True, "result": self._wait(op, dict(params), caller, conn)}
             try:
                 return {"ok": True, "result": call(op, params, caller, self.store)}
@@ -6977,9 +7043,12 @@ class Daemon:
         self.schedule.poke()  # the sync loop checks the remote every wait_interval now
 
         def gone():
+            if conn is None:
+                return False
+            import select
             try:  # the client sends nothing while it waits: readable means closed
-                return conn is not None and conn.poll(0)
-            except (OSError, EOFError):
+                return bool(select.select([conn], [], [], 0)[0])
+            except (OSError, ValueError):
                 return True
 
         def wake(seconds):
@@ -7478,6 +7547,15 @@ class Router:
         finally:
             if cancel is not None:
                 cancel.off(client.abort)
+
+    def release_thread(self):
+        """Close what this thread keeps open (its daemon connection, its SQLite
+        connection): a pool thread that went idle calls it."""
+        client = getattr(self._tls, "client", None)
+        if client is not None:
+            client.close()
+        if self.store is not None:
+            self.store.close()
 
     def close(self):
         with self._lock:
@@ -8159,36 +8237,52 @@ def _mcp_value(name, spec, v):
 
 
 class _Workers:
-    """Threads that run jobs and stay around for the next one (each thread keeps its
-    own SQLite connection, so a reused thread saves opening one per call). A job
-    never waits for a free thread: with none idle, a new one starts."""
+    """A fixed pool of at most `size` threads, started as needed and kept (each keeps
+    its SQLite connection and daemon connection, so a burst opens no more than `size` of
+    each); jobs beyond the pool wait in a queue, in order. A thread idle for `idle`
+    seconds runs `on_idle` (which closes what it keeps open), so a burst leaves nothing
+    behind."""
 
-    KEEP = 4  # idle threads kept
-
-    def __init__(self, guard):
+    def __init__(self, guard, size, name, idle=10.0, on_idle=None):
         import queue
         self._jobs = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
+        self._cond = threading.Condition()
+        self._threads = self._queued = 0
+        self._size, self._name, self._idle, self._on_idle = size, name, idle, on_idle
         self._guard = guard
 
     def submit(self, fn, *args):
-        with self._lock:
-            start = self._idle == 0
-            if not start:
-                self._idle -= 1
+        with self._cond:
+            self._queued += 1
+            start = self._threads < self._size
+            if start:
+                self._threads += 1
+                n = self._threads
         self._jobs.put((fn, args))
         if start:
-            start_thread("mcp-worker", self._loop)
+            start_thread("%s-%d" % (self._name, n), self._loop)
+
+    def wait_below(self, n, timeout=None):
+        """Block while `n` or more jobs wait for a thread (backpressure for a reader)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._queued < n, timeout)
 
     def _loop(self):
+        import queue
+        idle = False
         while True:
-            fn, args = self._jobs.get()
+            try:
+                fn, args = self._jobs.get(timeout=self._idle)
+            except queue.Empty:
+                if not idle and self._on_idle is not None:
+                    self._guard(self._on_idle)
+                idle = True
+                continue
+            idle = False
+            with self._cond:
+                self._queued -= 1
+                self._cond.notify_all()
             self._guard(fn, *args)
-            with self._lock:
-                if self._idle >= self.KEEP:
-                    return
-                self._idle += 1
 
 
 class _McpCall:
@@ -8210,6 +8304,12 @@ class McpServer:
     #: How far back a wait looks for messages that came in since the previous wait
     #: ended (between two calls a model works, and messages arrive meanwhile).
     LOOKBACK = 900.0
+    #: Threads for tool calls, and for waits (calls beyond them queue).
+    WORKERS = 8
+    WAITERS = 8
+    #: The reader stops reading new requests while this many calls queue for a worker
+    #: (what a burst holds in memory is bounded; cancellations still arrive soon).
+    QUEUE_MAX = 64
 
     def __init__(self, caller, rfile, wfd, channel=False):
         self.router = Router(caller)
@@ -8228,7 +8328,12 @@ class McpServer:
         self._last_wait = None         # when this server's last wait_for_message ended
         self._tools = [{"name": n, "description": d, "inputSchema": s}
                        for n, (_, d, s, _, _) in MCP_TOOLS.items()]
-        self._workers = _Workers(self._guard)
+        # Two fixed pools: waits block for minutes, so they have their own and never
+        # hold up the other calls (requests beyond a pool queue, SPEC §11).
+        self._workers = _Workers(self._guard, self.WORKERS, "mcp-worker",
+                                 on_idle=self.router.release_thread)
+        self._waiters = _Workers(self._guard, self.WAITERS, "mcp-wait",
+                                 on_idle=self.router.release_thread)
 
     # -- I/O ----------------------------------------------------------------------------
     def log(self, msg):
@@ -8279,6 +8384,9 @@ class McpServer:
                 started.release()
         start_thread("mcp-register", self._guard, register)
         while not self.closing.is_set():
+            while not self._workers.wait_below(self.QUEUE_MAX, 1.0):
+                if self.closing.is_set():
+                    break
             try:
                 line = self.rfile.readline()
             except (OSError, ValueError):
@@ -8319,7 +8427,7 @@ class McpServer:
             if not msg:
                 return self.send(self._error(None, _MCP_INVALID, "Invalid Request: an "
                                                                  "empty batch"))
-            start_thread("mcp-batch", self._guard, self._batch, msg)
+            self._waiters.submit(self._batch, msg)  # (it may hold waits: the waiters' pool)
             return None
         reply = self._answer(msg)
         if reply is not None:
@@ -8467,12 +8575,15 @@ class McpServer:
         self._calls[key] = c
         if inline:
             return self._finish(key, c, rid, name, args, modern)
-        self._workers.submit(self._finish, key, c, rid, name, args, modern, True)
+        pool = self._waiters if OPS[MCP_TOOLS[name][0]].blocks else self._workers
+        pool.submit(self._finish, key, c, rid, name, args, modern, True)
         return None
 
     def _finish(self, key, c, rid, name, args, modern, write=False):
         """Run a tool and answer it (unless it was cancelled: then nothing is sent)."""
         try:
+            if c.cancel.is_set():  # cancelled while it queued: it never runs
+                raise WaitAbandoned()
             result = self._tool(name, args, c)
         except WaitAbandoned:
             result = None

@@ -569,3 +569,106 @@ def test_a_swap_file_that_comes_and_goes_makes_no_commit(tmp_path):
         assert t("daemon", "status").code == 0
     finally:
         t("daemon", "stop")
+
+
+# --------------------------------------------------------------------------- bursts
+
+def proc_threads(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int(next(ln for ln in f if ln.startswith("Threads:")).split()[1])
+
+
+@pytest.mark.parametrize("mode", ["cli", "daemon"])
+def test_an_mcp_burst_under_a_descriptor_limit_gets_every_answer(tmp_path, mode):
+    """600 tool calls at once with `ulimit -n 1024`: every one is answered (a result, or
+    an error reply), by a bounded number of threads."""
+    import resource
+    import threading
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    t.ok("quickstart", "--name", "bob", "--role", "r", "--module", "m", name="bob")
+    if mode == "daemon":
+        t.ok("daemon", "start")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    p = subprocess.Popen([sys.executable, THRUM_PY, "mcp", "serve"], cwd=repo,
+                         env=dict(env, THRUM_NAME="bob"), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         preexec_fn=limit)
+    lines = [json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}})]
+    lines += [json.dumps({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {
+        "name": "check_messages", "arguments": {}}}) for i in range(1, 601)]
+    got, peak, done = {}, [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], proc_threads(p.pid))
+            except OSError:
+                return
+            done.wait(0.01)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    p.stdin.write(("\n".join(lines) + "\n").encode())
+    p.stdin.flush()
+    try:
+        for line in p.stdout:
+            msg = json.loads(line)
+            got[msg.get("id")] = msg
+            if len(got) == 601:
+                break
+    finally:
+        done.set()
+        p.stdin.close()
+        p.wait(timeout=30)
+        if mode == "daemon":
+            t("daemon", "stop")
+    assert sorted(got) == list(range(601))
+    assert not [m for i, m in got.items() if i and ("error" in m or m["result"].get("isError"))]
+    assert peak[0] <= 24, "%d threads for one burst" % peak[0]
+
+
+def test_a_daemon_serves_a_burst_with_a_fixed_pool(tmp_path):
+    """Hundreds of clients at once: a fixed number of threads serves them, and the
+    descriptors they used do not stay (SPEC §9)."""
+    import threading
+    env = make_env(tmp_path / "home")
+    repo = make_repo(tmp_path / "repo", env=env)
+    t = Runner(repo, env)
+    t.ok("quickstart", "--name", "bob", "--role", "r", "--module", "m", name="bob")
+    pid = t.json("daemon", "start")["pid"]
+    try:
+        sys.path.insert(0, str(Path(THRUM_PY).parent))
+        import thrum
+        files = thrum.DaemonFiles(str(repo / ".thrum" / "var"), env)
+        caller = thrum.Caller(str(repo), dict(env, THRUM_NAME="bob"))
+        answered, peak = [], [0]
+
+        def client():
+            for _ in range(3):
+                c = thrum.DaemonClient(files)
+                try:
+                    answered.append(c.call("inbox", {"unread": True}, caller)["total"])
+                except thrum.DaemonUnavailable:
+                    pass  # (the CLI would work without the daemon)
+                finally:
+                    c.close()
+        fds0 = len(list(Path("/proc/%d/fd" % pid).iterdir()))
+        threads = [threading.Thread(target=client) for _ in range(200)]
+        for th in threads:
+            th.start()
+        while any(th.is_alive() for th in threads):
+            peak[0] = max(peak[0], proc_threads(pid))
+        for th in threads:
+            th.join()
+        assert len(answered) > 300, len(answered)
+        assert peak[0] <= thrum.Daemon.WORKERS + 10, "%d threads" % peak[0]
+        fds = len(list(Path("/proc/%d/fd" % pid).iterdir()))
+        assert fds <= fds0 + 2 * thrum.Daemon.WORKERS + 4, (fds0, fds)
+        assert t.json("daemon", "status")["pid"] == pid
+    finally:
+        t("daemon", "stop")
