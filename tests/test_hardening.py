@@ -4,7 +4,6 @@ import json
 import os
 
 from conftest import assert_error, git, log_dir, make_repo, run_thrum
-from test_sync import net, pair  # noqa: F401  (fixtures)
 
 
 def test_symlinks_on_the_remote_branch_are_never_followed(pair, tmp_path):

@@ -12,6 +12,13 @@ from conftest import (SES_ID_RE, Runner, assert_error, git, log_dir, make_repo, 
                       run_thrum)
 
 
+@pytest.fixture
+def team(cli_team):
+    """This module's team is set up through the CLI: `init` and `quickstart` are what it
+    tests (elsewhere the standard team is registered in process)."""
+    return cli_team
+
+
 def user_state(repo: Path, env) -> dict:
     """Everything about the user's checkout that thrum must leave alone."""
     gitdir = repo / ".git"

@@ -22,13 +22,11 @@ Oracles (computed in the test from Python's own json/UTF-8 rules, independent of
 - refused: exit 2, a `thrum: error:` line, the `--json` error object, no traceback, every
   log file byte-identical.
 - at the end of each test: every log line parses with strict json (no NaN/Infinity constants),
-  re-encodes to UTF-8 and carries the §3 envelope; thrum's own reader (when importable) skips
-  none; after deleting .thrum/var/index.db* every message comes back the same again.
+  re-encodes to UTF-8 and carries the §3 envelope; thrum's own reader skips none; after deleting .thrum/var/index.db* every message comes back the same again.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -37,7 +35,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import THRUM_PY, assert_error, log_dir, make_team
+from conftest import assert_error, log_dir, make_team, thrum
 
 EXAMPLES = int(os.environ.get("THRUM_HYPOTHESIS_EXAMPLES", "30"))
 
@@ -151,18 +149,6 @@ def assert_refused(r, before, team) -> None:
     assert_log_unchanged(before, snapshot(team), r)
 
 
-def _load_thrum():
-    """thrum.py as a module, or None (the black-box tests do not need it)."""
-    try:
-        spec = importlib.util.spec_from_file_location("thrum_under_test", THRUM_PY)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    except Exception:  # pragma: no cover - mid-edit or renamed: fall back to black-box only
-        return None
-
-
-THRUM = _load_thrum()
 
 
 def check_log_lines(team) -> int:
@@ -193,14 +179,9 @@ def check_log_lines(team) -> int:
                 assert k in ev, f"{where} lacks envelope field {k!r}"
             if ev["type"] == "message.create":
                 creates += 1
-        parse = getattr(THRUM, "parse_lines", None)
-        if parse is not None:
-            try:
-                events, bad = parse(data, str(rel), warn=False)
-            except TypeError:  # signature changed: the strict checks above still hold
-                continue
-            assert bad == 0 and len(events) == len(lines), (
-                f"thrum's reader skipped {bad} of {len(lines)} lines of {rel}")
+        events, bad = thrum.parse_lines(data, str(rel), warn=False)
+        assert bad == 0 and len(events) == len(lines), (
+            f"thrum's reader skipped {bad} of {len(lines)} lines of {rel}")
     return creates
 
 
@@ -477,14 +458,6 @@ def test_structured_round_trip_or_refusal(tmp_path_factory):
 
 # ----------------------------------------------------------------- in-process: the encoder
 
-def _encoder_api():
-    names = ("encode_event", "parse_lines", "make_event", "new_id", "UsageError")
-    if THRUM is None or not all(hasattr(THRUM, n) for n in names):
-        pytest.skip("thrum.py has no importable encode_event/parse_lines (black-box tests "
-                    "above still cover the property)")
-    return THRUM
-
-
 @st.composite
 def message_events(draw):
     """A message.create event as `send` would build it, with arbitrary body and structured
@@ -503,7 +476,7 @@ def test_encoder_never_writes_a_line_the_reader_skips():
     """encode_event either refuses (UsageError) or writes one line that thrum's reader and a
     strict JSON reader both read back unchanged; an event with NaN/Infinity or a lone
     surrogate anywhere is always refused; a clean message.create is always accepted."""
-    mod = _encoder_api()
+    mod = thrum
     origin = "org_" + "0" * 26
 
     @IN_PROCESS

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (THRUM_PY, MSG_ID_RE, Result, assert_error, git, make_env, make_repo,
-                      run_thrum)
-from test_sync import ls_remote, net  # noqa: F401  (fixture)
+from conftest import (THRUM_PY, MSG_ID_RE, Result, assert_error, git, ls_remote, make_env,
+                      make_repo, run_thrum)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -193,7 +192,7 @@ def test_a_project_branch_named_a_sync_is_never_adopted(tmp_path, command):
     assert git("rev-list", "--count", "a-sync", cwd=repo, env=env).strip() == "1"
 
 
-def test_hand_edited_sync_branch_main_never_touches_main(net):  # noqa: F811
+def test_hand_edited_sync_branch_main_never_touches_main(net):
     a = net.clone("A")
     a.quickstart("alice", "implementer", "auth")
     a.quickstart("bob", "reviewer", "api")
@@ -218,7 +217,7 @@ def test_hand_edited_sync_branch_main_never_touches_main(net):  # noqa: F811
     assert a.rev("refs/heads/main") == main_before
 
 
-def test_remote_a_sync_replaced_by_unrelated_log_history_converges(net):  # noqa: F811
+def test_remote_a_sync_replaced_by_unrelated_log_history_converges(net):
     a, b = net.clone("A"), net.clone("B")
     # B starts its own log before the remote has any a-sync: an unrelated root.
     b.quickstart("carl", "tester", "qa")
@@ -246,7 +245,7 @@ def test_remote_a_sync_replaced_by_unrelated_log_history_converges(net):  # noqa
     assert b_mid in [m["message_id"] for m in a.json("inbox", "--all", name="bob")["messages"]]
 
 
-def test_remote_a_sync_replaced_by_project_code_is_refused(net):  # noqa: F811
+def test_remote_a_sync_replaced_by_project_code_is_refused(net):
     a = net.clone("A")
     a.quickstart("alice", "implementer", "auth")
     a.quickstart("bob", "reviewer", "api")
@@ -475,7 +474,7 @@ def test_human_inbox_shows_how_a_message_was_addressed(team, target, shown):
     assert head and shown in head[0], out
 
 
-def test_offline_name_race_is_not_called_a_takeover(net):  # noqa: F811
+def test_offline_name_race_is_not_called_a_takeover(net):
     a, b = net.clone("A"), net.clone("B")
     # Both clones register "sam" before either has synced: nobody used --force.
     a.quickstart("sam", "implementer", "auth")
