@@ -192,13 +192,13 @@ def test_integrate_refuses_a_file_it_cannot_parse(team):
     (team.path / ".mcp.json").write_text('{"mcpServers": {')
     before = snapshot(team.path)
     r = integrate(team, "claude", "--write")
-    assert r.code != 0 and "not valid JSON" in r.err and "untouched" in r.err
+    assert r.code == 2 and "not valid JSON" in r.err and "untouched" in r.err, r.describe()
     assert snapshot(team.path) == before  # nothing half-written: no settings.json either
     (team.path / ".codex").mkdir()
     (team.path / ".codex" / "config.toml").write_text("model = [\n")
     before = snapshot(team.path)
     r = integrate(team, "codex", "--write")
-    assert r.code != 0 and "not valid TOML" in r.err
+    assert r.code == 2 and "not valid TOML" in r.err, r.describe()
     assert snapshot(team.path) == before
     assert integrate(team, "gemini").code == 2
     assert integrate(team, "claude", "--agent", "nobody").code == 4

@@ -11,10 +11,10 @@ each). They are bounded: one team per test (not per example), a fixed number of 
 
 Oracles (computed in the test from Python's own json/UTF-8 rules, independent of thrum):
 - body from stdin / --body-file: bytes -> strict UTF-8 (else exit 2) -> exactly one trailing
-  `\\n` or `\\r\\n` removed (SPEC §14); empty -> exit 2; otherwise accepted and stored exactly.
-  Whitespace-only bodies may go either way (the spec only says "empty"), but if accepted they
-  must round-trip. Positional bodies are argv bytes (decoded by Python with surrogateescape):
-  invalid UTF-8 there must be refused too, and nothing is stripped.
+  `\\n` or `\\r\\n` removed (SPEC §14); empty or whitespace-only (`str.strip()`) -> exit 2
+  (SPEC §6 refuses empty bodies; docs/cli.md: "An empty or whitespace-only body exits 2");
+  otherwise accepted and stored exactly. Positional bodies are argv bytes (decoded by Python
+  with surrogateescape): invalid UTF-8 there must be refused too, and nothing is stripped.
 - `--structured TEXT`: parsed with Python's lenient json.loads (which reads NaN, Infinity and
   turns 1e999 into inf); accepted iff that gives a dict whose numbers are all finite and whose
   strings (keys and values) are all valid Unicode (no lone surrogates). Accepted data must come
@@ -343,7 +343,7 @@ def bodies(draw):
 
 
 def expected_body(mode: str, data: bytes):
-    """(verdict, content): verdict is 'accept', 'refuse' or 'either' (whitespace only)."""
+    """(verdict, content): verdict is 'accept' or 'refuse'."""
     if mode == "arg":
         text = os.fsdecode(data)  # what Python gives thrum in sys.argv
         if not _unicode_ok(text):
@@ -357,10 +357,8 @@ def expected_body(mode: str, data: bytes):
             text = text[:-2]
         elif text.endswith("\n"):
             text = text[:-1]
-    if text == "":
+    if not text.strip():  # empty or whitespace only
         return "refuse", None
-    if not text.strip():
-        return "either", text
     return "accept", text
 
 
@@ -405,14 +403,14 @@ def test_body_round_trip_or_refusal(tmp_path_factory):
             r = team.t("send", os.fsdecode(data), "--to", "bob", "--json", name="alice")
         event(f"body via {mode}: expected {verdict}, exit {r.code}")
         if r.code == 0:
-            assert verdict != "refuse", f"thrum accepted a body it must refuse\n{r.describe()}"
+            assert verdict == "accept", f"thrum accepted a body it must refuse\n{r.describe()}"
             doc = r.json
             assert doc["recipients"] == ["bob"], r.describe()
             mid = doc["message_id"]
             check_round_trip(team, mid, content, None)
             accepted.append((mid, content, None))
         else:
-            assert verdict != "accept", f"thrum refused a valid body\n{r.describe()}"
+            assert verdict == "refuse", f"thrum refused a valid body\n{r.describe()}"
             assert_refused(r, before, team)
 
     prop()
