@@ -854,6 +854,7 @@ class Procs:
 
     def __init__(self):
         self._bgs = []       # Background, McpSession, Popen
+        self._groups = []    # Popen leading a process group of its own
         self._stores = []    # (path, env) whose daemon goes at the end
         self._pids = set()   # daemon pids
         self._cleanups = []
@@ -873,8 +874,13 @@ class Procs:
         """`thrum wait ARGS` as `name` in the background, for a Team or Clone."""
         return self.thrum(team.path, team.env, "wait", *args, name=name)
 
-    def popen(self, argv, **kw) -> subprocess.Popen:
-        """Any other process (subprocess.Popen arguments)."""
+    def popen(self, argv, group=False, **kw) -> subprocess.Popen:
+        """Any other process (subprocess.Popen arguments). `group`: in a new session,
+        and the whole process group is killed at the end (a shell loop and its children)."""
+        if group:
+            kw["start_new_session"] = True
+            self._groups.append(subprocess.Popen(argv, **kw))
+            return self._groups[-1]
         p = subprocess.Popen(argv, **kw)
         self._bgs.append(p)
         return p
@@ -929,6 +935,15 @@ class Procs:
 
     def teardown(self):
         errors = []
+        for p in self._groups:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:  # gone already
+                pass
+            try:
+                p.communicate(timeout=10)
+            except Exception as e:  # noqa: BLE001 - keep tearing down
+                errors.append(e)
         for b in self._bgs:
             try:
                 if isinstance(b, subprocess.Popen):

@@ -723,14 +723,12 @@ def test_sessions_of_dead_processes_are_ended(team, procs):
     assert_alive(h)
 
 
-def test_pure_cli_never_ends_sessions(team):
+def test_pure_cli_never_ends_sessions(team, procs):
     """Without a daemon nothing is reaped, even when the recorded process died."""
-    p = subprocess.Popen(["sleep", "60"])
-    try:
-        s = team.t.json("session", "start", "--pid", str(p.pid), name="alice")
-    finally:
-        p.kill()
-        p.wait()
+    p = procs.popen(["sleep", "60"])
+    s = team.t.json("session", "start", "--pid", str(p.pid), name="alice")
+    p.kill()
+    p.wait()
     for _ in range(3):
         team.t.ok("team", name="bob")
         team.t.ok("inbox", name="alice")

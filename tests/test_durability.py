@@ -64,7 +64,7 @@ def test_concurrent_writers(team):
 
 
 @pytest.mark.slow
-def test_kill_9_loses_no_acknowledged_message(team):
+def test_kill_9_loses_no_acknowledged_message(team, procs):
     """Sender loops are SIGKILLed (the loop and the thrum process in it) at random moments;
     every message id a sender printed must be present afterwards."""
     rng = random.Random(int(os.environ.get("THRUM_TEST_SEED", "0")) or None)
@@ -72,18 +72,18 @@ def test_kill_9_loses_no_acknowledged_message(team):
             f'--to bob --json || true; done')
     acked = []
     for _round in range(4):
-        procs = []
+        loops = []
         for k in range(6):
             env = dict(team.env, THRUM_NAME="alice" if k % 2 else "carol")
-            p = subprocess.Popen(["bash", "-c", loop], cwd=str(team.path), env=env,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, start_new_session=True)
-            procs.append((p, rng.uniform(0.2, 1.5)))
+            p = procs.popen(["bash", "-c", loop], group=True, cwd=str(team.path), env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+            loops.append((p, rng.uniform(0.2, 1.5)))
         t0 = time.monotonic()
-        for p, delay in sorted(procs, key=lambda x: x[1]):
+        for p, delay in sorted(loops, key=lambda x: x[1]):
             time.sleep(max(0.0, t0 + delay - time.monotonic()))
             os.killpg(p.pid, signal.SIGKILL)
-        for p, _ in procs:
+        for p, _ in loops:
             out, err = p.communicate(timeout=30)
             acked += ids_in(out.decode("utf-8", "replace"))
             assert b"Traceback" not in err, err.decode()
@@ -169,7 +169,7 @@ def test_index_rebuild_gives_identical_answers(team):
 
 def test_corrupt_line_is_skipped(team):
     t = team.t
-    sent = [team.send("alice", f"m{i}", "--to", "bob")["message_id"] for i in range(3)]
+    sent = [team.seed("alice", f"m{i}", to=["bob"])["message_id"] for i in range(3)]
     log = team.log / "messages" / "alice.jsonl"
     lines = log.read_bytes().split(b"\n")
     assert len(lines) == 4 and lines[-1] == b""
@@ -194,7 +194,7 @@ def test_corrupt_line_is_skipped(team):
 
 def test_torn_last_line_repaired_on_next_append(team):
     t = team.t
-    first = team.send("alice", "whole", "--to", "bob")
+    first = team.seed("alice", "whole", to=["bob"])
     log = team.log / "messages" / "alice.jsonl"
     torn = b'{"v": 1, "event_id": "evt_01TORN", "type": "message.cre'
     with open(log, "ab") as f:
@@ -214,7 +214,7 @@ def test_torn_last_line_repaired_on_next_append(team):
 
 
 def test_duplicate_event_lines_apply_once(team):
-    sent = team.send("alice", "once", "--to", "bob")
+    sent = team.seed("alice", "once", to=["bob"])
     log = team.log / "messages" / "alice.jsonl"
     line = log.read_bytes()
     log.write_bytes(line + line)  # same event_id twice (e.g. after a union merge)
@@ -282,7 +282,7 @@ def _append(path, event):
 def test_events_arriving_before_their_message_wait_for_it(team):
     """A receipt and an edit written before the message they refer to (as after a sync that
     brought them in that order) are applied once the message arrives (SPEC §3)."""
-    seed = team.send("alice", "seed", "--to", "bob")
+    seed = team.seed("alice", "seed", to=["bob"])
     team.t.ok("inbox", name="bob")
     proto = read_log(team.log / "messages" / "alice.jsonl")[-1]
     mid = "msg_" + _ulid()

@@ -112,7 +112,7 @@ def test_two_clones_converge_exactly_once(pair):
     # cross-side operations on messages that came from the other clone
     b.ok("message", "get", m1, name="bob")        # bob reads alice's message (receipt on B)
     a.ok("message", "read", m3, name="alice")     # alice reads bob's message (receipt on A)
-    m5 = a.send("carol", "carol to dave", "--to", "dave", "--structured", '{"k": [1, 2]}')
+    m5 = a.seed("carol", "carol to dave", to=["dave"], structured={"k": [1, 2]})
     m5 = m5["message_id"]
     b.ok("message", "edit", m4, "from B two (edited)", name="bob")
     sync_all(a, b)
@@ -199,8 +199,8 @@ def test_two_clones_converge_exactly_once(pair):
 
 def test_fresh_clone_sees_full_history_on_first_command(pair):
     net, a, b = pair
-    m1 = a.send("alice", "history one", "--to", "bob")["message_id"]
-    m2 = b.send("bob", "history two", "--to", "alice")["message_id"]
+    m1 = a.seed("alice", "history one", to=["bob"])["message_id"]
+    m2 = b.seed("bob", "history two", to=["alice"])["message_id"]
     sync_all(a, b)
     tip = ls_remote(net.remote, net.env)
 
@@ -432,7 +432,7 @@ def test_unreachable_remote_then_recovery(pair):
     net, a, b = pair
     a.git("remote", "set-url", "origin", "/nonexistent/path")
     local_before = a.rev("refs/heads/a-sync")
-    mids = [a.send("alice", f"offline {i}", "--to", "bob")["message_id"] for i in range(2)]
+    mids = [a.seed("alice", f"offline {i}", to=["bob"])["message_id"] for i in range(2)]
 
     r = a.run("sync", "force")
     assert_error(r, 1)
@@ -471,7 +471,7 @@ def test_push_rejected_by_remote_hook_then_recovery(pair):
     hook.write_text("#!/bin/sh\necho 'a-sync is frozen for maintenance' >&2\nexit 1\n")
     hook.chmod(0o755)
     tip = ls_remote(net.remote, net.env)
-    mid = a.send("alice", "while the remote refuses", "--to", "bob")["message_id"]
+    mid = a.seed("alice", "while the remote refuses", to=["bob"])["message_id"]
     started = time.monotonic()
     r = a.run("sync", "force")
     assert_error(r, 1)
@@ -495,7 +495,7 @@ def test_push_rejection_reports_the_remote_reason(pair):
     hook = net.remote / "hooks" / "pre-receive"
     hook.write_text("#!/bin/sh\necho 'a-sync is frozen for maintenance' >&2\nexit 1\n")
     hook.chmod(0o755)
-    a.send("alice", "refused", "--to", "bob")
+    a.seed("alice", "refused", to=["bob"])
     r = a.run("sync", "force")
     assert_error(r, 1)
     low = r.err.lower()
@@ -514,7 +514,7 @@ def _commit_unpushed(a: Clone, remote):
 
 def test_damage_sync_worktree_deleted(pair):
     net, a, b = pair
-    m1 = a.send("alice", "committed but unpushed", "--to", "bob")["message_id"]
+    m1 = a.seed("alice", "committed but unpushed", to=["bob"])["message_id"]
     _commit_unpushed(a, net.remote)
     before = set(a.event_ids())
     shutil.rmtree(a.log)
@@ -535,7 +535,7 @@ def test_damage_sync_worktree_deleted(pair):
 
 def test_damage_worktree_registration_pruned(pair):
     net, a, b = pair
-    mids = [a.send("alice", f"before prune {i}", "--to", "bob")["message_id"] for i in range(2)]
+    mids = [a.seed("alice", f"before prune {i}", to=["bob"])["message_id"] for i in range(2)]
     before = set(a.event_ids())
     wtdir = a.path / ".git" / "worktrees"
     regs = [p for p in wtdir.iterdir() if p.name.startswith("a-sync")]
@@ -597,9 +597,9 @@ def test_damage_index_deleted_between_sends_and_syncs(pair):
 
 def test_damage_torn_local_line_never_committed(pair):
     net, a, b = pair
-    m1 = a.send("alice", "synced first", "--to", "bob")["message_id"]
+    m1 = a.seed("alice", "synced first", to=["bob"])["message_id"]
     a.sync()
-    m2 = a.send("alice", "pending when the tear happens", "--to", "bob")["message_id"]
+    m2 = a.seed("alice", "pending when the tear happens", to=["bob"])["message_id"]
     f = a.log / "messages" / "alice.jsonl"
     with open(f, "ab") as fh:
         fh.write(b'{"v":1,"event_id":"evt_TORNTORNTORN","type":"message.cre')
@@ -633,7 +633,7 @@ def test_damage_torn_local_line_never_committed(pair):
 
 def test_damage_torn_line_on_remote_branch(pair):
     net, a, b = pair
-    m1 = a.send("alice", "real message", "--to", "bob")["message_id"]
+    m1 = a.seed("alice", "real message", to=["bob"])["message_id"]
     sync_all(a, b)
 
     # a third clone publishes, with plain git, a file whose last line is torn
@@ -833,12 +833,12 @@ def test_sync_status_fields_and_states(pair):
     assert keys <= set(forced)
 
     # a pending local change: ahead
-    a.send("alice", "pending", "--to", "bob")
+    a.seed("alice", "pending", to=["bob"])
     st = a.status()
     assert st["ahead"] >= 1 and st["state"] == "ahead", st
 
     # the remote moved and A fetched (plain git): behind + ahead = diverged
-    b.send("bob", "remote side", "--to", "alice")
+    b.seed("bob", "remote side", to=["alice"])
     b.sync()
     a.git("fetch", "-q", "origin")
     st = a.status()

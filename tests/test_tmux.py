@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -220,32 +221,29 @@ def test_one_nudge_per_message_and_per_burst_never_the_senders_pane(tteam, tmux,
     bob_log, alice_log = tmp_path / "bob.log", tmp_path / "alice.log"
     bob = start_reader(tteam, "w-bob", "bob", bob_log)
     start_reader(tteam, "w-alice", "alice", alice_log)
-    tteam.register("dave", "tester", "qa")  # (in process: sends the last message below)
-    sent = tteam.send("alice", "please review", "--to", "@bob")
-    wait_until(lambda: lines(bob_log), 20, "the nudge in bob's pane")
-    assert lines(bob_log) == [NUDGE]
-    # the body stays in the inbox, still unread
-    assert tteam.unread_ids("bob") == [sent["message_id"]]
-    # a burst of 20 gives one nudge (and the first one was typed and submitted once: a
-    # second copy of it, or a stray Enter, would come before this one)
-    for i in range(20):
-        tteam.t.ok("send", f"part {i}", "--to", "@bob", "-q", name="alice")
-    wait_until(lambda: len(lines(bob_log)) >= 2, 30, "the burst's nudge")
-    assert lines(bob_log) == [NUDGE, "20 new messages from @alice -- run `thrum inbox "
-                                     "--unread`"]
-    # never the sender's own pane: nothing was typed into alice's, and a send made
-    # from inside bob's pane does not nudge bob's pane
-    assert lines(alice_log) == []
-    r = run_thrum(["send", "from inside", "--to", "@bob"], tteam.path,
+    # never the sender's own pane: a send made from inside bob's pane does not nudge bob's
+    # pane. The next message's nudge shows it: had carol's been queued, it would come
+    # first or join that one ("2 new messages from @carol, @alice").
+    r = run_thrum(["send", "from inside", "--to", "@bob", "--json"], tteam.path,
                   dict(tteam.env, THRUM_NAME="carol", TMUX_PANE=bob["pane"],
                        TMUX=tmux.sock + ",1,0"))
     assert r.code == 0, r.describe()
-    # ...which the next message's nudge shows: had carol's been queued, it would come
-    # first or join this one (from @carol, @dave)
-    tteam.send("dave", "me too", "--to", "@bob")
-    wait_until(lambda: len(lines(bob_log)) >= 3, 30, "dave's nudge")
+    sent = tteam.send("alice", "please review", "--to", "@bob")
+    wait_until(lambda: lines(bob_log), 20, "the nudge in bob's pane")
+    assert lines(bob_log) == [NUDGE]
+    # the bodies stay in the inbox, still unread
+    assert tteam.unread_ids("bob") == [sent["message_id"], r.json["message_id"]]
+    # a burst of 20 gives one nudge (and the first one was typed and submitted once: a
+    # second copy of it, or a stray Enter, would come before this one)
+    with ThreadPoolExecutor(4) as pool:
+        for res in pool.map(lambda i: tteam.t("send", f"part {i}", "--to", "@bob", "-q",
+                                              name="alice"), range(20)):
+            assert res.code == 0, res.describe()
+    wait_until(lambda: len(lines(bob_log)) >= 2, 30, "the burst's nudge")
     time.sleep(ENTER_RETRIES)
-    assert lines(bob_log)[2:] == ["New message from @dave -- run `thrum inbox --unread`"]
+    assert lines(bob_log) == [NUDGE, "20 new messages from @alice -- run `thrum inbox "
+                                     "--unread`"]
+    # and nothing was ever typed into the sender's (alice's) pane
     assert lines(alice_log) == []
 
 
