@@ -244,6 +244,15 @@ def wait_until(pred, timeout, what, interval=0.05):
         time.sleep(interval)
 
 
+def wait_older_than(msg, seconds=1.0):
+    """Wait until the message `msg` (a send result) was created more than `seconds` ago,
+    by the clock that stamped its created_at (a plain wait looks back one second)."""
+    from datetime import datetime, timezone
+    created = datetime.strptime(msg["created_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=timezone.utc).timestamp()
+    time.sleep(max(0.0, created + seconds + 0.05 - time.time()))
+
+
 def api(op, params, cwd, env, name=None):
     """Set-up that is not under test, in process: `thrum.call(op, params)` for a caller in
     `cwd` with the test's environment `env` (THRUM_NAME=`name` when given). The store is
@@ -605,6 +614,22 @@ def holds_open(pid, name) -> bool:
     return False
 
 
+#: clock_nanosleep, the syscall of time.sleep(), by machine (for /proc/<pid>/syscall).
+_NANOSLEEP = {"x86_64": "230", "aarch64": "115"}
+
+
+def in_sleep(pid) -> bool:
+    """Whether process `pid` is blocked in time.sleep() right now (the kernel's wait
+    channel, or the syscall it is in)."""
+    try:
+        if "nanosleep" in Path(f"/proc/{pid}/wchan").read_text():
+            return True
+        call = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return bool(call) and call[0] == _NANOSLEEP.get(os.uname().machine)
+
+
 def caller_dict(path, env, name=None) -> dict:
     e = dict(env)
     if name is not None:
@@ -650,15 +675,15 @@ def waiting(path) -> int:
 def blocked(w, path, daemon, n=1, timeout=15):
     """Wait until the background `thrum wait` `w` blocks: served by the store's daemon
     (which then serves at least `n` waits, by its own `daemon_status`), or, without a
-    daemon, polling the store itself (its process holds the index open: past its start-up
-    and its first look at the messages). Fails if `w` returned meanwhile."""
+    daemon, polling the store itself: its process holds the index open and sleeps between
+    two looks at the message files (so its first look is done). Fails if `w` returned."""
     def check():
         if not w.running():
             w.finish()
             pytest.fail(f"`{w.describe()}` returned early ({w.code}):\n{w.out}\n{w.err}")
         if daemon:
             return waiting(path) >= n
-        return holds_open(w.p.pid, "index.db")
+        return holds_open(w.p.pid, "index.db") and in_sleep(w.p.pid)
     wait_until(check, timeout, f"`{w.describe()}` to block")
 
 

@@ -14,8 +14,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
-from conftest import (MSG_ID_RE, THRUM_PY, TS_RE, assert_alive, make_env, make_repo, make_team, run_thrum,
-                      wait_until, waiting)
+from conftest import (MSG_ID_RE, THRUM_PY, TS_RE, assert_alive, make_env, make_repo,
+                      make_team, run_thrum, wait_older_than, wait_until, waiting)
 
 TOOLS = ["send_message", "check_messages", "wait_for_message", "reply_message", "get_message",
          "mark_read", "list_agents", "who_has"]
@@ -414,7 +414,7 @@ def test_two_servers_and_the_cli_share_delivered_once(mteam, procs):
         "timeout"
     # a message that came in between two waits is not lost (the gap is looked back on)
     s3 = team.send("carol", "between waits", "--to", "@bob")
-    time.sleep(1.2)  # older than a plain wait's one second of lookback
+    wait_older_than(s3, 1.0)  # older than a plain wait's one second of lookback
     got = bob.call("wait_for_message", {"timeout": 5})["structuredContent"]
     assert [m["message_id"] for m in got["messages"]] == [s3["message_id"]]
     bob.close()

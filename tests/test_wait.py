@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
 
 import pytest
 
-from conftest import TS_RE, Team, assert_error, bare_remote, blocked, clone, git, make_env, \
-    make_repo
+from conftest import (TS_RE, Team, assert_error, bare_remote, blocked, clone, git, make_env,
+                      make_repo, wait_older_than)
 
 
 @pytest.fixture
@@ -21,14 +20,6 @@ def team(modal_team):
 def blocks(team, w, n=1):
     """Wait until the background wait `w` blocks (in the daemon, or polling the store)."""
     blocked(w, team.path, team.daemon is not None, n)
-
-
-def older_than_lookback(msg, lookback=1.0):
-    """Wait until `msg` (a send result) was created more than `lookback` seconds ago (a
-    plain wait looks back one second), by the clock that stamped it."""
-    created = datetime.strptime(msg["created_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-        tzinfo=timezone.utc).timestamp()
-    time.sleep(max(0.0, created + lookback + 0.05 - time.time()))
 
 
 def test_wait_timeout(team):
@@ -95,7 +86,7 @@ def test_wait_ignores_others_and_own_messages(team, procs):
 
 def test_wait_after_returns_older_messages(team):
     sent = team.seed("alice", "from the past", to=["bob"])
-    older_than_lookback(sent)
+    wait_older_than(sent)
     r = team.t("wait", "--timeout", "0", name="bob")
     assert r.code == 1 and r.out.strip() == "NO_MESSAGES_TIMEOUT", r.describe()
     r = team.t("wait", "--after=-30s", "--timeout", "0", "--json", name="bob")
@@ -117,7 +108,7 @@ def test_wait_after_timestamp(team):
 
 def test_wait_unread_returns_at_once(team):
     old = team.seed("alice", "old but unread", to=["bob"])
-    older_than_lookback(old)
+    wait_older_than(old)
     start = time.monotonic()
     r = team.t("wait", "--unread", "--timeout", "30s", name="bob")
     assert r.code == 0, r.describe()
@@ -214,7 +205,7 @@ def test_a_message_that_arrives_by_sync_wakes_a_waiter(tmp_path, procs):
     # more than two seconds old when the sync brings it in: thrum counts a message as
     # arriving late (at the sync, not at its creation) only past that age. (Pulled in
     # sooner, it is missed: a product bug reported with this change.)
-    older_than_lookback(sent, 2.05)
+    wait_older_than(sent, 2.05)
     w = procs.wait(ta, "bob", "--timeout", "20s", "--json")
     blocked(w, a, daemon=False)
     ta.t.ok("sync", "force")  # pulls it in: it is new to this store
