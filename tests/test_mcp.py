@@ -5,7 +5,6 @@ EOF, the era of each request, the Claude Code channel)."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
-from conftest import (MSG_ID_RE, THRUM_PY, TS_RE, assert_alive, make_env, make_repo,
+from conftest import (MSG_ID_RE, THRUM_CMD, TS_RE, assert_alive, make_env, make_repo,
                       make_team, run_thrum, wait_older_than, wait_until, waiting)
 
 TOOLS = ["send_message", "check_messages", "wait_for_message", "reply_message", "get_message",
@@ -46,7 +45,7 @@ def daemon_waiting(team) -> int:
 # --------------------------------------------------------------------------- SDK client
 
 def sdk(team, name, mode="auto", **env):
-    params = StdioServerParameters(command=sys.executable, args=[THRUM_PY, "mcp", "serve"],
+    params = StdioServerParameters(command=THRUM_CMD[0], args=[*THRUM_CMD[1:], "mcp", "serve"],
                                    cwd=str(team.path), env=dict(env, THRUM_NAME=name))
     return Client(params, mode=mode)
 

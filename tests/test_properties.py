@@ -22,7 +22,8 @@ Oracles (computed in the test from Python's own json/UTF-8 rules, independent of
 - refused: exit 2, a `thrum: error:` line, the `--json` error object, no traceback, every
   log file byte-identical.
 - at the end of each test: every log line parses with strict json (no NaN/Infinity constants),
-  re-encodes to UTF-8 and carries the §3 envelope; thrum's own reader skips none; after deleting .thrum/var/index.db* every message comes back the same again.
+  re-encodes to UTF-8 and carries the §3 envelope; thrum's own reader skips none; after
+  deleting .thrum/var/index.db* every message comes back the same again.
 """
 
 from __future__ import annotations
