@@ -846,7 +846,7 @@ def test_doctor_healthy_and_torn_line(team):
     r = t("doctor", name="alice")
     assert r.code == 1, r.describe()
     text = (r.out + r.err).lower()
-    assert "torn" in text or "alice.jsonl" in text, r.describe()
+    assert "torn" in text and "alice.jsonl" in text, r.describe()
     assert t.json("inbox", "--unread", name="bob")["total"] == 1  # still readable
     r = t("doctor", "--fix", name="alice")
     assert r.code == 0, r.describe()
