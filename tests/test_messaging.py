@@ -55,10 +55,10 @@ class Refusals:
     def __init__(self, team: Team, author="alice"):
         self.team, self.author = team, author
 
-    def __enter__(self):
+    def __enter__(self):  # (the state before, read in process; the check is the CLI's)
         self.snap = messages_snapshot(self.team)
-        self.sent = self.team.t.json("sent", name=self.author)["total"]
-        self.bob = self.team.t.json("inbox", "--unread", name="bob")["total"]
+        self.sent = self.team.api("sent", {}, name=self.author)["total"]
+        self.bob = self.team.api("inbox", {"unread": True}, name="bob")["total"]
         return self
 
     def __exit__(self, *exc):
