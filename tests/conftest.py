@@ -16,10 +16,14 @@ that call.
 Every background process (a blocking `wait`, a daemon, an MCP server, a plain command) is
 started through the `procs` fixture (class `Procs`), whose teardown always stops it.
 
+Waits wait for the event they are about (`wait_until`): `blocked()` for a background
+`thrum wait`, `wait_older_than()` for a message's age, a daemon's own `daemon_status`.
+
 Helpers exported for the test modules (no test module imports another one):
-    thrum, THRUM_PY, make_env, make_repo, git, bare_remote, clone, run_thrum, api, Result,
-    Runner, Team, make_team, Clone, net, pair, sync_all, ls_remote, read_log, log_dir,
-    all_log_files, assert_error, ids_in, wait_until, Procs/procs, Background, DaemonHandle,
+    thrum, THRUM_CMD, THRUM_PY, make_env, make_repo, git, bare_remote, clone, run_thrum, api,
+    Result, Runner, Team, make_team (fixtures team, cli_team, modal_team), Clone, net, pair,
+    sync_all, ls_remote, read_log, log_dir, all_log_files, assert_error, ids_in, wait_until,
+    wait_older_than, Procs/procs, Background, blocked, DaemonHandle, assert_alive,
     McpSession, daemon helpers (var_dir, pid_file, daemon_log, pid_alive, rpc, waiting, ...)
 """
 
