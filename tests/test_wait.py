@@ -175,10 +175,11 @@ def test_listener_loop_gets_each_message_once(team):
 def test_listener_loop_in_the_background_misses_nothing(team, procs):
     got, sent = [], []
     for i in range(3):
-        w = procs.wait(team, "bob", *LISTENER[1:], "--timeout", "20s")
         if i == 1:  # one sent while no wait runs, before the next one starts
             sent.append(team.send("alice", "gap %d" % i, "--to", "bob")["message_id"])
+            w = procs.wait(team, "bob", *LISTENER[1:], "--timeout", "20s")
         else:
+            w = procs.wait(team, "bob", *LISTENER[1:], "--timeout", "20s")
             blocks(team, w)
             sent.append(team.send("alice", "live %d" % i, "--to", "bob")["message_id"])
         w.finish()
