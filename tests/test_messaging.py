@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (EVT_ID_RE, MSG_ID_RE, SES_ID_RE, THR_ID_RE, THRUM_PY, TS_RE, Runner, Team,
-                      assert_error, commit_all, git, make_env, make_repo,
-                      read_log)
+                      assert_error, commit_all, git, make_env, make_repo, read_log, wait_until)
 
 M_KEYS = ("message_id", "thread_id", "reply_to", "agent_id", "recipients", "audiences", "body",
           "scopes", "refs", "created_at", "updated_at", "deleted", "is_read")
@@ -1057,16 +1056,29 @@ def test_agent_register_and_takeover(team, tmp_path):
                  2)
 
 
-def test_sessions_not_ended_by_cli_exits(team):
+def test_sessions_not_ended_by_cli_exits(team, procs):
     t = team.t
     sid = t.json("whoami", name="alice")["session_id"]
-    t.ok("session", "start", "--pid", "999999", name="carol")  # a dead pid
+    gone = procs.popen(["true"])
+    gone.wait()  # reaped: a dead pid
+    t.ok("session", "start", "--pid", str(gone.pid), name="carol")
     for _ in range(3):
         t.ok("inbox", name="alice")
         t.ok("team", name="bob")
     assert t.json("whoami", name="alice")["session_id"] == sid
     members = {m["agent_id"]: m["status"] for m in t.json("team", name="bob")["members"]}
-    assert members == {"alice": "active", "bob": "active", "carol": "active"}
+    if team.daemon is None:
+        # SPEC §14: pure-CLI commands never end a session, not even one whose recorded
+        # long-lived process is dead
+        assert members == {"alice": "active", "bob": "active", "carol": "active"}
+    else:
+        # ...but the daemon does, within its check interval (SPEC §14 "Sessions"): carol's,
+        # and only hers (alice's and bob's record no process)
+        wait_until(lambda: t.json("whoami", name="carol")["session_id"] is None, 15,
+                   "the daemon to end the session of carol's dead process")
+        members = {m["agent_id"]: m["status"] for m in t.json("team", name="bob")["members"]}
+        assert members == {"alice": "active", "bob": "active"}
+        assert t.json("whoami", name="alice")["session_id"] == sid
 
 
 def test_lines_have_no_length_limit(team, tmp_path):
