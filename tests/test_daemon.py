@@ -7,7 +7,7 @@ handshake with the key in `.thrum/var/daemon.key`).
 
 Every test synchronises on observable events with deadlines (the daemon's own
 `daemon_status` reply says how many waits it is serving), stops every daemon it started in
-the `daemons` fixture's teardown (by pid, never by name), and checks that a daemon that is
+the `procs` fixture's teardown (by pid, never by name), and checks that a daemon that is
 supposed to survive the test is still the same live process at the end.
 """
 
@@ -19,95 +19,22 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import (wait_until, THRUM_PY, BackgroundThrum, DaemonHandle, Runner, bare_remote, clone, git, log_dir,
-                      make_env, make_repo, run_thrum)
+from conftest import (THRUM_CMD, DaemonHandle, Runner, api, assert_alive, ask, blocked, connect,
+                      daemon_log, git, log_dir, ls_remote, make_env, make_repo, pid_alive,
+                      pid_file, rpc, run_thrum, var_dir, wait_until, waiting)
 
 T = 60  # timeout of every CLI call
 
 
 # --------------------------------------------------------------------------- helpers
 
-def var_dir(path) -> Path:
-    return Path(path) / ".thrum" / "var"
-
-
-def pid_file(path) -> dict:
-    return json.loads((var_dir(path) / "daemon.pid").read_text())
-
-
-def daemon_log(path) -> str:
-    log = var_dir(path) / "daemon.log"
-    return log.read_text(errors="replace") if log.exists() else "(no daemon.log)"
-
-
-def pid_alive(pid) -> bool:
-    """A live process (not gone, not a zombie waiting to be reaped)."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = data.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
-
-
 def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
-
-
-def caller(path, env, name=None) -> dict:
-    e = dict(env)
-    if name is not None:
-        e["THRUM_NAME"] = name
-    return {"cwd": str(path), "env": e, "agent": None}
-
-
-def connect(path, authkey=None, sock=None):
-    """A stdlib multiprocessing.connection.Client of the store's daemon."""
-    from multiprocessing.connection import Client
-    if authkey is None:
-        authkey = (var_dir(path) / "daemon.key").read_bytes().strip()
-    return Client(sock or pid_file(path)["socket"], family="AF_UNIX", authkey=authkey)
-
-
-def ask(conn, op, params=None, who=None) -> dict:
-    """One request/reply on an open connection. `who` = (path, env, name) for the caller."""
-    req = {"op": op, "params": params or {}}
-    if who is not None:
-        req["caller"] = caller(*who)
-    conn.send_bytes(json.dumps(req).encode("utf-8"))
-    return json.loads(conn.recv_bytes())
-
-
-def rpc(path, op, params=None, who=None) -> dict:
-    conn = connect(path)
-    try:
-        return ask(conn, op, params, who)
-    finally:
-        conn.close()
-
-
-def waiting(path) -> int:
-    """How many waits the daemon is serving right now (its own daemon_status reply)."""
-    try:
-        r = rpc(path, "daemon_status")
-    except (OSError, EOFError):
-        return -1
-    assert r["ok"], r
-    return r["result"]["waiting"]
-
-
-def is_thrum_daemon(pid) -> bool:
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(a.endswith(b"thrum.py") for a in args) and b"daemon" in args
 
 
 def daemon_run_processes(store_root) -> list:
@@ -128,97 +55,15 @@ def daemon_run_processes(store_root) -> list:
     return found
 
 
-def blocked_in_daemon(path, w, n=1, timeout=15):
-    """Wait until the daemon serves at least `n` waits and `w` still runs."""
-    def check():
-        if not w.running():
-            out, err = w.p.communicate()
-            pytest.fail(f"`thrum {' '.join(w.args)}` returned early ({w.p.returncode}):\n"
-                        f"{out.decode()}\n{err.decode()}")
-        return waiting(path) >= n
-    wait_until(check, timeout, f"`thrum {' '.join(w.args)}` to block in the daemon")
-
-
 def proc_counts(pid) -> tuple:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
-Bg = BackgroundThrum  # (path, env, name, *args)
-
-
-class Daemons:
-    """Starts daemons and remembers them; the teardown stops every one (by pid)."""
-
-    def __init__(self):
-        self.stores = []   # (path, env)
-        self.pids = set()
-        self.procs = []    # Popen handles (foreground `daemon run`, background commands)
-
-    def start(self, path, env) -> DaemonHandle:
-        self.stores.append((Path(path), env))
-        h = DaemonHandle(path, env)
-        self.pids.add(h.pid)
-        return h
-
-    def track(self, path, env, pid=None):
-        self.stores.append((Path(path), env))
-        if pid:
-            self.pids.add(pid)
-
-    def popen(self, *args, **kw) -> subprocess.Popen:
-        p = subprocess.Popen(*args, **kw)
-        self.procs.append(p)
-        return p
-
-    def bg(self, path, env, name, *args) -> Bg:
-        b = Bg(path, env, name, *args)
-        self.procs.append(b.p)
-        return b
-
-    def kill9(self, pid):
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not pid_alive(pid), 10, f"daemon {pid} to die after SIGKILL")
-
-    def teardown(self):
-        for path, env in self.stores:
-            try:
-                r = run_thrum(["daemon", "status", "--json"], path, env, timeout=T)
-                if r.code == 0 and r.json.get("pid"):
-                    self.pids.add(r.json["pid"])
-                run_thrum(["daemon", "stop"], path, env, timeout=T)
-            except BaseException:  # noqa: BLE001 - keep tearing down
-                pass
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            try:
-                p.communicate(timeout=10)
-            except Exception:  # noqa: BLE001
-                pass
-        for pid in self.pids:
-            if pid_alive(pid) and is_thrum_daemon(pid):  # never a recycled, unrelated pid
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-
-
-@pytest.fixture
-def daemons():
-    d = Daemons()
-    yield d
-    d.teardown()
-
-
-def assert_alive(h: DaemonHandle):
-    assert h.alive(), f"daemon {h.pid} died during the test:\n{daemon_log(h.path)}"
-
-
 # --------------------------------------------------------------------------- 1. lifecycle
 
-def test_lifecycle_and_exit_codes(team, daemons):
+def test_lifecycle_and_exit_codes(team, procs):
     t = team.t
-    daemons.track(team.path, team.env)
+    procs.track_store(team.path, team.env)
     r = t("daemon", "status", "--json")
     assert r.code == 1, r.describe()
     assert r.json["running"] is False
@@ -228,7 +73,7 @@ def test_lifecycle_and_exit_codes(team, daemons):
     r = t.ok("daemon", "start", "--json", timeout=T)
     doc = r.json
     pid = doc["pid"]
-    daemons.pids.add(pid)
+    procs.track_pid(pid)
     assert doc["running"] is True and doc["started"] is True, doc
     assert isinstance(pid, int) and pid > 0 and pid_alive(pid), doc
     assert doc["started_at"] and doc["socket"], doc
@@ -264,22 +109,22 @@ def test_lifecycle_and_exit_codes(team, daemons):
     assert r.code == 0 and "no daemon was running" in r.out, r.describe()
 
 
-def test_restart_gives_a_new_daemon(team, daemons):
-    h = daemons.start(team.path, team.env)
+def test_restart_gives_a_new_daemon(team, procs):
+    h = procs.daemon(team.path, team.env)
     r = team.t("daemon", "restart", "--json", timeout=T)
     assert r.code == 0, r.describe()
     new = r.json["pid"]
-    daemons.pids.add(new)
+    procs.track_pid(new)
     assert new != h.pid and pid_alive(new), r.json
     wait_until(lambda: not pid_alive(h.pid), 10, "the old daemon to exit")
     assert team.t.json("daemon", "status")["pid"] == new
 
 
-def test_start_detaches_from_the_callers_pipes(team, daemons):
+def test_start_detaches_from_the_callers_pipes(team, procs):
     """The detached daemon holds none of the caller's pipes: reading the starter's stdout
     and stderr to EOF returns as soon as `daemon start` exits."""
-    daemons.track(team.path, team.env)
-    p = daemons.popen([sys.executable, THRUM_PY, "daemon", "start", "--json"],
+    procs.track_store(team.path, team.env)
+    p = procs.popen([*THRUM_CMD, "daemon", "start", "--json"],
                       cwd=str(team.path), env=team.env, stdin=subprocess.DEVNULL,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -288,7 +133,7 @@ def test_start_detaches_from_the_callers_pipes(team, daemons):
         pytest.fail("`daemon start` (or the daemon it left behind) kept the caller's pipes open")
     assert p.returncode == 0, err
     pid = json.loads(out)["pid"]
-    daemons.pids.add(pid)
+    procs.track_pid(pid)
     assert pid_alive(pid)
     own = {os.readlink(f"/proc/{pid}/fd/{n}") for n in (0, 1, 2)}
     assert not any(x.startswith("pipe:") for x in own), own
@@ -297,9 +142,9 @@ def test_start_detaches_from_the_callers_pipes(team, daemons):
 
 # --------------------------------------------------------------------------- 2. kill -9
 
-def test_kill9_mid_burst_loses_nothing(team, daemons):
+def test_kill9_mid_burst_loses_nothing(team, procs):
     import threading
-    h = daemons.start(team.path, team.env)
+    h = procs.daemon(team.path, team.env)
     results = []  # (index, Result)
 
     def burst():
@@ -310,7 +155,7 @@ def test_kill9_mid_burst_loses_nothing(team, daemons):
     th = threading.Thread(target=burst, daemon=True)
     th.start()
     wait_until(lambda: len(results) >= 8, 60, "8 sends before the kill")
-    daemons.kill9(h.pid)
+    procs.kill9(h.pid)
     th.join(120)
     assert not th.is_alive()
     assert len(results) == 30
@@ -328,7 +173,7 @@ def test_kill9_mid_burst_loses_nothing(team, daemons):
     assert not dups, f"a send interrupted by the kill was stored twice: {dups}"
 
     # restart: stale socket and pid file are cleaned up
-    h2 = daemons.start(team.path, team.env)
+    h2 = procs.daemon(team.path, team.env)
     assert h2.pid != h.pid
     r = team.t("doctor", timeout=T)
     assert r.code == 0, r.describe()
@@ -341,9 +186,9 @@ def test_kill9_mid_burst_loses_nothing(team, daemons):
 
 # --------------------------------------------------------------------------- 3. stale pid file
 
-def test_pid_file_naming_an_unrelated_live_process(team, daemons):
-    daemons.track(team.path, team.env)
-    fake = daemons.popen(["sleep", "60"])
+def test_pid_file_naming_an_unrelated_live_process(team, procs):
+    procs.track_store(team.path, team.env)
+    fake = procs.popen(["sleep", "60"])
     var = var_dir(team.path)
     var.mkdir(parents=True, exist_ok=True)
     stale_sock = var / "thrum.sock"
@@ -365,7 +210,7 @@ def test_pid_file_naming_an_unrelated_live_process(team, daemons):
 
     (var / "daemon.pid").write_text(json.dumps(
         {"pid": fake.pid, "socket": str(stale_sock), "started_at": "2024-01-01T00:00:00.000000Z"}))
-    h = daemons.start(team.path, team.env)
+    h = procs.daemon(team.path, team.env)
     assert h.pid != fake.pid
     assert fake.poll() is None, "daemon start disturbed the unrelated process"
     assert pid_file(team.path)["pid"] == h.pid
@@ -380,9 +225,9 @@ def test_pid_file_naming_an_unrelated_live_process(team, daemons):
 # --------------------------------------------------------------------------- 4. racing starts
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_concurrent_starts_give_one_daemon(team, daemons, n):
-    daemons.track(team.path, team.env)
-    ps = [daemons.popen([sys.executable, THRUM_PY, "daemon", "start", "--json"],
+def test_concurrent_starts_give_one_daemon(team, procs, n):
+    procs.track_store(team.path, team.env)
+    ps = [procs.popen([*THRUM_CMD, "daemon", "start", "--json"],
                         cwd=str(team.path), env=team.env, stdin=subprocess.DEVNULL,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n)]
     docs = []
@@ -391,10 +236,11 @@ def test_concurrent_starts_give_one_daemon(team, daemons, n):
         assert p.returncode == 0, (out, err)
         docs.append(json.loads(out))
     pids = {d["pid"] for d in docs}
-    daemons.pids |= pids
+    for pid in pids:
+        procs.track_pid(pid)
     assert len(pids) == 1, f"the starts report different daemons: {docs}"
     [pid] = pids
-    assert sum(d["started"] for d in docs) <= 1, docs
+    assert sum(d["started"] for d in docs) == 1, docs  # the one that spawned the winner
     # losers of the lock race exit; exactly one `daemon run` stays for this store
     wait_until(lambda: len(daemon_run_processes(team.path)) <= 1, 15,
                "the losing `daemon run` processes to exit")
@@ -405,9 +251,7 @@ def test_concurrent_starts_give_one_daemon(team, daemons, n):
     # and it serves (socket and pid file intact after the race)
     team.send("alice", "after the race", "--to", "bob")
     assert waiting(team.path) == 0
-    h = DaemonHandle.__new__(DaemonHandle)
-    h.path, h.env, h.pid = team.path, team.env, pid
-    assert_alive(h)
+    assert_alive(DaemonHandle(team.path, team.env, pid))
 
 
 def flock_held_by(lock: Path, pid: int) -> bool:
@@ -426,17 +270,17 @@ def flock_held_by(lock: Path, pid: int) -> bool:
     return False
 
 
-def test_start_while_a_daemon_is_coming_up_reports_it(team, daemons):
+def test_start_while_a_daemon_is_coming_up_reports_it(team, procs):
     """`daemon start` while another daemon holds the lock but does not answer yet (caught
     between taking the lock and writing daemon.pid, frozen with SIGSTOP): the start
     returns once the socket answers and reports that daemon's pid, never `pid None`."""
-    daemons.track(team.path, team.env)
+    procs.track_store(team.path, team.env)
     lock = var_dir(team.path) / "daemon.lock"
     for _ in range(8):
-        p = daemons.popen([sys.executable, THRUM_PY, "daemon", "run"], cwd=str(team.path),
+        p = procs.popen([*THRUM_CMD, "daemon", "run"], cwd=str(team.path),
                           env=team.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-        daemons.pids.add(p.pid)
+        procs.track_pid(p.pid)
         deadline = time.monotonic() + 20
         while not flock_held_by(lock, p.pid) and p.poll() is None and \
                 time.monotonic() < deadline:
@@ -450,7 +294,7 @@ def test_start_while_a_daemon_is_coming_up_reports_it(team, daemons):
     else:
         pytest.skip("could not catch a daemon between its lock and its pid file")
     try:
-        b = daemons.bg(team.path, team.env, None, "daemon", "start", "--json")
+        b = procs.thrum(team.path, team.env, "daemon", "start", "--json", name=None)
         time.sleep(0.5)  # the starter must wait for the frozen daemon to answer
     finally:
         os.kill(p.pid, signal.SIGCONT)
@@ -475,7 +319,7 @@ def short_tmp():
 
 
 @pytest.mark.parametrize("runtime", ["none", "private", "public", "private-but-long"])
-def test_long_repo_path_uses_a_short_socket(tmp_path, short_tmp, daemons, runtime):
+def test_long_repo_path_uses_a_short_socket(tmp_path, short_tmp, procs, runtime):
     """`none`: no XDG_RUNTIME_DIR; `public`: one that is not private (0755), so not used;
     `private-but-long`: a private one too long to hold a socket name (must still work)."""
     pad = 150 - len(str(tmp_path)) - len("/") - len("/repo")
@@ -490,13 +334,12 @@ def test_long_repo_path_uses_a_short_socket(tmp_path, short_tmp, daemons, runtim
         rt.chmod(0o755 if runtime == "public" else 0o700)
         env["XDG_RUNTIME_DIR"] = str(rt)
     t = Runner(repo, env)
-    t.ok("init")
-    t.ok("quickstart", "--name", "alice", "--role", "implementer", "--module", "auth",
-         name="alice")
-    t.ok("quickstart", "--name", "bob", "--role", "reviewer", "--module", "api", name="bob")
+    api("init", {}, repo, env)
+    for name, role in (("alice", "implementer"), ("bob", "reviewer")):
+        api("quickstart", {"name": name, "role": role, "module": "m"}, repo, env, name)
     assert len(str(var_dir(repo) / "thrum.sock")) > 100
 
-    h = daemons.start(repo, env)
+    h = procs.daemon(repo, env)
     info = pid_file(repo)
     sock = info["socket"]
     assert info["pid"] == h.pid
@@ -514,8 +357,8 @@ def test_long_repo_path_uses_a_short_socket(tmp_path, short_tmp, daemons, runtim
     assert t.json("daemon", "status")["socket"] == sock
 
     # messaging goes through it (a wait blocked in the daemon, woken by a send)
-    w = daemons.bg(repo, env, "bob", "wait", "--timeout", "20s", "--json")
-    blocked_in_daemon(repo, w)
+    w = procs.thrum(repo, env, "wait", "--timeout", "20s", "--json", name="bob")
+    blocked(w, repo, daemon=True)
     m = t.json("send", "long path hello", "--to", "bob", name="alice")
     w.finish()
     assert w.code == 0 and m["message_id"] in w.out, (w.out, w.err)
@@ -534,9 +377,9 @@ def test_long_repo_path_uses_a_short_socket(tmp_path, short_tmp, daemons, runtim
 
 # --------------------------------------------------------------------------- 6. wrong key
 
-def test_wrong_key_is_refused_and_the_daemon_carries_on(team, daemons):
+def test_wrong_key_is_refused_and_the_daemon_carries_on(team, procs):
     from multiprocessing import AuthenticationError
-    h = daemons.start(team.path, team.env)
+    h = procs.daemon(team.path, team.env)
     for bad in (b"wrong", b"0" * 64, (var_dir(team.path) / "daemon.key").read_bytes()[:-3]):
         with pytest.raises(AuthenticationError):
             connect(team.path, authkey=bad)
@@ -574,8 +417,8 @@ def test_wrong_key_is_refused_and_the_daemon_carries_on(team, daemons):
 
 # --------------------------------------------------------------------------- 7. permissions
 
-def test_runtime_file_permissions(team, daemons):
-    h = daemons.start(team.path, team.env)
+def test_runtime_file_permissions(team, procs):
+    h = procs.daemon(team.path, team.env)
     var = var_dir(team.path)
     assert mode(var) == 0o700, oct(mode(var))
     for name in ("daemon.key", "daemon.pid", "daemon.lock", "daemon.log"):
@@ -588,14 +431,13 @@ def test_runtime_file_permissions(team, daemons):
     assert_alive(h)
 
 
-def test_permissions_are_private_even_with_a_loose_umask(tmp_path, daemons):
+def test_permissions_are_private_even_with_a_loose_umask(tmp_path, procs):
     env = make_env(tmp_path / "home")
     repo = make_repo(tmp_path / "repo", env=env)
-    t = Runner(repo, env)
-    t.ok("init")
+    api("init", {}, repo, env)
     old = os.umask(0)
     try:
-        h = daemons.start(repo, env)  # the daemon inherits umask 0
+        h = procs.daemon(repo, env)  # the daemon inherits umask 0
     finally:
         os.umask(old)
     var = var_dir(repo)
@@ -608,11 +450,11 @@ def test_permissions_are_private_even_with_a_loose_umask(tmp_path, daemons):
 
 # --------------------------------------------------------------------------- 8. killed mid-wait
 
-def test_wait_survives_the_daemon_being_killed(team, daemons):
-    h = daemons.start(team.path, team.env)
-    w = daemons.bg(team.path, team.env, "bob", "wait", "--timeout", "30s", "--json")
-    blocked_in_daemon(team.path, w)
-    daemons.kill9(h.pid)
+def test_wait_survives_the_daemon_being_killed(team, procs):
+    h = procs.daemon(team.path, team.env)
+    w = procs.thrum(team.path, team.env, "wait", "--timeout", "30s", "--json", name="bob")
+    blocked(w, team.path, daemon=True)
+    procs.kill9(h.pid)
     time.sleep(0.3)
     assert w.running(), f"the wait returned when the daemon died: {w.p.communicate()}"
     sent = team.send("alice", "after the crash", "--to", "bob")  # directly now
@@ -624,10 +466,10 @@ def test_wait_survives_the_daemon_being_killed(team, daemons):
     assert w.ended - w.started < 25
 
 
-def test_wait_survives_a_clean_stop(team, daemons):
-    h = daemons.start(team.path, team.env)
-    w = daemons.bg(team.path, team.env, "bob", "wait", "--timeout", "30s")
-    blocked_in_daemon(team.path, w)
+def test_wait_survives_a_clean_stop(team, procs):
+    h = procs.daemon(team.path, team.env)
+    w = procs.thrum(team.path, team.env, "wait", "--timeout", "30s", name="bob")
+    blocked(w, team.path, daemon=True)
     h.stop()
     wait_until(lambda: not pid_alive(h.pid), 10, "the stopped daemon to exit")
     assert w.running(), f"the wait returned when the daemon stopped: {w.p.communicate()}"
@@ -636,27 +478,27 @@ def test_wait_survives_a_clean_stop(team, daemons):
     assert w.code == 0 and f"ID: {sent['message_id']}" in w.out, (w.out, w.err)
 
 
-def test_wait_timeout_through_the_daemon(team, daemons):
-    h = daemons.start(team.path, team.env)
-    w = daemons.bg(team.path, team.env, "bob", "wait", "--timeout", "2s", "--json")
-    blocked_in_daemon(team.path, w)
+def test_wait_timeout_through_the_daemon(team, procs):
+    h = procs.daemon(team.path, team.env)
+    w = procs.thrum(team.path, team.env, "wait", "--timeout", "1s", "--json", name="bob")
+    blocked(w, team.path, daemon=True)
     w.finish(timeout=20)
     assert w.code == 1 and json.loads(w.out) == {"status": "timeout", "messages": []}, w.out
-    assert 1.5 <= w.ended - w.started < 12
+    assert 1.0 <= w.ended - w.started < 11
     wait_until(lambda: waiting(team.path) == 0, 5, "the daemon to forget the finished wait")
     assert_alive(h)
 
 
-def test_killed_waiter_does_not_leak_a_wait(team, daemons):
+def test_killed_waiter_does_not_leak_a_wait(team, procs):
     """A client that disappears mid-wait: the daemon stops counting it (at the latest when
     its timeout passes), keeps serving, and other waiters are woken as usual."""
-    h = daemons.start(team.path, team.env)
-    w1 = daemons.bg(team.path, team.env, "bob", "wait", "--timeout", "3s")
-    blocked_in_daemon(team.path, w1)
+    h = procs.daemon(team.path, team.env)
+    w1 = procs.thrum(team.path, team.env, "wait", "--timeout", "3s", name="bob")
+    blocked(w1, team.path, daemon=True)
     w1.kill()
     wait_until(lambda: waiting(team.path) == 0, 15, "the daemon to drop the killed wait")
-    w2 = daemons.bg(team.path, team.env, "carol", "wait", "--timeout", "20s", "--json")
-    blocked_in_daemon(team.path, w2)
+    w2 = procs.thrum(team.path, team.env, "wait", "--timeout", "20s", "--json", name="carol")
+    blocked(w2, team.path, daemon=True)
     sent = team.send("alice", "carol?", "--to", "carol")
     w2.finish()
     assert w2.code == 0 and sent["message_id"] in w2.out, (w2.out, w2.err)
@@ -664,13 +506,13 @@ def test_killed_waiter_does_not_leak_a_wait(team, daemons):
     assert_alive(h)
 
 
-def test_killed_wait_does_not_swallow_the_next_message(team, daemons):
+def test_killed_wait_does_not_swallow_the_next_message(team, procs):
     """SPEC §7: the listener loop gets every message exactly once. An agent's wait killed
     mid-way (a tool timeout, Ctrl-C) must not leave a wait behind in the daemon that
     takes the next message as delivered: the agent's next wait has to return it."""
-    h = daemons.start(team.path, team.env)
-    w = daemons.bg(team.path, team.env, "bob", "wait", "--timeout", "60s")
-    blocked_in_daemon(team.path, w)
+    h = procs.daemon(team.path, team.env)
+    w = procs.thrum(team.path, team.env, "wait", "--timeout", "60s", name="bob")
+    blocked(w, team.path, daemon=True)
     w.kill()
     sent = team.send("alice", "while bob was between waits", "--to", "bob")
     r = team.t("wait", "--after", "-15s", "--timeout", "5s", "--json", name="bob")
@@ -683,12 +525,12 @@ def test_killed_wait_does_not_swallow_the_next_message(team, daemons):
 # --------------------------------------------------------------------------- 9. SIGTERM
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-def test_foreground_run_stops_cleanly_on_signal(team, daemons, sig):
-    daemons.track(team.path, team.env)
-    p = daemons.popen([sys.executable, THRUM_PY, "daemon", "run"], cwd=str(team.path),
+def test_foreground_run_stops_cleanly_on_signal(team, procs, sig):
+    procs.track_store(team.path, team.env)
+    p = procs.popen([*THRUM_CMD, "daemon", "run"], cwd=str(team.path),
                       env=team.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
-    daemons.pids.add(p.pid)
+    procs.track_pid(p.pid)
 
     def up():
         r = run_thrum(["daemon", "status", "--json"], team.path, team.env)
@@ -710,12 +552,12 @@ def test_foreground_run_stops_cleanly_on_signal(team, daemons, sig):
     r = team.t("daemon", "status", "--json")
     assert r.code == 1 and r.json["running"] is False, r.describe()
     # and a new one starts at once (the lock is free)
-    h = daemons.start(team.path, team.env)
+    h = procs.daemon(team.path, team.env)
     assert_alive(h)
 
 
-def test_second_foreground_run_does_not_disturb_the_first(team, daemons):
-    h = daemons.start(team.path, team.env)
+def test_second_foreground_run_does_not_disturb_the_first(team, procs):
+    h = procs.daemon(team.path, team.env)
     sock = pid_file(team.path)["socket"]
     r = team.t("daemon", "run", timeout=30)
     assert r.code == 0 and "already running" in r.out and str(h.pid) in r.out, r.describe()
@@ -727,9 +569,9 @@ def test_second_foreground_run_does_not_disturb_the_first(team, daemons):
 # --------------------------------------------------------------------------- 10. no leaks
 
 @pytest.mark.slow
-def test_many_rpcs_leak_no_fds_or_threads(team, daemons):
+def test_many_rpcs_leak_no_fds_or_threads(team, procs):
     from multiprocessing import AuthenticationError
-    h = daemons.start(team.path, team.env)
+    h = procs.daemon(team.path, team.env)
     team.send("alice", "something to list", "--to", "bob")
     who_a = (team.path, team.env, "alice")
     who_b = (team.path, team.env, "bob")
@@ -814,11 +656,11 @@ def append_message_by_hand(team, frm, to, content) -> str:
 
 @pytest.mark.parametrize("how", ["THRUM_SYNC_INTERVAL=60s", "THRUM_SYNC_WAIT_INTERVAL=5s",
                                  "by-hand"])
-def test_direct_write_wakes_a_daemon_wait(team, daemons, how):
-    h = daemons.start(team.path, team.env)
+def test_direct_write_wakes_a_daemon_wait(team, procs, how):
+    h = procs.daemon(team.path, team.env)
     team.send("alice", "an older message", "--to", "carol")  # messages/alice.jsonl exists
-    w = daemons.bg(team.path, team.env, "bob", "wait", "--timeout", "30s", "--json")
-    blocked_in_daemon(team.path, w)
+    w = procs.thrum(team.path, team.env, "wait", "--timeout", "30s", "--json", name="bob")
+    blocked(w, team.path, daemon=True)
     if how == "by-hand":
         mid = append_message_by_hand(team, "alice", "bob", "appended by hand")
     else:
@@ -842,11 +684,11 @@ def test_direct_write_wakes_a_daemon_wait(team, daemons, how):
 
 # --------------------------------------------------------------------------- 12. dead agents
 
-def test_sessions_of_dead_processes_are_ended(team, daemons):
-    h = daemons.start(team.path, team.env)
+def test_sessions_of_dead_processes_are_ended(team, procs):
+    h = procs.daemon(team.path, team.env)
     t = team.t
-    doomed = daemons.popen(["sleep", "120"])
-    lasting = daemons.popen(["sleep", "120"])
+    doomed = procs.popen(["sleep", "120"])
+    lasting = procs.popen(["sleep", "120"])
     sa = t.json("session", "start", "--pid", str(doomed.pid), name="alice")
     sc = t.json("session", "start", "--pid", str(lasting.pid), name="carol")
     bob_sid = t.json("whoami", name="bob")["session_id"]
@@ -881,14 +723,12 @@ def test_sessions_of_dead_processes_are_ended(team, daemons):
     assert_alive(h)
 
 
-def test_pure_cli_never_ends_sessions(team):
+def test_pure_cli_never_ends_sessions(team, procs):
     """Without a daemon nothing is reaped, even when the recorded process died."""
-    p = subprocess.Popen(["sleep", "60"])
-    try:
-        s = team.t.json("session", "start", "--pid", str(p.pid), name="alice")
-    finally:
-        p.kill()
-        p.wait()
+    p = procs.popen(["sleep", "60"])
+    s = team.t.json("session", "start", "--pid", str(p.pid), name="alice")
+    p.kill()
+    p.wait()
     for _ in range(3):
         team.t.ok("team", name="bob")
         team.t.ok("inbox", name="alice")
@@ -897,8 +737,8 @@ def test_pure_cli_never_ends_sessions(team):
 
 # --------------------------------------------------------------------------- 13. index
 
-def test_deleted_index_is_rebuilt_by_the_daemon(team, daemons):
-    h = daemons.start(team.path, team.env)
+def test_deleted_index_is_rebuilt_by_the_daemon(team, procs):
+    h = procs.daemon(team.path, team.env)
     m1 = team.send("alice", "before the deletion", "--to", "bob")
     assert [x["message_id"] for x in team.inbox("bob")["messages"]] == [m1["message_id"]]
     var = var_dir(team.path)
@@ -931,60 +771,45 @@ def test_deleted_index_is_rebuilt_by_the_daemon(team, daemons):
 
 # --------------------------------------------------------------------------- 14/15. sync
 
-@pytest.fixture
-def net(tmp_path):
-    """A bare remote whose `main` has one commit; clones made with `git clone`."""
-    env = make_env(tmp_path / "home")
-    remote = bare_remote(tmp_path / "remote.git", env)
-    seed = make_repo(tmp_path / "seed", env=env)
-    git("remote", "add", "origin", str(remote), cwd=seed, env=env)
-    git("push", "-q", "origin", "main", cwd=seed, env=env)
-
-    class Net:
-        pass
-
-    n = Net()
-    n.remote, n.env, n.tmp = remote, env, tmp_path
-    n.clone = lambda name: clone(remote, tmp_path / name, env)
-    return n
-
-
 def remote_tip(remote, env) -> str:
-    out = git("ls-remote", str(remote), "refs/heads/a-sync", cwd=remote, env=env)
-    return out.split()[0] if out.strip() else ""
+    return ls_remote(remote, env)
 
 
 @pytest.mark.slow
-def test_two_clones_with_daemons_talk_in_seconds(net, daemons):
+def test_two_clones_with_daemons_talk_in_seconds(net, procs):
     a, b = net.clone("A"), net.clone("B")
-    ta, tb = Runner(a, net.env), Runner(b, net.env)
-    ta.ok("quickstart", "--name", "alice", "--role", "implementer", "--module", "auth",
-          name="alice")
-    ta.ok("sync", "force", timeout=T)
-    tb.ok("quickstart", "--name", "bob", "--role", "reviewer", "--module", "api", name="bob")
-    tb.ok("sync", "force", timeout=T)
-    ta.ok("sync", "force", timeout=T)
-    ha = daemons.start(a, net.env)
-    hb = daemons.start(b, net.env)
+    a.register("alice", "implementer", "auth")
+    a.synced()
+    b.register("bob", "reviewer", "api")
+    b.synced()
+    a.synced()
+    # While an agent waits, its daemon checks the remote every sync.wait_interval (5s by
+    # default); the mechanism is the same with 1s, set in the stores' config so that the
+    # CLI and the daemons agree on it.
+    assert a.ok("config", "get", "sync.wait_interval").out.strip() == "5s"
+    for c in (a, b):
+        c.api("config_set", {"key": "sync.wait_interval", "value": "1s"})
+    ha = procs.daemon(a.path, net.env)
+    hb = procs.daemon(b.path, net.env)
 
-    w = daemons.bg(b, net.env, "bob", "wait", "--timeout", "40s", "--json")
-    blocked_in_daemon(b, w)
+    w = procs.thrum(b.path, net.env, "wait", "--timeout", "40s", "--json", name="bob")
+    blocked(w, b.path, daemon=True)
     t0 = time.monotonic()
-    sent = ta.json("send", "across the remote", "--to", "bob", name="alice")
+    sent = a.json("send", "across the remote", "--to", "bob", name="alice")
     w.finish(timeout=60)
     delay = w.ended - t0
     print(f"clone A -> clone B through two daemons: {delay:.1f}s")
     assert w.code == 0, f"no message within the wait ({delay:.1f}s): {w.out} {w.err}\n" \
-        f"A:\n{daemon_log(a)}\nB:\n{daemon_log(b)}"
+        f"A:\n{daemon_log(a.path)}\nB:\n{daemon_log(b.path)}"
     doc = json.loads(w.out)
     assert [m["message_id"] for m in doc["messages"]] == [sent["message_id"]]
     assert delay < 40
 
     # and back: bob replies, alice waits on A
-    w2 = daemons.bg(a, net.env, "alice", "wait", "--timeout", "40s", "--json")
-    blocked_in_daemon(a, w2)
+    w2 = procs.thrum(a.path, net.env, "wait", "--timeout", "40s", "--json", name="alice")
+    blocked(w2, a.path, daemon=True)
     t1 = time.monotonic()
-    rep = tb.json("reply", sent["message_id"], "got it", name="bob")
+    rep = b.json("reply", sent["message_id"], "got it", name="bob")
     w2.finish(timeout=60)
     print(f"clone B -> clone A: {w2.ended - t1:.1f}s")
     assert w2.code == 0, (w2.out, w2.err)
@@ -994,17 +819,16 @@ def test_two_clones_with_daemons_talk_in_seconds(net, daemons):
 
 
 @pytest.mark.slow
-def test_push_is_debounced(net, daemons):
+def test_push_is_debounced(net, procs):
     """A burst of local writes through the daemon becomes one push, about 2 s later."""
     a = net.clone("A")
-    ta = Runner(a, net.env)
     for name, role in (("alice", "implementer"), ("bob", "reviewer")):
-        ta.ok("quickstart", "--name", name, "--role", role, "--module", "m", name=name)
-    ta.ok("sync", "force", timeout=T)
+        a.register(name, role, "m")
+    a.synced()
     tip0 = remote_tip(net.remote, net.env)
-    h = daemons.start(a, net.env)
+    h = procs.daemon(a.path, net.env)
     for i in range(5):
-        ta.json("send", f"burst {i}", "--to", "bob", name="alice")
+        a.json("send", f"burst {i}", "--to", "bob", name="alice")
     t0 = time.monotonic()
     wait_until(lambda: remote_tip(net.remote, net.env) != tip0, 20, "the debounced push",
                interval=0.2)
@@ -1015,11 +839,11 @@ def test_push_is_debounced(net, daemons):
 
 
 @pytest.mark.slow
-def test_idle_daemon_makes_no_commits(net, daemons):
+def test_idle_daemon_makes_no_commits(net, procs):
     """An idle daemon's interval fetches commit, push and write nothing. The interval is
-    set short here so two fetches happen in seconds (the 60 s default and the schedule's
+    set short here so three fetches happen in seconds (the 60 s default and the schedule's
     rules are covered by tests/test_schedule.py)."""
-    a = net.clone("A")
+    a = net.clone("A").path
     ta = Runner(a, net.env)
     ta.ok("quickstart", "--name", "alice", "--role", "implementer", "--module", "auth",
           name="alice")
@@ -1033,7 +857,7 @@ def test_idle_daemon_makes_no_commits(net, daemons):
 
     def last_sync():
         return json.loads(state.read_text()).get("last_sync_at") if state.exists() else None
-    h = daemons.start(a, net.env)
+    h = procs.daemon(a, net.env)
     seen = {last_sync()}
     for _ in range(3):  # three interval fetches by the daemon, each a full sync cycle
         wait_until(lambda: last_sync() not in seen and seen.add(last_sync()) is None, 30,

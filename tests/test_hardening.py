@@ -2,9 +2,9 @@
 log lines, closed streams, terminal control characters. Each step breaks one thing."""
 import json
 import os
+import subprocess
 
-from conftest import assert_error, git, log_dir, make_repo, run_thrum
-from test_sync import net, pair  # noqa: F401  (fixtures)
+from conftest import THRUM_CMD, assert_error, git, log_dir, make_repo, run_thrum
 
 
 def test_symlinks_on_the_remote_branch_are_never_followed(pair, tmp_path):
@@ -54,7 +54,7 @@ def _append(path, line):
 
 def test_malformed_events_are_skipped_the_same_way_in_any_batch(team):
     t, log = team.t, team.log / "messages" / "alice.jsonl"
-    team.send("alice", "real", "--to", "bob")
+    team.seed("alice", "real", to=["bob"])
     base = {"v": 1, "type": "message.create", "timestamp": "2026-01-01T00:00:00.000000Z",
             "origin": "o", "agent_id": "alice", "recipients": ["bob"],
             "audiences": [{"type": "agent", "value": "bob"}], "scopes": [], "refs": []}
@@ -92,7 +92,7 @@ def test_malformed_events_are_skipped_the_same_way_in_any_batch(team):
 
 def test_two_corrupt_lines_never_join_into_an_event(team):
     t, log = team.t, team.log / "messages" / "alice.jsonl"
-    team.send("alice", "real", "--to", "carol")
+    team.seed("alice", "real", to=["carol"])
     first = ('{"v":1,"event_id":"evt_ghost","type":"message.create","timestamp":'
              '"2026-01-01T00:00:00.000000Z","origin":"o","message_id":"msg_01GHOST000000000000'
              '0000000","agent_id":"alice","body":{"content":"ghost"},"recipients":["bob"')
@@ -107,7 +107,7 @@ def test_two_corrupt_lines_never_join_into_an_event(team):
 
 def test_a_replaced_log_file_is_read_again(team):
     t = team.t
-    team.send("alice", "one", "--to", "bob")
+    team.seed("alice", "one", to=["bob"])
     git("worktree", "remove", "--force", str(team.log), cwd=team.path, env=team.env)
     team.send("alice", "two", "--to", "bob")  # a new file with the same tail bytes
     got = {m["body"]["content"] for m in t.json("inbox", "--all", name="bob")["messages"]}
@@ -120,7 +120,7 @@ def test_streams_and_terminal_output(team):
                   extra_env=None)
     # stdin is /dev/null in the harness: an empty body, refused
     assert_error(r, 2)
-    team.send("alice", "hi\x1b[2Jthere\rX", "--to", "bob")
+    team.seed("alice", "hi\x1b[2Jthere\rX", to=["bob"])
     r = t.ok("inbox", "--unread", name="bob")
     assert "\x1b" not in r.out and "\r" not in r.out and "\\x1b[2J" in r.out
     r = t("send", "x", "--to", "a\nthrum: error: fake", name="alice")
@@ -158,17 +158,13 @@ def test_refusals_store_nothing(tmp_path, env):
     assert_error(run_thrum(["session", "start", "--pid", str(10 ** 20)], repo, env), 2)
 
 
-def test_agents_starting_at_once_in_a_fresh_repo_all_register(tmp_path, env):
-    import subprocess
-    import sys
-    from conftest import THRUM_PY
+def test_agents_starting_at_once_in_a_fresh_repo_all_register(tmp_path, env, procs):
     repo = make_repo(tmp_path / "r", env=env)
     names = ["a1", "b2", "c3", "d4", "e5"]
-    procs = [subprocess.Popen([sys.executable, THRUM_PY, "quickstart", "--name", n, "--role",
-                               "r" + n, "--module", "m", "-q"], cwd=repo,
-                              env=dict(env, THRUM_NAME=n), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for n in names]
-    for p in procs:
+    ps = [procs.popen([*THRUM_CMD, "quickstart", "--name", n, "--role", "r" + n, "--module",
+                       "m", "-q"], cwd=repo, env=dict(env, THRUM_NAME=n),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in names]
+    for p in ps:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
         assert b"warning" not in err, err.decode()

@@ -104,7 +104,8 @@ def test_init_with_failing_hooks(tmp_path, env):
     assert user_state(repo, env) == before
 
 
-def test_init_is_idempotent(team):
+def test_init_is_idempotent(cli_team):
+    team = cli_team  # set up through the CLI: init and quickstart as a user runs them
     t = team.t
     t.ok("init")
     r = t("init")
@@ -207,7 +208,8 @@ def test_quickstart_name_and_role_conflicts(team):
     t.ok("quickstart", "--name", "dave", "--role", "tester", "--module", "m")
 
 
-def test_quickstart_reregister_same_worktree_is_idempotent(team):
+def test_quickstart_reregister_same_worktree_is_idempotent(cli_team):
+    team = cli_team  # set up through the CLI: init and quickstart as a user runs them
     t = team.t
     first = t.json("whoami", name="alice")
     t.ok("quickstart", "--name", "alice", "--role", "implementer", "--module", "auth", name="alice")
@@ -218,7 +220,8 @@ def test_quickstart_reregister_same_worktree_is_idempotent(team):
     assert [m["agent_id"] for m in members].count("alice") == 1
 
 
-def test_quickstart_name_taken_from_other_worktree(team, tmp_path):
+def test_quickstart_name_taken_from_other_worktree(cli_team, tmp_path):
+    team = cli_team  # set up through the CLI: init and quickstart as a user runs them
     t = team.t
     wt = tmp_path / "wt"
     git("worktree", "add", "-q", "-b", "feat/x", str(wt), cwd=team.path, env=team.env)
@@ -282,7 +285,8 @@ def test_single_identity_is_used(repo, env):
     assert t.json("whoami")["agent_id"] == "alice"
 
 
-def test_two_identities_without_thrum_name_is_ambiguous(team):
+def test_two_identities_without_thrum_name_is_ambiguous(cli_team):
+    team = cli_team  # set up through the CLI: init and quickstart as a user runs them
     t = team.t
     r = t("whoami")
     assert_error(r, 3, "alice", "bob", "carol", "THRUM_NAME")
@@ -363,7 +367,8 @@ def test_setup_writes_redirect(team, tmp_path):
         (team.path / ".thrum").resolve()
 
 
-def test_whoami_fields(team):
+def test_whoami_fields(cli_team):
+    team = cli_team  # set up through the CLI: init and quickstart as a user runs them
     me = team.t.json("whoami", name="alice")
     for k in ("agent_id", "role", "module", "display", "worktree", "intent", "session_id",
               "identity_file"):

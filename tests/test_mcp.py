@@ -5,10 +5,6 @@ EOF, the era of each request, the Claude Code channel)."""
 from __future__ import annotations
 
 import json
-import queue
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,16 +13,15 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
-from conftest import (wait_until, MSG_ID_RE, THRUM_PY, TS_RE, DaemonHandle, make_env, make_repo, make_team,
-                      run_thrum)
-from test_daemon import waiting
+from conftest import (MSG_ID_RE, THRUM_CMD, TS_RE, assert_alive, make_env, make_repo,
+                      make_team, run_thrum, wait_older_than, wait_until, waiting)
 
 TOOLS = ["send_message", "check_messages", "wait_for_message", "reply_message", "get_message",
          "mark_read", "list_agents", "who_has"]
 MODERN = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
           "io.modelcontextprotocol/clientCapabilities": {}}
 INIT = {"protocolVersion": "2025-11-25", "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"}}
+        "clientInfo": {"name": "raw", "version": "1"}}  # what McpSession.initialize sends
 
 
 def server_env(team, **extra) -> dict:
@@ -35,123 +30,6 @@ def server_env(team, **extra) -> dict:
            if k in team.env}
     env.update(extra)
     return env
-
-
-# --------------------------------------------------------------------------- raw client
-
-class Raw:
-    """`thrum mcp serve` on pipes. Every stdout line is checked to be one JSON-RPC 2.0
-    frame; replies are matched by id, notifications collected in order."""
-
-    def __init__(self, cwd, env, *args):
-        self.p = subprocess.Popen([sys.executable, THRUM_PY, "mcp", "serve", *args],
-                                  cwd=str(cwd), env=env, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.frames = queue.Queue()
-        self.all = []            # every frame, in order
-        self.bad = []            # stdout lines that are not a JSON-RPC frame
-        self.replies = {}
-        self.notes = []
-        self._lock = threading.Lock()
-        self._next = 1000
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.p.stdout:
-            try:
-                text = line.decode("utf-8")
-                assert text.endswith("\n") and "\n" not in text[:-1]
-                msg = json.loads(text)
-            except (ValueError, AssertionError):
-                self.bad.append(line)
-                continue
-            items = msg if isinstance(msg, list) else [msg]
-            with self._lock:
-                self.all.append(msg)
-                for m in items:
-                    if not isinstance(m, dict) or m.get("jsonrpc") != "2.0":
-                        self.bad.append(line)
-                    elif "id" in m and ("result" in m) != ("error" in m):
-                        self.replies[json.dumps(m["id"])] = m
-                    elif "method" in m and "id" not in m:
-                        self.notes.append(m)
-                    else:
-                        self.bad.append(line)
-
-    def write(self, obj):
-        data = obj if isinstance(obj, (bytes, str)) else json.dumps(obj)
-        if isinstance(data, str):
-            data = data.encode()
-        self.p.stdin.write(data + b"\n")
-        self.p.stdin.flush()
-
-    def send(self, method, params=None, rid=None):
-        if rid is None:
-            self._next += 1
-            rid = self._next
-        msg = {"jsonrpc": "2.0", "id": rid, "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.write(msg)
-        return rid
-
-    def notify(self, method, params=None):
-        msg = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.write(msg)
-
-    def reply(self, rid, timeout=20):
-        key = json.dumps(rid)
-        return wait_until(lambda: self.replies.get(key), timeout, f"the reply to {rid!r}")
-
-    def request(self, method, params=None, timeout=20):
-        return self.reply(self.send(method, params), timeout)
-
-    def call(self, tool, args=None, meta=None, timeout=20):
-        params = {"name": tool, "arguments": args or {}}
-        if meta:
-            params["_meta"] = meta
-        r = self.request("tools/call", params, timeout)
-        assert "result" in r, r
-        return r["result"]
-
-    def initialize(self):
-        r = self.request("initialize", INIT)
-        self.notify("notifications/initialized")
-        return r["result"]
-
-    def notes_of(self, method):
-        with self._lock:
-            return [n for n in self.notes if n["method"] == method]
-
-    def close(self, timeout=5):
-        if self.p.poll() is None:
-            self.p.stdin.close()
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        err = self.p.stderr.read().decode("utf-8", "replace")
-        assert "Traceback" not in err, err
-        assert not self.bad, f"non-frame lines on stdout: {self.bad!r}"
-        return err
-
-
-@pytest.fixture
-def raws():
-    started = []
-
-    def start(cwd, env, *args):
-        r = Raw(cwd, env, *args)
-        started.append(r)
-        return r
-    yield start
-    for r in started:
-        if r.p.poll() is None:
-            r.p.kill()
-            r.p.wait()
 
 
 @pytest.fixture
@@ -167,7 +45,7 @@ def daemon_waiting(team) -> int:
 # --------------------------------------------------------------------------- SDK client
 
 def sdk(team, name, mode="auto", **env):
-    params = StdioServerParameters(command=sys.executable, args=[THRUM_PY, "mcp", "serve"],
+    params = StdioServerParameters(command=THRUM_CMD[0], args=[*THRUM_CMD[1:], "mcp", "serve"],
                                    cwd=str(team.path), env=dict(env, THRUM_NAME=name))
     return Client(params, mode=mode)
 
@@ -302,10 +180,10 @@ def test_sdk_wait_woken_by_cli_send_with_progress(mteam, client_mode):
 
 # --------------------------------------------------------------------------- raw sessions
 
-def test_every_stdout_line_is_a_frame(team, raws):
+def test_every_stdout_line_is_a_frame(team, procs):
     """A whole session with errors of every kind: stdout carries one JSON-RPC frame per
     line, notifications get no reply, ids keep their type."""
-    s = raws(team.path, server_env(team, THRUM_NAME="bob"))
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"))
     assert s.request("ping")["result"] == {}
     init = s.initialize()
     assert init["protocolVersion"] == "2025-11-25"
@@ -343,12 +221,12 @@ def test_every_stdout_line_is_a_frame(team, raws):
     assert len([m for m in s.all if isinstance(m, dict) and m.get("id") is None]) == 2
 
 
-def test_modern_requests_and_a_late_initialize(team, raws):
-    s = raws(team.path, server_env(team, THRUM_NAME="bob"))
+def test_modern_requests_and_a_late_initialize(team, procs):
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"))
     d = s.request("server/discover", {"_meta": MODERN})["result"]
     assert d["resultType"] == "complete" and "2026-07-28" in d["supportedVersions"]
     assert "2025-11-25" in d["supportedVersions"]
-    assert isinstance(d["ttlMs"], int) and d["cacheScope"] in ("public", "private")
+    assert isinstance(d["ttlMs"], int) and d["cacheScope"] == "public"  # same for everyone
     assert d["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "thrum"
     # a slow probe raced by the client's fallback: initialize still works
     init = s.request("initialize", INIT)["result"]
@@ -376,8 +254,8 @@ def test_modern_requests_and_a_late_initialize(team, raws):
     s.close()
 
 
-def test_bad_arguments_are_tool_errors(team, raws):
-    s = raws(team.path, server_env(team, THRUM_NAME="bob"))
+def test_bad_arguments_are_tool_errors(team, procs):
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"))
     s.initialize()
     cases = [
         ("send_message", {"to": 5, "content": "x"}, "to must be"),
@@ -411,10 +289,10 @@ def test_bad_arguments_are_tool_errors(team, raws):
     assert team.t.json("sent", name="bob")["messages"] == []  # nothing was stored
 
 
-def test_identity_from_env_agent_flag_or_the_only_one(tmp_path, raws):
+def test_identity_from_env_agent_flag_or_the_only_one(tmp_path, procs):
     team = make_team(tmp_path)
     # three identities here and no THRUM_NAME: tools/list works; tools say how to fix it
-    s = raws(team.path, server_env(team))
+    s = procs.mcp(team.path, server_env(team))
     s.initialize()
     assert [t["name"] for t in s.request("tools/list")["result"]["tools"]] == TOOLS
     r = s.call("check_messages")
@@ -422,7 +300,7 @@ def test_identity_from_env_agent_flag_or_the_only_one(tmp_path, raws):
     hint = " ".join(c["text"] for c in r["content"])
     assert "several identities" in hint and "THRUM_NAME" in hint and "env" in hint
     s.close()
-    s = raws(team.path, server_env(team), "--agent", "@carol")
+    s = procs.mcp(team.path, server_env(team), "--agent", "@carol")
     s.initialize()
     assert s.call("check_messages")["structuredContent"]["agent_id"] == "carol"
     s.close()
@@ -431,7 +309,7 @@ def test_identity_from_env_agent_flag_or_the_only_one(tmp_path, raws):
     repo = make_repo(tmp_path / "solo", env=env)
     assert run_thrum(["quickstart", "--name", "dave", "--role", "r", "--module", "m"],
                      repo, env).code == 0
-    solo = raws(repo, {k: env[k] for k in ("PATH", "HOME")})
+    solo = procs.mcp(repo, {k: env[k] for k in ("PATH", "HOME")})
     solo.initialize()
     assert solo.call("check_messages")["structuredContent"]["agent_id"] == "dave"
     solo.close()
@@ -440,34 +318,30 @@ def test_identity_from_env_agent_flag_or_the_only_one(tmp_path, raws):
     assert bad.out == ""
 
 
-def test_pid_recorded_and_session_reaped_by_the_daemon(tmp_path, raws):
-    team = make_team(tmp_path)
-    daemon = DaemonHandle(team.path, team.env)
-    try:
-        s = raws(team.path, server_env(team, THRUM_NAME="bob"))
-        s.initialize()
+def test_pid_recorded_and_session_reaped_by_the_daemon(team, procs):
+    daemon = procs.daemon(team.path, team.env)
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"))
+    s.initialize()
 
-        def whoami():
-            return team.t.json("whoami", name="bob")
-        w = wait_until(lambda: (lambda d: d if d["pid"] == s.p.pid else None)(whoami()), 20,
-                       "the server's pid as bob's long-lived process")
-        sid = w["session_id"]
-        s.p.kill()
-        s.p.wait()
-        s.close()
-        wait_until(lambda: whoami()["session_id"] is None, 20, "the daemon to end the session")
-        ended = [s for s in team.t.json("session", "list", name="bob")["sessions"]
-                 if s["session_id"] == sid]
-        assert ended and ended[0]["status"] == "ended"
-        assert "exited" in ended[0]["end_reason"]
-        assert daemon.alive()
-    finally:
-        daemon.stop()
+    def whoami():
+        return team.t.json("whoami", name="bob")
+    w = wait_until(lambda: (lambda d: d if d["pid"] == s.p.pid else None)(whoami()), 20,
+                   "the server's pid as bob's long-lived process")
+    sid = w["session_id"]
+    s.p.kill()
+    s.p.wait()
+    s.close()
+    wait_until(lambda: whoami()["session_id"] is None, 20, "the daemon to end the session")
+    ended = [s for s in team.t.json("session", "list", name="bob")["sessions"]
+             if s["session_id"] == sid]
+    assert ended and ended[0]["status"] == "ended"
+    assert "exited" in ended[0]["end_reason"]
+    assert_alive(daemon)
 
 
-def test_cancelled_wait_sends_nothing_and_claims_nothing(mteam, raws):
+def test_cancelled_wait_sends_nothing_and_claims_nothing(mteam, procs):
     team = mteam
-    s = raws(team.path, server_env(team, THRUM_NAME="bob", THRUM_MCP_PROGRESS_INTERVAL="0.2"))
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob", THRUM_MCP_PROGRESS_INTERVAL="0.2"))
     s.initialize()
     rid = s.send("tools/call", {"name": "wait_for_message", "arguments": {"timeout": 60},
                                 "_meta": {"progressToken": "p1"}})
@@ -490,9 +364,9 @@ def test_cancelled_wait_sends_nothing_and_claims_nothing(mteam, raws):
     assert json.dumps(rid) not in s.replies
 
 
-def test_eof_ends_the_server_within_a_second(mteam, raws):
+def test_eof_ends_the_server_within_a_second(mteam, procs):
     team = mteam
-    s = raws(team.path, server_env(team, THRUM_NAME="bob", THRUM_MCP_PROGRESS_INTERVAL="0.2"))
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob", THRUM_MCP_PROGRESS_INTERVAL="0.2"))
     s.initialize()
     s.send("tools/call", {"name": "wait_for_message", "arguments": {"timeout": 120},
                           "_meta": {"progressToken": 1}})
@@ -511,10 +385,10 @@ def test_eof_ends_the_server_within_a_second(mteam, raws):
     assert r.code == 0 and r.json["messages"][0]["message_id"] == sent["message_id"]
 
 
-def test_two_servers_and_the_cli_share_delivered_once(mteam, raws):
+def test_two_servers_and_the_cli_share_delivered_once(mteam, procs):
     team = mteam
-    bob = raws(team.path, server_env(team, THRUM_NAME="bob"))
-    alice = raws(team.path, server_env(team, THRUM_NAME="alice"))
+    bob = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"))
+    alice = procs.mcp(team.path, server_env(team, THRUM_NAME="alice"))
     bob.initialize()
     alice.initialize()
     rid = bob.send("tools/call", {"name": "wait_for_message", "arguments": {"timeout": 20}})
@@ -539,32 +413,42 @@ def test_two_servers_and_the_cli_share_delivered_once(mteam, raws):
         "timeout"
     # a message that came in between two waits is not lost (the gap is looked back on)
     s3 = team.send("carol", "between waits", "--to", "@bob")
-    time.sleep(1.2)  # older than a plain wait's one second of lookback
+    wait_older_than(s3, 1.0)  # older than a plain wait's one second of lookback
     got = bob.call("wait_for_message", {"timeout": 5})["structuredContent"]
     assert [m["message_id"] for m in got["messages"]] == [s3["message_id"]]
     bob.close()
     alice.close()
 
 
-@pytest.mark.slow
-def test_progress_every_fifteen_seconds_by_default(team, raws):
-    s = raws(team.path, server_env(team, THRUM_NAME="bob"))
+def test_progress_every_fifteen_seconds_by_default(team, procs):
+    """Progress notifications come every mcp.progress_interval while a wait blocks: 15s by
+    default; the mechanism is checked with 0.5s (the config key through the server's
+    environment, as an MCP client's `env` block sets it)."""
+    assert team.t.ok("config", "get", "mcp.progress_interval").out.strip() == "15s"
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob",
+                                        THRUM_MCP_PROGRESS_INTERVAL="0.5s"))
     s.initialize()
     t0 = time.monotonic()
-    r = s.call("wait_for_message", {"timeout": 17}, meta={"progressToken": "tok"}, timeout=40)
+    r = s.call("wait_for_message", {"timeout": 2.25}, meta={"progressToken": "tok"},
+               timeout=40)
     assert r["structuredContent"]["status"] == "timeout" and not r.get("isError")
-    assert time.monotonic() - t0 >= 16.5
-    prog = s.notes_of("notifications/progress")
-    assert len(prog) == 1 and prog[0]["params"]["progressToken"] == "tok"
-    assert 14 <= prog[0]["params"]["progress"] <= 16 and prog[0]["params"]["total"] == 17
+    assert time.monotonic() - t0 >= 2.2
+    prog = [n["params"] for n in s.notes_of("notifications/progress")]
+    # at 0.5, 1.0, 1.5 and (unless the last one lost the race with the end) 2.0 seconds
+    assert 3 <= len(prog) <= 4, prog
+    for i, p in enumerate(prog, 1):
+        assert p["progressToken"] == "tok" and p["total"] == 2.25, p
+        assert 0.5 * i <= p["progress"] <= 0.5 * i + 0.4, prog
+        assert "waiting for a message" in p["message"] and "left" in p["message"], p
     s.close()
+    assert len(s.notes_of("notifications/progress")) == len(prog)  # none after the reply
 
 
 # --------------------------------------------------------------------------- the channel
 
-def test_channel_pushes_each_message_once(mteam, raws):
+def test_channel_pushes_each_message_once(mteam, procs):
     team = mteam
-    s = raws(team.path, server_env(team, THRUM_NAME="bob"), "--channel")
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"), "--channel")
     init = s.initialize()
     assert init["capabilities"]["experimental"] == {"claude/channel": {}}
     assert "<channel" in init["instructions"] and "reply_message" in init["instructions"]
@@ -594,7 +478,7 @@ def test_channel_pushes_each_message_once(mteam, raws):
     assert pushes[1]["params"]["meta"]["thread_id"] == thread and thread
     s.close()
     # a second server for the same agent pushes nothing old again
-    s2 = raws(team.path, server_env(team, THRUM_NAME="bob"), "--channel")
+    s2 = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"), "--channel")
     s2.initialize()
     m3 = team.send("alice", "third", "--to", "@bob")
     wait_until(lambda: s2.notes_of("notifications/claude/channel"), 20, "push 3")
@@ -605,8 +489,8 @@ def test_channel_pushes_each_message_once(mteam, raws):
     s2.close()
 
 
-def test_no_channel_without_the_flag(team, raws):
-    s = raws(team.path, server_env(team, THRUM_NAME="bob"))
+def test_no_channel_without_the_flag(team, procs):
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"))
     init = s.initialize()
     assert "experimental" not in init["capabilities"]
     assert "<channel" not in init["instructions"]
@@ -618,12 +502,12 @@ def test_no_channel_without_the_flag(team, raws):
     s.close()
 
 
-def test_stdout_stays_clean_when_the_store_is_missing(tmp_path, raws):
+def test_stdout_stays_clean_when_the_store_is_missing(tmp_path, procs):
     """No store at all: the server still answers, tools say what to do, and nothing but
     frames reaches stdout."""
     env = make_env(tmp_path / "home")
     repo = make_repo(tmp_path / "bare-repo", env=env)
-    s = raws(repo, {k: env[k] for k in ("PATH", "HOME")})
+    s = procs.mcp(repo, {k: env[k] for k in ("PATH", "HOME")})
     s.initialize()
     r = s.call("send_message", {"to": "bob", "content": "x"})
     assert r["isError"] is True and "not initialised" in r["content"][0]["text"]

@@ -11,10 +11,10 @@ each). They are bounded: one team per test (not per example), a fixed number of 
 
 Oracles (computed in the test from Python's own json/UTF-8 rules, independent of thrum):
 - body from stdin / --body-file: bytes -> strict UTF-8 (else exit 2) -> exactly one trailing
-  `\\n` or `\\r\\n` removed (SPEC §14); empty -> exit 2; otherwise accepted and stored exactly.
-  Whitespace-only bodies may go either way (the spec only says "empty"), but if accepted they
-  must round-trip. Positional bodies are argv bytes (decoded by Python with surrogateescape):
-  invalid UTF-8 there must be refused too, and nothing is stripped.
+  `\\n` or `\\r\\n` removed (SPEC §14); empty or whitespace-only (`str.strip()`) -> exit 2
+  (SPEC §6 refuses empty bodies; docs/cli.md: "An empty or whitespace-only body exits 2");
+  otherwise accepted and stored exactly. Positional bodies are argv bytes (decoded by Python
+  with surrogateescape): invalid UTF-8 there must be refused too, and nothing is stripped.
 - `--structured TEXT`: parsed with Python's lenient json.loads (which reads NaN, Infinity and
   turns 1e999 into inf); accepted iff that gives a dict whose numbers are all finite and whose
   strings (keys and values) are all valid Unicode (no lone surrogates). Accepted data must come
@@ -22,13 +22,12 @@ Oracles (computed in the test from Python's own json/UTF-8 rules, independent of
 - refused: exit 2, a `thrum: error:` line, the `--json` error object, no traceback, every
   log file byte-identical.
 - at the end of each test: every log line parses with strict json (no NaN/Infinity constants),
-  re-encodes to UTF-8 and carries the §3 envelope; thrum's own reader (when importable) skips
-  none; after deleting .thrum/var/index.db* every message comes back the same again.
+  re-encodes to UTF-8 and carries the §3 envelope; thrum's own reader skips none; after
+  deleting .thrum/var/index.db* every message comes back the same again.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import THRUM_PY, assert_error, log_dir, make_team
+from conftest import assert_error, log_dir, make_team, thrum
 
 EXAMPLES = int(os.environ.get("THRUM_HYPOTHESIS_EXAMPLES", "30"))
 
@@ -151,18 +150,6 @@ def assert_refused(r, before, team) -> None:
     assert_log_unchanged(before, snapshot(team), r)
 
 
-def _load_thrum():
-    """thrum.py as a module, or None (the black-box tests do not need it)."""
-    try:
-        spec = importlib.util.spec_from_file_location("thrum_under_test", THRUM_PY)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    except Exception:  # pragma: no cover - mid-edit or renamed: fall back to black-box only
-        return None
-
-
-THRUM = _load_thrum()
 
 
 def check_log_lines(team) -> int:
@@ -193,14 +180,9 @@ def check_log_lines(team) -> int:
                 assert k in ev, f"{where} lacks envelope field {k!r}"
             if ev["type"] == "message.create":
                 creates += 1
-        parse = getattr(THRUM, "parse_lines", None)
-        if parse is not None:
-            try:
-                events, bad = parse(data, str(rel), warn=False)
-            except TypeError:  # signature changed: the strict checks above still hold
-                continue
-            assert bad == 0 and len(events) == len(lines), (
-                f"thrum's reader skipped {bad} of {len(lines)} lines of {rel}")
+        events, bad = thrum.parse_lines(data, str(rel), warn=False)
+        assert bad == 0 and len(events) == len(lines), (
+            f"thrum's reader skipped {bad} of {len(lines)} lines of {rel}")
     return creates
 
 
@@ -362,7 +344,7 @@ def bodies(draw):
 
 
 def expected_body(mode: str, data: bytes):
-    """(verdict, content): verdict is 'accept', 'refuse' or 'either' (whitespace only)."""
+    """(verdict, content): verdict is 'accept' or 'refuse'."""
     if mode == "arg":
         text = os.fsdecode(data)  # what Python gives thrum in sys.argv
         if not _unicode_ok(text):
@@ -376,10 +358,8 @@ def expected_body(mode: str, data: bytes):
             text = text[:-2]
         elif text.endswith("\n"):
             text = text[:-1]
-    if text == "":
+    if not text.strip():  # empty or whitespace only
         return "refuse", None
-    if not text.strip():
-        return "either", text
     return "accept", text
 
 
@@ -424,14 +404,14 @@ def test_body_round_trip_or_refusal(tmp_path_factory):
             r = team.t("send", os.fsdecode(data), "--to", "bob", "--json", name="alice")
         event(f"body via {mode}: expected {verdict}, exit {r.code}")
         if r.code == 0:
-            assert verdict != "refuse", f"thrum accepted a body it must refuse\n{r.describe()}"
+            assert verdict == "accept", f"thrum accepted a body it must refuse\n{r.describe()}"
             doc = r.json
             assert doc["recipients"] == ["bob"], r.describe()
             mid = doc["message_id"]
             check_round_trip(team, mid, content, None)
             accepted.append((mid, content, None))
         else:
-            assert verdict != "accept", f"thrum refused a valid body\n{r.describe()}"
+            assert verdict == "refuse", f"thrum refused a valid body\n{r.describe()}"
             assert_refused(r, before, team)
 
     prop()
@@ -477,14 +457,6 @@ def test_structured_round_trip_or_refusal(tmp_path_factory):
 
 # ----------------------------------------------------------------- in-process: the encoder
 
-def _encoder_api():
-    names = ("encode_event", "parse_lines", "make_event", "new_id", "UsageError")
-    if THRUM is None or not all(hasattr(THRUM, n) for n in names):
-        pytest.skip("thrum.py has no importable encode_event/parse_lines (black-box tests "
-                    "above still cover the property)")
-    return THRUM
-
-
 @st.composite
 def message_events(draw):
     """A message.create event as `send` would build it, with arbitrary body and structured
@@ -503,7 +475,7 @@ def test_encoder_never_writes_a_line_the_reader_skips():
     """encode_event either refuses (UsageError) or writes one line that thrum's reader and a
     strict JSON reader both read back unchanged; an event with NaN/Infinity or a lone
     surrogate anywhere is always refused; a clean message.create is always accepted."""
-    mod = _encoder_api()
+    mod = thrum
     origin = "org_" + "0" * 26
 
     @IN_PROCESS

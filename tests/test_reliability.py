@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (THRUM_PY, MSG_ID_RE, Result, assert_error, git, make_env, make_repo,
-                      run_thrum)
-from test_sync import ls_remote, net  # noqa: F401  (fixture)
+from conftest import (THRUM_PY, MSG_ID_RE, Result, assert_error, git, ls_remote, make_env,
+                      make_repo, run_thrum)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -142,7 +141,7 @@ def test_unencodable_structured_data_is_refused_and_nothing_stored(team, structu
 
 
 def test_edit_with_non_finite_structured_data_is_refused(team):
-    mid = team.send("alice", "original", "--to", "bob", "--structured", '{"x": 1}')["message_id"]
+    mid = team.seed("alice", "original", to=["bob"], structured={"x": 1})["message_id"]
     old = team.get("alice", mid)
     before = log_snapshot(team.log)
     r = team.t("message", "edit", mid, "x", "--structured", '{"x": -1e400}', name="alice")
@@ -186,26 +185,26 @@ def test_a_project_branch_named_a_sync_is_never_adopted(tmp_path, command):
     git("branch", "a-sync", cwd=repo, env=env)
     project = git("rev-parse", "main", cwd=repo, env=env).strip()
     r = run_thrum(command, repo, env, name="alice")
-    assert r.code != 0, r.describe()
-    assert r.error_lines, r.describe()
+    assert_error(r, 2)
     assert "a-sync" in r.err and says_not_a_thrum_log(r), r.describe()
     assert git("rev-parse", "a-sync", cwd=repo, env=env).strip() == project
     assert git("rev-list", "--count", "a-sync", cwd=repo, env=env).strip() == "1"
 
 
-def test_hand_edited_sync_branch_main_never_touches_main(net):  # noqa: F811
+def test_hand_edited_sync_branch_main_never_touches_main(net):
     a = net.clone("A")
-    a.quickstart("alice", "implementer", "auth")
-    a.quickstart("bob", "reviewer", "api")
+    a.register("alice", "implementer", "auth")
+    a.register("bob", "reviewer", "api")
     a.sync()
     main_before = a.rev("refs/heads/main")
     remote_main = ls_remote(net.remote, net.env, "refs/heads/main")
     (a.path / ".thrum" / "config.toml").write_text('[sync]\nbranch = "main"\n')
 
-    a.run("send", "hello", "--to", "bob", name="alice")  # may or may not be refused
+    # a send only appends to the log (in the sync worktree): it is stored; the sync is
+    # what refuses the branch (exit 2: invalid configuration)
+    a.ok("send", "hello", "--to", "bob", name="alice")
     r = a.run("sync", "force")
-    assert r.code != 0, r.describe()
-    assert r.error_lines and "main" in r.err, r.describe()
+    assert_error(r, 2, "main", "not thrum's own log branch")
     no_traceback(r)
 
     assert a.rev("refs/heads/main") == main_before, "thrum committed on the user's main"
@@ -218,16 +217,16 @@ def test_hand_edited_sync_branch_main_never_touches_main(net):  # noqa: F811
     assert a.rev("refs/heads/main") == main_before
 
 
-def test_remote_a_sync_replaced_by_unrelated_log_history_converges(net):  # noqa: F811
+def test_remote_a_sync_replaced_by_unrelated_log_history_converges(net):
     a, b = net.clone("A"), net.clone("B")
     # B starts its own log before the remote has any a-sync: an unrelated root.
-    b.quickstart("carl", "tester", "qa")
-    b.quickstart("dave", "designer", "ui")
-    b_mid = b.send("carl", "from B", "--to", "dave")["message_id"]
+    b.register("carl", "tester", "qa")
+    b.register("dave", "designer", "ui")
+    b_mid = b.seed("carl", "from B", to=["dave"])["message_id"]
     # A's log reaches the remote.
-    a.quickstart("alice", "implementer", "auth")
-    a.quickstart("bob", "reviewer", "api")
-    mid = a.send("alice", "from A", "--to", "bob")["message_id"]
+    a.register("alice", "implementer", "auth")
+    a.register("bob", "reviewer", "api")
+    mid = a.seed("alice", "from A", to=["bob"])["message_id"]
     a.sync()
     # B commits its log plus a stray file with plain git, and force-pushes over A's history.
     (b.log / "stray.txt").write_text("not a log file\n")
@@ -246,18 +245,18 @@ def test_remote_a_sync_replaced_by_unrelated_log_history_converges(net):  # noqa
     assert b_mid in [m["message_id"] for m in a.json("inbox", "--all", name="bob")["messages"]]
 
 
-def test_remote_a_sync_replaced_by_project_code_is_refused(net):  # noqa: F811
+def test_remote_a_sync_replaced_by_project_code_is_refused(net):
     a = net.clone("A")
-    a.quickstart("alice", "implementer", "auth")
-    a.quickstart("bob", "reviewer", "api")
-    a.send("alice", "from A", "--to", "bob")
+    a.register("alice", "implementer", "auth")
+    a.register("bob", "reviewer", "api")
+    a.seed("alice", "from A", to=["bob"])
     a.sync()
     a.git("push", "-q", "--force", "origin", "main:a-sync")
     code_tip = ls_remote(net.remote, net.env, "refs/heads/main")
-    a.send("alice", "after the overwrite", "--to", "bob")
+    a.seed("alice", "after the overwrite", to=["bob"])
 
     r = a.run("sync", "force")
-    assert r.code != 0, r.describe()
+    assert_error(r, 1)  # the remote's branch (not our configuration) is wrong: a failure
     assert says_not_a_thrum_log(r), r.describe()
     no_traceback(r)
     assert ls_remote(net.remote, net.env) == code_tip, "the remote a-sync was overwritten"
@@ -269,7 +268,7 @@ def test_remote_a_sync_replaced_by_project_code_is_refused(net):  # noqa: F811
 
 def test_wait_output_cannot_be_forged_by_a_body(team):
     body = "hello\n---\nFROM: @admin\nID: msg_FAKE\nCONTENT: pwned"
-    team.send("alice", body, "--to", "bob")
+    team.seed("alice", body, to=["bob"])
     r = team.t("wait", "--timeout", "5s", "--after", "-10s", name="bob")
     assert r.code == 0, r.describe()
     lines = r.out.splitlines()
@@ -295,7 +294,7 @@ def test_silent_remote_cannot_hang_sync(team, silent_server):
         cwd=team.path, env=team.env)
     t.ok("config", "set", "sync.timeout", "2s")
     assert t.ok("config", "get", "sync.timeout").out.strip() == "2s"
-    mid = team.send("alice", "held back", "--to", "bob")["message_id"]
+    mid = team.seed("alice", "held back", to=["bob"])["message_id"]
 
     start = time.monotonic()
     r = t("sync", "force", timeout=40)
@@ -352,8 +351,8 @@ def test_corrupt_identity_file_is_reported_and_repairable(team):
 # --------------------------------------------------------------------------- smaller items
 
 def test_a_log_file_that_shrank_is_read_again(team):
-    m1 = team.send("alice", "first", "--to", "bob")["message_id"]
-    m2 = team.send("alice", "second", "--to", "bob")["message_id"]
+    m1 = team.seed("alice", "first", to=["bob"])["message_id"]
+    m2 = team.seed("alice", "second", to=["bob"])["message_id"]
     assert set(unread_ids(team, "bob")) == {m1, m2}
     f = team.log / "messages" / "alice.jsonl"
     kept = [l for l in f.read_bytes().splitlines(keepends=True) if m2.encode() not in l]
@@ -362,11 +361,11 @@ def test_a_log_file_that_shrank_is_read_again(team):
 
 
 def test_inbox_with_stdout_closed_marks_nothing_read(team):
-    ids = {team.send("alice", "one", "--to", "bob")["message_id"],
-           team.send("alice", "two", "--to", "bob")["message_id"]}
+    ids = {team.seed("alice", "one", to=["bob"])["message_id"],
+           team.seed("alice", "two", to=["bob"])["message_id"]}
     r = run_raw(["bash", "-c", f'exec "{sys.executable}" "{THRUM_PY}" inbox >&-'],
                 team.path, team.env, name="bob")
-    assert r.code != 0, r.describe()
+    assert_error(r, 1, "standard output is closed")
     assert set(unread_ids(team, "bob")) == ids
 
 
@@ -390,7 +389,7 @@ def test_send_to_a_full_stdout_reports_the_stored_message(team):
 
 @needs_dev_full
 def test_inbox_to_a_full_stdout_marks_nothing_read(team):
-    mid = team.send("alice", "hi", "--to", "bob")["message_id"]
+    mid = team.seed("alice", "hi", to=["bob"])["message_id"]
     with open("/dev/full", "w") as full:
         r = run_raw([sys.executable, THRUM_PY, "inbox", "--json"], team.path, team.env,
                     name="bob", stdout=full)
@@ -405,9 +404,8 @@ def test_deleted_current_directory_is_a_clear_error(team):
     d.mkdir()
     r = run_raw(["bash", "-c", f'cd "{d}" && rmdir "{d}" && exec "{sys.executable}" '
                                f'"{THRUM_PY}" status'], team.path, team.env, name="alice")
-    assert r.code != 0, r.describe()
+    assert_error(r, 1, "current directory")
     no_traceback(r)
-    assert r.error_lines and "current directory" in r.err.lower(), r.describe()
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -475,24 +473,21 @@ def test_human_inbox_shows_how_a_message_was_addressed(team, target, shown):
     assert head and shown in head[0], out
 
 
-def test_offline_name_race_is_not_called_a_takeover(net):  # noqa: F811
+def test_offline_name_race_is_not_called_a_takeover(net):
     a, b = net.clone("A"), net.clone("B")
     # Both clones register "sam" before either has synced: nobody used --force.
     a.quickstart("sam", "implementer", "auth")
     b.quickstart("sam", "implementer", "auth")
     for c in (a, b, a, b):
         c.run("sync", "force")
-    results = [c.run("whoami", name="sam") for c in (a, b)]
-    losers = [r for r in results if r.code == 3]
-    assert len(losers) == 1, "\n".join(r.describe() for r in results)
-    err = losers[0].err.lower()
-    assert losers[0].error_lines, losers[0].describe()
-    assert "taken over" not in err, losers[0].describe()
-    assert "another worktree" in err, losers[0].describe()
+    # when the two registrations meet, the newer one (B's, made second) keeps the name
+    ra, rb = [c.run("whoami", name="sam") for c in (a, b)]
+    assert rb.code == 0, rb.describe()
+    assert_error(ra, 3, "another worktree", "newer")
+    assert "taken over" not in ra.err.lower(), ra.describe()
 
     # A real takeover (--force, after seeing the other registration) does say so.
-    winner, loser = (a, b) if results[0].code == 0 else (b, a)
-    assert winner.run("whoami", name="sam").code == 0
+    winner, loser = b, a
     loser.ok("quickstart", "--name", "sam", "--role", "implementer", "--module", "auth",
              "--force", name="sam")
     for c in (loser, winner, loser, winner):

@@ -2,47 +2,29 @@
 
 The long-lived front ends (daemon, MCP server) hold one `Store` for hours and serve many
 callers from many threads through `call()`. These tests import thrum.py as a module and
-drive that API directly, next to the real CLI (stores are set up with it, and its answers
-are the reference for the in-process ones).
+drive that API directly, next to the real CLI (whose answers are the reference for the
+in-process ones).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import THRUM_PY, git, make_team, run_thrum
+from conftest import git, make_team, run_thrum
+from conftest import thrum as _thrum
 
 ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-_MODULE = {}
-
-
-def load_thrum():
-    """thrum.py as the module "thrum", loaded once per test session."""
-    if "mod" not in _MODULE:
-        mod = sys.modules.get("thrum")
-        if mod is None or getattr(mod, "__file__", None) != THRUM_PY:
-            spec = importlib.util.spec_from_file_location("thrum", THRUM_PY)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules["thrum"] = mod
-            try:
-                spec.loader.exec_module(mod)
-            except BaseException:
-                sys.modules.pop("thrum", None)
-                raise
-        _MODULE["mod"] = mod
-    return _MODULE["mod"]
 
 
 @pytest.fixture(scope="session")
 def thrum():
-    return load_thrum()
+    """thrum.py as a module: the one copy conftest imported."""
+    return _thrum
 
 
 def open_store(thrum, cwd, env):
@@ -268,7 +250,7 @@ def _call_payload(thrum, op, params, who, store):
 def test_thrum_name_of_other_worktree_refused_where_identities_exist(tmp_path, thrum):
     team = make_team(tmp_path)
     wt = add_worktree(team, tmp_path / "wt-dave", "feat/dave")
-    team.t.ok("quickstart", "--name", "dave", "--role", "tester", "--module", "wt", cwd=wt)
+    team.register("dave", "tester", "wt", cwd=wt)
     store = open_store(thrum, team.path, team.env)
 
     cli = _cli_whoami(team, team.path, "dave")
@@ -297,7 +279,7 @@ def test_thrum_name_of_other_worktree_refused_where_identities_exist(tmp_path, t
 def test_thrum_name_of_other_worktree_allowed_where_none_exist(tmp_path, thrum, with_setup):
     team = make_team(tmp_path)
     wt = add_worktree(team, tmp_path / "wt-dave", "feat/dave")
-    team.t.ok("quickstart", "--name", "dave", "--role", "tester", "--module", "wt", cwd=wt)
+    team.register("dave", "tester", "wt", cwd=wt)
     helper = add_worktree(team, tmp_path / "wt-helper", "feat/helper")
     if with_setup:
         team.t.ok("setup", cwd=helper)
@@ -332,7 +314,7 @@ def test_one_store_two_worktrees_two_threads(tmp_path, thrum):
     team = make_team(tmp_path, members=(("alice", "implementer", "auth"),
                                         ("bob", "reviewer", "api")))
     wt = add_worktree(team, tmp_path / "wt-carol", "feat/carol")
-    team.t.ok("quickstart", "--name", "carol", "--role", "tester", "--module", "db", cwd=wt)
+    team.register("carol", "tester", "db", cwd=wt)
     store = open_store(thrum, team.path, team.env)
     # no THRUM_NAME for carol: the only identity of her worktree
     callers = {"alice": caller(thrum, team.path, team.env, name="alice"),

@@ -1,5 +1,10 @@
 """tmux-launched agents and nudges (SPEC §12), on a private tmux server (its own socket,
-TMUX_TMPDIR in a temp dir): never the user's default server."""
+TMUX_TMPDIR in a temp dir): never the user's default server. The server is killed in the
+`procs` teardown, with every other background process of the test.
+
+Negative checks ("nothing is typed") wait a short time: the nudger logs no decision yet
+that a test could wait for. Where a positive event can stand in, it does (a later message's
+nudge, which comes after anything an earlier one would have caused)."""
 
 from __future__ import annotations
 
@@ -8,14 +13,18 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import (wait_until, THRUM_PY, DaemonHandle, assert_error, bare_remote, clone, make_env,
-                      make_repo, make_team, run_thrum)
+from conftest import (THRUM_PY, api, assert_alive, assert_error, bare_remote, clone, make_env,
+                      make_repo, make_team, run_thrum, wait_until)
 
 NUDGE = "New message from @alice -- run `thrum inbox --unread`"
+#: After a nudge line appears, the nudger may press Enter again (twice, 0.3 s apart) when
+#: the pane showed no sign of the first: a stray Enter would show up as an empty line.
+ENTER_RETRIES = 0.7
 
 READER = """\
 import sys
@@ -51,10 +60,10 @@ class Tmux:
 
 
 @pytest.fixture
-def tmux(tmp_path):
+def tmux(tmp_path, procs):
     t = Tmux(tmp_path)
-    yield t
-    t.kill()
+    procs.on_teardown(t.kill)
+    return t
 
 
 @pytest.fixture
@@ -212,28 +221,30 @@ def test_one_nudge_per_message_and_per_burst_never_the_senders_pane(tteam, tmux,
     bob_log, alice_log = tmp_path / "bob.log", tmp_path / "alice.log"
     bob = start_reader(tteam, "w-bob", "bob", bob_log)
     start_reader(tteam, "w-alice", "alice", alice_log)
-    sent = tteam.send("alice", "please review", "--to", "@bob")
-    wait_until(lambda: lines(bob_log), 20, "the nudge in bob's pane")
-    time.sleep(2.0)  # a negative check: it was typed and submitted once
-    assert lines(bob_log) == [NUDGE]
-    # the body stays in the inbox, still unread
-    assert tteam.unread_ids("bob") == [sent["message_id"]]
-    # a burst of 20 gives one nudge
-    for i in range(20):
-        tteam.t.ok("send", f"part {i}", "--to", "@bob", "-q", name="alice")
-    wait_until(lambda: len(lines(bob_log)) >= 2, 30, "the burst's nudge")
-    time.sleep(2.5)
-    assert lines(bob_log) == [NUDGE, "20 new messages from @alice -- run `thrum inbox "
-                                     "--unread`"]
-    # never the sender's own pane: nothing was typed into alice's, and a send made
-    # from inside bob's pane does not nudge bob's pane
-    assert lines(alice_log) == []
-    r = run_thrum(["send", "from inside", "--to", "@bob"], tteam.path,
+    # never the sender's own pane: a send made from inside bob's pane does not nudge bob's
+    # pane. The next message's nudge shows it: had carol's been queued, it would come
+    # first or join that one ("2 new messages from @carol, @alice").
+    r = run_thrum(["send", "from inside", "--to", "@bob", "--json"], tteam.path,
                   dict(tteam.env, THRUM_NAME="carol", TMUX_PANE=bob["pane"],
                        TMUX=tmux.sock + ",1,0"))
     assert r.code == 0, r.describe()
-    time.sleep(2.5)
-    assert len(lines(bob_log)) == 2
+    sent = tteam.send("alice", "please review", "--to", "@bob")
+    wait_until(lambda: lines(bob_log), 20, "the nudge in bob's pane")
+    assert lines(bob_log) == [NUDGE]
+    # the bodies stay in the inbox, still unread
+    assert tteam.unread_ids("bob") == [sent["message_id"], r.json["message_id"]]
+    # a burst of 20 gives one nudge (and the first one was typed and submitted once: a
+    # second copy of it, or a stray Enter, would come before this one)
+    with ThreadPoolExecutor(4) as pool:
+        for res in pool.map(lambda i: tteam.t("send", f"part {i}", "--to", "@bob", "-q",
+                                              name="alice"), range(20)):
+            assert res.code == 0, res.describe()
+    wait_until(lambda: len(lines(bob_log)) >= 2, 30, "the burst's nudge")
+    time.sleep(ENTER_RETRIES)
+    assert lines(bob_log) == [NUDGE, "20 new messages from @alice -- run `thrum inbox "
+                                     "--unread`"]
+    # and nothing was ever typed into the sender's (alice's) pane
+    assert lines(alice_log) == []
 
 
 def test_copy_mode_defers_the_nudge(tteam, tmux, tmp_path):
@@ -241,11 +252,14 @@ def test_copy_mode_defers_the_nudge(tteam, tmux, tmp_path):
     bob = start_reader(tteam, "w-bob", "bob", log)
     tmux("copy-mode", "-t", bob["pane"])
     tteam.send("alice", "while you scroll", "--to", "@bob")
-    time.sleep(3.0)  # a negative check: nothing typed into a pane in copy mode
+    # a negative check: nothing typed into a pane in copy mode (the nudger looks at the
+    # pane once a burst has been quiet for 1.5 s)
+    time.sleep(2.5)
     assert lines(log) == []
     assert tmux("display-message", "-p", "-t", bob["pane"], "#{pane_in_mode}").strip() == "1"
     tmux("send-keys", "-t", bob["pane"], "-X", "cancel")
     wait_until(lambda: lines(log), 20, "the deferred nudge")
+    time.sleep(ENTER_RETRIES)
     assert lines(log) == [NUDGE]
 
 
@@ -269,12 +283,14 @@ def test_a_dialog_on_screen_defers_the_nudge(tteam, tmux, tmp_path):
     wait_until(lambda: "proceed" in tmux("capture-pane", "-p", "-t", r["pane"]), 20,
                "the dialog")
     tteam.send("alice", "are you there?", "--to", "@bob")
-    time.sleep(3.5)  # a negative check: a nudge never answers a dialog
+    # a negative check: a nudge never answers a dialog (the nudger looks at the pane once
+    # a burst has been quiet for 1.5 s)
+    time.sleep(2.5)
     assert lines(log) == []
     assert "proceed" in tmux("capture-pane", "-p", "-t", r["pane"])
     tmux("send-keys", "-t", r["pane"], "1", "Enter")  # the user answers it
     wait_until(lambda: lines(log), 20, "the deferred nudge")
-    time.sleep(1.0)
+    time.sleep(ENTER_RETRIES)
     assert lines(log) == [NUDGE]
 
 
@@ -302,39 +318,36 @@ def test_without_tmux_send_is_unchanged_and_tmux_commands_fail(tteam, tmux, tmp_
     assert "z9" not in [m["agent_id"] for m in tteam.t.json("team", "--all")["members"]]
 
 
-def test_daemon_nudges_a_synced_message_and_ends_a_dead_panes_session(tmp_path, tmux):
+def test_daemon_nudges_a_synced_message_and_ends_a_dead_panes_session(tmp_path, tmux, procs):
     env = tmux.env(make_env(tmp_path / "home"))
     (tmp_path / "reader.py").write_text(READER)
     remote = bare_remote(tmp_path / "remote.git", env)
     a = clone(remote, tmp_path / "a", env)
     b = clone(remote, tmp_path / "b", env)
     log = tmp_path / "bob.log"
-    assert run_thrum(["init"], a, env).code == 0
+    api("init", {}, a, env)
     r = run_thrum(["tmux", "create", "w-bob", "--name", "bob", "--role", "reviewer",
                    "--module", "api", "--json", "--command", sys.executable,
                    str(tmp_path / "reader.py"), str(log)], a, env)
     assert r.code == 0, r.describe()
     pane = r.json["pane"]
-    assert run_thrum(["sync", "force"], a, env).code == 0
-    assert run_thrum(["init"], b, env).code == 0
+    # (set-up in process: both clones share the log, alice is registered in B)
+    api("sync_force", {}, a, env)
+    api("init", {}, b, env)
+    api("sync_force", {}, b, env)
+    api("quickstart", {"name": "alice", "role": "impl", "module": "auth"}, b, env)
+    daemon = procs.daemon(a, dict(env, THRUM_SYNC_INTERVAL="1s"))
+    sent = run_thrum(["send", "from the other clone", "--to", "@bob", "--json"], b,
+                     dict(env, THRUM_NAME="alice"))  # (B never types into A's panes)
+    assert sent.code == 0, sent.describe()
     assert run_thrum(["sync", "force"], b, env).code == 0
-    assert run_thrum(["quickstart", "--name", "alice", "--role", "impl", "--module", "auth"],
-                     b, env).code == 0
-    daemon = DaemonHandle(a, dict(env, THRUM_SYNC_INTERVAL="1s"))
-    try:
-        sent = run_thrum(["send", "from the other clone", "--to", "@bob", "--json"], b,
-                         dict(env, THRUM_NAME="alice"))  # (B never types into A's panes)
-        assert sent.code == 0, sent.describe()
-        assert run_thrum(["sync", "force"], b, env).code == 0
-        wait_until(lambda: lines(log), 30, "the daemon's nudge for the synced message")
-        assert lines(log) == [NUDGE]
-        # the pane dies: the daemon ends bob's session within a few seconds
-        tmux("kill-pane", "-t", pane)
-        bob = dict(env, THRUM_NAME="bob")
-        wait_until(lambda: run_thrum(["whoami", "--json"], a, bob).json["session_id"] is None,
-                   20, "the daemon to end bob's session")
-        listed = run_thrum(["tmux", "list", "--json"], a, env).json["agents"]
-        assert [(x["agent_id"], x["alive"]) for x in listed] == [("bob", False)]
-        assert daemon.alive()
-    finally:
-        daemon.stop()
+    wait_until(lambda: lines(log), 30, "the daemon's nudge for the synced message")
+    assert lines(log) == [NUDGE]
+    # the pane dies: the daemon ends bob's session within a few seconds
+    tmux("kill-pane", "-t", pane)
+    bob = dict(env, THRUM_NAME="bob")
+    wait_until(lambda: run_thrum(["whoami", "--json"], a, bob).json["session_id"] is None,
+               20, "the daemon to end bob's session")
+    listed = run_thrum(["tmux", "list", "--json"], a, env).json["agents"]
+    assert [(x["agent_id"], x["alive"]) for x in listed] == [("bob", False)]
+    assert_alive(daemon)
