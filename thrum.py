@@ -5303,10 +5303,12 @@ class MessageOps(ServiceBase):
             # Only a change in the log files can bring a new message: stat them, and
             # touch SQLite only when they changed (another process may have projected
             # the message already, so the query runs even if our catch-up reads nothing).
+            # The first look catches up too: a writer may have appended after this
+            # request's first catch-up and project only after the query, and the files
+            # would never change again to make the wait look.
             sig = self.store.log_signature()
             if sig != seen:
-                if seen is not None:
-                    self.index.catch_up()
+                self.index.catch_up()
                 seen = sig
                 msgs = self.index.waiting_for(me, since, unread=unread, skip_read=skip_read,
                                               scope=tag)

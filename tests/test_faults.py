@@ -599,3 +599,33 @@ def test_a_daemon_serves_a_burst_with_a_fixed_pool(team, procs):
     fds = len(list(Path("/proc/%d/fd" % pid).iterdir()))
     assert fds <= fds0 + 2 * thrum.Daemon.WORKERS + 4, (fds0, fds)
     assert h.alive()
+
+
+def test_a_message_appended_while_a_wait_starts_wakes_it(team):
+    """A writer appends to the log after a wait's first catch-up and projects it only
+    after the wait's first query: the wait must still return the message (it used to
+    time out, since the log files never changed again). The race is injected in process:
+    the message is appended by hand just before the wait first looks at the files."""
+    store = thrum.Store(thrum.locate(str(team.path)), team.env)
+    look = store.log_signature
+    ev = {"v": 1, "event_id": "evt_01M9999999999999999999999W", "type": "message.create",
+          "timestamp": thrum.now_ts(), "origin": "o_elsewhere",
+          "message_id": "msg_01M9999999999999999999999V", "agent_id": "alice",
+          "body": {"format": "markdown", "content": "just now"}, "recipients": ["bob"],
+          "audiences": [{"type": "agent", "value": "bob"}], "scopes": [], "refs": []}
+
+    def first_look_after_a_write(*args):
+        if not getattr(first_look_after_a_write, "done", False):
+            first_look_after_a_write.done = True
+            (log_dir(team.path) / "messages").mkdir(exist_ok=True)
+            with open(log_dir(team.path) / "messages" / "alice.jsonl", "a") as f:
+                f.write(json.dumps(ev) + "\n")
+        return look(*args)
+    store.log_signature = first_look_after_a_write
+    try:
+        r = thrum.call("wait", {"timeout": 1}, thrum.Caller(str(team.path), dict(
+            team.env, THRUM_NAME="bob")), store)
+    finally:
+        store.close()
+    assert r["status"] == "received", r
+    assert [m["message_id"] for m in r["messages"]] == [ev["message_id"]]
