@@ -6214,9 +6214,10 @@ class Nudges:
             if rec is None or to == author:
                 continue
             key = _tmux_pane_key(rec)
-            if author in targets and _tmux_pane_key(targets[author]) == key:
-                continue
-            if exclude and exclude[1] and key == exclude:
+            if (author in targets and _tmux_pane_key(targets[author]) == key) or \
+                    (exclude and exclude[1] and key == exclude):
+                self.log("@%s: %s not nudged: sent from that agent's own pane %s"
+                         % (to, mid, rec["pane"]))
                 continue
             out.append((to, mid))
         return out
@@ -6314,7 +6315,7 @@ class Nudges:
         tm = Tmux(self.env, rec.get("socket"))
         if tm.exe is None:
             return
-        deadline = time.monotonic() + self.DEFER_FOR
+        deadline, deferred = time.monotonic() + self.DEFER_FOR, None
         while True:
             ids, authors = self._fresh(aid, ids)
             if not ids:
@@ -6327,6 +6328,10 @@ class Nudges:
                 return
             if state == "ready":
                 break
+            if state != deferred:  # said once per reason, so a test can wait on it
+                deferred = state
+                self.log("@%s: pane %s %s; nudge deferred" % (aid, rec["pane"], {
+                    "copy-mode": "is in copy mode", "dialog": "shows a dialog"}[state]))
             if time.monotonic() > deadline:
                 self.log("@%s: pane %s stayed busy for %ds; nudge dropped"
                          % (aid, rec["pane"], self.DEFER_FOR))
@@ -6340,6 +6345,7 @@ class Nudges:
             " -- run `thrum inbox --unread`"
         if self._type(tm, rec["pane"], line):
             LocalRecord(self._path(aid, ".done")).add(ids)
+            self.log("@%s: nudged pane %s: %d message(s)" % (aid, rec["pane"], len(ids)))
 
     def _gone(self, aid, rec):
         """Note a vanished pane once (not on every message)."""
@@ -6355,19 +6361,19 @@ class Nudges:
             pass
 
     def _pane_state(self, tm, pane):
-        """gone, busy (copy mode or a choice on screen: never typed into) or ready."""
+        """gone, copy-mode or dialog (a choice on screen): never typed into, or ready."""
         try:
             info = tm.pane(pane, "#{pane_dead}\t#{pane_in_mode}")
             if info is None or info.split("\t")[0] == "1":
                 return "gone"
             if info.split("\t")[1] != "0":
-                return "busy"
+                return "copy-mode"
             screen = tm.run("capture-pane", "-p", "-t", pane, check=False)[1]
         except ThrumError as e:
             self.log("tmux does not answer (%s); nudge dropped" % e.message)
             return "hung"  # never wait minutes on a hung server
         tail = "\n".join([ln for ln in screen.splitlines() if ln.strip()][-15:])
-        return "busy" if _DIALOG.search(tail) else "ready"
+        return "dialog" if _DIALOG.search(tail) else "ready"
 
     def _look(self, tm, pane):
         return (tm.pane(pane, "#{cursor_x},#{cursor_y},#{history_size}"),

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from conftest import (THRUM_PY, api, assert_alive, assert_error, bare_remote, cl
                       make_repo, make_team, run_thrum, wait_until)
 
 NUDGE = "New message from @alice -- run `thrum inbox --unread`"
-#: After a nudge line appears, the nudger may press Enter again (twice, 0.3 s apart) when
-#: the pane showed no sign of the first: a stray Enter would show up as an empty line.
-ENTER_RETRIES = 0.7
+#: (A nudger may press Enter again when the pane showed no sign of the first; it logs
+#: "nudged pane ..." after the last one, so the tests wait for that line: a stray Enter
+#: would show up as an empty line in a reader's log.)
 
 READER = """\
 import sys
@@ -91,6 +90,12 @@ def team_pane_ready(team, pane) -> bool:
     p = subprocess.run(["tmux", "-S", team.env["THRUM_TMUX_SOCKET"], "display-message", "-p",
                         "-t", pane, "#{pane_current_command}"], capture_output=True, text=True)
     return p.returncode == 0 and "python" in p.stdout
+
+
+def nudge_log(team) -> str:
+    """What the nudgers of a store without a daemon decided (.thrum/var/nudge/nudge.log)."""
+    p = team.path / ".thrum" / "var" / "nudge" / "nudge.log"
+    return p.read_text() if p.exists() else ""
 
 
 def lines(path: Path) -> list:
@@ -228,8 +233,11 @@ def test_one_nudge_per_message_and_per_burst_never_the_senders_pane(tteam, tmux,
                   dict(tteam.env, THRUM_NAME="carol", TMUX_PANE=bob["pane"],
                        TMUX=tmux.sock + ",1,0"))
     assert r.code == 0, r.describe()
+    assert "%s not nudged: sent from that agent's own pane %s" % (
+        r.json["message_id"], bob["pane"]) in nudge_log(tteam)  # said before send returned
     sent = tteam.send("alice", "please review", "--to", "@bob")
-    wait_until(lambda: lines(bob_log), 20, "the nudge in bob's pane")
+    wait_until(lambda: "@bob: nudged pane %s: 1 message(s)" % bob["pane"] in
+               nudge_log(tteam), 20, "the nudge in bob's pane (every Enter typed)")
     assert lines(bob_log) == [NUDGE]
     # the bodies stay in the inbox, still unread
     assert tteam.unread_ids("bob") == [sent["message_id"], r.json["message_id"]]
@@ -239,8 +247,8 @@ def test_one_nudge_per_message_and_per_burst_never_the_senders_pane(tteam, tmux,
         for res in pool.map(lambda i: tteam.t("send", f"part {i}", "--to", "@bob", "-q",
                                               name="alice"), range(20)):
             assert res.code == 0, res.describe()
-    wait_until(lambda: len(lines(bob_log)) >= 2, 30, "the burst's nudge")
-    time.sleep(ENTER_RETRIES)
+    wait_until(lambda: "@bob: nudged pane %s: 20 message(s)" % bob["pane"] in
+               nudge_log(tteam), 30, "the burst's nudge (every Enter typed)")
     assert lines(bob_log) == [NUDGE, "20 new messages from @alice -- run `thrum inbox "
                                      "--unread`"]
     # and nothing was ever typed into the sender's (alice's) pane
@@ -252,14 +260,14 @@ def test_copy_mode_defers_the_nudge(tteam, tmux, tmp_path):
     bob = start_reader(tteam, "w-bob", "bob", log)
     tmux("copy-mode", "-t", bob["pane"])
     tteam.send("alice", "while you scroll", "--to", "@bob")
-    # a negative check: nothing typed into a pane in copy mode (the nudger looks at the
-    # pane once a burst has been quiet for 1.5 s)
-    time.sleep(2.5)
+    # nothing is typed into a pane in copy mode: the nudger says it deferred
+    wait_until(lambda: "@bob: pane %s is in copy mode; nudge deferred" % bob["pane"] in
+               nudge_log(tteam), 20, "the nudger deferring the nudge")
     assert lines(log) == []
     assert tmux("display-message", "-p", "-t", bob["pane"], "#{pane_in_mode}").strip() == "1"
     tmux("send-keys", "-t", bob["pane"], "-X", "cancel")
-    wait_until(lambda: lines(log), 20, "the deferred nudge")
-    time.sleep(ENTER_RETRIES)
+    wait_until(lambda: "@bob: nudged pane %s: 1 message(s)" % bob["pane"] in
+               nudge_log(tteam), 20, "the deferred nudge (every Enter typed)")
     assert lines(log) == [NUDGE]
 
 
@@ -283,14 +291,14 @@ def test_a_dialog_on_screen_defers_the_nudge(tteam, tmux, tmp_path):
     wait_until(lambda: "proceed" in tmux("capture-pane", "-p", "-t", r["pane"]), 20,
                "the dialog")
     tteam.send("alice", "are you there?", "--to", "@bob")
-    # a negative check: a nudge never answers a dialog (the nudger looks at the pane once
-    # a burst has been quiet for 1.5 s)
-    time.sleep(2.5)
+    # a nudge never answers a dialog: the nudger says it deferred
+    wait_until(lambda: "@bob: pane %s shows a dialog; nudge deferred" % r["pane"] in
+               nudge_log(tteam), 20, "the nudger deferring the nudge")
     assert lines(log) == []
     assert "proceed" in tmux("capture-pane", "-p", "-t", r["pane"])
     tmux("send-keys", "-t", r["pane"], "1", "Enter")  # the user answers it
-    wait_until(lambda: lines(log), 20, "the deferred nudge")
-    time.sleep(ENTER_RETRIES)
+    wait_until(lambda: "@bob: nudged pane %s: 1 message(s)" % r["pane"] in nudge_log(tteam),
+               20, "the deferred nudge (every Enter typed)")
     assert lines(log) == [NUDGE]
 
 
