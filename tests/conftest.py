@@ -989,6 +989,8 @@ class Procs:
                 if isinstance(b, subprocess.Popen):
                     if b.poll() is None:
                         b.kill()
+                    if b.stdin is not None and b.stdin.closed:  # the test closed it
+                        b.stdin = None
                     b.communicate(timeout=10)
                 else:
                     b.kill()
