@@ -148,8 +148,45 @@ class GitError(ThrumError):
         self.git_args, self.returncode, self.stderr = args, code, stderr
 
 
+class Progress:
+    """What a long operation is doing (fetching, pushing, waiting for a daemon), as one
+    line on stderr that each step rewrites and that is wiped before anything else is
+    written. Off unless the CLI switches it on, which it does only when stderr is a
+    terminal: pipes, logs, hooks, the daemon and MCP never see it."""
+
+    def __init__(self):
+        self.stream = None   # set by enable(): a terminal
+        self.shown = False
+
+    def enable(self, stream):
+        self.stream = stream
+
+    def step(self, text):
+        if self.stream is None or threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            self.stream.write("\r\x1b[Kthrum: %s…" % text)
+            self.stream.flush()
+            self.shown = True
+        except (OSError, ValueError):
+            self.stream = None
+
+    def clear(self):
+        if self.shown:
+            self.shown = False
+            try:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.stream = None
+
+
+PROGRESS = Progress()
+
+
 def _warn(msg):
     """Warnings go to stderr, never stdout (stdout may be a JSON document)."""
+    PROGRESS.clear()
     try:
         sys.stderr.write("thrum: warning: %s\n" % msg)
     except (OSError, ValueError):  # pragma: no cover - closed stderr
@@ -577,6 +614,10 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 _ULID_CHARS = frozenset(_CROCKFORD)
+
+#: ULID characters the human views show of a message id at least: the 10 of the time
+#: and 2 of the random part (more where this store needs them to be unique)
+SHORT_ID = 12
 
 
 class _UlidGen:
@@ -2386,6 +2427,24 @@ class Index(Projection):
             "SELECT message_id FROM messages WHERE message_id >= ? AND message_id < ? "
             "ORDER BY message_id LIMIT ?", (prefix, prefix + "~", limit))]
 
+    def short_ids(self, msgs):
+        """Give each message dict its `short_id`: the shortest prefix of its id that no
+        other message in this store shares, and at least SHORT_ID ULID characters
+        (the first 10 are the time, so two characters of the random part), as git
+        abbreviates hashes. Any id argument accepts it (SPEC §14). Returns `msgs`."""
+        for m in msgs:
+            mid = m["message_id"]
+            n = SHORT_ID
+            for sql in ("SELECT max(message_id) FROM messages WHERE message_id < ?",
+                        "SELECT min(message_id) FROM messages WHERE message_id > ?"):
+                other = self.value(sql, (mid,))
+                if other:
+                    same = next((i for i, (a, b) in enumerate(zip(mid[4:], other[4:]))
+                                 if a != b), 26)
+                    n = max(n, same + 1)
+            m["short_id"] = mid[:4 + n]
+        return msgs
+
     def message(self, mid):
         """A message row (_MSG_COLS plus deleted_at, delete_reason), or None."""
         return self.row("SELECT %s, m.deleted_at AS deleted_at, m.delete_reason AS "
@@ -2435,11 +2494,11 @@ class Index(Projection):
 
     def unread_messages(self, agent_id, newest_first=False, limit=-1):
         """An agent's unread messages as message dicts (prime, briefings)."""
-        return [message_dict(r, False) for r in self.rows(
+        return self.short_ids([message_dict(r, False) for r in self.rows(
             "SELECT %s FROM %s WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL "
             "ORDER BY d.created_at %s LIMIT ?" % (_MSG_COLS, _DELIVERED,
                                                   "DESC" if newest_first else "ASC"),
-            (agent_id, limit))]
+            (agent_id, limit))])
 
     def inbox(self, agent_id, role, unread=False, mentions=False, tags=(), sender=None,
               thread=None, all=False, limit=10, offset=0, oldest=False):
@@ -2495,7 +2554,8 @@ class Index(Projection):
             "OFFSET ?" % (_MSG_COLS, frm, wsql, order % (direction, direction)),
             params + [limit, offset])
         return {"total": total, "unread": n_unread,
-                "rows": [(message_dict(r, r["is_read"]), bool(r["addressed"])) for r in rows]}
+                "rows": [(m, bool(r["addressed"])) for m, r in zip(self.short_ids(
+                    [message_dict(r, r["is_read"]) for r in rows]), rows)]}
 
     def sent(self, agent_id, to=None, unread=False, limit=10, offset=0):
         """One page of what an agent sent, newest first: {total, messages} (dicts with
@@ -2515,7 +2575,8 @@ class Index(Projection):
         rows = self.rows("SELECT %s FROM messages m WHERE %s ORDER BY m.created_at DESC, "
                          "m.message_id DESC LIMIT ? OFFSET ?" % (_MSG_COLS, wsql),
                          params + [limit, offset])
-        return {"total": total, "messages": [message_dict(r, True) for r in rows]}
+        return {"total": total,
+                "messages": self.short_ids([message_dict(r, True) for r in rows])}
 
     def waiting_for(self, agent_id, since=None, unread=False, skip_read=False, scope=None):
         """Messages to the agent, not by it, not deleted, oldest first, as message dicts:
@@ -2530,9 +2591,9 @@ class Index(Projection):
         if since is not None:
             where.append("(d.created_at > ? OR d.arrived_at > ?)")
             params += [since, since]
-        return [message_dict(r, r["is_read"]) for r in self.rows(
+        return self.short_ids([message_dict(r, r["is_read"]) for r in self.rows(
             "SELECT %s, d.read_at IS NOT NULL AS is_read FROM %s WHERE %s ORDER BY "
-            "d.created_at" % (_MSG_COLS, _DELIVERED, " AND ".join(where)), params)]
+            "d.created_at" % (_MSG_COLS, _DELIVERED, " AND ".join(where)), params)])
 
     def unread_arrived(self, agent_id, since=None):
         """An agent's unread messages (not its own) that arrived in this store after
@@ -2999,10 +3060,11 @@ class SyncEngine:
         return p.stdout.strip() if p.returncode == 0 else None
 
     def has_remote(self):
-        if self.local_only:
-            return False
-        p = self.git("remote", check=False)
-        return self.remote in p.stdout.split()
+        return not self.local_only and self.remote in self.remotes()
+
+    def remotes(self):
+        """The names of the repository's git remotes."""
+        return self.git("remote", check=False).stdout.split()
 
     @property
     def tracking(self):
@@ -3372,6 +3434,7 @@ class SyncEngine:
     # -- network --------------------------------------------------------------------
     def fetch(self, quiet=False):
         """Fetch the remote branch. Returns 'ok', 'absent' (no such branch) or raises."""
+        PROGRESS.step("fetching %s from %s" % (self.branch, self.remote))
         p = self.git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self.remote,
                      "+%s:%s" % (self.ref, self.tracking), check=False,
                      timeout=self.net_timeout)
@@ -3391,6 +3454,7 @@ class SyncEngine:
             args.append("--force-with-lease=%s:%s" % (self.ref, expect))
         else:
             args.append("--force-with-lease=%s:" % self.ref)
+        PROGRESS.step("pushing %s to %s" % (self.branch, self.remote))
         p = self.git(*(args + [self.remote, "%s:%s" % (commit, self.ref)]), check=False,
                      timeout=self.net_timeout)
         if p.returncode == 0:
@@ -3400,8 +3464,11 @@ class SyncEngine:
         if any(r in text.lower() for r in _CONTENTION):
             return False
         reason = [l.split("\t")[-1] for l in p.stdout.splitlines() if l.startswith("!")]
-        raise ThrumError("sync failed: %s refused the push: %s" % (
-            self.remote, reason[0] if reason else git_reason(p.stderr)),
+        said = [l[7:].strip() for l in p.stderr.splitlines()  # a hook's own words
+                if l.startswith("remote:") and l[7:].strip()]
+        raise ThrumError("sync failed: %s refused the push: %s%s" % (
+            self.remote, reason[0] if reason else git_reason(p.stderr),
+            " (remote says: %s)" % " / ".join(said[:3])[:300] if said else ""),
             hint="local changes are committed; fix the remote, then run 'thrum sync force'")
 
     # -- the cycle ----------------------------------------------------------------------
@@ -3409,6 +3476,9 @@ class SyncEngine:
         """The clone's sync lock (one cycle at a time), held by the returned FileLock."""
         os.makedirs(self.loc.var, exist_ok=True)
         lock = FileLock(os.path.join(self.loc.var, "sync.lock"))
+        if lock.acquire(timeout=0):
+            return lock
+        PROGRESS.step("waiting for another sync of this clone to finish")
         if not lock.acquire(timeout=wait, step=0.05):
             raise ThrumError("another sync is still running for this clone",
                              hint="retry in a moment")
@@ -3491,6 +3561,8 @@ class SyncEngine:
                 res["pushed"] = True
                 break
             last_err = "push rejected (the remote moved)"
+            PROGRESS.step("the remote moved while pushing: merging again (attempt %d of %d)"
+                          % (attempt + 1, max_attempts))
             time.sleep(random.uniform(0.05, 0.2) * attempt)
         else:
             raise ThrumError("sync failed: %s after %d attempts" % (last_err, max_attempts),
@@ -3543,7 +3615,11 @@ class SyncEngine:
         out = {"remote": self.remote if has_remote else None, "branch": self.branch,
                "local_only": self.local_only, "last_sync_at": st.get("last_sync_at"),
                "last_error": st.get("last_error"), "ahead": 0, "behind": 0,
-               "worktree": self.wt}
+               "worktree": self.wt,
+               "last_attempt_at": st.get("last_attempt_at") if st.get("last_error") else None}
+        if not has_remote and not self.local_only:
+            # say why: sync.remote names no remote of this repository (which has others?)
+            out["remote_missing"] = {"name": self.remote, "remotes": self.remotes()}
         local = self.rev(self.ref)
         pending = False
         if local and os.path.isdir(self.wt):
@@ -3890,6 +3966,7 @@ class Store:
         self._log = self._index = self._origin = None
         self._lock = threading.Lock()
         self.listeners = []  # see notify()
+        self.pushed_by_daemon = False  # a daemon serves this store and pushes its writes
         #: A running daemon keeps {worktree: (checked_at, work context)} here.
         self.contexts = None
         #: Late arrivals (by sync) and, per agent, messages a wait has returned.
@@ -4225,6 +4302,21 @@ class ServiceBase:
             events, self.written = self.written, []
             self.store.notify(events)
 
+    def _push_now(self):
+        """Sync this call's writes now when they have somewhere to go and no daemon pushes
+        them. Returns (pushed: True/False, or None when there is nothing to push to or a
+        daemon does it, warnings)."""
+        if not self.wrote or self.store.pushed_by_daemon or not self.loc.git_common:
+            return None, []
+        try:
+            if not self.store.sync_engine().has_remote():
+                return None, []
+            self.sync_force()
+        except ThrumError as e:
+            return False, ["not pushed: %s; run 'thrum sync force'" % e.message]
+        self.wrote = False  # (THRUM_AUTOSYNC has nothing left to do)
+        return True, []
+
     @property
     def _autosync(self):
         try:
@@ -4320,25 +4412,9 @@ class ServiceBase:
             raise NotSetUpError("several identities in this worktree (%s); "
                                 "cannot choose" % ", ".join(here),
                                 hint="set THRUM_NAME to one of: %s" % ", ".join(here))
-        row = self.index.agent(ident["agent_id"])
-        if row and row["worktree"] and ident.get("worktree") and ident.get("identity_file") \
-                and os.path.realpath(row["worktree"]) != os.path.realpath(ident["worktree"]):
-            where = row["worktree"] + ("" if row["hostname"] in (None, os.uname().nodename)
-                                       else " on " + str(row["hostname"]))
-            hint = ("register another name here, or claim it back with 'thrum quickstart "
-                    "--name %s --role ROLE --module MODULE --force'" % ident["agent_id"])
-            if row["takeover"]:
-                raise NotSetUpError("agent @%s was taken over (a forced registration) by the worktree %s"
-                                    % (ident["agent_id"], where), hint=hint)
-            raise NotSetUpError(
-                "the name @%s is also registered from another worktree (%s), and that "
-                "registration is the newer one (two registrations met in a sync)"
-                % (ident["agent_id"], where), hint=hint)
-        if row is None:
-            raise NotSetUpError("agent %s is not registered in this store (deleted?)"
-                                % ident["agent_id"],
-                                hint="re-register with 'thrum quickstart --name %s "
-                                     "--role R --module M'" % ident["agent_id"])
+        stale = self._identity_stale(ident)
+        if stale:
+            raise stale
         return ident
 
     def _identity_elsewhere(self, name):
@@ -4734,6 +4810,14 @@ class AgentOps(ServiceBase):
 
     @operation(NEEDS_IDENTITY)
     def session_end(self, reason="normal", session_id=None, agent=None):
+        """End my session and, with a remote, push that at once: other clones stop
+        showing the agent active (a daemon pushes it within seconds instead). A push
+        that fails leaves a warning (`pushed` false), never an error: the end is stored."""
+        res = self._end_session(reason, session_id, agent)
+        res["pushed"], res["warnings"] = self._push_now()
+        return res
+
+    def _end_session(self, reason="normal", session_id=None, agent=None):
         ident = self.me(agent)
         aid = ident["agent_id"]
         current = self.index.open_session(aid)
@@ -4996,8 +5080,7 @@ class MessageOps(ServiceBase):
             if unknown:
                 raise UsageError("unknown recipient%s: %s" % (
                     "s" if len(unknown) > 1 else "", ", ".join(unknown)),
-                    hint="see registered agents, roles and groups with 'thrum team --all' "
-                         "and 'thrum group list'")
+                    hint=self._unknown_hint())
             reply_to = thread_id = None
             if parent is not None:
                 reply_to, thread_id = parent, self._thread_of(parent)
@@ -5056,6 +5139,20 @@ class MessageOps(ServiceBase):
         return known or new_id("thr_")
 
     # -- reading -----------------------------------------------------------------------
+    def _unknown_hint(self):
+        """Where a recipient may be hiding: another clone this one has not synced with
+        since it registered, or a typo (the registered names say)."""
+        hint = ("see registered agents, roles and groups with 'thrum team --all' and "
+                "'thrum group list'")
+        try:
+            synced = self.loc.git_common and self.store.sync_engine().has_remote()
+        except ThrumError:
+            synced = False
+        if synced:
+            return ("agents registered in another clone are known here after a sync: run "
+                    "'thrum sync force' and send again; or " + hint)
+        return hint
+
     def resolve_message_id(self, text):
         """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14."""
         if not isinstance(text, str) or not text.strip():
@@ -5196,7 +5293,7 @@ class MessageOps(ServiceBase):
             pass
         row = self.index.message(mid)
         d = self.index.delivery(mid, me) if me else None
-        m = message_dict(row, d is None or d["read_at"] is not None)
+        m = self.index.short_ids([message_dict(row, d is None or d["read_at"] is not None)])[0]
         m["edits"] = [dict(r) for r in self.index.edits(mid, m["agent_id"])]
         m["receipts"] = self._receipts(m)
         m["deleted_at"], m["delete_reason"] = row["deleted_at"], row["delete_reason"]
@@ -5478,14 +5575,16 @@ class TeamOps(ServiceBase):
 
     @operation(NEEDS_STORE, retry_safe=True)
     def who_has(self, path):
-        """Agents whose worktree has PATH changed or uncommitted (asks git live for
-        local worktrees; uses the last recorded context for others)."""
+        """Agents with an open session whose worktree has PATH changed or uncommitted
+        (asks git live for local worktrees; uses the last recorded context for others).
+        Agents that share a worktree cannot be told apart by git: each is listed with
+        `shared` naming the others there."""
         self.require_store()
         rel = self._repo_relpath(path)
         host = os.uname().nodename
         found, contexts = [], {}
         daemon = self.store.contexts  # kept fresh by a running daemon (None without one)
-        for m in self._members(all_agents=True, with_files=True):
+        for m in self._members(all_agents=False, with_files=True):
             wt = m["worktree"]
             if m["hostname"] == host and wt and os.path.isdir(wt):
                 real = os.path.realpath(wt)
@@ -5504,8 +5603,12 @@ class TeamOps(ServiceBase):
                 if f.get("path") == rel:
                     found.append({"agent_id": m["agent_id"], "branch": branch,
                                   "status": f.get("status"), "live": live,
-                                  "worktree": wt, "checked_at": checked})
+                                  "worktree": wt, "checked_at": checked,
+                                  "host": m["hostname"]})
                     break
+        where = [(a.pop("host"), a["worktree"]) for a in found]
+        for a, w in zip(found, where):
+            a["shared"] = [o["agent_id"] for o, ow in zip(found, where) if o is not a and ow == w]
         return {"path": rel, "agents": found}
 
     def _repo_relpath(self, path):
@@ -5836,18 +5939,53 @@ class AdminOps(ServiceBase):
             except OSError:
                 pass
 
+    def _identity_stale(self, ident):
+        """Why an identity file no longer speaks for its agent (a NotSetUpError to raise
+        or report), or None: the agent was deleted, or its name is registered from
+        another worktree (a forced takeover, or the newer of two registrations that met
+        in a sync)."""
+        row = self.index.agent(ident["agent_id"])
+        if row and row["worktree"] and ident.get("worktree") and ident.get("identity_file") \
+                and os.path.realpath(row["worktree"]) != os.path.realpath(ident["worktree"]):
+            where = row["worktree"] + ("" if row["hostname"] in (None, os.uname().nodename)
+                                       else " on " + str(row["hostname"]))
+            hint = ("register another name here, or claim it back with 'thrum quickstart "
+                    "--name %s --role ROLE --module MODULE --force'" % ident["agent_id"])
+            if row["takeover"]:
+                return NotSetUpError("agent @%s was taken over (a forced registration) by "
+                                     "the worktree %s" % (ident["agent_id"], where), hint=hint)
+            return NotSetUpError(
+                "the name @%s is also registered from another worktree (%s), and that "
+                "registration is the newer one (two registrations met in a sync)"
+                % (ident["agent_id"], where), hint=hint)
+        if row is None:
+            return NotSetUpError("agent %s is not registered in this store (deleted?)"
+                                 % ident["agent_id"],
+                                 hint="re-register with 'thrum quickstart --name %s "
+                                      "--role R --module M'" % ident["agent_id"])
+        return None
+
     def _check_identities(self, fix):
-        """[(name, problem, fixed)] for damaged identity files of this worktree. A fix
-        rewrites the file from the agent's registration when it was made here, else
-        moves it aside (`<name>.json.corrupt`)."""
+        """[(name, problem, fixed)] for damaged or stale identity files of this worktree.
+        A fix rewrites a damaged file from the agent's registration when it was made here,
+        else moves it aside (`<name>.json.corrupt`), and removes a stale one (its agent
+        deleted, or its name registered from another worktree)."""
         out = []
         for name in self.identities_here():
             path = self._identity_file(name)
             try:
-                self._read_identity(path)
-                continue
+                stale = self._identity_stale(self._read_identity(path))
             except NotSetUpError as e:
                 problem = e.message
+            else:
+                if stale:  # a leftover: it only makes this worktree need THRUM_NAME
+                    fixed = False
+                    if fix:
+                        os.unlink(path)
+                        fixed = True
+                    out.append((name, "stale: %s%s" % (stale.message, "; removed" if fix else
+                                "; --fix removes this identity file"), fixed))
+                continue
             fixed = False
             if fix:
                 row = self.index.agent(name)
@@ -5969,7 +6107,7 @@ class TmuxOps(ServiceBase):
             if not existed:
                 self.agent_delete(aid, force=True)
             elif self.index.open_session(aid):
-                self.session_end(reason="tmux create failed", agent=aid)
+                self._end_session(reason="tmux create failed", agent=aid)
             raise
         return {"session": session, "agent_id": aid, "pane": pane, "socket": sock,
                 "pid": pid, "session_id": ses["session_id"], "command": argv,
@@ -6865,6 +7003,7 @@ class Daemon:
             {"pid": os.getpid(), "socket": os.path.abspath(self.socket),
              "started_at": now_ts()}) + "\n", 0o600)
         self.store.listeners.append(self._on_write)
+        self.store.pushed_by_daemon = bool(self.store.loc.git_common)
         signal.signal(signal.SIGTERM, lambda *a: self.stop())
         signal.signal(signal.SIGINT, lambda *a: self.stop())
         self.log("daemon %d started for %s (socket %s)" % (os.getpid(), self.store.path,
@@ -7597,8 +7736,15 @@ def _visible_data(obj):
 
 
 def clip(line, width=80):
-    """One display line cut to `width` columns (an ellipsis marks the cut)."""
-    return line if len(line) <= width else line[:width - 1] + "…"
+    """One display line cut to `width` columns (an ellipsis marks the cut); a width of
+    None (output that is not a terminal) keeps the line whole."""
+    return line if width is None or len(line) <= width else line[:width - 1] + "…"
+
+
+def _width(style):
+    """The columns a renderer may fill: the terminal's, or None when the output is not
+    a terminal (a pipe, a file, an agent's tool call), which is never wrapped or cut."""
+    return getattr(style, "width", None)
 
 
 def _who(names):
@@ -7611,13 +7757,23 @@ def _aud_str(auds):
                      "%s:%s" % (a["type"], a["value"]) for a in auds)
 
 
-def _body_lines(text, indent, max_lines=20, width=80):
-    import textwrap
+def _shown_id(m, style):
+    """A message's id as a list shows it: on a terminal its short form (unique in this
+    store, as git abbreviates), elsewhere (pipes, agents, MCP text) the full id."""
+    return (_width(style) and m.get("short_id")) or m["message_id"]
+
+
+def _body_lines(text, indent, max_lines=20, width=None):
+    """A body indented; on a terminal of `width` columns, wrapped at spaces only (never
+    inside a word, a path or at a hyphen: a long word overflows instead)."""
     out = []
-    lines = text.split("\n")
-    for line in lines:
-        wrapped = textwrap.wrap(line, max(20, width - len(indent)), break_long_words=True,
-                                replace_whitespace=False, drop_whitespace=True) or [""]
+    for line in text.split("\n"):
+        if width is None or len(indent) + len(line) <= width:
+            out.append(indent + line)
+            continue
+        import textwrap
+        wrapped = textwrap.wrap(line, max(20, width - len(indent)), break_long_words=False,
+                                break_on_hyphens=False, replace_whitespace=False) or [""]
         out.extend(indent + w for w in wrapped)
     if len(out) > max_lines:
         more = len(out) - max_lines
@@ -7625,7 +7781,7 @@ def _body_lines(text, indent, max_lines=20, width=80):
     return out
 
 
-def render_message_rows(out, msgs, full_ids=True):
+def render_message_rows(out, msgs):
     """Inbox-style rows with replies nested under parents shown on the same page."""
     by_id = {m["message_id"]: m for m in msgs}
     children = {}
@@ -7645,16 +7801,20 @@ def render_message_rows(out, msgs, full_ids=True):
         edited = "  (edited)" if m.get("updated_at") else ""
         to = " → " + _aud_str(m["audiences"]) if m.get("audiences") else ""
         head = "%s%s%s %s  @%s%s  %s%s%s" % (ind, arrow, "●" if not m["is_read"] else "○",
-                                             m["message_id"], m["agent_id"], to,
+                                             _shown_id(m, out), m["agent_id"], to,
                                              relative_time(m["created_at"]), edited, re)
-        head = clip(head)  # colour is added after measuring the width
+        head = clip(head, _width(out))  # colour is added after measuring the width
         head = head.replace("●", mark, 1).replace("@" + m["agent_id"],
                                                   out.c("1", "@" + m["agent_id"]), 1)
         lines.append(head)
         content = m["body"]["content"]
-        lines.extend(_body_lines(content, ind + ("    " if arrow else "  ")))
+        lines.extend(_body_lines(content, ind + ("    " if arrow else "  "), width=_width(out)))
         if m["body"].get("structured"):
-            lines.append(clip(ind + "  data: " + _dumps(m["body"]["structured"])))
+            lines.append(clip(ind + "  data: " + _dumps(m["body"]["structured"]), _width(out)))
+        tags = ["refs: " + ", ".join(map(_tag_str, m["refs"]))] if m.get("refs") else []
+        tags += ["scopes: " + ", ".join(map(_tag_str, m["scopes"]))] if m.get("scopes") else []
+        if tags:
+            lines.append(clip(ind + "  " + "  ".join(tags), _width(out)))
         for c in children.get(m["message_id"], []):
             row(c, depth + 1)
     for m in roots:
@@ -7686,7 +7846,7 @@ def render_member(out, m):
         bits.append("tmux: " + str(m["tmux"].get("session")))
     bits.append("seen " + relative_time(m.get("last_seen_at")))
     bits.append("inbox %d unread / %d" % (m["unread"], m["total"]))
-    return [clip(head), clip("    " + " · ".join(bits))]
+    return [clip(head, _width(out)), clip("    " + " · ".join(bits), _width(out))]
 
 
 # -- one renderer per result ---------------------------------------------------------
@@ -7730,7 +7890,7 @@ def render_quickstart(r, style=PLAIN):
 
 
 def render_whoami(r, style=PLAIN):
-    return [clip(l) for l in [
+    return [clip(l, _width(style)) for l in [
         "@%s  %s (%s)" % (r["agent_id"], r["role"], r["module"]),
         "  Display:  %s" % (r["display"] or ""),
         "  Intent:   %s" % (r["intent"] or ""),
@@ -7758,17 +7918,18 @@ def render_status(r, style=PLAIN):
     lines.append("  Daemon:  %s" % ("running (pid %s)" % d["pid"] if d["running"]
                                      else "not running (pure-CLI mode)"))
     s = r["sync"]
-    lines.append("  Sync:    %s%s" % (s["state"], ", last %s" % relative_time(
-        s["last_sync_at"]) if s.get("last_sync_at") else ""))
+    lines.append("  Sync:    %s%s" % (s["state"], ", last %s%s" % (
+        "good sync " if s.get("last_error") else "", relative_time(s["last_sync_at"]))
+        if s.get("last_sync_at") else ""))
     if s.get("last_error"):
         lines.append("           last error: %s" % s["last_error"])
-    return [clip(l) for l in lines]
+    return [clip(l, _width(style)) for l in lines]
 
 
 def render_overview(r, style=PLAIN):
     ls = render_status(r, style) + ["", "Team (%d active):" % len(r["team"])]
     for m in r["team"]:
-        ls.extend(clip("  " + l) for l in render_member(style, m))
+        ls.extend(clip("  " + l, _width(style)) for l in render_member(style, m))
     return ls
 
 
@@ -7841,9 +8002,9 @@ def render_sent(r, style=PLAIN):
     ls = []
     for m in r["messages"]:
         ls.append(clip("%s  to %s  %s  %d/%d read" % (
-            m["message_id"], _aud_str(m["audiences"]) or _who(m["recipients"]),
-            relative_time(m["created_at"]), m["read_count"], len(m["receipts"]))))
-        ls.extend(_body_lines(m["body"]["content"], "  ", 6))
+            _shown_id(m, style), _aud_str(m["audiences"]) or _who(m["recipients"]),
+            relative_time(m["created_at"]), m["read_count"], len(m["receipts"])), _width(style)))
+        ls.extend(_body_lines(m["body"]["content"], "  ", 6, _width(style)))
         if m["receipts"]:
             ls.append("  " + ", ".join("@%s(%s)" % (x["agent_id"], "read" if x["read_at"]
                                                      else "unread") for x in m["receipts"]))
@@ -7901,17 +8062,25 @@ def render_tmux_list(r, style=PLAIN):
         state = {True: style.c("32", "alive"), False: style.c("31", "gone"),
                  None: "other clone (on %s)" % a.get("host")}[a["alive"]]
         ls.append(clip("@%s  %s (pane %s)  %s  inbox %d unread" % (
-            a["agent_id"], a["session"], a.get("pane"), state, a["unread"])))
+            a["agent_id"], a["session"], a.get("pane"), state, a["unread"]), _width(style)))
     return ls
 
 
 def render_who_has(r, style=PLAIN):
     if not r["agents"]:
         return ["No agent is editing %s" % r["path"]]
-    return ["@%s is editing %s (branch %s)%s" % (
-        a["agent_id"], r["path"], a["branch"] or "detached",
-        "" if a["status"] in (None, "modified") else " [%s]" % a["status"])
-        for a in r["agents"]]
+    ls, said = [], set()
+    for a in r["agents"]:
+        if a["agent_id"] in said:
+            continue
+        names = [a["agent_id"]] + (a.get("shared") or [])
+        said.update(names)
+        ls.append("%s %s editing %s (branch %s)%s%s" % (
+            ", ".join("@" + n for n in names), "is" if len(names) == 1 else "are",
+            r["path"], a["branch"] or "detached",
+            "" if a["status"] in (None, "modified") else " [%s]" % a["status"],
+            "; they share one worktree, git cannot tell which" if len(names) > 1 else ""))
+    return ls
 
 
 def render_ping(m, style=PLAIN):
@@ -7919,7 +8088,7 @@ def render_ping(m, style=PLAIN):
                                      relative_time(m["last_seen_at"]))]
     for k in ("intent", "task", "branch"):
         if m.get(k):
-            ls.append(clip("  %s: %s" % (k.capitalize(), m[k])))
+            ls.append(clip("  %s: %s" % (k.capitalize(), m[k]), _width(style)))
     return ls
 
 
@@ -7950,7 +8119,7 @@ def render_session_list(r, style=PLAIN):
     return [clip("%s  %s  @%s  started %s%s" % (
         s["session_id"], s["status"], s["agent_id"], relative_time(s["started_at"]),
         ", ended %s (%s)" % (relative_time(s["ended_at"]), s["end_reason"])
-        if s["ended_at"] else "")) for s in r["sessions"]] or ["No sessions."]
+        if s["ended_at"] else ""), _width(style)) for s in r["sessions"]] or ["No sessions."]
 
 
 def render_heartbeat(r, style=PLAIN):
@@ -7967,17 +8136,17 @@ def render_context(r, style=PLAIN):
 
 def render_group(r, style=PLAIN):
     ls = [clip("%s  (%s)%s" % (r["group"], r["group_id"], " — " + r["description"]
-                              if r.get("description") else ""))]
+                              if r.get("description") else ""), _width(style))]
     ls += ["  %s" % ("@" + m["value"] if m["type"] == "agent" else "role:" + m["value"])
            for m in r["members"]] or ["  (no members)"]
-    ls.append(clip("  Reaches: %s" % _who(r["agents"])))
+    ls.append(clip("  Reaches: %s" % _who(r["agents"]), _width(style)))
     return ls
 
 
 def render_group_list(r, style=PLAIN):
     return [clip("%s  %d member(s)%s  reaches %s" % (
         g["group"], g["member_count"], " — " + g["description"] if g["description"]
-        else "", _who(g["agents"]))) for g in r["groups"]] or ["No groups."]
+        else "", _who(g["agents"])), _width(style)) for g in r["groups"]] or ["No groups."]
 
 
 def _fmt_value(v):
@@ -7993,11 +8162,23 @@ def render_config(r, style=PLAIN):
 
 
 def _sync_lines(r):
+    remote = r["remote"]
+    missing = r.get("remote_missing")
+    if not remote and missing:
+        others = missing["remotes"]
+        remote = "(none: this repository has no remote named %r%s)" % (
+            missing["name"], "; it has %s: thrum config set sync.remote %s" % (
+                ", ".join(others), others[0]) if others else
+            ": add one with 'git remote add %s URL'" % missing["name"])
+    good = relative_time(r["last_sync_at"]) if r["last_sync_at"] else "never"
     ls = ["  State:   %s" % r["state"],
-          "  Remote:  %s" % (r["remote"] or "(none)"),
-          "  Branch:  %s" % r["branch"],
-          "  Last sync: %s" % (relative_time(r["last_sync_at"]) if r["last_sync_at"]
-                               else "never")]
+          "  Remote:  %s" % (remote or "(none)"),
+          "  Branch:  %s" % r["branch"]]
+    if r.get("last_error"):  # the failure is the news; the last success is history
+        ls += ["  Last sync: failed %s" % relative_time(r.get("last_attempt_at")),
+               "  Last good sync: %s" % good]
+    else:
+        ls.append("  Last sync: %s" % good)
     if r.get("ahead") or r.get("behind"):
         ls.append("  Ahead %d, behind %d" % (r["ahead"], r["behind"]))
     if r.get("last_error"):
@@ -8744,6 +8925,14 @@ def serve_mcp(caller, channel=False):
 
 # === 20. CLI: output, arguments, the Cli context ==============================
 
+def _columns(stream):
+    """A terminal's width in columns (80 when it does not say; at least 40)."""
+    try:
+        return max(40, os.get_terminal_size(stream.fileno()).columns)
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
 class Output:
     """Writes results: one JSON document with --json, compact text otherwise."""
 
@@ -8759,8 +8948,10 @@ class Output:
         self.json = json_mode
         self.quiet = quiet
         self.verbose = verbose
-        self.color = (not json_mode and "NO_COLOR" not in os.environ
-                      and hasattr(self.stream, "isatty") and self.stream.isatty())
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.color = not json_mode and "NO_COLOR" not in os.environ and tty
+        # a terminal's columns for wrapping and cutting; None (never wrap) for a pipe
+        self.width = _columns(self.stream) if tty else None
 
     def c(self, code, text):
         return "\033[%sm%s\033[0m" % (code, text) if self.color else text
@@ -8784,6 +8975,7 @@ class Output:
         """Write to stdout; a failure (closed, full disk, broken pipe) is OutputError."""
         if self.broken:
             return
+        PROGRESS.clear()
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -8824,6 +9016,18 @@ def _argparse():
 
         def error(self, message):
             raise UsageError(message, hint="see '%s --help'" % self.prog)
+
+        def add_subparsers(self, **kw):
+            """Subcommands whose --help opens with their one-line help."""
+            action = super().add_subparsers(**kw)
+            add = action.add_parser
+
+            def add_parser(name, **k):
+                if k.get("help"):
+                    k.setdefault("description", k["help"])
+                return add(name, **k)
+            action.add_parser = add_parser
+            return action
 
     return argparse, Parser
 
@@ -8890,7 +9094,8 @@ def _add_body_args(p, op):
     p.add_argument("body", nargs="*", metavar="BODY",
                    help="message text ('-' reads standard input)")
     p.add_argument("--stdin", action="store_true", help="read the body from standard input")
-    p.add_argument("--body-file", metavar="PATH", help="read the body from a file")
+    p.add_argument("--body-file", metavar="PATH",
+                   help="read the body from a file ('-' reads standard input)")
     fmt = OPS[op].default("fmt")
     p.add_argument("--format", dest="fmt", default=fmt, metavar="FMT",
                    help="markdown, plain or json (default: %s)" % (
@@ -8919,10 +9124,11 @@ def read_body(args, stdin=None):
     """Exactly one body source; stdin/file bodies lose one trailing newline (SPEC §14)."""
     words = getattr(args, "body", None) or []
     positional = " ".join(words) if words else None
+    body_file = getattr(args, "body_file", None)
     use_stdin = bool(getattr(args, "stdin", False)) or positional == "-"
     sources = [n for n, on in (("an argument", positional not in (None, "-")),
                                ("standard input", use_stdin),
-                               ("--body-file", bool(getattr(args, "body_file", None)))) if on]
+                               ("--body-file", bool(body_file))) if on]
     if not sources:
         raise UsageError("no message body",
                          hint="give the text as an argument, '-' or --stdin for standard "
@@ -8932,7 +9138,7 @@ def read_body(args, stdin=None):
                          % " and ".join(sources))
     if positional not in (None, "-"):
         return positional
-    if use_stdin:
+    if use_stdin or body_file == "-":  # `--body-file -` is standard input, as elsewhere
         data = _read_stdin(stdin)
     else:
         try:
@@ -9216,8 +9422,8 @@ report what it prints. You never run any other command.
    TIMESTAMP: <created_at>
    ---
 
-3. If it exits 1 with `"status": "timeout"`, run it again. After 6 timeouts in a row
-   (about 48 minutes), stop and return exactly: NO_MESSAGES_TIMEOUT
+3. If it exits 1 with `"status": "timeout"`, run it again. After 30 timeouts in a row
+   (about 4 hours), stop and return exactly: NO_MESSAGES_TIMEOUT
 4. If it fails in any other way, return its error line and stop.
 
 Each message is returned once (thrum records what it delivered), and nothing is marked
@@ -9715,7 +9921,9 @@ def cmd_session(args, cli, out):
         return out.ok(r, "Session started: %s" % r["session_id"])
     if args.sub == "end":
         r = cli.call("session_end", reason=args.reason, session_id=args.session_id)
-        return out.ok(r, "Session ended: %s" % r["session_id"])
+        _warnings(r)
+        return out.ok(r, "Session ended: %s%s" % (r["session_id"], " (pushed)" if r.get(
+            "pushed") else ""))
     if args.sub == "list":
         return out.emit(cli.call("session_list", agent_filter=args.agent,
                                  active=args.active), lambda r: render_session_list(r, out))
@@ -9795,6 +10003,7 @@ def cmd_config(args, cli, out):
 
 def cmd_sync(args, cli, out):
     if args.sub == "force":
+        PROGRESS.step("syncing")
         r = cli.call("sync_force")
         return out.ok(r, *render_sync_force(r))
     out.emit(cli.call("sync_status"), lambda r: render_sync_status(r, out))
@@ -9834,6 +10043,7 @@ def cmd_daemon(args, cli, out):
             return EXIT_OK
         return code
     if args.sub in ("stop", "restart"):
+        PROGRESS.step("stopping the daemon")
         stopped = stop_daemon(files)
         unpushed = _unpushed(cli.store)
         if unpushed:
@@ -9842,6 +10052,7 @@ def cmd_daemon(args, cli, out):
         if args.sub == "stop":
             return out.ok({"running": False, "stopped": stopped, "unpushed": unpushed},
                           "daemon stopped" if stopped else "no daemon was running")
+    PROGRESS.step("starting the daemon")
     r, started = start_daemon(cli.store, cli.caller.env, files)
     out.ok(dict(r, started=started), ("daemon started (pid %s)" if started else
                                       "daemon already running (pid %s)") % r["pid"],
@@ -10174,7 +10385,8 @@ def _args_config(p):
 
 def _args_sync(p):
     sub = p.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
-    sub.add_parser("force", help="run one sync cycle now")
+    sub.add_parser("force", help="run one sync cycle now: commit this clone's new events, "
+                   "fetch and merge the remote's, push (what a daemon does by itself)")
     sub.add_parser("status", help="sync state")
 
 
@@ -10422,6 +10634,8 @@ def _run(argv, out):
         parser.print_help()
         return EXIT_USAGE if rest else EXIT_OK
     _, _, handler = COMMANDS[args.command]
+    if not flags["quiet"] and args.command != "mcp" and _isatty(sys.stderr):
+        PROGRESS.enable(sys.stderr)  # long steps say what they do, on a terminal only
     env = dict(os.environ)
     if flags["debug"]:
         env["THRUM_DEBUG"] = "1"
@@ -10429,8 +10643,16 @@ def _run(argv, out):
     try:
         code = handler(args, cli, out)
     finally:
+        PROGRESS.clear()
         cli.close()
     return EXIT_OK if code is None else code
+
+
+def _isatty(stream):
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, OSError):
+        return False
 
 
 def _cli_cwd(repo):
@@ -10446,6 +10668,7 @@ def _report(out, message, code, hint=None):
     """The one-line error (plus a hint line) on stderr; with --json also the error
     object, joined to the command's result when there is one."""
     message = _visible(message)
+    PROGRESS.clear()
     try:
         sys.stderr.write("thrum: error: %s\n" % message)
         if hint:

@@ -968,16 +968,6 @@ def test_human_send_says_who_it_reached(team):
     assert "bob" in r.out and "carol" in r.out
 
 
-def test_human_output_fits_80_columns(team):
-    team.send("alice", "word " * 80, "--to", "bob", "--scope", "module:auth")
-    team.send("carol", "x" * 200, "--to", "bob")
-    team.t.ok("session", "set-intent", "A rather long intent " * 6, name="alice")
-    for args in (["inbox", "--unread"], ["team"], ["status"], ["overview"], ["sent"]):
-        r = team.t.ok(*args, name="bob" if args[0] != "sent" else "alice")
-        wide = [ln for ln in r.out.splitlines() if len(ln) > 80]
-        assert not wide, f"`thrum {' '.join(args)}` has lines over 80 columns: {wide[:2]}"
-
-
 @pytest.mark.parametrize("tty", [False, True], ids=["pipe", "tty+NO_COLOR"])
 def test_no_colour_without_tty_or_with_no_color(team, tty, procs):
     team.seed("alice", "colourful?", to=["bob"])
