@@ -2775,6 +2775,73 @@ def _kill_group(proc):
         pass
 
 
+# What git keeps in files thrum may read without a process (a ref), and objects it can
+# hash itself (a tree): a sync cycle with nothing to do must stay cheap (SPEC §8).
+
+_HEX_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?\Z").match
+
+
+def _read_ref(common, ref):
+    """The sha `ref` holds in git's files: the loose ref, else packed-refs (written
+    before a loose ref goes). None: no such ref; False: ask git (reftable, symref)."""
+    if os.path.exists(os.path.join(common, "reftable")):
+        return False
+    try:
+        with open(os.path.join(common, ref), "rb") as f:
+            text = f.read(200).decode("ascii", "replace").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        text = None
+    except OSError:
+        return False
+    if text is not None:
+        return text if _HEX_SHA(text) else False
+    try:
+        with open(os.path.join(common, "packed-refs"), "rb") as f:
+            data = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
+    tail = " " + ref
+    for line in data.splitlines():
+        if line.endswith(tail) and not line.startswith(("#", "^")):
+            sha = line[:-len(tail)]
+            return sha if _HEX_SHA(sha) else False
+    return None
+
+
+def _tree_objects(files, algo):
+    """Tree objects for {path: blob sha}: (root sha, [`mktree` listing], subtrees
+    first), hashed here as git does (a tree sorts as if its name ended in `/`)."""
+    import hashlib
+    root = {}
+    for path, sha in files.items():
+        parts = path.split("/")
+        d = root
+        for part in parts[:-1]:
+            d = d.setdefault(part, {})
+        d[parts[-1]] = sha
+    listings = []
+
+    def build(d):
+        items = []
+        for name, v in d.items():
+            if isinstance(v, dict):
+                items.append((name + "/", b"40000", "040000 tree", name, build(v)))
+            else:
+                items.append((name, b"100644", "100644 blob", name, v))
+        items.sort(key=lambda x: x[0].encode("utf-8", "surrogateescape"))
+        body = b"".join(mode + b" " + name.encode("utf-8", "surrogateescape") + b"\0" +
+                        bytes.fromhex(sha) for _, mode, _, name, sha in items)
+        h = hashlib.new(algo)
+        h.update(b"tree %d\0" % len(body))
+        h.update(body)
+        listings.append("".join("%s %s\t%s\n" % (kind, sha, name)
+                                for _, _, kind, name, sha in items))
+        return h.hexdigest()
+    return build(root), listings
+
+
 _STATUS_NAMES = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed",
                  "C": "copied", "?": "untracked", "U": "conflicted", "T": "modified"}
 
@@ -2997,8 +3064,11 @@ def start_thread(name, fn, *args):
 # files by appending remote-only events (union by event_id; never rewriting a
 # file, so concurrent appenders lose nothing), then records the files' complete
 # lines as ONE commit whose parent is the fetched remote tip and pushes it.
-# Commits are built with plumbing (temporary index, commit-tree, update-ref):
-# the user's HEAD, index and working tree are never touched.
+# Commits are built with plumbing (blobs, trees, commit-tree, update-ref): the
+# user's HEAD, index and working tree are never touched. Few git processes (SPEC §8):
+# refs are read from git's files and worktree files compared with blobs by hashing them
+# here, so a cycle with nothing to do runs one `git fetch`; a rejected push costs one
+# fetch, one merge and one push (the commit is made again from trees, not the log).
 
 _BRANCH_HINT = ("choose a branch name that nothing else uses: "
                 "'thrum config set sync.branch thrum-log'")
@@ -3008,6 +3078,29 @@ _BRANCH_HINT = ("choose a branch name that nothing else uses: "
 #: Any other refusal (e.g. a pre-receive hook declining) fails at once.
 _CONTENTION = ("non-fast-forward", "fetch first", "stale info", "failed to update ref",
                "cannot lock ref", "incorrect old value", "[rejected]")
+
+
+#: What this process learnt of git, for every SyncEngine (the daemon makes one per
+#: cycle): a commit's log files (commits never change), git's answer to `git remote`
+#: (while the config keeps its stat), files known to hold a blob's lines (while theirs).
+_SYNC_CACHE = {"trees": {}, "remotes": {}, "same": {}}
+
+
+def _cache_put(kind, key, value, limit=256):
+    cache = _SYNC_CACHE[kind]
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)), None)  # the oldest entry
+    cache[key] = value
+
+
+def _stat_key(path, st=None):
+    """Inode, size, mtime and ctime: any write or rename changes one of them."""
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _event_ids(data):
@@ -3028,8 +3121,14 @@ def _event_ids(data):
     return ids
 
 
-class SyncEngine:
-    """One clone's side of git sync, over a store (its location, config and log)."""
+def _complete(data):
+    """The complete lines of `data` (a torn tail is never committed or merged)."""
+    return data[:data.rfind(b"\n") + 1]
+
+
+class GitLog:
+    """One clone's sync branch as git objects (refs, a commit's log files, blobs, new
+    commits from the worktree's files), with few git processes. SyncEngine builds on it."""
 
     def __init__(self, store, branch=None):
         self.store = store
@@ -3039,36 +3138,252 @@ class SyncEngine:
                              % self.loc.store, hint="run 'git init' and 'thrum init' to "
                              "use sync")
         self.root = self.loc.store_root
+        self.common = (git_dirs(self.root) or (None, self.loc.git_common))[1]
         self.branch = branch or store.config.get("sync.branch")
         self.ref = "refs/heads/" + self.branch
         self.remote = store.config.get("sync.remote")
         self.local_only = store.config.get("sync.local_only")
         self.wt = self.loc.log_dir(self.branch)
-        self.state_file = os.path.join(self.loc.var, "sync.json")
-        #: Bound on every git call that talks to the remote (sync.timeout).
-        self.net_timeout = parse_duration(store.config.get("sync.timeout"))
-        self._trees = {}  # commit -> its log files (commits never change)
-        self.restored = []  # events this engine put back (restore_lost)
+        #: Remote requests this engine made, and pushes refused because another clone
+        #: pushed first (the daemon adds them up for `daemon status`).
+        self.counts = {"fetch": 0, "push": 0, "rejected": 0, "ls-remote": 0}
 
-    # -- git helpers ------------------------------------------------------------
+    # -- git and refs -------------------------------------------------------------
     def git(self, *args, check=True, input=None, timeout=60, env_extra=None, cwd=None):
         return git(list(args), cwd or self.root, self.store.env, check=check, input=input,
                    timeout=timeout, env_extra=env_extra)
 
     def rev(self, ref):
+        """The commit `ref` names, or None. A full ref is read from git's ref files (no
+        process); anything else, or a ref only git can read, is asked of git."""
+        if ref.startswith("refs/"):
+            sha = _read_ref(self.common, ref)
+            if sha is not False:
+                return sha
         p = self.git("rev-parse", "--verify", "--quiet", ref + "^{commit}", check=False)
         return p.stdout.strip() if p.returncode == 0 else None
+
+    def remotes(self):
+        """The names of the repository's git remotes (git's answer, kept while the
+        repository's config file is unchanged)."""
+        key = _stat_key(os.path.join(self.common, "config"))
+        hit = _SYNC_CACHE["remotes"].get(self.common)
+        if hit and key and hit[0] == key:
+            return list(hit[1])
+        names = self.git("remote", check=False).stdout.split()
+        _cache_put("remotes", self.common, (key, names))
+        return list(names)
 
     def has_remote(self):
         return not self.local_only and self.remote in self.remotes()
 
-    def remotes(self):
-        """The names of the repository's git remotes."""
-        return self.git("remote", check=False).stdout.split()
-
     @property
     def tracking(self):
         return "refs/remotes/%s/%s" % (self.remote, self.branch)
+
+    def _set_local(self, commit, pushed=False):
+        """Point the branch (and, after a push, the tracking ref) at `commit`: one ref
+        transaction; then the worktree's index follows its HEAD (files stay as they are)."""
+        moves = [ref for ref in (self.ref, self.tracking if pushed else None)
+                 if ref and self.rev(ref) != commit]
+        if not moves:
+            return
+        self.git("update-ref", "--stdin", input="".join(
+            "update %s %s\n" % (ref, commit) for ref in moves))
+        if self.ref in moves:
+            self.git("read-tree", "HEAD", cwd=self.wt, check=False)
+
+    # -- what a commit holds -----------------------------------------------------------
+    def _tree_files(self, commit):
+        """{path: blob_sha} of a commit's regular log files (symlinks, submodules and
+        other paths are ignored)."""
+        return {path: sha for path, (sha, _) in self._tree_blobs(commit).items()}
+
+    def _tree_blobs(self, commit):
+        """{path: (blob_sha, size)} of a commit's regular log files (asked of git once
+        per process: commits never change). Do not modify the answer."""
+        if not commit:
+            return {}
+        hit = _SYNC_CACHE["trees"].get((self.common, commit))
+        if hit is not None:
+            return hit
+        p = self.git("ls-tree", "-r", "-l", "-z", commit)
+        out = {}
+        for entry in p.stdout.split("\0"):
+            if entry:
+                meta, path = entry.split("\t", 1)
+                mode, kind, sha, size = meta.split()
+                if kind == "blob" and mode in ("100644", "100755") and log_relpath_ok(path):
+                    out[path] = (sha, int(size))
+        _cache_put("trees", (self.common, commit), out, limit=32)
+        return out
+
+    def _read_blobs(self, shas):
+        """{sha: bytes} through one `git cat-file --batch` process."""
+        if not shas:
+            return {}
+        p = git(["cat-file", "--batch"], self.root, self.store.env,
+                input=("\n".join(shas) + "\n").encode(),
+                timeout=120, text=False)
+        out, data, i = {}, p.stdout, 0
+        for sha in shas:
+            nl = data.index(b"\n", i)
+            header = data[i:nl].split()
+            if len(header) < 3:
+                raise GitError(["cat-file"], 1, "missing object %s" % sha)
+            size = int(header[2])
+            out[sha] = data[nl + 1:nl + 1 + size]
+            i = nl + 1 + size + 1
+        return out
+
+    # -- the worktree against a commit ----------------------------------------------
+    def _against(self, commit, only=None):
+        """{path: state} of the worktree's log files against `commit`'s blobs: same
+        (complete lines = the blob), grown (starts with it, more lines after), changed
+        (does not start with it), missing (not here), new (not in the commit). Git names
+        a blob by the hash of `blob <size>\\0<bytes>`: hashing each file's first N bytes
+        tells with no git process; a file found the same is not read while its stat holds."""
+        import hashlib
+        blobs = self._tree_blobs(commit)
+        here = {rel: (path, st) for rel, path, st in
+                EventLog(self.wt, self.store.log.torn_dir).files()}
+        same = _SYNC_CACHE["same"]
+        out = {}
+        for rel in sorted(set(blobs) | set(here)):
+            if only is not None and rel not in only:
+                continue
+            if rel not in here:
+                out[rel] = "missing"
+                continue
+            path, st = here[rel]
+            sha, size = blobs.get(rel, (None, 0))
+            key = _stat_key(path, st)
+            if sha and same.get(path) == (key, sha):
+                out[rel] = "same"
+                continue
+            if st.st_size < size:
+                out[rel] = "changed"
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+            except OSError:
+                out[rel] = "missing" if sha else None
+                continue
+            with os.fdopen(fd, "rb") as f:
+                head, rest = f.read(size), f.read()
+            if sha is None:
+                out[rel] = "new" if b"\n" in rest else None
+                continue
+            h = hashlib.new("sha256" if len(sha) == 64 else "sha1")
+            h.update(b"blob %d\0" % size)
+            h.update(head)
+            if len(head) < size or h.hexdigest() != sha:
+                out[rel] = "changed"
+            elif b"\n" in rest:
+                out[rel] = "grown"
+            else:
+                out[rel] = "same"
+                _cache_put("same", path, (key, sha), limit=4096)
+        return {rel: s for rel, s in out.items() if s}
+
+    def _equivalent(self, rel, sha, blob):
+        """Whether the worktree file holds exactly the lines of `blob`, in any order (a
+        groups.jsonl several clones wrote; never a torn blob: that gets mended), remembered
+        while its stat holds, so it is neither committed nor read again every cycle."""
+        path = os.path.join(self.wt, rel)
+        try:
+            fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+        except OSError:
+            return False
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+        mine, theirs = _complete(data).split(b"\n"), blob.split(b"\n")
+        if theirs[-1] or len(mine) != len(theirs) or sorted(mine) != sorted(theirs):
+            return False
+        _cache_put("same", path, (_stat_key(path, st), sha), limit=4096)
+        return True
+
+    # -- making commits ----------------------------------------------------------------
+    def _store_files(self, rels):
+        """{path: (blob sha, size)}: the complete lines of these worktree files (read under
+        their shared flock) stored as blobs by one `git hash-object`."""
+        import tempfile
+        if not rels:
+            return {}
+        with tempfile.TemporaryDirectory(prefix="thrum-sync-") as tmp:
+            copies = []
+            for rel in rels:
+                path = os.path.join(self.wt, rel)
+                try:  # never through a symlink (EventLog.files lists none)
+                    fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+                except OSError:
+                    continue
+                with os.fdopen(fd, "rb") as f:
+                    flock(f.fileno(), shared=True)
+                    st = os.fstat(f.fileno())
+                    data = f.read()
+                whole = _complete(data)
+                copy = os.path.join(tmp, "%d" % len(copies))
+                with open(copy, "wb") as f:
+                    f.write(whole)
+                copies.append((rel, copy, len(whole), _stat_key(path, st)
+                               if len(whole) == len(data) else None))
+            if not copies:
+                return {}
+            shas = self.git("hash-object", "-w", "--stdin-paths", input="\n".join(
+                c[1] for c in copies) + "\n").stdout.split()
+        out = {}
+        for (rel, _, size, key), sha in zip(copies, shas):
+            out[rel] = (sha, size)
+            if key:  # the file is exactly this blob now
+                _cache_put("same", os.path.join(self.wt, rel), (key, sha), limit=4096)
+        return out
+
+    def _make_commit(self, files, parent):
+        """Commit {path: (blob sha, size)} on `parent`: (commit, made), (parent, False)
+        when nothing changed. Trees are hashed here and written by one `git mktree
+        --batch` (it checks every entry exists); the commit's files are remembered."""
+        if parent is not None and {p: s for p, (s, _) in files.items()} == \
+                self._tree_files(parent):
+            return parent, False
+        if files:
+            algo = "sha256" if len(next(iter(files.values()))[0]) == 64 else "sha1"
+            root, listings = _tree_objects({p: s for p, (s, _) in files.items()}, algo)
+            made = self.git("mktree", "--batch", input="\n".join(listings)).stdout.split()
+            if not made or made[-1] != root:
+                raise GitError(["mktree"], 1, "git wrote tree %s where thrum computed %s"
+                               % (made[-1] if made else "nothing", root))
+        else:
+            root = self.git("mktree", input="").stdout.strip()
+        args = ["commit-tree", root, "-m", "thrum: sync %s" % now_ts()]
+        if parent:
+            args[2:2] = ["-p", parent]
+        commit = self.git(*args).stdout.strip()
+        _cache_put("trees", (self.common, commit), dict(files), limit=32)
+        return commit, True
+
+
+class SyncEngine(GitLog):
+    """One clone's side of git sync, over a store (its location, config and log)."""
+
+    #: Attempts at pushing in one cycle while other clones keep pushing first.
+    MAX_ATTEMPTS = 8
+    #: Clones whose events are this recent count for the push slots (push_slot).
+    PEERS_FOR = 3600.0
+    #: The pause before the n-th retry of a rejected push: random in [cap/2, cap], cap =
+    #: BACKOFF_FIRST x 2^(n-1), at most BACKOFF_MAX (so clones that collided spread out).
+    BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
+
+    def __init__(self, store, branch=None):
+        super().__init__(store, branch)
+        self.state_file = os.path.join(self.loc.var, "sync.json")
+        #: Bound on every git call that talks to the remote (sync.timeout).
+        self.net_timeout = parse_duration(store.config.get("sync.timeout"))
+        self.restored = []  # events this engine put back (restore_lost)
+        self._remember = {}  # sync.json entries to write with the next _save_state
+        self.merged_sig = None  # the log files as the merge left them (for the daemon)
+        self._peers = {}  # clone origin -> newest timestamp of its events merged here
 
     # -- bootstrap ----------------------------------------------------------------
     def ensure_branch_and_worktree(self, locked=False):
@@ -3133,7 +3448,7 @@ class SyncEngine:
             if ref == self.ref and path != mine:
                 return "it is checked out in %s" % path
         local = self.rev(self.ref)
-        return self.foreign_history(local) if local else None
+        return self._history_problem(local) if local else None
 
     def check_branch(self, worktrees=None):
         problem = self.branch_problem(worktrees)
@@ -3145,17 +3460,37 @@ class SyncEngine:
                              % (self.branch, problem), hint=hint)
 
     def check_remote_history(self, tip):
-        problem = self.foreign_history(tip)
+        problem = self._history_problem(tip)
         if problem:
             raise ThrumError("the remote's %s branch (%s/%s) is not a thrum log: %s"
                              % (self.branch, self.remote, self.branch, problem),
                              hint="thrum will not commit onto it; " + _BRANCH_HINT)
 
-    def foreign_history(self, commit):
+    def _history_problem(self, commit):
+        """foreign_history(commit), cheaply: a commit checked before (sync.json
+        `log_tips`, the last 8) passes at once, and otherwise only the commits that no
+        such tip reaches are walked (usually the few other clones pushed since)."""
+        tips = self._state("log_tips") or []
+        if commit in tips:
+            return None
+        problem = self.foreign_history(commit, since=tips)
+        if problem is None:
+            self._good_tips(commit)
+        return problem
+
+    def _good_tips(self, *commits):
+        """Remember commits whose history is a thrum log: the last ones checked, and our
+        own commits on top of them."""
+        tips = [t for t in self._state("log_tips") or [] if t not in commits]
+        self._remember["log_tips"] = (tips + [c for c in commits if c])[-8:]
+
+    def foreign_history(self, commit, since=()):
         """None when every root commit of `commit` holds only log files, else what
-        the history holds. Roots found good are remembered (sync.json)."""
-        roots = self.git("rev-list", "--max-parents=0", commit).stdout.split()
-        known = self.load_state().get("log_roots") or []
+        the history holds. Roots found good are remembered (sync.json). `since`: commits
+        known to be good; roots only they reach are not looked at again."""
+        args = ["rev-list", "--max-parents=0", "--ignore-missing", commit]
+        roots = self.git(*(args + (["--not"] + list(since) if since else []))).stdout.split()
+        known = self._state("log_roots") or []
         new = []
         for root in roots:
             if root in known:
@@ -3173,8 +3508,9 @@ class SyncEngine:
                            "(%s)" % msg.strip()[:60]
             new.append(root)
         if new:
+            self._remember["log_roots"] = (known + new)[-20:]
             try:
-                self._save_state(log_roots=(known + new)[-20:])
+                self._save_state()
             except OSError:  # only a cache (a read-only store still answers)
                 pass
         return None
@@ -3238,7 +3574,7 @@ class SyncEngine:
         if not log_relpath_ok(rel):
             return 0  # only log files are merged (see log_relpath_ok)
         path = os.path.join(self.wt, rel)
-        remote_data = remote_data[:remote_data.rfind(b"\n") + 1]
+        remote_data = _complete(remote_data)
         if not remote_data:
             return 0
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -3263,6 +3599,7 @@ class SyncEngine:
                 if not ids & have:
                     add.append(line)
                     have |= ids
+                    self._saw(line)
             if add:
                 data = b"\n".join(add) + b"\n"
                 view = memoryview(data)
@@ -3272,48 +3609,28 @@ class SyncEngine:
         finally:
             os.close(fd)
 
-    def _tree_files(self, commit):
-        """{path: blob_sha} of a commit's regular log files (symlinks, submodules and
-        other paths are ignored)."""
-        return {path: sha for path, (sha, _) in self._tree_blobs(commit).items()}
+    def _saw(self, line):
+        """Note which clone wrote a merged event, and when (its own timestamp)."""
+        i, j = line.find(b'"origin":"'), line.find(b'"timestamp":"')
+        if i >= 0 and j >= 0:
+            origin = line[i + 10:line.find(b'"', i + 10)].decode("ascii", "replace")
+            ts = line[j + 13:j + 40].decode("ascii", "replace")
+            if ts > self._peers.get(origin, ""):
+                self._peers[origin] = ts
 
-    def _tree_blobs(self, commit):
-        """{path: (blob_sha, size)} of a commit's regular log files."""
-        if not commit:
-            return {}
-        if commit in self._trees:
-            return self._trees[commit]
-        p = self.git("ls-tree", "-r", "-l", "-z", commit)
-        out = {}
-        for entry in p.stdout.split("\0"):
-            if entry:
-                meta, path = entry.split("\t", 1)
-                mode, kind, sha, size = meta.split()
-                if kind == "blob" and mode in ("100644", "100755") and log_relpath_ok(path):
-                    out[path] = (sha, int(size))
-        self._trees[commit] = out
-        return out
-
-    def _read_blobs(self, shas):
-        """{sha: bytes} through one `git cat-file --batch` process."""
-        if not shas:
-            return {}
-        p = git(["cat-file", "--batch"], self.root, self.store.env,
-                input=("\n".join(shas) + "\n").encode(),
-                timeout=120, text=False)
-        out, data, i = {}, p.stdout, 0
-        for sha in shas:
-            nl = data.index(b"\n", i)
-            header = data[i:nl].split()
-            if len(header) < 3:
-                raise GitError(["cat-file"], 1, "missing object %s" % sha)
-            size = int(header[2])
-            out[sha] = data[nl + 1:nl + 1 + size]
-            i = nl + 1 + size + 1
-        return out
+    def push_slot(self):
+        """(rank, n): this clone's place among the clones whose events of the last
+        PEERS_FOR seconds it holds (by the events' own timestamps, so clones that hold
+        the same events agree). The daemon pushes in slot `rank` of `n` (SyncSchedule)."""
+        cutoff = now_ts(time.time() - self.PEERS_FOR)
+        peers = {o for o, ts in (self._state("peers") or {}).items() if ts >= cutoff}
+        peers.add(self.store.origin)
+        ordered = sorted(peers)
+        return ordered.index(self.store.origin), len(ordered)
 
     def merge_commit(self, commit, base=None):
-        """Merge a commit's files into the worktree. Returns events appended."""
+        """Merge into the worktree what `commit` holds and `base` does not (the files
+        whose blobs differ, read through one `git cat-file`). Returns events appended."""
         theirs = self._tree_files(commit)
         ours = self._tree_files(base) if base else {}
         todo = {p: s for p, s in theirs.items() if ours.get(p) != s}
@@ -3321,37 +3638,25 @@ class SyncEngine:
         return sum(self._merge_file(p, blobs[s]) for p, s in sorted(todo.items()))
 
     # -- append-only, enforced ----------------------------------------------------------
-    def lost_lines(self, commits):
+    def lost_lines(self, commits, only=None):
         """{path: [blob shas]}: log files of the worktree that no longer start with what
         one of `commits` holds for them (truncated, rewritten or replaced by another
-        process, or missing). The check hashes the worktree file's first N bytes the way
-        git hashes a blob of N bytes, so it needs no git process and reads each file once."""
-        import hashlib
-        here = {rel: path for rel, path, _ in EventLog(self.wt, self.store.log.torn_dir)
-                .files()}
+        process, or missing). No git process (`_against`)."""
         lost = {}
         for commit in dict.fromkeys(c for c in commits if c):
-            for rel, (sha, size) in self._tree_blobs(commit).items():
-                data = b""
-                if rel in here:
-                    try:
-                        with open(here[rel], "rb") as f:
-                            data = f.read(size)
-                    except FileNotFoundError:
-                        pass
-                h = hashlib.new("sha256" if len(sha) == 64 else "sha1")
-                h.update(b"blob %d\0" % size)
-                h.update(data)
-                if len(data) < size or h.hexdigest() != sha:
-                    lost.setdefault(rel, []).append(sha)
+            blobs = self._tree_blobs(commit)
+            for rel, state in self._against(commit, only).items():
+                if state in ("changed", "missing"):
+                    lost.setdefault(rel, []).append(blobs[rel][0])
         return lost
 
-    def restore_lost(self, commits):
+    def restore_lost(self, commits, only=None):
         """Append back, from git, the events a worktree file lost against `commits`
         (SPEC §8: the log is append-only; only retention removes events). Reported
         once: a warning on stderr (the daemon's goes to daemon.log), and a record in
-        sync.json that `doctor` shows. Returns [{file, events}]."""
-        lost = self.lost_lines(commits)
+        sync.json that `doctor` shows. A file that lost nothing is checked for holding the
+        lines in another order (`_equivalent`). Returns [{file, events}]."""
+        lost = self.lost_lines(commits, only)
         if not lost:
             return []
         blobs = self._read_blobs(sorted({s for shas in lost.values() for s in shas}))
@@ -3363,6 +3668,8 @@ class SyncEngine:
                 _warn("sync: %s had lost %d event%s against its last commit (truncated or "
                       "rewritten by another process); restored from git" % (
                           rel, n, "" if n == 1 else "s"))
+            else:  # against the commit that goes under the next one
+                self._equivalent(rel, shas[-1], blobs[shas[-1]])
         if out:
             try:
                 self._save_state(restored=((self.load_state().get("restored") or [])
@@ -3373,51 +3680,18 @@ class SyncEngine:
         return out
 
     # -- committing -------------------------------------------------------------------
-    def _snapshot_tree(self, parent=None):
-        """Write a tree: the parent's log files, with the worktree's log files
-        (complete lines only) laid over them. A log file missing here keeps the
-        parent's copy, so a damaged worktree never deletes history from the branch;
-        anything on the parent that is not a log file is left out (cleaned up)."""
-        import tempfile
+    def _commit(self, parent):
+        """Commit on `parent` its log files with the worktree's that have more lines laid
+        over them (a file missing here keeps the parent's copy: a damaged worktree never
+        deletes history; files that are not log files are left out). (tip, made)."""
         # Never commit a file that lost lines against the last commit of this clone or
         # the commit this one goes on top of: put them back first.
         self.restore_lost([self.rev(self.ref), parent])
-        entries = {path: "100644 " + sha for path, sha in self._tree_files(parent).items()}
-        with tempfile.TemporaryDirectory(prefix="thrum-sync-") as tmp:
-            paths = []
-            # Only regular log files (EventLog.files): nothing else in the worktree,
-            # and never through a symlink, is committed.
-            for rel, full, _ in sorted(EventLog(self.wt, self.store.log.torn_dir).files()):
-                fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-                with os.fdopen(fd, "rb") as f:
-                    flock(f.fileno(), shared=True)
-                    data = f.read()
-                data = data[:data.rfind(b"\n") + 1]  # never commit a torn tail
-                copy = os.path.join(tmp, "%d" % len(paths))
-                with open(copy, "wb") as f:
-                    f.write(data)
-                paths.append((rel, copy))
-            if paths:
-                shas = self.git("hash-object", "-w", "--stdin-paths",
-                                input="\n".join(c for _, c in paths) + "\n").stdout.split()
-                for (rel, _), sha in zip(paths, shas):
-                    entries[rel] = "100644 " + sha
-            if not entries:
-                return self.git("mktree", input="").stdout.strip()
-            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
-            self.git("update-index", "--add", "--index-info", env_extra=env,
-                     input="".join("%s\t%s\n" % (entries[p], p) for p in sorted(entries)))
-            return self.git("write-tree", env_extra=env).stdout.strip()
-
-    def _commit(self, parent):
-        """Commit the worktree's files on top of `parent`; returns the new tip."""
-        tree = self._snapshot_tree(parent)
-        if parent and self.git("rev-parse", parent + "^{tree}").stdout.strip() == tree:
-            return parent, False
-        args = ["commit-tree", tree, "-m", "thrum: sync %s" % now_ts()]
-        if parent:
-            args[2:2] = ["-p", parent]
-        return self.git(*args).stdout.strip(), True
+        files = dict(self._tree_blobs(parent))
+        changed = [rel for rel, s in self._against(parent).items()
+                   if s in ("grown", "changed", "new")]
+        files.update(self._store_files(changed))
+        return self._make_commit(files, parent)
 
     def _commit_locally(self):
         """Commit pending log lines on the local branch only. Returns True if made."""
@@ -3426,15 +3700,33 @@ class SyncEngine:
             self._set_local(tip)
         return made
 
-    def _set_local(self, commit):
-        self.git("update-ref", self.ref, commit)
-        # Keep the worktree's index in step with its HEAD (files stay as they are).
-        self.git("read-tree", "HEAD", cwd=self.wt, check=False)
+    def _rebase(self, ours, base, theirs):
+        """Our unpushed commit `ours` (made on `base`) made again on `theirs`, the tip that
+        beat it: our blob where only we changed a file, theirs where only they did, and
+        where both did the worktree's union (merge_commit just appended their lines)."""
+        o, b, t = self._tree_blobs(ours), self._tree_blobs(base), self._tree_blobs(theirs)
+        files, both = {}, []
+        for rel in set(o) | set(b) | set(t):
+            ov, bv, tv = o.get(rel), b.get(rel), t.get(rel)
+            if (tv and tv[0]) == (bv and bv[0]) or (ov and ov[0]) == (tv and tv[0]):
+                pick = ov
+            elif (ov and ov[0]) == (bv and bv[0]):
+                pick = tv
+            else:
+                both.append(rel)
+                continue
+            if pick:
+                files[rel] = pick
+        if both:
+            self.restore_lost([ours], only=set(both))  # the worktree holds all of ours
+            files.update(self._store_files(sorted(both)))
+        return self._make_commit(files, theirs)[0]
 
     # -- network --------------------------------------------------------------------
     def fetch(self, quiet=False):
         """Fetch the remote branch. Returns 'ok', 'absent' (no such branch) or raises."""
         PROGRESS.step("fetching %s from %s" % (self.branch, self.remote))
+        self.counts["fetch"] += 1
         p = self.git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", self.remote,
                      "+%s:%s" % (self.ref, self.tracking), check=False,
                      timeout=self.net_timeout)
@@ -3447,21 +3739,43 @@ class SyncEngine:
             return "error"
         raise GitError(["fetch", self.remote], p.returncode, p.stderr)
 
+    def remote_tip(self):
+        """The remote branch's tip by one `git ls-remote` (None: no such branch); raises
+        GitError when the remote cannot be asked."""
+        self.counts["ls-remote"] += 1
+        p = self.git("ls-remote", self.remote, self.ref, check=False,
+                     timeout=self.net_timeout)
+        if p.returncode != 0:
+            raise GitError(["ls-remote", self.remote], p.returncode, p.stderr)
+        for line in p.stdout.splitlines():
+            sha, _, name = line.partition("\t")
+            if name.strip() == self.ref:
+                return sha.strip()
+        return None
+
+    def remote_moved(self):
+        """The cheap remote check (the daemon's while agents are active; a wait's with no
+        daemon): has the remote branch moved since the last fetch? One `git ls-remote`,
+        False without a remote; raises GitError when the remote cannot be asked."""
+        if not self.has_remote():
+            return False
+        return self.remote_tip() != self.rev(self.tracking)
+
     def push(self, commit, expect):
-        """Push commit to the remote branch; False when rejected (someone was faster)."""
+        """Push `commit` to the remote branch with a lease on `expect` (the remote tip it
+        was made on; None: the remote had no branch). True when pushed, False when the
+        remote moved first (contention); any other refusal raises."""
         args = ["push", "--quiet", "--no-verify", "--porcelain"]
-        if expect:
-            args.append("--force-with-lease=%s:%s" % (self.ref, expect))
-        else:
-            args.append("--force-with-lease=%s:" % self.ref)
+        args.append("--force-with-lease=%s:%s" % (self.ref, expect or ""))
         PROGRESS.step("pushing %s to %s" % (self.branch, self.remote))
+        self.counts["push"] += 1
         p = self.git(*(args + [self.remote, "%s:%s" % (commit, self.ref)]), check=False,
                      timeout=self.net_timeout)
         if p.returncode == 0:
-            self.git("update-ref", self.tracking, commit, check=False)
             return True
         text = p.stdout + p.stderr
         if any(r in text.lower() for r in _CONTENTION):
+            self.counts["rejected"] += 1
             return False
         reason = [l.split("\t")[-1] for l in p.stdout.splitlines() if l.startswith("!")]
         said = [l[7:].strip() for l in p.stderr.splitlines()  # a hook's own words
@@ -3470,6 +3784,37 @@ class SyncEngine:
             self.remote, reason[0] if reason else git_reason(p.stderr),
             " (remote says: %s)" % " / ".join(said[:3])[:300] if said else ""),
             hint="local changes are committed; fix the remote, then run 'thrum sync force'")
+
+    def _fetch_tip(self, res, unpushed=None):
+        """Fetch; the remote tip (None: no branch yet), checked to be a thrum log. On a
+        failure, what the remote lacks is committed locally (`unpushed`, else the
+        worktree) before the error is raised."""
+        def keep():
+            if unpushed:
+                self._set_local(unpushed)
+            else:
+                res["committed"] = self._commit_locally() or res["committed"]
+        try:
+            status = self.fetch()
+        except GitError as e:  # offline: keep the local commit so nothing waits uncommitted
+            keep()
+            raise ThrumError("sync failed: cannot fetch from %s: %s" % (
+                self.remote, git_reason(e.stderr)),
+                hint="local changes are committed; run 'thrum sync force' again "
+                     "when the remote is reachable")
+        tip = self.rev(self.tracking) if status == "ok" else None
+        if tip:
+            try:
+                self.check_remote_history(tip)
+            except ThrumError:
+                keep()
+                raise
+        return tip
+
+    def _backoff(self, attempt):  # jittered, exponential
+        import random
+        cap = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2 ** (attempt - 1))
+        return random.uniform(cap / 2, cap)
 
     # -- the cycle ----------------------------------------------------------------------
     def _lock(self, wait=30.0):
@@ -3484,10 +3829,15 @@ class SyncEngine:
                              hint="retry in a moment")
         return lock
 
+    def _state(self, key):
+        return self._remember[key] if key in self._remember else self.load_state().get(key)
+
     def _save_state(self, **kw):
         state = self.load_state()
+        state.update(self._remember)
         state.update(kw)
         _write_file_atomic(self.state_file, json.dumps(state, indent=2) + "\n")
+        self._remember = {}
 
     def load_state(self):
         try:
@@ -3495,15 +3845,16 @@ class SyncEngine:
         except ValueError:
             return {}
 
-    def cycle(self, max_attempts=8):
+    def cycle(self, max_attempts=None, push=True):
         """Commit, fetch, merge, commit on the remote tip, push; retry on contention.
+        `push=False`: fetch and merge only (the daemon's pushes wait for their slot).
 
-        Returns {pulled, committed, pushed, attempts, local_only, remote}. Any
-        failure is recorded as `last_error` in the sync state before it is raised.
+        Returns {pulled, committed, pushed, attempts, rejected, local_only, remote}.
+        Any failure is recorded as `last_error` in the sync state before it is raised.
         """
         lock = self._lock()
         try:
-            return self._cycle(max_attempts)
+            return self._cycle(max_attempts or self.MAX_ATTEMPTS, push)
         except ThrumError as e:
             self._save_state(last_error=e.message, last_attempt_at=now_ts())
             raise
@@ -3514,61 +3865,66 @@ class SyncEngine:
             except ThrumError as e:  # never hide the sync's own outcome
                 _warn("after sync: %s" % e.message)
 
-    def _cycle(self, max_attempts):
+    def _cycle(self, max_attempts, push=True):
         self.ensure_branch_and_worktree(locked=True)
         self.store.log.repair()
         res = {"pulled": 0, "committed": False, "pushed": False, "attempts": 0,
-               "local_only": self.local_only, "remote": None, "restored": self.restored}
+               "rejected": 0, "local_only": self.local_only, "remote": None,
+               "restored": self.restored}
         if not self.has_remote():
             res["committed"] = self._commit_locally()
             self._save_state(last_sync_at=now_ts(), last_error=None)
             return res
         res["remote"] = self.remote
-        import random
-        last_err = None
-        for attempt in range(1, max_attempts + 1):
-            res["attempts"] = attempt
-            try:
-                status = self.fetch()
-            except GitError as e:
-                # Offline: keep the local commit so nothing waits uncommitted.
-                res["committed"] = self._commit_locally() or res["committed"]
-                raise ThrumError("sync failed: cannot fetch from %s: %s" % (
-                    self.remote, git_reason(e.stderr)),
-                    hint="local changes are committed; run 'thrum sync force' again "
-                         "when the remote is reachable")
-            remote_tip = self.rev(self.tracking) if status == "ok" else None
-            if remote_tip:
-                try:
-                    self.check_remote_history(remote_tip)
-                except ThrumError:
-                    self._commit_locally()
-                    raise
-            if remote_tip:
-                res["pulled"] += self.merge_commit(remote_tip, self.rev(self.ref))
-            tip, made = self._commit(remote_tip or self.rev(self.ref))
-            res["committed"] = res["committed"] or made
-            if remote_tip and tip == remote_tip:
-                self._set_local(tip)
-                break
+        local = self.rev(self.ref)
+        remote_tip = self._fetch_tip(res)
+        if remote_tip and remote_tip != local:
+            res["pulled"] += self.merge_commit(remote_tip, local)
+        self.merged_sig = self.store.log_signature(None)
+        if not push:
+            self._save_state(last_sync_at=now_ts(), last_error=None, peers=self._peer_state())
+            return res
+        tip, res["committed"] = self._commit(remote_tip or local)
+        # Push; when another clone pushed first: fetch, merge what it pushed, make our
+        # commit again on its tip (from the trees: the log is not read again), push.
+        while tip != remote_tip:
+            res["attempts"] += 1
             try:
                 pushed = self.push(tip, remote_tip)
             except ThrumError:
                 self._set_local(tip)  # the refusal's hint says local changes are committed
                 raise
             if pushed:
-                self._set_local(tip)
                 res["pushed"] = True
                 break
-            last_err = "push rejected (the remote moved)"
+            res["rejected"] += 1
+            if res["attempts"] >= max_attempts:
+                self._set_local(tip)
+                raise ThrumError("sync failed: push rejected (the remote moved) after %d "
+                                 "attempts" % max_attempts,
+                                 hint="nothing is lost; run 'thrum sync force' again")
             PROGRESS.step("the remote moved while pushing: merging again (attempt %d of %d)"
-                          % (attempt + 1, max_attempts))
-            time.sleep(random.uniform(0.05, 0.2) * attempt)
-        else:
-            raise ThrumError("sync failed: %s after %d attempts" % (last_err, max_attempts),
-                             hint="nothing is lost; run 'thrum sync force' again")
-        self._save_state(last_sync_at=now_ts(), last_error=None)
+                          % (res["attempts"] + 1, max_attempts))
+            time.sleep(self._backoff(res["attempts"]))
+            newer = self._fetch_tip(res, unpushed=tip)
+            if newer != remote_tip:
+                res["pulled"] += self.merge_commit(newer, remote_tip)
+                self.merged_sig = self.store.log_signature(None)
+                tip = self._rebase(tip, remote_tip, newer) if newer else tip
+                remote_tip = newer
+        self._set_local(tip, pushed=res["pushed"])
+        self._good_tips(tip)
+        self._save_state(last_sync_at=now_ts(), last_error=None, peers=self._peer_state())
         return res
+
+    def _peer_state(self):
+        """sync.json `peers` with what this cycle merged: the clones of the last day."""
+        cutoff = now_ts(time.time() - 86400)
+        peers = {o: ts for o, ts in (self._state("peers") or {}).items() if ts >= cutoff}
+        for o, ts in self._peers.items():
+            if ts >= cutoff and ts > peers.get(o, ""):
+                peers[o] = ts
+        return peers
 
     def unpushed(self):
         """How many events of the log the remote's branch (as last fetched) lacks: writes
@@ -3584,18 +3940,25 @@ class SyncEngine:
         n = 0
         for rel, path in changed:
             with open(path, "rb") as f:
-                data = f.read()
-            data = data[:data.rfind(b"\n") + 1]
+                data = _complete(f.read())
             n += len(_event_ids(data) - _event_ids(blobs.get(theirs.get(rel, ("",))[0], b"")))
         return n
 
     def pending_paths(self):
-        """Log files of the worktree that differ from the branch (other files are
-        not thrum's and never committed, so they are never pending)."""
-        p = self.git("--no-optional-locks", "status", "--porcelain", "-z",
-                     "--untracked-files=all", cwd=self.wt, check=False)
-        return [e[3:] for e in p.stdout.split("\0") if len(e) > 3 and e[2] == " "
-                and log_relpath_ok(e[3:])]
+        """Log files of the worktree with lines the branch's tip lacks: what the next
+        cycle commits (other files are not thrum's and never committed, so they are never
+        pending). Compared here (`_against`): no git process while nothing changed; a
+        file holding the tip's lines in another order is not pending."""
+        tip = self.rev(self.ref)
+        blobs = self._tree_blobs(tip)
+        states = self._against(tip)
+        out = [rel for rel, s in states.items() if s in ("grown", "new")]
+        odd = [rel for rel, s in states.items() if s == "changed"]
+        if odd:
+            data = self._read_blobs(sorted({blobs[rel][0] for rel in odd}))
+            out += [rel for rel in odd
+                    if not self._equivalent(rel, blobs[rel][0], data[blobs[rel][0]])]
+        return sorted(out)
 
     def stray_paths(self):
         """Files in the sync worktree that are not log files (doctor reports them)."""
@@ -3626,9 +3989,9 @@ class SyncEngine:
             pending = bool(self.pending_paths())
         remote_tip = self.rev(self.tracking) if has_remote else None
         if local and remote_tip:
-            p = self.git("rev-list", "--left-right", "--count",
-                         "%s...%s" % (local, remote_tip), check=False)
-            if p.returncode == 0:
+            p = self.git("rev-list", "--left-right", "--count", "%s...%s" % (
+                local, remote_tip), check=False) if local != remote_tip else None
+            if p is not None and p.returncode == 0:
                 a, b = p.stdout.split()
                 out["ahead"], out["behind"] = int(a), int(b)
         elif local and has_remote:
@@ -3655,125 +4018,200 @@ class SyncEngine:
         return out
 
 
-class SyncSchedule:
-    """When a daemon's sync loop runs a cycle (SPEC §8, §9): the rules, with an injected
-    clock, so they are tested without waiting; the loop does the git work.
 
-    - push: PUSH_AFTER seconds after the first local write of a burst (debounce); with
-      no remote, those writes are committed at the next interval instead;
-    - fetch: every `interval` (sync.interval);
-    - check: while an agent waits, a cheap remote check every `wait_every`
-      (sync.wait_interval), backing off (doubling, up to `interval`) after QUIET_CHECKS
-      checks that saw nothing, and back to `wait_every` on any change (a local write, a
-      new wait, a pull);
+class RemoteCheck:
+    """When to run the cheap remote check (`SyncEngine.remote_moved()`, one `git
+    ls-remote`; fetch only when it moved): every `short` seconds; after failed checks 2x,
+    4x, ... `short` up to `longest`; with `quiet_after=N`, also doubling after N checks
+    in a row that saw nothing (back to `short` on a move or `reset()`). A plain object on
+    an injected clock (no threads, no git): the daemon's SyncSchedule drives one, a wait
+    without a daemon can drive its own (`due()`, check, `checked(moved)`/`failed()`)."""
+
+    def __init__(self, short, longest, clock=time.monotonic, quiet_after=None):
+        self.clock = clock
+        self.short, self.longest, self.quiet_after = short, max(short, longest), quiet_after
+        self.every = short
+        self.next_at = clock() + short
+        self.quiet = 0      # checks in a row that saw nothing
+        self.failures = 0   # checks in a row that failed
+
+    def set_intervals(self, short, longest):
+        self.short, self.longest = short, max(short, longest)
+        self.every = min(max(self.every, self.short), self.longest)
+
+    def due_in(self):
+        return max(0.0, self.next_at - self.clock())
+
+    def due(self):
+        return self.clock() >= self.next_at
+
+    def reset(self):
+        """The remote was just looked at, or something changed: the short interval, and
+        the next check `short` from now."""
+        self.every, self.quiet, self.failures = self.short, 0, 0
+        self.next_at = self.clock() + self.short
+
+    def checked(self, moved):
+        self.failures = 0
+        if moved:
+            self.every, self.quiet = self.short, 0
+        else:
+            self.quiet += 1
+            if self.quiet_after is not None and self.quiet >= self.quiet_after:
+                self.every = min(self.longest, self.every * 2)
+        self.next_at = self.clock() + self.every
+
+    def failed(self):
+        self.failures += 1
+        self.next_at = self.clock() + min(self.longest,
+                                          self.short * 2 ** min(self.failures, 16))
+
+
+class SyncSchedule:
+    """When a daemon's sync loop runs a cycle or a remote check (SPEC §8, §9), on an
+    injected clock (and randomness), so the rules are tested without waiting:
+
+    - push: PUSH_AFTER s after a burst's first local write, then in this clone's push
+      slot: the clones that wrote in the last hour (SyncEngine.push_slot) take turns in
+      a frame of wall-clock slots, so clones that wrote at once push one after another,
+      not into each other (alone: plus up to PUSH_JITTER at random); other cycles do
+      not push meanwhile; with no remote, the writes are committed at the next interval;
+    - fetch: a cycle every `interval` (sync.interval): all an idle clone asks of the remote;
+    - check: while the clone is active (an agent waits or watches: `listening`; or ran a
+      command in the last ACTIVE_FOR s: `command()`), the cheap remote check every
+      `wait_every` (sync.wait_interval), no backoff unless checks fail; a cycle when the
+      tip moved; a successful cycle counts as a check;
     - after a failed cycle the next fetch comes 10 s later, doubling, at most `interval`.
 
-    Thread-safe: every field is guarded by `cond`. Any thread reports local writes and
-    new waits (`wrote`, `poke`); the loop sleeps on `cond` for `due_in()`, asks
-    `next_action()` and reports what came of it (`checked`, `started`, `ran`, `failed`).
-    """
+    Thread-safe (every field under `cond`): any thread reports `wrote`, `command`, `poke`;
+    the loop sleeps on `cond` for `due_in()`, takes `next_action()` and reports back
+    (`checked`, `check_failed`, `started`, `ran`, `failed`)."""
 
-    PUSH_AFTER = 2.0    #: seconds after the first write of a burst
-    QUIET_CHECKS = 6    #: unchanged remote checks before their interval starts doubling
-    RETRY_FIRST = 10.0  #: seconds before the first retry of a failed cycle
+    PUSH_AFTER = 1.5     #: seconds after the first write of a burst, then...
+    PUSH_SLOT = 0.5      #: ...this clone's slot of this many seconds (fewer beyond 10
+    PUSH_FRAME = 5.0     #: clones: all slots fit in PUSH_FRAME), or, alone, a random
+    PUSH_JITTER = 1.0    #: part up to PUSH_JITTER (about 2 s on average)
+    ACTIVE_FOR = 600.0   #: a command keeps the clone active this long (SPEC §9)
+    RETRY_FIRST = 10.0   #: seconds before the first retry of a failed cycle
 
-    def __init__(self, interval, wait_every, clock=time.monotonic):
-        self.clock = clock
+    def __init__(self, interval, wait_every, clock=time.monotonic, rand=None,
+                 wall=time.time):
+        if rand is None:
+            import random
+            rand = random.random
+        self.clock, self.rand, self.wall = clock, rand, wall
+        self.slot = (0, 1)         # (rank, n): this clone's push slot among n
         self.cond = threading.Condition()
-        now = clock()
-        self.interval, self.wait_every = interval, wait_every
-        self.next_fetch = now + interval
-        self.check_every, self.next_check = wait_every, now + wait_every
-        self.dirty_since = None    # the first local write not pushed yet
+        self.interval = interval
+        self.next_fetch = clock() + interval
+        self.check = RemoteCheck(wait_every, interval, clock)
+        self.push_at = None        # when the writes not pushed yet go out
         self.uncommitted = False   # writes left for the next interval (no remote)
-        self.active = False        # a write or a new wait since the loop last looked
-        self.quiet = 0             # remote checks in a row that saw nothing
+        self.last_command = None   # when an agent of this clone last ran a command
         self.failures = 0          # failed cycles in a row
 
     def set_intervals(self, interval, wait_every):
         """The configured intervals (re-read every round: `config set` applies at once)."""
         with self.cond:
-            self.interval, self.wait_every = interval, wait_every
-            self.check_every = min(self.check_every, interval)
+            self.interval = interval
+            self.check.set_intervals(wait_every, interval)
 
-    def wrote(self):
-        """A local write: push it soon, and check the remote often again."""
+    def _active(self, now, listening):
+        return bool(listening) or (self.last_command is not None and
+                                   now - self.last_command < self.ACTIVE_FOR)
+
+    def active(self, listening=False):
         with self.cond:
-            if self.dirty_since is None:
-                self.dirty_since = self.clock()
-            self.active = True
+            return self._active(self.clock(), listening)
+
+    def command(self):
+        """An agent ran a command (a request served, a write noticed): active from now."""
+        with self.cond:
+            now = self.clock()
+            if not self._active(now, False):
+                self.check.reset()  # coming back: the first check a wait_interval from now
+            self.last_command = now
             self.cond.notify_all()
 
     def poke(self):
-        """A new wait (or a stop): check the remote often again, and look now."""
+        """A new wait (a command too), or a stop: the loop looks again now."""
+        self.command()
+
+    def set_slot(self, rank, n):
         with self.cond:
-            self.active = True
+            self.slot = (rank, n)
+
+    def wrote(self):
+        """A local write: a push soon (the first write of a burst sets when)."""
+        with self.cond:
+            if self.push_at is None:
+                self.push_at = self.clock() + self.PUSH_AFTER + self._to_slot()
             self.cond.notify_all()
+
+    def _to_slot(self):
+        """Seconds from PUSH_AFTER from now to the start of this clone's next slot."""
+        rank, n = self.slot
+        if n <= 1:
+            return self.rand() * self.PUSH_JITTER
+        slot = min(self.PUSH_SLOT, self.PUSH_FRAME / n)
+        frame, w = slot * n, self.wall() + self.PUSH_AFTER
+        start = (w - rank * slot) // frame * frame + rank * slot
+        return start - w if start >= w else start + frame - w
 
     def pending(self):
         """Whether local writes wait for a cycle (a clean stop runs one for them)."""
         with self.cond:
-            return self.dirty_since is not None or self.uncommitted
+            return self.push_at is not None or self.uncommitted
 
-    def due_in(self, waiting):
-        """Seconds until the next action is due (0: now). `waiting`: an agent waits."""
+    def due_in(self, listening):
+        """Seconds until the next action is due (0: now)."""
         with self.cond:
+            now = self.clock()
             due = self.next_fetch
-            if self.dirty_since is not None:
-                due = min(due, self.dirty_since + self.PUSH_AFTER)
-            if waiting:
-                due = min(due, self.next_check)
-            return max(0.0, due - self.clock())
+            if self.push_at is not None:
+                due = min(due, self.push_at)
+            if self._active(now, listening):
+                due = min(due, self.check.next_at)
+            return max(0.0, due - now)
 
-    def next_action(self, waiting):
+    def next_action(self, listening):
         """What is due now: 'push' (a burst's debounce is over: cycle if there is a
         remote), 'commit' (the interval is up and writes wait: cycle), 'fetch' (the
         interval is up: cycle if there is a remote), 'check' (compare the remote tip,
-        then `checked()`), or None."""
+        then `checked()` or `check_failed()`), or None."""
         with self.cond:
             now = self.clock()
-            if self.active:  # a local write or a new wait: the short interval again
-                self.active = False
-                self.check_every, self.next_check, self.quiet = (
-                    self.wait_every, now + self.wait_every, 0)
-            if self.dirty_since is not None and now >= self.dirty_since + self.PUSH_AFTER:
+            if self.push_at is not None and now >= self.push_at:
                 # With nowhere to push, the writes are committed at the next interval
                 # instead (no git work per write).
-                self.dirty_since, self.uncommitted = None, True
+                self.push_at, self.uncommitted = None, True
                 return "push"
             if now >= self.next_fetch:
                 self.next_fetch = now + self.interval
                 return "commit" if self.uncommitted else "fetch"
-            if waiting and now >= self.next_check:
+            if self._active(now, listening) and self.check.due():
                 return "check"
             return None
 
     def checked(self, moved):
-        """The result of a remote check. An active conversation keeps the short interval;
-        an idle wait costs ever less, down to one check per `interval`."""
         with self.cond:
-            if moved:
-                self.check_every, self.quiet = self.wait_every, 0
-            else:
-                self.quiet += 1
-                if self.quiet >= self.QUIET_CHECKS:
-                    self.check_every = min(self.interval, self.check_every * 2)
-            self.next_check = self.clock() + self.check_every
+            self.check.checked(moved)
+
+    def check_failed(self):
+        with self.cond:
+            self.check.failed()
 
     def started(self):
         """A cycle starts: it takes every pending write with it."""
         with self.cond:
-            self.dirty_since, self.uncommitted = None, False
+            self.push_at, self.uncommitted = None, False
 
-    def ran(self, pulled):
-        """A cycle succeeded (`pulled`: it brought events in: a conversation is on)."""
+    def ran(self, pulled=False):
+        """A cycle succeeded: it just looked, so the next check and fetch count from now."""
         with self.cond:
-            now = self.clock()
             self.failures = 0
-            if pulled:
-                self.check_every, self.next_check, self.quiet = (
-                    self.wait_every, now + self.wait_every, 0)
-            self.next_fetch = now + self.interval
+            self.check.reset()
+            self.next_fetch = self.clock() + self.interval
 
     def failed(self):
         """A cycle failed: try again soon, backing off up to `interval`."""
@@ -6886,7 +7324,9 @@ class Daemon:
 
         field                      guarded by        written by
         _changes, _waiting         _cond             _changed() (any thread), _wait()
-        _synced_sig                _cond             the sync loop; read by the watch loop
+        _watching                  _cond             watching() (any thread)
+        _synced_sig, _syncing      _cond             the sync loop; read by the watch loop
+        remote_counts              (one writer)      the sync loop; read by status()
         schedule.*                 schedule.cond     SyncSchedule's methods (any thread)
         _stopped                   (an Event)        stop()
         key, socket, listener      set before any thread starts, read-only after
@@ -6921,7 +7361,12 @@ class Daemon:
         self._cond = threading.Condition()
         self._changes = 0            # bumped on every change of the log (wakes waiters)
         self._waiting = 0            # requests blocked in a wait
-        self._synced_sig = None      # the log as the last sync cycle left it
+        self._watching = 0           # streams holding the clone active (watching())
+        self._synced_sig = None      # the log as the last sync cycle's merge left it
+        self._syncing = False        # a sync cycle runs (its merge may be writing)
+        #: Remote requests of this daemon's syncs and checks, and pushes the remote
+        #: rejected because another clone pushed first (`daemon status`).
+        self.remote_counts = {"ls-remote": 0, "fetch": 0, "push": 0, "rejected": 0}
         self.schedule = SyncSchedule(*self._intervals(), clock=clock)
         self.listener = None
         self.socket = None
@@ -7161,6 +7606,7 @@ class Daemon:
                 raise UsageError("operation %r is not served by the daemon" % (op,))
             caller = Caller.from_dict(req.get("caller"))
             params = req.get("params") or {}
+            self.schedule.command()  # an agent is active: keep the short remote check
             if spec.blocks and isinstance(params, dict):
                 with self._cond:
                     busy = self._waiting >= self.MAX_WAITS
@@ -7218,7 +7664,33 @@ class Daemon:
 
     def status(self):
         return {"pid": os.getpid(), "socket": self.socket, "store": self.store.path,
-                "waiting": self._waiting, "sync": self.store.config.get("sync.interval")}
+                "waiting": self._waiting, "watching": self._watching,
+                "sync": self.store.config.get("sync.interval"),
+                "active": self.schedule.active(self._listening()),
+                "remote": dict(self.remote_counts)}
+
+    def _listening(self):
+        """Whether an agent of this clone waits or watches right now."""
+        with self._cond:
+            return self._waiting + self._watching > 0
+
+    def watching(self):
+        """Hold this clone active while a stream runs (`with daemon.watching(): ...`,
+        for `thrum watch`): like a blocked wait, it keeps the remote check at
+        sync.wait_interval (SPEC §9)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def held():
+            with self._cond:
+                self._watching += 1
+            self.schedule.poke()
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._watching -= 1
+        return held()
 
     # -- background work -------------------------------------------------------------
     def _changed(self, local):
@@ -7235,7 +7707,7 @@ class Daemon:
     def _watch_loop(self):
         """Notice writes made without the daemon (a sandboxed agent, a sync run by hand)
         and a deleted index, by stat: no SQL while nothing changes."""
-        seen = self.store.log_signature(None)
+        seen = judged = self.store.log_signature(None)
         index = os.path.join(self.store.loc.var, "index.db")
         while not self._stopped.wait(self.WATCH_EVERY):
             sig = self.store.log_signature(None)
@@ -7248,71 +7720,102 @@ class Daemon:
                     self.store.refresh()
                 except ThrumError as e:
                     self.log("catching up: %s" % e.message)
-                # Lines a sync just merged in need no push; anything else was written here.
-                with self._cond:
-                    synced = self._synced_sig
-                self._changed(local=sig != synced)
+                self._changed(local=False)  # waiters look
+            # Lines a sync merged in need no push; anything else was written here. While
+            # a cycle runs its merge may be writing: judged once it is over.
+            with self._cond:
+                synced, syncing = self._synced_sig, self._syncing
+            if sig != judged and not syncing:
+                if sig != synced:
+                    self.schedule.wrote()
+                    if self._by_agents(synced or judged, sig):
+                        self.schedule.command()  # a direct send or read: an agent is active
+                judged = sig
+
+    @staticmethod
+    def _by_agents(before, after):
+        """Whether messages, receipts or groups changed (agents' commands write them;
+        the daemon's own writes, work contexts and ended sessions, go to agents/)."""
+        def part(sig):
+            return {e for e in sig if not e[0].startswith("agents/")}
+        return part(before) != part(after)
 
     def _sync_loop(self):
-        """Run sync cycles when the schedule says so (SyncSchedule: a debounced push
-        after local writes, a fetch every sync.interval, cheap remote checks while an
-        agent waits). Failures back off and never stop it."""
+        """Run sync cycles when the schedule says so (SyncSchedule: a debounced push in
+        this clone's slot after local writes, a fetch every sync.interval, cheap remote
+        checks while an agent is active). Failures back off and never stop it."""
         if not self.store.loc.git_common:
             return
         sched = self.schedule
+        try:
+            sched.set_slot(*self.store.sync_engine().push_slot())
+        except ThrumError as e:
+            self.log("sync: %s" % e.message)
         while not self.stopping:
             sched.set_intervals(*self._intervals())  # `config set` applies at once
-            with self._cond:
-                waiting = self._waiting > 0
+            listening = self._listening()
             with sched.cond:
-                due = sched.due_in(waiting)
+                due = sched.due_in(listening)
                 if due > 0 and not self.stopping:
                     sched.cond.wait(min(due, 5.0))
             if self.stopping:
                 return
-            with self._cond:
-                waiting = self._waiting > 0
-            action = sched.next_action(waiting)
+            action = sched.next_action(self._listening())
             if action == "check":
                 run = self._remote_moved()
-                sched.checked(run)
             elif action in ("push", "fetch"):  # (no remote: committed at the next interval)
                 run = self.store.sync_engine().has_remote()
             else:
                 run = action == "commit"
-            if run:
-                self._sync_cycle()
+            if run:  # writes waiting for their push slot are not pushed by other cycles
+                self._sync_cycle(push=action in ("push", "commit") or not sched.pending())
 
-    def _sync_cycle(self):
+    def _sync_cycle(self, push=True):
         sched = self.schedule
-        sched.started()
+        if push:
+            sched.started()
+        eng = None
+        with self._cond:
+            self._syncing = True
         try:
-            res = self.store.sync_engine().cycle()
+            eng = self.store.sync_engine()
+            res = eng.cycle(push=push)
         except ThrumError as e:
             sched.failed()
             self.log("sync failed (%d in a row): %s" % (sched.failures, e.message))
             return
-        with self._cond:
-            self._synced_sig = self.store.log_signature(None)
+        finally:
+            with self._cond:
+                self._syncing = False
+                if eng is not None and eng.merged_sig is not None:
+                    self._synced_sig = eng.merged_sig
+            self._count(eng)
         sched.ran(pulled=bool(res.get("pulled")))
+        sched.set_slot(*eng.push_slot())
         if res.get("pulled"):
             self._changed(local=False)
 
+    def _count(self, eng):
+        if eng is not None:
+            for k, n in eng.counts.items():
+                self.remote_counts[k] = self.remote_counts.get(k, 0) + n
+
     def _remote_moved(self):
-        """One round trip: has the remote branch moved past what we last fetched?"""
+        """The cheap check (one `git ls-remote`): has the remote branch moved past what
+        we last fetched? Reports the outcome to the schedule."""
+        eng = None
         try:
             eng = self.store.sync_engine()
-            if not eng.has_remote():
-                return False
-            p = eng.git("ls-remote", eng.remote, eng.ref, check=False,
-                        timeout=eng.net_timeout)
-            if p.returncode != 0:
-                return False
-            tip = p.stdout.split()[0] if p.stdout.split() else None
-            return bool(tip) and tip != eng.rev(eng.tracking)
+            moved = eng.remote_moved()
         except ThrumError as e:
-            self.log("remote check failed: %s" % e.message)
+            self.schedule.check_failed()
+            if self.schedule.check.failures == 1:  # once per outage, not every check
+                self.log("remote check failed: %s" % e.message)
             return False
+        finally:
+            self._count(eng)
+        self.schedule.checked(moved)
+        return moved
 
     def _flush_sync(self):
         """On a clean stop, push what is pending (bounded by _shut_down)."""
@@ -10031,8 +10534,22 @@ def cmd_daemon(args, cli, out):
     files = _daemon_files(cli)
     if args.sub == "status":
         r = files.info()
-        out.emit(r, ["daemon running (pid %s, socket %s)" % (r["pid"], r.get("socket"))
-                     if r["running"] else "no daemon running (pure-CLI mode)"])
+        lines = ["daemon running (pid %s, socket %s)" % (r["pid"], r.get("socket"))
+                 if r["running"] else "no daemon running (pure-CLI mode)"]
+        try:  # what it is doing: are agents active, what it asked of the remote
+            live = DaemonClient(files).request({"op": "daemon_status"}, timeout=2.0) \
+                if r["running"] else {}
+        except DaemonUnavailable:
+            live = {}
+        if live.get("ok"):
+            r.update((k, live["result"].get(k)) for k in ("active", "waiting", "watching",
+                                                           "remote"))
+            n = r["remote"] or {}
+            lines.append("  Agents: %s; remote: %s ls-remote, %s fetch, %s push (%s "
+                         "rejected)" % ("active" if r["active"] else "idle",
+                                        n.get("ls-remote"), n.get("fetch"), n.get("push"),
+                                        n.get("rejected")))
+        out.emit(r, lines)
         return EXIT_OK if r["running"] else EXIT_FAIL
     if args.sub == "run":
         d = Daemon(cli.store, cli.caller.env)

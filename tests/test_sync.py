@@ -335,6 +335,105 @@ def test_concurrent_syncs_lose_and_duplicate_nothing(net, procs):
     assert_linear(net.remote, net.env)
 
 
+# --------------------------------------------------------------------------- many clones
+
+def git_calls(stderr: str) -> list:
+    """The git subcommands a thrum process ran, in order, from its THRUM_DEBUG trace
+    (`thrum: debug: git ARGS -> EXIT (T ms)`; options before the subcommand skipped)."""
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("thrum: debug: git "):
+            words = line[len("thrum: debug: git "):].rsplit(" -> ", 1)[0].split()
+            out.append(next((w for w in words if not w.startswith("-")), "?"))
+    return out
+
+
+def test_a_sync_with_nothing_to_do_runs_at_most_six_git_processes(pair):
+    """SPEC §8 "Many clones": a cycle with nothing to merge runs at most 6 git processes
+    (the whole `sync force`, its status included), only one of them talks to the remote,
+    and none commits or re-reads the log."""
+    net, a, b = pair
+    a.seed("alice", "settled", to=["bob"])
+    sync_all(a, b)
+    tip = ls_remote(net.remote, net.env)
+    for c in (a, b):
+        r = c.run("sync", "force", "--json", extra_env={"THRUM_DEBUG": "1"})
+        assert r.code == 0, r.describe()
+        calls = git_calls(r.err)
+        assert 1 <= len(calls) <= 6, calls
+        assert [x for x in calls if x in ("fetch", "push", "ls-remote")] == ["fetch"], calls
+        assert not set(calls) & {"hash-object", "commit-tree", "mktree", "update-ref",
+                                 "status", "rev-list"}, calls
+        doc = r.json
+        assert (doc["pulled"], doc["committed"], doc["pushed"], doc["state"]) == \
+            (0, False, False, "synced"), doc
+    assert ls_remote(net.remote, net.env) == tip
+
+
+def test_a_rejected_push_costs_one_fetch_one_merge_one_push(pair):
+    """SPEC §8: when another clone pushes between our fetch and our push, the retry is one
+    fetch, one merge of what that clone pushed and one push: our commit is made again on
+    the new tip from the trees, so no log file is read into git again (no hash-object)
+    and there is no second full cycle. The race is made with a pre-receive hook on the
+    remote that, once, moves a-sync to another clone's commit just before our push lands."""
+    net, a, b = pair
+    # B's racing commit: one message of bob's on the current tip, parked on a side branch
+    theirs = b.seed("bob", "B pushed first", to=["alice"])["message_id"]
+    commit_all(b.log, b.env, "another clone's sync")
+    b.git("push", "-q", "origin", "a-sync:refs/heads/racer")
+    hook = net.remote / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\ncat >/dev/null\nif [ -e racing ]; then\n  rm -f racing\n"
+                    "  unset GIT_QUARANTINE_PATH\n"
+                    "  git update-ref refs/heads/a-sync \"$(git rev-parse refs/heads/racer)\"\n"
+                    "fi\nexit 0\n")
+    hook.chmod(0o755)
+    (net.remote / "racing").touch()
+
+    ours = a.seed("alice", "A pushed second", to=["bob"])["message_id"]
+    r = a.run("sync", "force", "--json", extra_env={"THRUM_DEBUG": "1"})
+    assert r.code == 0, r.describe()
+    assert not (net.remote / "racing").exists(), "the hook did not race the push"
+    doc = r.json
+    assert (doc["pushed"], doc["attempts"], doc["rejected"]) == (True, 2, 1), doc
+    calls = git_calls(r.err)
+    first_push = calls.index("push")
+    retry = calls[first_push + 1:calls.index("push", first_push + 1) + 1]
+    # fetch, history check, the racer's files, merge, tree, commit, push
+    assert retry.count("fetch") == 1 and retry[-1] == "push", retry
+    assert retry.count("cat-file") == 1, retry  # the merge reads the racer's blobs once
+    assert "hash-object" not in retry, f"the log was read again: {retry}"
+    assert len(retry) <= 7, retry
+    assert calls[:first_push].count("fetch") == 1  # one fetch before, one after
+
+    for c in (a, b):
+        c.sync()
+    for c in (a, b):
+        assert_no_dups(c)
+        assert c.event_ids() == remote_event_ids(net.remote, net.env), c
+    assert ours in msg_ids(b.json("inbox", "--unread", name="bob"))
+    assert theirs in msg_ids(a.json("inbox", "--unread", name="alice"))
+    assert_linear(net.remote, net.env)
+
+
+def test_groups_written_in_two_clones_converge_without_commit_noise(pair):
+    """groups.jsonl is the one file several clones write: each clone holds its lines in
+    the order they arrived. Once both clones hold both groups, syncs commit and push
+    nothing (no reorder commits going back and forth)."""
+    net, a, b = pair
+    a.api("group_create", {"name": "ga"}, name="alice")
+    b.api("group_create", {"name": "gb"}, name="bob")
+    sync_all(a, b)
+    tip = ls_remote(net.remote, net.env)
+    for _ in range(2):
+        for c in (a, b):
+            r = c.sync()
+            assert (r["committed"], r["pushed"], r["state"]) == (False, False, "synced"), r
+    assert ls_remote(net.remote, net.env) == tip
+    for c, who in ((a, "alice"), (b, "bob")):
+        names = {g["group"] for g in c.json("group", "list", name=who)["groups"]}
+        assert {"ga", "gb"} <= names
+
+
 # --------------------------------------------------------------------------- CI one-liner
 
 def test_ci_job_autosync_broadcast_reaches_other_clone(net):
