@@ -3084,13 +3084,15 @@ _CONTENTION = ("non-fast-forward", "fetch first", "stale info", "failed to updat
 #: cycle): a commit's log files (commits never change), git's answer to `git remote`
 #: (while the config keeps its stat), files known to hold a blob's lines (while theirs).
 _SYNC_CACHE = {"trees": {}, "remotes": {}, "same": {}}
+_SYNC_CACHE_LOCK = threading.Lock()  # writers (the daemon's threads share the cache)
 
 
 def _cache_put(kind, key, value, limit=256):
-    cache = _SYNC_CACHE[kind]
-    if len(cache) >= limit:
-        cache.pop(next(iter(cache)), None)  # the oldest entry
-    cache[key] = value
+    with _SYNC_CACHE_LOCK:
+        cache = _SYNC_CACHE[kind]
+        if len(cache) >= limit:
+            cache.pop(next(iter(cache)), None)  # the oldest entry
+        cache[key] = value
 
 
 def _stat_key(path, st=None):
