@@ -3385,7 +3385,6 @@ class SyncEngine(GitLog):
         self.restored = []  # events this engine put back (restore_lost)
         self._remember = {}  # sync.json entries to write with the next _save_state
         self.merged_sig = None  # the log files as the merge left them (for the daemon)
-        self._peers = {}  # clone origin -> newest timestamp of its events merged here
 
     # -- bootstrap ----------------------------------------------------------------
     def ensure_branch_and_worktree(self, locked=False):
@@ -3601,7 +3600,6 @@ class SyncEngine(GitLog):
                 if not ids & have:
                     add.append(line)
                     have |= ids
-                    self._saw(line)
             if add:
                 data = b"\n".join(add) + b"\n"
                 view = memoryview(data)
@@ -3611,22 +3609,26 @@ class SyncEngine(GitLog):
         finally:
             os.close(fd)
 
-    def _saw(self, line):
-        """Note which clone wrote a merged event, and when (its own timestamp)."""
-        i, j = line.find(b'"origin":"'), line.find(b'"timestamp":"')
-        if i >= 0 and j >= 0:
-            origin = line[i + 10:line.find(b'"', i + 10)].decode("ascii", "replace")
-            ts = line[j + 13:j + 40].decode("ascii", "replace")
-            if ts > self._peers.get(origin, ""):
-                self._peers[origin] = ts
-
     def push_slot(self):
-        """(rank, n): this clone's place among the clones whose events of the last
-        PEERS_FOR seconds it holds (by the events' own timestamps, so clones that hold
-        the same events agree). The daemon pushes in slot `rank` of `n` (SyncSchedule)."""
-        cutoff = now_ts(time.time() - self.PEERS_FOR)
-        peers = {o for o, ts in (self._state("peers") or {}).items() if ts >= cutoff}
-        peers.add(self.store.origin)
+        """(rank, n): this clone's place among the clones that wrote in the last
+        PEERS_FOR seconds: the origins of the log files' last events, by the events' own
+        timestamps, so clones that hold the same log agree. Files not written in that
+        time are not read. The daemon pushes in slot `rank` of `n` (SyncSchedule)."""
+        now = time.time()
+        cutoff, peers = now_ts(now - self.PEERS_FOR), {self.store.origin}
+        for _, path, st in EventLog(self.wt, self.store.log.torn_dir).files():
+            if st.st_mtime < now - self.PEERS_FOR:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(0, st.st_size - 8192))
+                    tail = _complete(f.read()).rstrip(b"\n")
+            except OSError:
+                continue
+            line = tail[tail.rfind(b"\n") + 1:]
+            i, j = line.find(b'"origin":"'), line.find(b'"timestamp":"')
+            if i >= 0 and j >= 0 and line[j + 13:j + 40].decode("ascii", "replace") >= cutoff:
+                peers.add(line[i + 10:line.find(b'"', i + 10)].decode("ascii", "replace"))
         ordered = sorted(peers)
         return ordered.index(self.store.origin), len(ordered)
 
@@ -3884,7 +3886,7 @@ class SyncEngine(GitLog):
             res["pulled"] += self.merge_commit(remote_tip, local)
         self.merged_sig = self.store.log_signature(None)
         if not push:
-            self._save_state(last_sync_at=now_ts(), last_error=None, peers=self._peer_state())
+            self._save_state(last_sync_at=now_ts(), last_error=None)
             return res
         tip, res["committed"] = self._commit(remote_tip or local)
         # Push; when another clone pushed first: fetch, merge what it pushed, make our
@@ -3916,17 +3918,8 @@ class SyncEngine(GitLog):
                 remote_tip = newer
         self._set_local(tip, pushed=res["pushed"])
         self._good_tips(tip)
-        self._save_state(last_sync_at=now_ts(), last_error=None, peers=self._peer_state())
+        self._save_state(last_sync_at=now_ts(), last_error=None)
         return res
-
-    def _peer_state(self):
-        """sync.json `peers` with what this cycle merged: the clones of the last day."""
-        cutoff = now_ts(time.time() - 86400)
-        peers = {o: ts for o, ts in (self._state("peers") or {}).items() if ts >= cutoff}
-        for o, ts in self._peers.items():
-            if ts >= cutoff and ts > peers.get(o, ""):
-                peers[o] = ts
-        return peers
 
     def unpushed(self):
         """How many events of the log the remote's branch (as last fetched) lacks: writes

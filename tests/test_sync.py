@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import (THRUM_CMD, TS_RE, Clone, Runner, assert_error, bare_remote, clone,
-                      commit_all, git, ls_remote, make_repo, run_thrum, sync_all)
+                      commit_all, git, ls_remote, make_repo, run_thrum, sync_all, thrum)
 
 T = 120  # timeout for every subprocess
 
@@ -413,6 +413,26 @@ def test_a_rejected_push_costs_one_fetch_one_merge_one_push(pair):
     assert ours in msg_ids(b.json("inbox", "--unread", name="bob"))
     assert theirs in msg_ids(a.json("inbox", "--unread", name="alice"))
     assert_linear(net.remote, net.env)
+
+
+def test_clones_that_wrote_lately_take_distinct_push_slots(pair):
+    """A daemon pushes in its own slot among the clones that wrote in the last hour (the
+    origins of the log files' last events, so every clone holding the same log agrees):
+    the two clones of a pair get slots 0 and 1 of 2, a clone that wrote nothing yet
+    makes a third."""
+    net, a, b = pair
+    c = net.clone("C")
+    c.ok("init")
+    sync_all(a, b, c, rounds=1)
+
+    def slot(x):
+        store = thrum.Store(thrum.locate(str(x.path)), x.env)
+        try:
+            return thrum.SyncEngine(store).push_slot()
+        finally:
+            store.close()
+    assert sorted([slot(a), slot(b)]) == [(0, 2), (1, 2)]
+    assert slot(c)[1] == 3  # it counts itself (its first push), the others do not yet
 
 
 def test_groups_written_in_two_clones_converge_without_commit_noise(pair):
