@@ -4082,10 +4082,10 @@ class SyncSchedule:
     the loop sleeps on `cond` for `due_in()`, takes `next_action()` and reports back
     (`checked`, `check_failed`, `started`, `ran`, `failed`)."""
 
-    PUSH_AFTER = 1.5     #: seconds after the first write of a burst, then...
+    PUSH_AFTER = 1.0     #: seconds after the first write of a burst, then...
     PUSH_SLOT = 0.5      #: ...this clone's slot of this many seconds (fewer beyond 10
     PUSH_FRAME = 5.0     #: clones: all slots fit in PUSH_FRAME), or, alone, a random
-    PUSH_JITTER = 1.0    #: part up to PUSH_JITTER (about 2 s on average)
+    PUSH_JITTER = 1.0    #: part up to PUSH_JITTER (1-2 s: "about 2 s", SPEC §9)
     ACTIVE_FOR = 600.0   #: a command keeps the clone active this long (SPEC §9)
     RETRY_FIRST = 10.0   #: seconds before the first retry of a failed cycle
 
