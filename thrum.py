@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ====================================================
 
-SCHEMA_VERSION = 7          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 8          #: index schema; an older index.db is rebuilt
 
 
 EVENT_VERSION = 1           #: the `v` field of every event
@@ -60,6 +60,10 @@ BODY_FORMATS = ("markdown", "plain", "json")
 
 
 MAX_TIMEOUT = 24 * 3600.0
+
+
+#: How long an idempotency key names the message first sent with it (SPEC §16).
+KEY_WINDOW = 24 * 3600.0
 
 
 #: Exit codes (SPEC §6).
@@ -1386,7 +1390,7 @@ def _event_problem(ev):
             return "needs message_id and a valid agent_id"
         if type(body) is not dict or not _body_ok(body):
             return "needs a body {format, content, structured: object}"
-        for f in ("origin", "session_id", "reply_to", "thread_id"):
+        for f in ("origin", "session_id", "reply_to", "thread_id", "idempotency_key"):
             v = g(f)
             if v is not None and type(v) is not str:
                 return "%s must be text" % f
@@ -1465,8 +1469,13 @@ CREATE TABLE messages(
   recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT, thread0 TEXT,
   -- the latest edit (NULL until edited; readers coalesce with the *0 columns)
   format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
-  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT)
+  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT,
+  -- the idempotency key it was sent with (SPEC 16), and the message it duplicates
+  idem_key TEXT, dup_of TEXT)
   WITHOUT ROWID;
+-- (agent, key) -> its messages; kept with the tables, since a build needs it as it goes
+CREATE INDEX messages_idem ON messages(agent_id, idem_key) WHERE idem_key IS NOT NULL;
+-- deleted: hidden (the message is deleted, or a duplicate by idempotency key)
 CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
                         read_at TEXT, deleted INTEGER DEFAULT 0, arrived_at TEXT,
                         PRIMARY KEY(agent_id, message_id)) WITHOUT ROWID;
@@ -1525,6 +1534,16 @@ ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_ke
 def _key(ev):
     """Total order of events: timestamp then event id (both fixed width)."""
     return ev["timestamp"] + "|" + ev["event_id"]
+
+
+def _key_window_end(ts):
+    """When an idempotency key used at `ts` (event format) stops naming that message:
+    24 h later, in the same fixed-width format (so text comparison orders it). An
+    unreadable timestamp gives a window that never ends (deterministic all the same)."""
+    try:
+        return now_ts(parse_ts(ts) + KEY_WINDOW)
+    except (ValueError, OverflowError, OSError):
+        return "~"
 
 
 def _json_or_none(v):
@@ -2035,6 +2054,11 @@ class Projection:
             db.executemany(
                 "UPDATE deliveries SET read_at = ?3 WHERE message_id = ?1 AND agent_id = ?2 "
                 "AND (read_at IS NULL OR read_at > ?3)", rows)
+            # ...and reading a duplicate (SPEC §16) reads the message it duplicates
+            db.executemany(
+                "UPDATE deliveries SET read_at = ?3 WHERE message_id = (SELECT dup_of FROM "
+                "messages WHERE message_id = ?1) AND agent_id = ?2 "
+                "AND (read_at IS NULL OR read_at > ?3)", rows)
         if touched:
             self._refresh(touched)
         db.executemany(
@@ -2043,7 +2067,7 @@ class Projection:
 
     def _apply_creates(self, creates):
         db = self.db
-        msgs, dels, tags = [], [], []
+        msgs, dels, tags, keys = [], [], [], set()
         add_msg, add_del, add_tag = msgs.append, dels.append, tags.append
         # When each message arrived in this store (SPEC §7: a wait wakes for messages
         # created OR arrived after its start). A message projected as it is written
@@ -2070,7 +2094,9 @@ class Projection:
             st = body.get("structured")
             recips, auds, scopes, refs = (g("recipients") or (), g("audiences") or (),
                                           g("scopes") or (), g("refs") or ())
-            thread = g("thread_id")
+            thread, key = g("thread_id"), g("idempotency_key")
+            if key is not None:
+                keys.add((author, key))
             add_msg((mid, author, g("session_id"), ts, e["event_id"], g("origin"),
                      body.get("format") or "markdown", body["content"],
                      None if st is None else _dumps(st),
@@ -2078,7 +2104,7 @@ class Projection:
                      _dumps_tags(auds) if auds else "[]",
                      _dumps_tags(scopes) if scopes else "[]",
                      _dumps_tags(refs) if refs else "[]",
-                     g("reply_to"), thread, thread))
+                     g("reply_to"), thread, thread, key))
             for r in recips:
                 add_del((r, mid, ts, author, arrived))
             for kind, items in (("aud", auds), ("scope", scopes), ("ref", refs)):
@@ -2087,8 +2113,8 @@ class Projection:
         db.executemany(
             "INSERT OR IGNORE INTO messages(message_id, agent_id, session_id, created_at, "
             "event_id, origin, format0, content0, structured0, recipients, audiences, scopes, "
-            "refs, reply_to, thread0, thread_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            msgs)
+            "refs, reply_to, thread0, thread_id, idem_key) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
         db.executemany("INSERT OR IGNORE INTO deliveries(agent_id, message_id, created_at, "
                        "author, arrived_at) VALUES (?,?,?,?,?)", dels)
         if not self.building and late and self.arrivals is not None:
@@ -2110,17 +2136,75 @@ class Projection:
             "OR message_id IN (SELECT message_id FROM deletes) "
             "OR message_id IN (SELECT reply_to FROM messages WHERE reply_to IS NOT NULL)")}
         touched.update(e["reply_to"] for e in creates if e.get("reply_to"))
+        if keys:
+            touched |= self._apply_keys(keys)
+        return touched
+
+    def _apply_keys(self, keys):
+        """Duplicates by idempotency key (SPEC §16), for the (agent, key) pairs of new
+        creates. Of one agent's messages with one key, in message-id order, the first is
+        kept, and each later one created less than 24 h after the last kept one is a
+        duplicate of it (`dup_of`): hidden everywhere (its deliveries count as deleted),
+        while the kept one reads as read by anyone who read a copy and as arrived when
+        its first copy arrived, so a listener hears of it once. A pure function of the
+        group's rows, recomputed whole when the group gains a member: so two clones that
+        both stored the key converge on the smallest id, and a rebuild agrees. Returns
+        the messages to refresh (the group, and the parents of its replies)."""
+        db = self.db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS fresh_keys(agent_id TEXT, key TEXT, "
+                   "PRIMARY KEY(agent_id, key))")
+        db.execute("DELETE FROM fresh_keys")
+        db.executemany("INSERT INTO fresh_keys VALUES (?,?)", keys)
+        groups = {}
+        for aid, key, mid, ts, dup, parent in db.execute(
+                "SELECT m.agent_id, m.idem_key, m.message_id, m.created_at, m.dup_of, "
+                "m.reply_to FROM fresh_keys f JOIN messages m ON m.agent_id = f.agent_id "
+                "AND m.idem_key = f.key ORDER BY 1, 2, 3"):
+            groups.setdefault((aid, key), []).append((mid, ts, dup, parent))
+        touched = set()
+        for members in groups.values():
+            if len(members) < 2:
+                continue  # a key used once: nothing to hide
+            kept = []  # [message id, [its duplicates], the end of its window]
+            for mid, ts, old, parent in members:
+                if kept and ts < kept[-1][2]:
+                    new = kept[-1][0]
+                    kept[-1][1].append(mid)
+                else:
+                    new = None
+                    kept.append([mid, [], _key_window_end(ts)])
+                if new != old:
+                    db.execute("UPDATE messages SET dup_of = ? WHERE message_id = ?",
+                               (new, mid))
+                touched.add(mid)
+                if parent:
+                    touched.add(parent)
+            for mid, dups, _ in kept:
+                for one, copies in [(mid, [mid] + dups)] + [(d, [d]) for d in dups]:
+                    marks = ",".join("?" * len(copies))
+                    db.execute(
+                        "UPDATE deliveries SET read_at = (SELECT min(r.read_at) FROM "
+                        "receipts r WHERE r.agent_id = deliveries.agent_id AND "
+                        "r.message_id IN (%s)) WHERE message_id = ?" % marks,
+                        copies + [one])
+                if dups:
+                    marks = ",".join("?" * len(dups))
+                    db.execute(
+                        "UPDATE deliveries SET arrived_at = min(arrived_at, coalesce(("
+                        "SELECT min(x.arrived_at) FROM deliveries x WHERE x.agent_id = "
+                        "deliveries.agent_id AND x.message_id IN (%s)), arrived_at)) "
+                        "WHERE message_id = ?" % marks, dups + [mid])
         return touched
 
     def _refresh(self, ids):
         """Recompute the derived columns of messages from the source tables."""
         db = self.db
         for mid in ids:
-            row = db.execute("SELECT agent_id, format0, thread0 FROM messages WHERE "
-                             "message_id = ?", (mid,)).fetchone()
+            row = db.execute("SELECT agent_id, format0, thread0, dup_of FROM messages "
+                             "WHERE message_id = ?", (mid,)).fetchone()
             if row is None:
                 continue  # its create has not arrived yet; it will refresh then
-            author, fmt0, thread = row
+            author, fmt0, thread, dup = row
             edits = db.execute(
                 "SELECT ts, format, content, structured FROM edits WHERE message_id = ? "
                 "AND agent_id = ? ORDER BY ts, event_id", (mid, author)).fetchall()
@@ -2133,8 +2217,8 @@ class Projection:
                               (mid, author)).fetchone()
             if thread is None:
                 r = db.execute("SELECT thread0 FROM messages WHERE reply_to = ? AND thread0 "
-                               "IS NOT NULL ORDER BY created_at, message_id LIMIT 1",
-                               (mid,)).fetchone()
+                               "IS NOT NULL AND dup_of IS NULL ORDER BY created_at, "
+                               "message_id LIMIT 1", (mid,)).fetchone()
                 thread = r[0] if r else None
             db.execute("UPDATE messages SET format = ?, content = ?, structured = ?, "
                        "updated_at = ?, version = ?, deleted = ?, deleted_at = ?, "
@@ -2142,7 +2226,7 @@ class Projection:
                        (fmt, content, structured, updated_at, len(edits), 1 if dele else 0,
                         dele[0] if dele else None, dele[1] if dele else None, thread, mid))
             db.execute("UPDATE deliveries SET deleted = ? WHERE message_id = ?",
-                       (1 if dele else 0, mid))
+                       (1 if dele or dup else 0, mid))
 
     def _apply_agent(self, ev):
         db, t, aid, k = self.db, ev["type"], ev["agent_id"], _key(ev)
@@ -2446,10 +2530,33 @@ class Index(Projection):
         return msgs
 
     def message(self, mid):
-        """A message row (_MSG_COLS plus deleted_at, delete_reason), or None."""
+        """A message row (_MSG_COLS plus deleted_at, delete_reason, idempotency_key and
+        duplicate_of: the message it duplicates, SPEC §16), or None."""
         return self.row("SELECT %s, m.deleted_at AS deleted_at, m.delete_reason AS "
-                        "delete_reason FROM messages m WHERE m.message_id = ?" % _MSG_COLS,
+                        "delete_reason, m.idem_key AS idempotency_key, m.dup_of AS "
+                        "duplicate_of FROM messages m WHERE m.message_id = ?" % _MSG_COLS,
                         (mid,))
+
+    def duplicate_of(self, mid):
+        """The message that `mid` duplicates (same author and idempotency key), or None."""
+        return self.value("SELECT dup_of FROM messages WHERE message_id = ?", (mid,))
+
+    def duplicates(self, mid, agent_id, key):
+        """The hidden duplicates of message `mid` (by `agent_id`, sent with `key`)."""
+        return [r["message_id"] for r in self.rows(
+            "SELECT message_id FROM messages WHERE agent_id = ? AND idem_key = ? AND "
+            "dup_of = ? ORDER BY message_id", (agent_id, key, mid))]
+
+    def sent_with_key(self, agent_id, key, since):
+        """The message an agent sent with idempotency `key` that the key still names: the
+        newest one that is not a duplicate, if created after `since`. message_id,
+        thread_id, reply_to, created_at, recipients, audiences, and the body it was sent
+        with (format0, content0, structured0), deleted; or None."""
+        r = self.row("SELECT message_id, thread_id, reply_to, created_at, recipients, "
+                     "audiences, format0, content0, structured0, deleted FROM messages "
+                     "WHERE agent_id = ? AND idem_key = ? AND dup_of IS NULL ORDER BY "
+                     "message_id DESC", (agent_id, key))
+        return r if r is not None and r["created_at"] > since else None
 
     def thread_exists(self, thread_id):
         return self.value("SELECT 1 FROM messages WHERE thread_id = ?", (thread_id,)) \
@@ -2514,7 +2621,7 @@ class Index(Projection):
             frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
                    "d.agent_id = ?")
             count_frm, mid, author = frm, "m.message_id", "m.agent_id"
-            where.append("m.deleted = 0")
+            where.append("m.deleted = 0 AND m.dup_of IS NULL")
             order = "m.created_at %s, m.message_id %s"
             unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
         else:
@@ -2560,7 +2667,7 @@ class Index(Projection):
     def sent(self, agent_id, to=None, unread=False, limit=10, offset=0):
         """One page of what an agent sent, newest first: {total, messages} (dicts with
         is_read true). `to`: only messages to this agent, or by this role or group."""
-        where, params = ["m.agent_id = ?", "m.deleted = 0"], [agent_id]
+        where, params = ["m.agent_id = ?", "m.deleted = 0", "m.dup_of IS NULL"], [agent_id]
         if to:
             where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
                          "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
@@ -2643,7 +2750,7 @@ class Index(Projection):
             mem.apply(evs)
             mem.db.execute("COMMIT")
             for table, cols in (("messages", "message_id, content0, content, deleted, "
-                                             "thread_id, version"),
+                                             "thread_id, version, dup_of"),
                                 ("deliveries", "agent_id, message_id, read_at, deleted"),
                                 ("agents", "agent_id, role, reg_key, del_key")):
                 sql = "SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)
@@ -4083,10 +4190,14 @@ class StoredError(ThrumError):
         reason = getattr(cause, "message", None) or getattr(cause, "strerror", None) or \
             str(cause)
         sent = [e["message_id"] for e in events if e.get("type") == "message.create"]
+        keyed = [e for e in events if e.get("idempotency_key") is not None]
         if sent:
             what = "stored as %s" % ", ".join(sent)
             again = "do not send it again"
             hint = "it shows in 'thrum sent' once the index catches up (any command does)"
+            if keyed:  # (SPEC §16: the same key cannot store it twice)
+                hint += ("; the same command with the same idempotency key is safe: it "
+                         "stores nothing and answers %s" % keyed[0]["message_id"])
         else:
             what = "written to the log"
             again = "do not repeat the command"
@@ -4955,6 +5066,32 @@ class AgentOps(ServiceBase):
 
 # === 12. Operations: messages and waiting =====================================
 
+def check_idempotency_key(key):
+    """An idempotency key (SPEC §16): 1-128 printable ASCII characters, space included;
+    None when not given. Anything else is a usage error."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise UsageError("invalid idempotency key: it must be text")
+    rule = "use 1-128 printable ASCII characters (space included)"
+    if not key:
+        raise UsageError("invalid idempotency key: it is empty; " + rule)
+    if len(key) > 128:
+        raise UsageError("invalid idempotency key: it is %d characters long; %s"
+                         % (len(key), rule))
+    for i, c in enumerate(key):
+        if not " " <= c <= "~":
+            raise UsageError("invalid idempotency key: character %d (U+%04X) is not "
+                             "printable ASCII; %s" % (i + 1, ord(c), rule))
+    return key
+
+
+def _keyed(params):
+    """A send or reply with an idempotency key is safe to run again: the second run
+    stores nothing and answers the first message (SPEC §16)."""
+    return params.get("idempotency_key") is not None
+
+
 def _marks_nothing(params):
     """An inbox that marks nothing read (unread only, or marks left to the front end) is
     safe to run again; one that marked rows read would show them read the second time."""
@@ -5048,16 +5185,20 @@ class MessageOps(ServiceBase):
             body["structured"] = structured
         return body
 
-    @operation(NEEDS_IDENTITY)
+    @operation(NEEDS_IDENTITY, retry_safe=_keyed)
     def send(self, content=None, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
-             fmt="markdown", structured=None, reply_to=None, agent=None, _reply=None):
+             fmt="markdown", structured=None, reply_to=None, idempotency_key=None,
+             agent=None, _reply=None):
         """Send a message to targets (`to`, `mentions`: names, roles, groups or
         `everyone`; a list, or text with commas). `reply_to`: a message id; the new
         message joins its thread (unlike `reply`, the targets are the ones given).
-        Returns {message_id, thread_id, created_at, recipients, audiences, warnings}.
-        Stores nothing on any error."""
+        `idempotency_key`: a second send (or reply) of mine with the same key within
+        24 h stores nothing and answers the first message, with `duplicate` true.
+        Returns {message_id, thread_id, created_at, recipients, audiences, warnings,
+        duplicate}. Stores nothing on any error."""
         ident = self.me(agent)
         me = ident["agent_id"]
+        key = check_idempotency_key(idempotency_key)
         parent = None
         if reply_to is not None and _reply is None:
             parent = self.resolve_message_id(reply_to)
@@ -5098,20 +5239,78 @@ class MessageOps(ServiceBase):
         if reply_to:
             fields["reply_to"] = reply_to
             fields["thread_id"] = thread_id
+        if key is not None:
+            fields["idempotency_key"] = key
         ev = self._event("message.create", **fields)
-        self._emit([ev])
+        first = self._emit_once(me, key, ev)
+        if first is not None:
+            return self._already_sent(first, ev, key)
         if parent is not None:
             self._mark_read(me, [parent])
-        return {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
-                "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
-                "recipients": recipients, "audiences": audiences, "warnings": warnings}
+        res = {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
+               "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
+               "recipients": recipients, "audiences": audiences, "warnings": warnings,
+               "duplicate": False}
+        if key is not None:
+            res["idempotency_key"] = key
+        return res
 
-    @operation(NEEDS_IDENTITY)
+    def _emit_once(self, me, key, ev):
+        """Store a message.create, unless it has an idempotency key that already names a
+        message of mine (sent here, or by another clone and synced): then store nothing
+        and return that message's row (Index.sent_with_key). The look and the append
+        happen under one lock per agent (`var/keys/<agent>.lock`, an flock, so processes
+        and the daemon's threads alike take turns), after catching up with the log: two
+        sends with one key at once store one message."""
+        if key is None:
+            self._emit([ev])
+            return None
+        keys = os.path.join(self.store.loc.var, "keys")
+        os.makedirs(keys, mode=0o700, exist_ok=True)
+        with FileLock(_safe_name_path(keys, me, ".lock")):
+            index = self.index
+            index.catch_up()  # what another process stored while this one waited
+            first = index.sent_with_key(me, key, now_ts(time.time() - KEY_WINDOW))
+            if first is None:
+                self._emit([ev])
+        return first
+
+    def _already_sent(self, row, ev, key):
+        """The result of a send whose key named an earlier message: that message, with
+        `duplicate` true, and a warning where this attempt asked for something else."""
+        mid = row["message_id"]
+        res = {"message_id": mid, "thread_id": row["thread_id"], "reply_to": row["reply_to"],
+               "created_at": row["created_at"],
+               "recipients": json.loads(row["recipients"]),
+               "audiences": json.loads(row["audiences"]), "warnings": [],
+               "duplicate": True, "idempotency_key": key}
+        body = ev["body"]
+        differs = [what for what, same in (
+            ("body", body["content"] == row["content0"] and body["format"] == row["format0"]
+             and body.get("structured") == (json.loads(row["structured0"])
+                                            if row["structured0"] else None)),
+            ("recipients", sorted(ev["recipients"]) == sorted(res["recipients"])),
+            ("reply_to", ev.get("reply_to") == row["reply_to"])) if not same]
+        if differs:
+            res["warnings"].append(
+                "this attempt's %s differ%s from %s, which was sent with the same "
+                "idempotency key; nothing was stored, %s stands" % (
+                    " and ".join([", ".join(differs[:-1]), differs[-1]] if differs[1:]
+                                 else differs), "s" if len(differs) == 1 else "", mid, mid))
+        if row["deleted"]:
+            res["warnings"].append("%s, sent with this idempotency key, was deleted since"
+                                   % mid)
+        return res
+
+    @operation(NEEDS_IDENTITY, retry_safe=_keyed)
     def reply(self, message_id, content=None, fmt="markdown", structured=None, scopes=(),
-              refs=(), agent=None):
-        """Reply to a message: its author and recipients except me; joins its thread."""
+              refs=(), idempotency_key=None, agent=None):
+        """Reply to a message: its author and recipients except me; joins its thread.
+        `idempotency_key`: as for send (one key space for my sends and replies); a
+        duplicate stores nothing, not even the parent's read mark."""
         ident = self.me(agent)
         me = ident["agent_id"]
+        check_idempotency_key(idempotency_key)
         mid = self.resolve_message_id(message_id)
         parent = self.index.message(mid)
         agents = self.index.agent_roles()
@@ -5125,9 +5324,11 @@ class MessageOps(ServiceBase):
                              hint="send a new message with 'thrum send TEXT --to @agent'")
         thread = self._thread_of(mid, parent["thread_id"])
         res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
-                        agent=me, _reply=(recips, [{"type": "agent", "value": n}
-                                                   for n in recips], mid, thread))
-        self._mark_read(me, [mid])
+                        idempotency_key=idempotency_key, agent=me,
+                        _reply=(recips, [{"type": "agent", "value": n} for n in recips],
+                                mid, thread))
+        if not res["duplicate"]:
+            self._mark_read(me, [mid])
         return res
 
     def _thread_of(self, mid, known=None):
@@ -5154,7 +5355,14 @@ class MessageOps(ServiceBase):
         return hint
 
     def resolve_message_id(self, text):
-        """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14."""
+        """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14. A
+        hidden duplicate (SPEC §16) stands for the message it duplicates: replying to,
+        editing, deleting or reading it acts on the message everyone sees."""
+        mid = self._match_message_id(text)
+        return self.index.duplicate_of(mid) or mid
+
+    def _match_message_id(self, text):
+        """The one message id that `text` names (resolve_message_id without duplicates)."""
         if not isinstance(text, str) or not text.strip():
             raise UsageError("missing message id")
         s = text.strip()
@@ -5285,7 +5493,8 @@ class MessageOps(ServiceBase):
     def message_get(self, message_id, agent=None):
         """One message with its edits and receipts; marks it read for me."""
         self.require_store()
-        mid = self.resolve_message_id(message_id)
+        asked = self._match_message_id(message_id)
+        mid = self.index.duplicate_of(asked) or asked
         me = None
         try:
             me = self.me(agent)["agent_id"]
@@ -5297,9 +5506,14 @@ class MessageOps(ServiceBase):
         m["edits"] = [dict(r) for r in self.index.edits(mid, m["agent_id"])]
         m["receipts"] = self._receipts(m)
         m["deleted_at"], m["delete_reason"] = row["deleted_at"], row["delete_reason"]
+        key = m["idempotency_key"] = row["idempotency_key"]
+        m["duplicates"] = self.index.duplicates(mid, m["agent_id"], key) if key else []
         if me and not m["deleted"]:
             self._mark_read(me, [mid])
-        return {"message": m}
+        res = {"message": m}
+        if asked != mid:  # a hidden duplicate: it stands for the message shown
+            res["requested_id"] = asked
+        return res
 
     def _own_message(self, message_id, me, verb):
         mid = self.resolve_message_id(message_id)
@@ -7973,7 +8187,11 @@ def render_prime(r, style=PLAIN):
 
 
 def render_send(r, style=PLAIN, verb="Message sent"):
-    ls = ["%s: %s" % (verb, r["message_id"])]
+    if r.get("duplicate"):  # SPEC §16: the key named an earlier message
+        ls = ["Already sent: %s (same idempotency key; nothing stored again)"
+              % r["message_id"]]
+    else:
+        ls = ["%s: %s" % (verb, r["message_id"])]
     if r.get("thread_id"):
         ls.append("  Thread: %s" % r["thread_id"])
     ls.append("  To: %s" % _who(r["recipients"]))
@@ -8013,7 +8231,11 @@ def render_sent(r, style=PLAIN):
 
 def render_message(r, style=PLAIN):
     m = r["message"]
-    ls = ["Message: %s" % m["message_id"],
+    ls = ["%s is a hidden duplicate of %s (same author and idempotency key, stored in two "
+          "clones before they synced); showing %s" % (r["requested_id"], m["message_id"],
+                                                       m["message_id"]), ""] \
+        if r.get("requested_id") else []
+    ls += ["Message: %s" % m["message_id"],
           "  From:    @%s" % m["agent_id"],
           "  Time:    %s (%s)" % (m["created_at"], relative_time(m["created_at"])),
           "  To:      %s" % (_aud_str(m["audiences"]) or "(nobody)")]
@@ -8028,6 +8250,10 @@ def render_message(r, style=PLAIN):
     if m["edits"]:
         ls.append("  Edited:  %d time(s), last %s" % (len(m["edits"]), relative_time(
             m["updated_at"])))
+    if m.get("idempotency_key") is not None:
+        ls.append("  Key:     %s%s" % (m["idempotency_key"], " (hidden duplicates: %s)"
+                                       % ", ".join(m["duplicates"]) if m.get("duplicates")
+                                       else ""))
     ls.append("  Read by: %s" % (", ".join(
         "@%s(%s)" % (x["agent_id"], "read" if x["read_at"] else "unread")
         for x in m["receipts"]) or "-"))
@@ -8268,7 +8494,13 @@ _MCP_TAGS = {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": 
 def _mcp_send_params(a):
     return {"content": a["content"], "to": a["to"], "mentions": a["mention"] or (),
             "scopes": _mcp_list(a["scopes"]), "refs": _mcp_list(a["refs"]),
-            "reply_to": a["reply_to"]}
+            "reply_to": a["reply_to"], "idempotency_key": a["idempotency_key"]}
+
+
+_MCP_KEY = {"type": "string", "description": "optional: a key of yours (1-128 printable "
+            "ASCII characters) that makes a retry safe: another send or reply of yours with "
+            "the same key within 24 h stores nothing and returns the first message, with "
+            "duplicate: true"}
 
 
 def _mcp_mark_params(a):
@@ -8306,7 +8538,7 @@ MCP_TOOLS = {
                     reply_to=dict(_MCP_ID, description="a message this one answers: "
                                   "joins its thread"),
                     mention=_mcp_targets("also deliver to and record a mention of these"),
-                    scopes=_MCP_TAGS, refs=_MCP_TAGS),
+                    scopes=_MCP_TAGS, refs=_MCP_TAGS, idempotency_key=_MCP_KEY),
         _mcp_send_params, lambda r, a: render_send(r)),
     "check_messages": (
         "inbox",
@@ -8340,8 +8572,10 @@ MCP_TOOLS = {
         "Reply to a message: goes to its author and other recipients (not you) and joins "
         "its thread; marks the message read.",
         _mcp_schema(("message_id", "content"), message_id=_MCP_ID,
-                    content={"type": "string", "description": "the reply (markdown)"}),
-        lambda a: {"message_id": a["message_id"], "content": a["content"]},
+                    content={"type": "string", "description": "the reply (markdown)"},
+                    idempotency_key=_MCP_KEY),
+        lambda a: {"message_id": a["message_id"], "content": a["content"],
+                   "idempotency_key": a["idempotency_key"]},
         lambda r, a: render_reply(r)),
     "get_message": (
         "message_get",
@@ -9003,7 +9237,8 @@ class Output:
 #: to `--after=-15s` before argparse sees it.
 _VALUE_OPTS = ("--after", "--timeout", "--to", "--mention", "--scope", "--ref", "--reason",
                "--intent", "--task", "--description", "--display", "--from", "--body-file",
-               "--format", "--structured", "--name", "--role", "--module", "--limit", "--page")
+               "--format", "--structured", "--name", "--role", "--module", "--limit", "--page",
+               "--idempotency-key")
 
 
 def _argparse():
@@ -9823,7 +10058,8 @@ def _warnings(r):
 def cmd_send(args, cli, out):
     params = dict(to=_split_list(args.to), mentions=_split_list(args.mention),
                   broadcast=args.broadcast, scopes=args.scope or (), refs=args.ref or (),
-                  fmt=args.fmt, structured=args.structured)
+                  fmt=args.fmt, structured=args.structured,
+                  idempotency_key=args.idempotency_key)
     r = cli.call("send", content=cli.body(args, "send", **params), **params)
     _warnings(r)
     out.ok(r, *render_send(r))
@@ -9831,7 +10067,8 @@ def cmd_send(args, cli, out):
 
 def cmd_reply(args, cli, out):
     params = dict(message_id=args.message_id, fmt=args.fmt,
-                  structured=args.structured, scopes=args.scope or (), refs=args.ref or ())
+                  structured=args.structured, scopes=args.scope or (), refs=args.ref or (),
+                  idempotency_key=args.idempotency_key)
     r = cli.call("reply", content=cli.body(args, "reply", **params), **params)
     _warnings(r)
     out.ok(r, *render_reply(r))
@@ -10250,6 +10487,13 @@ def _args_send(p):
     p.add_argument("--broadcast", action="store_true", help="same as --to everyone")
     p.add_argument("--scope", action="append", metavar="TYPE:VALUE")
     p.add_argument("--ref", action="append", metavar="TYPE:VALUE", help="e.g. bd:bd-123")
+    _add_key_arg(p)
+
+
+def _add_key_arg(p):
+    p.add_argument("--idempotency-key", metavar="KEY", help="makes a retry safe: a second "
+                   "send or reply of mine with KEY within 24h stores nothing and answers "
+                   "the first message (1-128 printable ASCII characters)")
 
 
 def _args_reply(p):
@@ -10257,6 +10501,7 @@ def _args_reply(p):
     _add_body_args(p, "reply")
     p.add_argument("--scope", action="append", metavar="TYPE:VALUE")
     p.add_argument("--ref", action="append", metavar="TYPE:VALUE")
+    _add_key_arg(p)
 
 
 def _args_inbox(p):

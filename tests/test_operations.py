@@ -164,6 +164,9 @@ def test_declared_facts():
     assert ops["briefing"].may_retry({})
     assert not ops["inbox"].may_retry({})
     assert ops["inbox"].may_retry({"defer_marks": True})
+    for op in ("send", "reply"):  # safe again only with an idempotency key (SPEC §16)
+        assert not ops[op].may_retry({})
+        assert ops[op].may_retry({"idempotency_key": "k"})
     assert not ops["config_set"].starts_daemon
 
 
@@ -182,6 +185,8 @@ RETRY_SAMPLES = {
     "context_show": {}, "group_list": {}, "group_info": {"name": "devs"},
     "config_show": {}, "config_get": {"key": "sync.interval"}, "sync_status": {},
     "briefing": {}, "tmux_list": {},
+    "send": {"content": "hi", "to": ["alice"], "idempotency_key": "k1"},
+    "reply": {"message_id": "MID", "content": "ok", "idempotency_key": "k2"},
 }
 
 
