@@ -1473,8 +1473,10 @@ CREATE TABLE messages(
   -- the idempotency key it was sent with (SPEC 16), and the message it duplicates
   idem_key TEXT, dup_of TEXT)
   WITHOUT ROWID;
--- (agent, key) -> its messages; kept with the tables, since a build needs it as it goes
+-- (agent, key) -> its messages, and the (few) duplicates: with the tables, since a
+-- build needs them as it goes
 CREATE INDEX messages_idem ON messages(agent_id, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX messages_dup ON messages(dup_of) WHERE dup_of IS NOT NULL;
 -- deleted: hidden (the message is deleted, or a duplicate by idempotency key)
 CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
                         read_at TEXT, deleted INTEGER DEFAULT 0, arrived_at TEXT,
@@ -2055,10 +2057,13 @@ class Projection:
                 "UPDATE deliveries SET read_at = ?3 WHERE message_id = ?1 AND agent_id = ?2 "
                 "AND (read_at IS NULL OR read_at > ?3)", rows)
             # ...and reading a duplicate (SPEC §16) reads the message it duplicates
-            db.executemany(
-                "UPDATE deliveries SET read_at = ?3 WHERE message_id = (SELECT dup_of FROM "
-                "messages WHERE message_id = ?1) AND agent_id = ?2 "
-                "AND (read_at IS NULL OR read_at > ?3)", rows)
+            dups = dict(db.execute("SELECT message_id, dup_of FROM messages WHERE dup_of "
+                                   "IS NOT NULL"))  # (rare: two clones raced on a key)
+            if dups:
+                db.executemany(
+                    "UPDATE deliveries SET read_at = ?3 WHERE message_id = ?1 AND "
+                    "agent_id = ?2 AND (read_at IS NULL OR read_at > ?3)",
+                    [(dups[m], a, ts) for m, a, ts in rows if m in dups])
         if touched:
             self._refresh(touched)
         db.executemany(
@@ -2544,8 +2549,8 @@ class Index(Projection):
     def duplicates(self, mid, agent_id, key):
         """The hidden duplicates of message `mid` (by `agent_id`, sent with `key`)."""
         return [r["message_id"] for r in self.rows(
-            "SELECT message_id FROM messages WHERE agent_id = ? AND idem_key = ? AND "
-            "dup_of = ? ORDER BY message_id", (agent_id, key, mid))]
+            "SELECT message_id FROM messages WHERE dup_of = ? AND agent_id = ? AND "
+            "idem_key = ? ORDER BY message_id", (mid, agent_id, key))]
 
     def sent_with_key(self, agent_id, key, since):
         """The message an agent sent with idempotency `key` that the key still names: the
