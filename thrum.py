@@ -8256,9 +8256,9 @@ def render_message(r, style=PLAIN):
         ls.append("  Edited:  %d time(s), last %s" % (len(m["edits"]), relative_time(
             m["updated_at"])))
     if m.get("idempotency_key") is not None:
-        ls.append("  Key:     %s%s" % (m["idempotency_key"], " (hidden duplicates: %s)"
-                                       % ", ".join(m["duplicates"]) if m.get("duplicates")
-                                       else ""))
+        ls.append("  Key:     %s (idempotency key)%s" % (
+            m["idempotency_key"], "; hidden duplicates: " + ", ".join(m["duplicates"])
+            if m.get("duplicates") else ""))
     ls.append("  Read by: %s" % (", ".join(
         "@%s(%s)" % (x["agent_id"], "read" if x["read_at"] else "unread")
         for x in m["receipts"]) or "-"))
@@ -10496,9 +10496,9 @@ def _args_send(p):
 
 
 def _add_key_arg(p):
-    p.add_argument("--idempotency-key", metavar="KEY", help="makes a retry safe: a second "
-                   "send or reply of mine with KEY within 24h stores nothing and answers "
-                   "the first message (1-128 printable ASCII characters)")
+    p.add_argument("--idempotency-key", metavar="KEY", help="makes a retry safe: another "
+                   "send or reply by the same agent with KEY within 24h stores nothing and "
+                   "answers with the first message (1-128 printable ASCII characters)")
 
 
 def _args_reply(p):
