@@ -4351,7 +4351,8 @@ class ServiceBase:
         self._fresh = False          # the store was refreshed for this request
         self._idx = None             # ...and this is the index it caught up
         self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
-        self.wrote = False           # this call appended events (see finish())
+        self.wrote = False           # this call appended events, or answered with a
+        #                              message that may not be pushed yet (see finish())
         self.written = []            # ...these ones (the store's listeners hear of them)
         self._me = {}                # me() results of this call (cleared by identity writes)
 
@@ -5249,6 +5250,9 @@ class MessageOps(ServiceBase):
         ev = self._event("message.create", **fields)
         first = self._emit_once(me, key, ev)
         if first is not None:
+            # A retry finishes what the first attempt may not have: with THRUM_AUTOSYNC
+            # (a CI job whose push failed, then retried), it syncs as a write would.
+            self.wrote = True
             return self._already_sent(first, ev, key)
         if parent is not None:
             self._mark_read(me, [parent])

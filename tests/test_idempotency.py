@@ -16,8 +16,8 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import (MSG_ID_RE, THRUM_CMD, assert_alive, make_team, read_log, sync_all,
-                      thrum, wait_older_than, wait_until)
+from conftest import (MSG_ID_RE, THRUM_CMD, assert_alive, git, make_team, read_log,
+                      sync_all, thrum, wait_older_than, wait_until)
 
 
 @pytest.fixture
@@ -493,3 +493,25 @@ def test_two_clones_that_both_stored_a_keyed_reply_converge_on_one_thread(net):
         assert index_matches_log(c)
         c.ok("rebuild")
         assert thread_view(c) == expected, c
+
+
+def test_a_retry_with_autosync_pushes_what_the_first_attempt_could_not(net):
+    """A CI job sends with THRUM_AUTOSYNC=1 and a key; the push fails (exit 1, the
+    message stored locally). The job's retry stores nothing, pushes, and exits 0."""
+    ci = net.clone("ci")
+    ci.register("ci", "pipeline", "build")
+    ci.register("alice", "implementer", "auth")
+    ci.synced()
+    auto = {"THRUM_NAME": "ci", "THRUM_AUTOSYNC": "1"}
+    args = ["send", "build 77 passed", "--to", "alice", "--idempotency-key", "build-77",
+            "--json"]
+    ci.git("remote", "set-url", "origin", "/nonexistent/remote")
+    r = ci.run(*args, extra_env=auto)
+    assert r.code == 1 and "THRUM_AUTOSYNC failed" in r.err, r.describe()
+    mid = r.json["message_id"]
+    ci.git("remote", "set-url", "origin", str(net.remote))
+    r = ci.run(*args, extra_env=auto)
+    assert r.code == 0 and r.json["duplicate"] is True and r.json["message_id"] == mid, \
+        r.describe()
+    on_remote = git("show", "a-sync:messages/ci.jsonl", cwd=net.remote, env=net.env)
+    assert on_remote.count(mid) == 1
