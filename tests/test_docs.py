@@ -34,6 +34,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import pytest
@@ -51,24 +52,35 @@ HAVE_TMUX = shutil.which("tmux") is not None
 class DocExample:
     line: int          # line number of the `$ ` line in docs/cli.md
     cmd: str           # the command, without `$ `
-    first: str         # the first output line the doc shows ("" for none)
+    output: list       # the output lines the doc shows under it
+
+    @property
+    def first(self) -> str:
+        """The first output line the doc shows ("" for none: the line under the command
+        is blank, another command or the end of the block)."""
+        return self.output[0] if self.output else ""
 
 
 def doc_examples(text: str) -> list:
     lines = text.split("\n")
-    out, fenced = [], False
+    out, fenced, current = [], False, None
     for i, raw in enumerate(lines):
         s = raw.strip()
         if s.startswith("```"):
-            fenced = not fenced
+            fenced, current = not fenced, None
             continue
-        if fenced and s.startswith("$ "):
-            nxt = lines[i + 1] if i + 1 < len(lines) else "```"
+        if not fenced:
+            continue
+        if s.startswith("$ "):
             indent = len(raw) - len(raw.lstrip())
-            nxt = nxt[indent:] if nxt[:indent].strip() == "" else nxt
-            if nxt.strip() == "" or nxt.strip().startswith(("$ ", "```")):
-                nxt = ""
-            out.append(DocExample(i + 1, s[2:], nxt.rstrip()))
+            current = DocExample(i + 1, s[2:], [])
+            out.append(current)
+        elif current is not None:
+            if not current.output and not s:
+                current = None          # no output, then a blank line
+                continue
+            current.output.append((raw[indent:] if raw[:indent].strip() == "" else raw)
+                                  .rstrip())
     return out
 
 
@@ -89,8 +101,8 @@ NORMALISE = [
     (re.compile(r"(?<![\w.~-])/[^\s'\",;)]+"), "<path>"),
 ]
 
-#: A full id, whose doc value a later command may use (mapped to the real one).
-FULL_ID = re.compile(r"\b(?:msg|thr|ses|grp)_[0-9A-HJKMNP-TV-Z]{26}\b")
+#: An id (full, or abbreviated to 8+ characters) whose doc value a later command may use.
+SHOWN_ID = re.compile(r"\b(?:msg|thr|ses|grp)_[0-9A-HJKMNP-TV-Z]{8,26}\b")
 
 
 def normalise(line: str) -> str:
@@ -113,9 +125,24 @@ def lines_match(doc: str, real: str) -> bool:
 def test_the_parser_finds_commands_and_their_first_lines():
     text = ("```\n$ thrum a\nfirst of a\nsecond\n$ thrum b\n$ thrum c   # note\n\nx\n```\n"
             "$ not in a block\n  ```\n  $ thrum d\n  out d\n  ```\n")
-    assert [(d.line, d.cmd, d.first) for d in doc_examples(text)] == [
-        (2, "thrum a", "first of a"), (5, "thrum b", ""), (6, "thrum c   # note", ""),
-        (12, "thrum d", "out d")]
+    assert [(d.line, d.cmd, d.output) for d in doc_examples(text)] == [
+        (2, "thrum a", ["first of a", "second"]), (5, "thrum b", []),
+        (6, "thrum c   # note", []), (12, "thrum d", ["out d"])]
+
+
+def test_ids_shown_map_into_later_commands():
+    w = SimpleNamespace(base=Path("/scratch"), ids={})
+    d = DocExample(1, "thrum send hi --to @bob",
+                   ["✓ Message sent: msg_01M8800DHYRK2FAJ21JS6YE828", "  To: @bob"])
+    w.ids.update(shown_ids(d, "✓ Message sent: msg_01M98KAJ7NPP4Y3GHM0NH2RNNB\n  To: @bob\n"))
+    assert substitute(w, "thrum reply msg_01M8800DHYRK2FAJ21JS6YE828 ok --repo /tmp/x") == \
+        "thrum reply msg_01M98KAJ7NPP4Y3GHM0NH2RNNB ok --repo /scratch/x"
+    assert substitute(w, "thrum message get 01m8800dhyrk2f") == \
+        "thrum message get 01m98kaj7npp4y"
+    # an abbreviated real id: the command gets all of it
+    w.ids = shown_ids(d, "✓ Message sent: msg_01M98KAJ7NPP\n")
+    assert substitute(w, "thrum reply msg_01M8800DHYRK2FAJ21JS6YE828 ok") == \
+        "thrum reply msg_01M98KAJ7NPP ok"
 
 
 def test_normalising_keeps_what_matters():
@@ -162,7 +189,7 @@ class World:
     def git(self, where, *args):
         return git(*args, cwd=self.path(where), env=self.env)
 
-    def commit_ids(self, mapping: dict):
+    def add_ids(self, mapping: dict):
         self.ids.update(mapping)
 
 
@@ -194,8 +221,8 @@ def preamble(w: World):
     b = w.base
     w.places["E"] = make_repo(b / "e" / "repo", env=w.env)
     w.api("E", "init")
-    w.api("E", "quickstart", dict(name="alice", role="coordinator", module="core"), "alice")
-    w.api("E", "quickstart", dict(name="bob", role="implementer", module="auth"), "bob")
+    for name, role, module in (("alice", "coordinator", "core"), ("bob", "implementer", "auth")):
+        w.api("E", "quickstart", dict(name=name, role=role, module=module), name)
     w.remote = remote_with_master(w, b / "tdoc" / "remote.git")
     w.places["M"] = clone_into(w, w.remote, b / "tdoc" / "repo")
     w.places["review"] = b / "tdoc" / "review"    # carol's linked worktree
@@ -264,10 +291,6 @@ def taken_over(w):
         api("sync_force", {}, c, w.env)
 
 
-def first_message(w):
-    team_in_m(w)
-
-
 def review_request_read(w):
     m = w.api("M", "send", dict(content="review please", to=["reviewer"]), "alice")
     w.api("review", "message_read", dict(message_ids=[m["message_id"]]), "carol")
@@ -284,6 +307,9 @@ def edited_review_message(w):
 
 
 def wake_bob(w):
+    """Sent once bob's `wait` blocks. (When the examples before it took less than a
+    second, the wait returns at once with alice's request instead, from its one-second
+    lookback: the same first line.)"""
     w.api("M", "send", dict(content="wake up", to=["bob"]), "alice")
 
 
@@ -334,13 +360,9 @@ def tmux_repo(w):
 def third_tmux_session(w):
     r = subprocess.run([*THRUM_CMD, "tmux", "create", "impl-2", "--name", "carol", "--role",
                         "tester", "--module", "qa", "--command", "bash"],
-                       cwd=w.path("T"), env=tmux_env(w), capture_output=True, text=True,
-                       timeout=60)
+                       cwd=w.path("T"), capture_output=True, text=True, timeout=60,
+                       env=dict(w.env, THRUM_TMUX_SOCKET=str(w.tmux_socket)))
     assert r.returncode == 0, r.stdout + r.stderr
-
-
-def tmux_env(w):
-    return {"THRUM_TMUX_SOCKET": str(w.tmux_socket)}
 
 
 def hooks_team(w):
@@ -399,7 +421,7 @@ class Ex:
     env: dict = field(default_factory=dict)    # more environment (values may use /tmp/)
     before: Optional[Callable] = None          # set-up run just before
     during: Optional[Callable] = None          # a context manager around the run
-    woken_by: Optional[Callable] = None        # run once the (blocking) command blocks
+    woken_by: Optional[Callable] = None        # run once the command blocks (or returned)
     tmux: bool = False                         # needs tmux
 
 
@@ -421,7 +443,7 @@ EXAMPLES = [
     Ex("THRUM_NAME=alice thrum whoami"),
     # messaging
     Ex('thrum send "Please add rate limiting to src/auth.py" --to @bob', as_="alice",
-       before=first_message),
+       before=team_in_m),
     Ex('thrum send "to implementers" --to implementer     # bob is the only implementer',
        as_="bob"),
     Ex('thrum reply msg_01M8800DHYRK2FAJ21JS6YE828 "On it: token bucket, 10 req/s"',
@@ -512,11 +534,14 @@ def substitute(w: World, text: str) -> str:
     text = text.replace("/tmp/", str(w.base) + "/")
 
     def real_id(m):
-        prefix, ulid = m.group(1) or "", m.group(2)
+        # the doc's id, or a prefix of it (or it a prefix of this: an abbreviated id),
+        # becomes as much of the real id (a real id shown abbreviated is a unique prefix)
+        prefix, ulid = m.group(1) or "", m.group(2).upper()
         for doc_id, real in w.ids.items():
-            if doc_id.split("_", 1)[1].upper().startswith(ulid.upper()):
-                real_ulid = real.split("_", 1)[1][:len(ulid)]
-                return prefix + (real_ulid.lower() if ulid.islower() else real_ulid)
+            doc_ulid, real_ulid = doc_id.split("_", 1)[1], real.split("_", 1)[1]
+            if doc_ulid.startswith(ulid) or ulid.startswith(doc_ulid):
+                real_ulid = real_ulid[:len(ulid)]
+                return prefix + (real_ulid.lower() if m.group(2).islower() else real_ulid)
         return m.group(0)
     return re.sub(r"\b(msg_|thr_|ses_|grp_)?([0-9A-Za-z]{8,26})\b", real_id, text)
 
@@ -569,6 +594,19 @@ def run_example(w: World, ex: Ex) -> tuple:
     return p.returncode, out.decode("utf-8", "replace")
 
 
+def shown_ids(d: DocExample, out: str) -> dict:
+    """{doc id: real id} for the ids in the doc's output of an example and in its real
+    output, line by line: on the first line whenever both have as many ids (also when the
+    line differs otherwise, so that one drift does not fail every later example), on the
+    other lines when they match."""
+    found = {}
+    for i, (doc, real) in enumerate(zip(d.output, out.split("\n"))):
+        doc_ids, real_ids = SHOWN_ID.findall(doc), SHOWN_ID.findall(real)
+        if len(doc_ids) == len(real_ids) and (i == 0 or lines_match(doc, real)):
+            found.update(zip(doc_ids, real_ids))
+    return found
+
+
 def first_line(text: str) -> str:
     return text.split("\n", 1)[0].rstrip() if text else ""
 
@@ -608,18 +646,14 @@ def test_cli_md_examples_print_what_the_doc_shows(tmp_path):
                 continue
             try:
                 if ex.before:
-                    w.commit_ids(ex.before(w) or {})
+                    w.add_ids(ex.before(w) or {})
             except Exception as e:  # name the example whose set-up failed
                 raise AssertionError(f"docs/cli.md:{d.line}: the set-up of `$ {d.cmd}` "
                                      f"failed: {e!r}") from e
             code, out = run_example(w, ex)
             ran += 1
             real = first_line(out)
-            # the ids it printed stand for the doc's in later commands (also when the
-            # line differs otherwise, so that one drift does not fail every later example)
-            doc_ids, real_ids = FULL_ID.findall(d.first), FULL_ID.findall(real)
-            if len(doc_ids) == len(real_ids):
-                w.commit_ids(dict(zip(doc_ids, real_ids)))
+            w.add_ids(shown_ids(d, out))
             if not lines_match(d.first, real):
                 wrong.append(f"docs/cli.md:{d.line}: `$ {d.cmd}` (exit {code})\n"
                              f"  the doc shows: {d.first!r}\n"
