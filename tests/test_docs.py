@@ -18,8 +18,9 @@ paths and the version hash are replaced by placeholders, and a line the doc show
 replaced by the real ids of the examples (or set-up steps) that produced them.
 
 `NOT_RUN` is the reviewed allow-list of examples that do not run here, each with its
-reason; `test_every_example_is_run_or_allowed` keeps the two lists and the doc in step, so
-a new example in the doc fails until it is added to one of them.
+reason (empty today: all of them run); `test_every_example_is_run_or_allowed` keeps the two
+lists and the doc in step, so a new example in the doc fails until it is added to one of
+them. The tmux examples need tmux: without it they are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -422,7 +423,7 @@ class Ex:
     before: Optional[Callable] = None          # set-up run just before
     during: Optional[Callable] = None          # a context manager around the run
     woken_by: Optional[Callable] = None        # run once the command blocks (or returned)
-    tmux: bool = False                         # needs tmux
+    tmux: bool = False                         # needs tmux (without it: skipped, warned)
 
 
 TMUX_ENV = {"THRUM_TMUX_SOCKET": "/tmp/doc-tmux.sock"}
