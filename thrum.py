@@ -5604,14 +5604,15 @@ class MessageOps(ServiceBase):
 
     @operation(NEEDS_IDENTITY, retry_safe=True, blocks=True)
     def wait(self, timeout="30s", after=None, unread=False, scope=None, skip_read=False,
-             agent=None, _poll=0.05, _wake=None, _alive=None, _record="delivered",
-             _hold=False):
+             lookback=None, agent=None, _poll=0.05, _wake=None, _alive=None,
+             _record="delivered", _hold=False):
         """Block until a message to me (not by me) is new to this store: arrived here
         after the start point, and not returned by an earlier wait of mine (SPEC §7).
         `timeout`: seconds or a duration; `after`: epoch seconds, a negative duration
         ("-15s") or a UTC timestamp (default: one second ago).
 
-        Gap-proof: with `after`, the wait also reaches back to the end of my previous
+        Gap-proof: with `after` (or `lookback` true; `lookback` false: never, as for a
+        start point a front end filled in), the wait also reaches back to the end of my previous
         wait (the last one that handed messages over or timed out; a cancelled or
         killed one leaves that point where it was), at most LOOKBACK_MAX, for the
         messages I have not read. Returns {status: received|timeout, messages} in the
@@ -5629,10 +5630,11 @@ class MessageOps(ServiceBase):
         me = ident["agent_id"]
         timeout = parse_timeout(timeout)
         start = parse_after(after)
+        reach = start is not None if lookback is None else bool(lookback)
         lookback = None
         if start is None:
             start = time.time() - 1.0
-        else:
+        if reach:
             prev = _read_text(self._wait_cursor(me, _record))
             try:
                 prev = parse_ts(prev.strip()) if prev and prev.strip() else None
@@ -5640,6 +5642,8 @@ class MessageOps(ServiceBase):
                 prev = None
             if prev is not None and prev < start:
                 lookback = now_ts(max(prev, time.time() - self.LOOKBACK_MAX))
+            elif prev is None:  # my first lookback wait: if it is killed, the next one
+                self._set_wait_cursor(me, _record, now_ts(start))  # reaches back to here
         tag = parse_tag(scope, "scope") if scope else None
         claims = Claims(self._delivered(me, _record))
         if unread:
@@ -7986,8 +7990,9 @@ class Router:
             start = parse_after(params.get("after"))
         except UsageError:  # the daemon reports it, after the set-up checks
             return client.call(op, params, self.caller)
-        params = dict(params, timeout=timeout,
-                      after=time.time() - 1.0 if start is None else start)
+        params = dict(params, timeout=timeout,  # (a start point it fills in: no lookback)
+                      after=time.time() - 1.0 if start is None else start,
+                      lookback=params.get("lookback", start is not None))
         deadline = time.monotonic() + timeout
         if cancel is not None:  # a closed connection ends the daemon's wait at once
             client.aborted = False
