@@ -8790,7 +8790,7 @@ class _Workers:
 class _McpCall:
     """One tools/call in flight."""
 
-    __slots__ = ("token", "cancel", "done", "received", "claim")
+    __slots__ = ("token", "cancel", "done", "received", "claim", "waits")
 
     def __init__(self, token):
         self.token = token      # the request's progressToken, or None
@@ -8798,6 +8798,7 @@ class _McpCall:
         self.done = False       # its response (or nothing, if cancelled) is decided
         self.received = time.time()  # when the request was read (a wait starts here)
         self.claim = None       # what a wait holds until its result frame is written
+        self.waits = False      # a wait_for_message
 
 
 class McpServer:
@@ -9073,10 +9074,18 @@ class McpServer:
             return self._error(rid, _MCP_PARAMS, "arguments must be an object")
         key = json.dumps(rid)
         c = _McpCall(meta.get("progressToken"))
+        c.waits = OPS[MCP_TOOLS[name][0]].blocks
+        if c.waits:
+            # A client that calls wait_for_message again has given up on its earlier
+            # wait (Codex and the SDKs cut a call at their own timeout, some without a
+            # cancel): end that one unanswered, so it cannot claim a message nobody reads.
+            for other in list(self._calls.values()):
+                if other.waits and not other.done:
+                    other.cancel.set()
         self._calls[key] = c
         if inline:
             return self._finish(key, c, rid, name, args, modern)
-        pool = self._waiters if OPS[MCP_TOOLS[name][0]].blocks else self._workers
+        pool = self._waiters if c.waits else self._workers
         pool.submit(self._finish, key, c, rid, name, args, modern, True)
         return None
 
@@ -9743,8 +9752,10 @@ report what it prints. You never run any other command.
    (about 4 hours), stop and return exactly: NO_MESSAGES_TIMEOUT
 4. If it fails in any other way, return its error line and stop.
 
-Each message is returned once (thrum records what it delivered), and nothing is marked
-read: the main agent reads with `thrum inbox` and answers with `thrum reply`.
+Each message is returned once (thrum records what it handed over), and nothing is marked
+read: the main agent reads with `thrum inbox` and answers with `thrum reply`. Nothing is
+lost between two runs, however long they are apart: `--after` makes each run reach back
+to where the previous one ended (`-15s` only sets how far the very first run looks back).
 """
 
 

@@ -206,3 +206,20 @@ def test_a_hanging_remote_does_not_stretch_a_wait(tmp_path, env):
     assert len([ln for ln in r.err.splitlines() if ln.startswith("thrum: ")]) <= 1
     leftover = subprocess.run(["pgrep", "-f", "sleep 1000"], capture_output=True, text=True)
     assert not [p for p in leftover.stdout.split() if pid_alive(int(p))]
+
+
+def test_an_mcp_wait_the_client_gave_up_on_claims_nothing(team, procs):
+    """A client that cut a wait at its own timeout without a cancel (as some do) and
+    calls again: the new wait gets the message, the abandoned one never answers."""
+    s = procs.mcp(team.path, dict(team.env, THRUM_NAME="bob"))
+    s.initialize()
+    old = s.send("tools/call", {"name": "wait_for_message", "arguments": {"timeout": 60}})
+    if team.daemon:  # (the server reads calls in order: the first is in flight anyway)
+        from conftest import waiting
+        wait_until(lambda: waiting(team.path) == 1, 20, "the first wait in the daemon")
+    new = s.send("tools/call", {"name": "wait_for_message", "arguments": {"timeout": 20}})
+    sent = team.seed("alice", "for the live wait", to=["bob"])
+    got = s.reply(new)["result"]["structuredContent"]
+    assert [m["message_id"] for m in got["messages"]] == [sent["message_id"]]
+    assert json.dumps(old) not in s.replies
+    s.close()
