@@ -3528,16 +3528,17 @@ class SyncEngine:
             n = sum(self._merge_file(rel, blobs[sha]) for sha in shas)
             if n:
                 out.append({"file": rel, "events": n, "at": now_ts()})
-                _warn("sync: %s had lost %d event%s against its last commit (truncated or "
-                      "rewritten by another process); restored from git" % (
-                          rel, n, "" if n == 1 else "s"))
         if out:
-            try:
+            try:  # recorded for doctor first, then said (what says it can be trusted)
                 self._save_state(restored=((self.load_state().get("restored") or [])
                                            + out)[-20:])
             except OSError:  # only a report; the events are back either way
                 pass
             self.restored += out
+        for r in out:
+            _warn("sync: %s had lost %d event%s against its last commit (truncated or "
+                  "rewritten by another process); restored from git" % (
+                      r["file"], r["events"], "" if r["events"] == 1 else "s"))
         return out
 
     # -- committing -------------------------------------------------------------------
