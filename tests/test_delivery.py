@@ -32,7 +32,7 @@ def waited(r):
     return [m["message_id"] for m in r.json["messages"]]
 
 
-def lookback(team, who, after="-1s", timeout="3s"):
+def lookback(team, who, after="-500ms", timeout="3s"):
     return waited(team.t("wait", "--after", after, "--timeout", timeout, "--json", name=who))
 
 
@@ -40,7 +40,7 @@ def lookback(team, who, after="-1s", timeout="3s"):
 
 @pytest.mark.parametrize("ended", ["result", "timeout", "kill"])
 def test_a_lookback_wait_reaches_back_over_a_gap_longer_than_its_after(team, procs, ended):
-    """The listener loop with `--after -1s` (the seed's -15s, scaled down): whatever
+    """The listener loop with `--after -500ms` (the seed's -15s, scaled down): whatever
     ended the previous wait, a message sent in a gap longer than the lookback is
     returned by the next wait, once."""
     first = team.seed("alice", "before", to=["bob"])
@@ -48,35 +48,35 @@ def test_a_lookback_wait_reaches_back_over_a_gap_longer_than_its_after(team, pro
         assert lookback(team, "bob", after="-1m") == [first["message_id"]]
     elif ended == "timeout":
         team.api("message_read", {"all": True}, name="bob")
-        wait_older_than(first, 1.5)
-        assert lookback(team, "bob", timeout="1s") == []
+        wait_older_than(first, 0.7)
+        assert lookback(team, "bob", timeout="0") == []  # ended by its timeout
     else:
         assert lookback(team, "bob", after="-1m") == [first["message_id"]]
-        w = procs.thrum(team.path, team.env, "wait", "--after", "-1s", "--timeout", "30s",
+        w = procs.thrum(team.path, team.env, "wait", "--after", "-500ms", "--timeout", "30s",
                         name="bob")
         blocks(team, w)
         procs.kill9(w.p.pid)
     sent = team.seed("alice", "in the gap", to=["bob"])
-    wait_older_than(sent, 2.5)  # longer ago than the wait's own --after -1s
+    wait_older_than(sent, 1.2)  # longer ago than the wait's own --after -500ms
     assert lookback(team, "bob") == [sent["message_id"]]
-    assert lookback(team, "bob", timeout="1s") == []  # exactly once
+    assert lookback(team, "bob", timeout="0") == []  # exactly once
 
 
 def test_a_wait_without_after_still_starts_now(team):
     team.api("message_read", {"all": True}, name="bob")
-    assert lookback(team, "bob", timeout="1s") == []
+    assert lookback(team, "bob", timeout="0") == []
     sent = team.seed("alice", "old news", to=["bob"])
-    wait_older_than(sent, 1.5)
-    r = team.t("wait", "--timeout", "1s", "--json", name="bob")
+    wait_older_than(sent, 1.2)
+    r = team.t("wait", "--timeout", "0", "--json", name="bob")
     assert waited(r) == []
 
 
 def test_a_lookback_leaves_out_what_was_read_in_the_gap(team):
-    assert lookback(team, "bob", timeout="1s") == []
+    assert lookback(team, "bob", timeout="0") == []
     read = team.seed("alice", "read meanwhile", to=["bob"])
     unread = team.seed("alice", "not read", to=["bob"])
     team.api("message_read", {"message_ids": [read["message_id"]]}, name="bob")
-    wait_older_than(unread, 2.5)
+    wait_older_than(unread, 1.2)
     assert lookback(team, "bob") == [unread["message_id"]]
 
 
