@@ -1675,6 +1675,165 @@ class LocalRecord:
             return False
 
 
+class Claims:
+    """Hand-over-safe claims on an agent's messages (SPEC §7 "claimed only when handed
+    over"), in front of a delivered-once LocalRecord.
+
+    A wait that found messages first *holds* them: `hold()` writes their ids to a hold
+    file (`<record>.holds/<token>`) and keeps an flock on it, so no other wait of the
+    agent takes them. Once the front end has handed them over (the CLI wrote and flushed
+    its output, the MCP server wrote the result frame) `commit()` records them as
+    delivered; if it could not (a closed stdout, a cancel, a client gone), `release()`
+    frees them. A hold whose process died (kill -9) loses its flock and is free again;
+    one a daemon keeps for a client that never came back expires after HOLD_MAX s. Any
+    process may commit or release a hold by its token (the CLI commits what its
+    daemon held)."""
+
+    HOLD_MAX = 60.0
+    _open = {}  # token -> descriptor holding the flock, in this process
+    _open_lock = threading.Lock()
+
+    def __init__(self, record):
+        self.record = record
+        self.dir = record.path[:-len(".jsonl")] + ".holds"
+
+    def _path(self, token):
+        if not isinstance(token, str) or not re.match(r"[0-9a-f-]{8,64}\Z", token):
+            raise UsageError("invalid claim token")
+        return os.path.join(self.dir, token)
+
+    def held(self):
+        """Ids held by live holds (stale ones are removed on the way)."""
+        out = set()
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            path = os.path.join(self.dir, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                stale = flock(fd, wait=False) or time.time() - st.st_mtime > self.HOLD_MAX
+                if stale:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                out.update(os.read(fd, 1 << 20).decode("utf-8", "replace").split())
+            finally:
+                os.close(fd)
+        return out
+
+    def hold(self, ids):
+        """Hold those of `ids` that are neither delivered nor held. Returns (token,
+        held ids); token None when there was nothing left to hold."""
+        with self.record._locked():
+            taken = set(self.record.present(ids)) | self.held()
+            fresh = [i for i in dict.fromkeys(ids) if i not in taken]
+            if not fresh:
+                return None, []
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            token = "%d-%s" % (os.getpid(), os.urandom(8).hex())
+            fd = os.open(self._path(token), os.O_RDWR | os.O_CREAT | os.O_EXCL | O_NOFOLLOW,
+                         0o600)
+            flock(fd)
+            os.write(fd, "\n".join(fresh).encode("utf-8"))
+        with self._open_lock:
+            self._open[token] = fd
+        return token, fresh
+
+    def commit(self, token):
+        """The held messages were handed over: record them as delivered."""
+        path = self._path(token)
+        try:
+            with open(path, "rb") as f:
+                ids = f.read().decode("utf-8", "replace").split()
+        except FileNotFoundError:
+            ids = []
+        if ids:
+            self.record.add(ids, only_new=True)
+        self.release(token)
+        return ids
+
+    def release(self, token):
+        """Free a hold (its messages go to the next wait)."""
+        try:
+            os.unlink(self._path(token))
+        except FileNotFoundError:
+            pass
+        with self._open_lock:
+            fd = self._open.pop(token, None)
+        if fd is not None:
+            os.close(fd)
+
+    @classmethod
+    def reap(cls):
+        """Close this process's descriptors of holds that were committed or released
+        elsewhere, or expired (the daemon runs this now and then)."""
+        with cls._open_lock:
+            items = list(cls._open.items())
+        for token, fd in items:
+            try:
+                st = os.fstat(fd)
+                done = st.st_nlink == 0 or time.time() - st.st_mtime > cls.HOLD_MAX
+            except OSError:
+                done = True
+            if done:
+                with cls._open_lock:
+                    cls._open.pop(token, None)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _delivered_record(var, agent, record="delivered"):
+    """The delivered-once record of `agent` (`record`: "delivered" for waits and hooks,
+    "pushed" for the MCP channel)."""
+    if record not in ("delivered", "pushed"):
+        raise UsageError("invalid record %r" % (record,))
+    return LocalRecord(_safe_name_path(os.path.join(var, record), agent, ".jsonl"))
+
+
+def _wait_cursor_path(var, agent, record="delivered"):
+    """Where the end of `agent`'s previous wait (for `record`) is kept: a timestamp."""
+    return _safe_name_path(os.path.join(var, record), agent, ".waited")
+
+
+def _set_wait_cursor(path, ts):
+    try:
+        old = (_read_text(path) or "").strip()
+        if ts > old:  # concurrent waits: the latest end wins
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _write_file_atomic(path, ts + "\n", 0o600)
+    except OSError:
+        pass  # a read-only store: the next wait reaches further back, losing nothing
+
+
+def settle_claim(var, claim, handed):
+    """Settle what a wait held (`claim`, from its result): handed over, the messages count
+    as delivered and the agent's next wait starts where this one looked; not handed
+    over, they go to the next wait. Returns the ids now delivered."""
+    if not isinstance(claim, dict):
+        return []
+    me, record = claim.get("agent"), claim.get("record", "delivered")
+    if not isinstance(me, str) or not name_ok(me):
+        raise UsageError("invalid claim")
+    claims = Claims(_delivered_record(var, me, record))
+    if not handed:
+        claims.release(claim.get("token"))
+        return []
+    ids = claims.commit(claim.get("token"))
+    if isinstance(claim.get("cursor"), str):
+        _set_wait_cursor(_wait_cursor_path(var, me, record), claim["cursor"])
+    return ids
+
+
 #: SQLite's result codes for a damaged file (SQLITE_CORRUPT, SQLITE_NOTADB): the only
 #: errors that make thrum rebuild the index. Too many open files, a full disk, an I/O
 #: error or a lock (CANTOPEN, FULL, IOERR, BUSY) fail the request and change nothing.
@@ -1718,6 +1877,7 @@ class Projection:
         self._local = threading.local()  # one SQLite connection per thread
         self.built = 0       # events read by the last full build
         self.building = False
+        self.file_mtime = None  # while applying a file's lines: its mtime (arrivals)
         self.memory = False  # the store is read-only: the index lives in memory
 
     # -- opening, schema, rebuild --------------------------------------------
@@ -1973,7 +2133,11 @@ class Projection:
                         carry = data[end:]
                         lines += data.count(b"\n", 0, end)
                         evs, _ = parse_lines(data[:end], rel)
-                        self.apply(evs)
+                        self.file_mtime = st.st_mtime_ns / 1e9
+                        try:
+                            self.apply(evs)
+                        finally:
+                            self.file_mtime = None
                         total += len(evs)
                         offset += end
                     if carry and _is_torn(f):
@@ -2074,28 +2238,31 @@ class Projection:
         db = self.db
         msgs, dels, tags, keys = [], [], [], set()
         add_msg, add_del, add_tag = msgs.append, dels.append, tags.append
-        # When each message arrived in this store (SPEC §7: a wait wakes for messages
-        # created OR arrived after its start). A message projected as it is written
-        # arrives when it was created; one that shows up late (pulled in by a sync,
-        # more than 2 s after its creation) arrives now and is remembered in
-        # var/arrivals.jsonl, so a rebuild, which takes the arrival from that record
-        # or else the creation time, never makes old messages new again.
+        # When each message reached this store (SPEC §7: "new" for a wait, a hook or a
+        # nudge means arrived after the start point, whatever the sender's clock said).
+        # The arrival is the kernel's modification time of the log file the line was
+        # read from (appended by a send here, or by a sync's merge), not this process's
+        # clock: a sender whose clock is wrong (faketime, a skewed machine) still
+        # stamps its message with the true time. An arrival more than 2 s away from
+        # the creation time (a sync pulled it in, or a clock is off) is remembered in
+        # var/arrivals.jsonl, so a rebuild, which takes the arrival from that record or
+        # else the creation time, never makes old messages new again (or new ones old).
         if self.building:
             known = self._arrivals_known()
         else:
-            now = now_ts()
-            late_before, late = now_ts(time.time() - 2.0), []
+            t = self.file_mtime if self.file_mtime is not None else time.time()
+            now = now_ts(t)
+            early, late_before, late = now_ts(t + 2.0), now_ts(t - 2.0), []
         for e in creates:
             g = e.get
             body = g("body")
             mid, author, ts = e["message_id"], e["agent_id"], e["timestamp"]
             if self.building:
                 arrived = known.get(mid) or ts
-            elif ts < late_before:  # it shows up late: it arrives now
-                arrived = now
-                late.append(mid)
             else:
-                arrived = ts
+                arrived = now
+                if ts < late_before or ts > early:
+                    late.append(mid)
             st = body.get("structured")
             recips, auds, scopes, refs = (g("recipients") or (), g("audiences") or (),
                                           g("scopes") or (), g("refs") or ())
@@ -2692,20 +2859,21 @@ class Index(Projection):
 
     def waiting_for(self, agent_id, since=None, unread=False, skip_read=False, scope=None):
         """Messages to the agent, not by it, not deleted, oldest first, as message dicts:
-        all unread ones (`since` None), or those created or
-        arrived in this store after `since` (a timestamp), only unread ones with `unread`
-        or `skip_read`; `scope`: a {type, value} tag they must carry."""
+        all unread ones (`since` None), or those that arrived in this store after `since`
+        (a timestamp), only unread ones with `unread` or `skip_read`; `scope`: a {type,
+        value} tag they must carry. In the order they arrived here."""
         where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
         params = [agent_id, agent_id]
         if skip_read or unread or since is None:
             where.append("d.read_at IS NULL")
         _scope_filter(scope, where, params)
         if since is not None:
-            where.append("(d.created_at > ? OR d.arrived_at > ?)")
-            params += [since, since]
+            where.append("d.arrived_at > ?")  # arrival in this store, not the clock
+            params.append(since)
         return self.short_ids([message_dict(r, r["is_read"]) for r in self.rows(
             "SELECT %s, d.read_at IS NOT NULL AS is_read FROM %s WHERE %s ORDER BY "
-            "d.created_at" % (_MSG_COLS, _DELIVERED, " AND ".join(where)), params)])
+            "d.arrived_at, d.created_at, d.message_id" % (
+                _MSG_COLS, _DELIVERED, " AND ".join(where)), params)])
 
     def unread_arrived(self, agent_id, since=None):
         """An agent's unread messages (not its own) that arrived in this store after
@@ -3472,16 +3640,17 @@ class SyncEngine:
             n = sum(self._merge_file(rel, blobs[sha]) for sha in shas)
             if n:
                 out.append({"file": rel, "events": n, "at": now_ts()})
-                _warn("sync: %s had lost %d event%s against its last commit (truncated or "
-                      "rewritten by another process); restored from git" % (
-                          rel, n, "" if n == 1 else "s"))
         if out:
-            try:
+            try:  # recorded for doctor first, then said (what says it can be trusted)
                 self._save_state(restored=((self.load_state().get("restored") or [])
                                            + out)[-20:])
             except OSError:  # only a report; the events are back either way
                 pass
             self.restored += out
+        for r in out:
+            _warn("sync: %s had lost %d event%s against its last commit (truncated or "
+                  "rewritten by another process); restored from git" % (
+                      r["file"], r["events"], "" if r["events"] == 1 else "s"))
         return out
 
     # -- committing -------------------------------------------------------------------
@@ -5104,6 +5273,75 @@ def _marks_nothing(params):
     return bool(params.get("defer_marks") or params.get("unread"))
 
 
+class RemoteWatch:
+    """A blocked wait's own look at the remote when no daemon serves the store (SPEC §7
+    "Across clones with no daemon"): at once, then every sync.wait_interval, a cheap tip
+    check (`git ls-remote`); only when the tip moved, one sync cycle, whose merge changes
+    the log files the wait is watching. After QUIET_CHECKS unchanged checks the gap
+    doubles, up to sync.interval. It runs on its own thread, so a remote that is slow,
+    failing or hanging never stretches or breaks the wait: it says so once on stderr."""
+
+    QUIET_CHECKS = 6
+
+    def __init__(self, store):
+        self.store = store
+        self._stop = threading.Event()
+        self._thread = None
+        self._warned = False
+
+    @classmethod
+    def wanted(cls, store):
+        """Whether a wait on `store` should look at the remote itself: in git, not in
+        the daemon, and with no daemon running (it checks while agents wait)."""
+        if store.pushed_by_daemon or not store.loc.git_common or \
+                _parse_bool(str(store.config.get("sync.local_only"))):
+            return False
+        return not DaemonFiles(store.loc.var, store.env).running()
+
+    def start(self):
+        self._thread = start_thread("wait-remote", self._loop)
+        return self
+
+    def stop(self):
+        self._stop.set()
+
+    def _loop(self):
+        try:
+            eng = self.store.sync_engine()
+            if not eng.has_remote():
+                return
+            cfg = self.store.config
+            every = parse_duration(cfg.get("sync.wait_interval"))
+            most = max(every, parse_duration(cfg.get("sync.interval")))
+        except (ThrumError, OSError) as e:
+            return self._warn(getattr(e, "message", None) or str(e))
+        gap, quiet = 0.0, 0
+        while not self._stop.wait(gap):
+            try:
+                moved = self._moved(eng)
+                if moved and not self._stop.is_set():
+                    eng.cycle()
+            except (ThrumError, OSError) as e:
+                self._warn(getattr(e, "message", None) or str(e))
+                moved = False
+            quiet = 0 if moved else quiet + 1
+            gap = every if quiet < self.QUIET_CHECKS else min(
+                most, every * 2 ** (quiet - self.QUIET_CHECKS + 1))
+
+    def _moved(self, eng):
+        p = eng.git("ls-remote", eng.remote, eng.ref, check=False, timeout=eng.net_timeout)
+        if p.returncode != 0:
+            raise ThrumError("cannot check %s: %s" % (eng.remote, git_reason(p.stderr)))
+        tip = p.stdout.split()[0] if p.stdout.split() else None
+        return bool(tip) and tip != eng.rev(eng.tracking)
+
+    def _warn(self, text):
+        if not self._warned and not self._stop.is_set():
+            self._warned = True
+            _warn("while waiting, the remote could not be checked (%s); messages from "
+                  "other clones arrive after the next sync" % text)
+
+
 class MessageOps(ServiceBase):
     """Operations: addressing, sending, reading, waiting, and the hooks' news."""
 
@@ -5580,71 +5818,130 @@ class MessageOps(ServiceBase):
     def _delivered(self, me, record="delivered"):
         """The delivered-once record of agent `me`: messages its waits have returned
         (`record="pushed"`: those the MCP channel pushed)."""
-        return LocalRecord(_safe_name_path(os.path.join(self.loc.var, record), me,
-                                           ".jsonl"))
+        return _delivered_record(self.loc.var, me, record)
+
+    #: How far a lookback wait reaches at most (SPEC §7), and the overlap it keeps
+    #: before the end of the previous wait (a writer stamps a message's arrival when it
+    #: appends, and may project it a moment after a wait looked).
+    LOOKBACK_MAX = 86400.0
+    LOOKBACK_OVERLAP = 2.0
 
     @operation(NEEDS_IDENTITY, retry_safe=True, blocks=True)
     def wait(self, timeout="30s", after=None, unread=False, scope=None, skip_read=False,
-             agent=None, _poll=0.05, _wake=None, _alive=None, _record="delivered"):
-        """Block until a message to me (not by me) is new to this store: created or
-        arrived (by sync) after the start point, and not returned by an earlier wait of
-        mine (SPEC §7). `timeout`: seconds or a duration; `after`: epoch seconds, a
-        negative duration ("-15s") or a UTC timestamp (default: one second ago).
+             lookback=None, agent=None, _poll=0.05, _wake=None, _alive=None,
+             _record="delivered", _hold=False):
+        """Block until a message to me (not by me) is new to this store: arrived here
+        after the start point, and not returned by an earlier wait of mine (SPEC §7).
+        `timeout`: seconds or a duration; `after`: epoch seconds, a negative duration
+        ("-15s") or a UTC timestamp (default: one second ago).
 
-        Returns {status: received|timeout, messages}. Marks nothing read; records what it
-        returns as delivered to me, so each message wakes my waits once. `unread`
-        returns all my unread messages at once, delivered or not; `skip_read` leaves
-        out messages already read (the MCP wait looks back over the gap between two
-        calls). Idle polling only stats the message files; `_wake(seconds)` (the
-        daemon's change notification, a cancellable sleep) replaces the sleep between
-        polls; `_alive()` false means the waiter is gone (WaitAbandoned, nothing
-        claimed); `_record` names the record to claim in.
+        Gap-proof: with `after` (or `lookback` true; `lookback` false: never, as for a
+        start point a front end filled in), the wait also reaches back to the end of my previous
+        wait (the last one that handed messages over or timed out; a cancelled or
+        killed one leaves that point where it was), at most LOOKBACK_MAX, for the
+        messages I have not read. Returns {status: received|timeout, messages} in the
+        order they arrived; marks nothing read. What it returns counts as delivered to me
+        once it was handed over: with `_hold` (a front end that writes the result
+        itself) the messages are only held and the result carries `claim`, which the
+        front end settles (Router.settle) once it knows; without, they count at once.
+        `unread` returns all my unread messages at once, delivered or not; `skip_read`
+        leaves out messages already read. Idle polling only stats the message files;
+        `_wake(seconds)` (the daemon's change notification, a cancellable sleep) replaces
+        the sleep between polls; `_alive()` false means the waiter is gone (WaitAbandoned,
+        nothing held); `_record` names the record to claim in.
         """
         ident = self.me(agent)
         me = ident["agent_id"]
         timeout = parse_timeout(timeout)
         start = parse_after(after)
+        reach = start is not None if lookback is None else bool(lookback)
+        lookback = None
         if start is None:
             start = time.time() - 1.0
+        if reach:
+            prev = _read_text(self._wait_cursor(me, _record))
+            try:
+                prev = parse_ts(prev.strip()) if prev and prev.strip() else None
+            except ValueError:
+                prev = None
+            if prev is not None and prev < start:
+                lookback = now_ts(max(prev, time.time() - self.LOOKBACK_MAX))
+            elif prev is None:  # my first lookback wait: if it is killed, the next one
+                self._set_wait_cursor(me, _record, now_ts(start))  # reaches back to here
         tag = parse_tag(scope, "scope") if scope else None
-        delivered = self._delivered(me, _record)
+        claims = Claims(self._delivered(me, _record))
         if unread:
             msgs = self.index.waiting_for(me, scope=tag)
             if msgs:
                 if _alive is not None and not _alive():
                     raise WaitAbandoned()
-                delivered.add([m["message_id"] for m in msgs])
-                return {"status": "received", "messages": msgs}
+                token, held = claims.hold([m["message_id"] for m in msgs])
+                if token is not None and not _hold:
+                    claims.commit(token)
+                    token = None
+                return self._waited(me, _record, msgs, token, None)
         since = now_ts(start)
         deadline = time.monotonic() + timeout
         sleep = _wake or time.sleep
-        seen = None
-        while True:
-            # Only a change in the log files can bring a new message: stat them, and
-            # touch SQLite only when they changed (another process may have projected
-            # the message already, so the query runs even if our catch-up reads nothing).
-            # The first look catches up too: a writer may have appended after this
-            # request's first catch-up and project only after the query, and the files
-            # would never change again to make the wait look.
-            sig = self.store.log_signature()
-            if sig != seen:
-                self.index.catch_up()
-                seen = sig
-                msgs = self.index.waiting_for(me, since, unread=unread, skip_read=skip_read,
-                                              scope=tag)
-                if msgs and _alive is not None and not _alive():
-                    raise WaitAbandoned()  # nobody to deliver to: claim nothing
-                if msgs:
-                    old = delivered.load()
-                    fresh = [m["message_id"] for m in msgs if m["message_id"] not in old]
-                    claimed = set(delivered.add(fresh, only_new=True)) if fresh else ()
-                    msgs = [m for m in msgs if m["message_id"] in claimed]
+        seen = watch = None
+        try:
+            while True:
+                # Only a change in the log files can bring a new message: stat them, and
+                # touch SQLite only when they changed (another process may have projected
+                # the message already, so the query runs even if our catch-up reads
+                # nothing). The first look catches up too: a writer may have appended
+                # after this request's first catch-up and project only after the query,
+                # and the files would never change again to make the wait look.
+                sig = self.store.log_signature()
+                if sig != seen:
+                    looked = time.time()
+                    self.index.catch_up()
+                    seen = sig
+                    msgs = self.index.waiting_for(me, since, unread=unread,
+                                                  skip_read=skip_read, scope=tag)
+                    if lookback is not None:  # the gap since my previous wait
+                        ids = {m["message_id"] for m in msgs}
+                        msgs = [m for m in self.index.waiting_for(
+                            me, lookback, skip_read=True, scope=tag)
+                            if m["message_id"] not in ids] + msgs
+                    if msgs and _alive is not None and not _alive():
+                        raise WaitAbandoned()  # nobody to deliver to: hold nothing
                     if msgs:
-                        return {"status": "received", "messages": msgs}
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return {"status": "timeout", "messages": []}
-            sleep(min(_poll, left))
+                        token, held = claims.hold([m["message_id"] for m in msgs])
+                        if token is not None:
+                            held = set(held)
+                            msgs = [m for m in msgs if m["message_id"] in held]
+                            cursor = now_ts(looked - self.LOOKBACK_OVERLAP)
+                            if not _hold:
+                                claims.commit(token)
+                                self._set_wait_cursor(me, _record, cursor)
+                                token = cursor = None
+                            return self._waited(me, _record, msgs, token, cursor)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    # nothing was found up to the last look: the next wait starts there
+                    self._set_wait_cursor(me, _record,
+                                          now_ts(looked - self.LOOKBACK_OVERLAP))
+                    return {"status": "timeout", "messages": []}
+                if watch is None:  # it blocks: look at the remote too (once decided)
+                    watch = RemoteWatch(self.store).start() if RemoteWatch.wanted(
+                        self.store) else False
+                sleep(min(_poll, left))
+        finally:
+            if watch:
+                watch.stop()
+
+    def _waited(self, me, record, msgs, token, cursor):
+        res = {"status": "received", "messages": msgs}
+        if token is not None:
+            res["claim"] = {"agent": me, "record": record, "token": token, "cursor": cursor}
+        return res
+
+    def _wait_cursor(self, me, record):
+        return _wait_cursor_path(self.loc.var, me, record)
+
+    def _set_wait_cursor(self, me, record, ts):
+        _set_wait_cursor(self._wait_cursor(me, record), ts)
 
     # -- agent integrations (SPEC §15) ---------------------------------------------------
     @operation(NEEDS_IDENTITY)
@@ -5664,6 +5961,8 @@ class MessageOps(ServiceBase):
         rows = self.index.unread_arrived(me, since)
         delivered = self._delivered(me)
         told = delivered.present([r["message_id"] for r in rows]) if rows else set()
+        if rows:  # a wait holding one is about to hand it over: it is news there
+            told |= Claims(delivered).held()
         fresh = [r for r in rows if r["message_id"] not in told]
         claimed = set(delivered.add([r["message_id"] for r in fresh], only_new=True)) \
             if fresh else ()
@@ -7350,6 +7649,9 @@ class Daemon:
             try:
                 _send_frame(sock, json.dumps(reply, allow_nan=False).encode("utf-8"))
             except (OSError, ValueError):
+                result = reply.get("result")  # a wait's client is gone: free what it held
+                if isinstance(result, dict) and result.get("claim"):
+                    settle_claim(self.store.loc.var, result["claim"], False)
                 return
 
     def _handshake(self, sock):
@@ -7434,7 +7736,7 @@ class Daemon:
                 raise WaitAbandoned()
         try:  # woken by changes, not by a clock: between them it costs nothing
             return call(op, params, caller, self.store, hooks=dict(
-                _poll=3600.0, _wake=wake, _alive=lambda: not gone()))
+                _poll=3600.0, _wake=wake, _alive=lambda: not gone(), _hold=True))
         finally:
             with self._cond:
                 self._waiting -= 1
@@ -7646,6 +7948,7 @@ class Daemon:
         "Dead agents"); short-lived CLI processes record no pid and are never reaped."""
         host = os.uname().nodename
         while not self._stopped.wait(self.REAP_EVERY):
+            Claims.reap()  # descriptors of holds its clients settled (or never did)
             try:
                 idx = self.store.index
                 self.store.refresh()
@@ -7854,14 +8157,24 @@ class Router:
 
     @staticmethod
     def _wait_hooks(cancel):
-        """A wait here that `cancel` abandons: its sleeps between polls end early."""
+        """A wait run here: it only holds what it finds (the front end settles it once
+        it has handed the result over), and `cancel` abandons it (its sleeps between
+        polls end early)."""
         if cancel is None:
-            return None
+            return {"_hold": True}
 
         def wake(seconds):
             if cancel.wait(seconds):
                 raise WaitAbandoned()
-        return {"_wake": wake, "_alive": lambda: not cancel.is_set()}
+        return {"_wake": wake, "_alive": lambda: not cancel.is_set(), "_hold": True}
+
+    def settle(self, result, handed):
+        """After a wait: take its `claim` out of `result` and settle it, as handed over
+        (its output was written) or not (the messages go to the next wait). Whatever
+        process held the messages (this one, or the daemon), the claim is settled here."""
+        claim = result.pop("claim", None) if isinstance(result, dict) else None
+        if claim and self.store is not None:
+            settle_claim(self.store.loc.var, claim, handed)
 
     def _daemon(self, spec):
         """A client of this store's daemon when the operation may go through it."""
@@ -7901,8 +8214,9 @@ class Router:
             start = parse_after(params.get("after"))
         except UsageError:  # the daemon reports it, after the set-up checks
             return client.call(op, params, self.caller)
-        params = dict(params, timeout=timeout,
-                      after=time.time() - 1.0 if start is None else start)
+        params = dict(params, timeout=timeout,  # (a start point it fills in: no lookback)
+                      after=time.time() - 1.0 if start is None else start,
+                      lookback=params.get("lookback", start is not None))
         deadline = time.monotonic() + timeout
         if cancel is not None:  # a closed connection ends the daemon's wait at once
             client.aborted = False
@@ -8720,22 +9034,21 @@ class _Workers:
 class _McpCall:
     """One tools/call in flight."""
 
-    __slots__ = ("token", "cancel", "done", "received")
+    __slots__ = ("token", "cancel", "done", "received", "claim", "waits")
 
     def __init__(self, token):
         self.token = token      # the request's progressToken, or None
         self.cancel = Cancel()  # notifications/cancelled, or stdin closed
         self.done = False       # its response (or nothing, if cancelled) is decided
         self.received = time.time()  # when the request was read (a wait starts here)
+        self.claim = None       # what a wait holds until its result frame is written
+        self.waits = False      # a wait_for_message
 
 
 class McpServer:
     """`thrum mcp serve`: reads requests from `rfile` (binary, line by line) and writes
     frames to the file descriptor `wfd`, as the agent the caller names."""
 
-    #: How far back a wait looks for messages that came in since the previous wait
-    #: ended (between two calls a model works, and messages arrive meanwhile).
-    LOOKBACK = 900.0
     #: Threads for tool calls, and for waits (calls beyond them queue).
     WORKERS = 8
     WAITERS = 8
@@ -8757,7 +9070,6 @@ class McpServer:
         self._registered = False
         self._reg_error = None
         self._channel_on = False
-        self._last_wait = None         # when this server's last wait_for_message ended
         self._tools = [{"name": n, "description": d, "inputSchema": s}
                        for n, (_, d, s, _, _) in MCP_TOOLS.items()]
         # Two fixed pools: waits block for minutes, so they have their own and never
@@ -8790,8 +9102,10 @@ class McpServer:
         try:
             while data:
                 data = data[os.write(self.wfd, data):]
+            return True
         except OSError:
             self.closing.set()
+            return False
 
     def send(self, msg):
         with self._wlock:
@@ -9004,10 +9318,18 @@ class McpServer:
             return self._error(rid, _MCP_PARAMS, "arguments must be an object")
         key = json.dumps(rid)
         c = _McpCall(meta.get("progressToken"))
+        c.waits = OPS[MCP_TOOLS[name][0]].blocks
+        if c.waits:
+            # A client that calls wait_for_message again has given up on its earlier
+            # wait (Codex and the SDKs cut a call at their own timeout, some without a
+            # cancel): end that one unanswered, so it cannot claim a message nobody reads.
+            for other in list(self._calls.values()):
+                if other.waits and not other.done:
+                    other.cancel.set()
         self._calls[key] = c
         if inline:
             return self._finish(key, c, rid, name, args, modern)
-        pool = self._waiters if OPS[MCP_TOOLS[name][0]].blocks else self._workers
+        pool = self._waiters if c.waits else self._workers
         pool.submit(self._finish, key, c, rid, name, args, modern, True)
         return None
 
@@ -9023,16 +9345,22 @@ class McpServer:
             import traceback
             self.log("tool %s failed:\n%s" % (name, traceback.format_exc()))
             result = self._tool_error(e)
-        with self._wlock:
-            c.done = True
-            self._calls.pop(key, None)
-            if result is None or c.cancel.is_set():
-                return None
-            reply = self._result(rid, result, modern)
-            if write:
-                self._write(reply)
-                return None
-            return reply
+        handed = False
+        try:
+            with self._wlock:  # a cancel decides before the frame is written, or not at all
+                c.done = True
+                self._calls.pop(key, None)
+                if result is None or c.cancel.is_set():
+                    return None
+                reply = self._result(rid, result, modern)
+                if write:
+                    handed = self._write(reply)
+                    return None
+                handed = True  # (returned to be written in line: as good as written)
+                return reply
+        finally:
+            if c.claim is not None:
+                self.router.settle({"claim": c.claim}, handed)
 
     def _tool(self, name, args, c):
         op, _, schema, adapt, render = MCP_TOOLS[name]
@@ -9069,14 +9397,13 @@ class McpServer:
         record), from one second before the request was read (not when a worker got to
         it), looking back over the gap since this server's previous wait, leaving out
         what was read meanwhile. Progress every mcp.progress_interval."""
-        after = c.received - 1.0
-        if self._last_wait is not None:
-            after = max(min(after, self._last_wait - 1.0), c.received - self.LOOKBACK)
         if c.token is not None:
             start_thread("mcp-progress", self._guard, self._progress, c, params["timeout"])
-        r = self.router.run(op, dict(params, after=after, skip_read=True),
+        # `after` makes it a lookback wait: it also reaches back to the end of this
+        # agent's previous wait, however that one ended (SPEC §7, §11)
+        r = self.router.run(op, dict(params, after=c.received - 1.0, skip_read=True),
                             cancel=c.cancel)  # (stdin closing cancels every call)
-        self._last_wait = time.time()
+        c.claim = r.pop("claim", None)  # settled once the result frame is written
         return r
 
     def _progress(self, c, timeout):
@@ -9670,8 +9997,10 @@ report what it prints. You never run any other command.
    (about 4 hours), stop and return exactly: NO_MESSAGES_TIMEOUT
 4. If it fails in any other way, return its error line and stop.
 
-Each message is returned once (thrum records what it delivered), and nothing is marked
-read: the main agent reads with `thrum inbox` and answers with `thrum reply`.
+Each message is returned once (thrum records what it handed over), and nothing is marked
+read: the main agent reads with `thrum inbox` and answers with `thrum reply`. Nothing is
+lost between two runs, however long they are apart: `--after` makes each run reach back
+to where the previous one ended (`-15s` only sets how far the very first run looks back).
 """
 
 
@@ -10131,7 +10460,14 @@ def cmd_message(args, cli, out):
 def cmd_wait(args, cli, out):
     r = cli.call("wait", timeout=args.timeout, after=args.after, unread=args.unread,
                  scope=args.scope)
-    out.emit(r, lambda r: render_wait(r, out))
+    claim = r.pop("claim", None)
+    try:  # the messages are delivered once they are written out, not before
+        out.emit(r, lambda r: render_wait(r, out))
+        out.flush()
+    except BaseException:
+        cli.settle({"claim": claim}, False)
+        raise
+    cli.settle({"claim": claim}, True)
     return EXIT_FAIL if r["status"] == "timeout" else EXIT_OK
 
 
@@ -10812,6 +11148,8 @@ def main(argv=None):
             out.flush()
         except OutputError as e2:
             code = _fail(out, e2)
+    finally:
+        CHILDREN.kill_all()  # a git a background thread still runs (a wait's remote look)
     return code
 
 
