@@ -447,6 +447,8 @@ EXAMPLES = [
        before=team_in_m),
     Ex('thrum send "to implementers" --to implementer     # bob is the only implementer',
        as_="bob"),
+    Ex('thrum send "Deployed v42" --to @bob --idempotency-key deploy-42', as_="alice"),
+    Ex('thrum send "Deployed v42" --to @bob --idempotency-key deploy-42', as_="alice"),
     Ex('thrum reply msg_01M8800DHYRK2FAJ21JS6YE828 "On it: token bucket, 10 req/s"',
        as_="bob"),
     Ex("thrum inbox", as_="alice"),
