@@ -2321,7 +2321,8 @@ class Projection:
         its first copy arrived, so a listener hears of it once. A pure function of the
         group's rows, recomputed whole when the group gains a member: so two clones that
         both stored the key converge on the smallest id, and a rebuild agrees. Returns
-        the messages to refresh (the group, and the parents of its replies)."""
+        the messages to refresh (those that became or stopped being duplicates, and the
+        parents of replies among them)."""
         db = self.db
         db.execute("CREATE TEMP TABLE IF NOT EXISTS fresh_keys(agent_id TEXT, key TEXT, "
                    "PRIMARY KEY(agent_id, key))")
@@ -2338,6 +2339,7 @@ class Projection:
             if len(members) < 2:
                 continue  # a key used once: nothing to hide
             kept = []  # [message id, [its duplicates], the end of its window]
+            had = {old for _, _, old, _ in members if old}  # kept ones that had copies
             for mid, ts, old, parent in members:
                 if kept and ts < kept[-1][2]:
                     new = kept[-1][0]
@@ -2348,11 +2350,15 @@ class Projection:
                 if new != old:
                     db.execute("UPDATE messages SET dup_of = ? WHERE message_id = ?",
                                (new, mid))
-                touched.add(mid)
-                if parent:
-                    touched.add(parent)
+                    touched.add(mid)  # (its deliveries are hidden or shown again)
+                    if parent:
+                        touched.add(parent)  # (its thread may come from another reply)
+            # Read state: a kept message's from its own receipts and its copies', any
+            # other's from its own. (A key reused daily keeps many messages without
+            # copies, whose own read state the create's projection already set.)
             for mid, dups, _ in kept:
-                for one, copies in [(mid, [mid] + dups)] + [(d, [d]) for d in dups]:
+                todo = [(mid, [mid] + dups)] if dups or mid in had else []
+                for one, copies in todo + [(d, [d]) for d in dups if d in had]:
                     marks = ",".join("?" * len(copies))
                     db.execute(
                         "UPDATE deliveries SET read_at = (SELECT min(r.read_at) FROM "
