@@ -5770,7 +5770,7 @@ class MessageOps(ServiceBase):
             return msgs or None
         msgs = self._blocking(look, timeout, _wake, _poll)
         return {"status": "received" if msgs else "timeout", "messages": msgs or [],
-                "since": now_ts(looked[0] - self.LOOKBACK_OVERLAP)}
+                "since": now_ts(looked[0] - self.LOOKBACK_OVERLAP), "began": began}
 
     def _waited(self, me, record, msgs, token, cursor):
         res = {"status": "received", "messages": msgs}
@@ -10405,18 +10405,20 @@ def cmd_watch(args, cli, out):
     signal.signal(signal.SIGTERM, stop)
     if args.agent:  # as that agent (checked like THRUM_NAME)
         cli = Cli(Caller(cli.caller.cwd, cli.caller.env, _strip_at(args.agent)), out)
-    me = cli.call("whoami")["agent_id"]
-    since, printed, began = None, {}, now_ts()  # printed: id -> when (the overlap)
+    me = since = began = None
+    printed = {}  # id -> when this watch printed it (the overlap of two steps)
     try:
         while True:
-            r = cli.call("watch", timeout="30s", since=since, skip=list(printed),
-                         began=began)
+            r = cli.call("watch", **(dict(since=since, skip=list(printed), began=began)
+                                     if since else {}))
+            since, began = r["since"], r["began"]
+            if me is None:
+                me = cli.call("whoami")["agent_id"]
             # recorded, then printed: a watch killed as it prints never prints it again
-            cli.watched(me, r["messages"], r["since"])
+            cli.watched(me, r["messages"], since)
             for m in r["messages"]:
                 out.write(watch_line(m, out.json) + "\n")
                 printed[m["message_id"]] = time.monotonic()
-            since = r["since"]
             old = time.monotonic() - 60.0
             printed = {k: t for k, t in printed.items() if t > old}
     except KeyboardInterrupt:
