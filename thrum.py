@@ -4579,6 +4579,26 @@ class ServiceBase:
         self.wrote = True
         self.written.extend(events)
 
+    def _emit_once(self, me, key, ev):
+        """Store a message.create, unless it has an idempotency key that already names a
+        message of mine (sent here, or by another clone and synced): then store nothing
+        and return that message's row (Index.sent_with_key). The look and the append
+        happen under one lock per agent (`var/keys/<agent>.lock`, an flock, so processes
+        and the daemon's threads alike take turns), after catching up with the log: two
+        sends with one key at once store one message."""
+        if key is None:
+            self._emit([ev])
+            return None
+        keys = os.path.join(self.store.loc.var, "keys")
+        os.makedirs(keys, mode=0o700, exist_ok=True)
+        with FileLock(_safe_name_path(keys, me, ".lock")):
+            index = self.index
+            index.catch_up()  # what another process stored while this one waited
+            first = index.sent_with_key(me, key, now_ts(time.time() - KEY_WINDOW))
+            if first is None:
+                self._emit([ev])
+        return first
+
     def finish(self):
         """The per-call work after an operation, in one place for every front end:
         with THRUM_AUTOSYNC, one sync cycle if the call wrote anything (a failure is
@@ -5273,6 +5293,34 @@ def _keyed(params):
     return params.get("idempotency_key") is not None
 
 
+def _already_sent(row, ev, key):
+    """The result of a send whose key named an earlier message: that message, with
+    `duplicate` true, and a warning where this attempt asked for something else."""
+    mid = row["message_id"]
+    res = {"message_id": mid, "thread_id": row["thread_id"], "reply_to": row["reply_to"],
+           "created_at": row["created_at"],
+           "recipients": json.loads(row["recipients"]),
+           "audiences": json.loads(row["audiences"]), "warnings": [],
+           "duplicate": True, "idempotency_key": key}
+    body = ev["body"]
+    differs = [what for what, same in (
+        ("body", body["content"] == row["content0"] and body["format"] == row["format0"]
+         and body.get("structured") == (json.loads(row["structured0"])
+                                        if row["structured0"] else None)),
+        ("recipients", sorted(ev["recipients"]) == sorted(res["recipients"])),
+        ("reply_to", ev.get("reply_to") == row["reply_to"])) if not same]
+    if differs:
+        res["warnings"].append(
+            "this attempt's %s differ%s from %s, which was sent with the same "
+            "idempotency key; nothing was stored, %s stands" % (
+                " and ".join([", ".join(differs[:-1]), differs[-1]] if differs[1:]
+                             else differs), "s" if len(differs) == 1 else "", mid, mid))
+    if row["deleted"]:
+        res["warnings"].append("%s, sent with this idempotency key, was deleted since"
+                               % mid)
+    return res
+
+
 def _marks_nothing(params):
     """An inbox that marks nothing read (unread only, or marks left to the front end) is
     safe to run again; one that marked rows read would show them read the second time."""
@@ -5497,7 +5545,7 @@ class MessageOps(ServiceBase):
             # A retry finishes what the first attempt may not have: with THRUM_AUTOSYNC
             # (a CI job whose push failed, then retried), it syncs as a write would.
             self.wrote = True
-            return self._already_sent(first, ev, key)
+            return _already_sent(first, ev, key)
         if parent is not None:
             self._mark_read(me, [parent])
         res = {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
@@ -5506,53 +5554,6 @@ class MessageOps(ServiceBase):
                "duplicate": False}
         if key is not None:
             res["idempotency_key"] = key
-        return res
-
-    def _emit_once(self, me, key, ev):
-        """Store a message.create, unless it has an idempotency key that already names a
-        message of mine (sent here, or by another clone and synced): then store nothing
-        and return that message's row (Index.sent_with_key). The look and the append
-        happen under one lock per agent (`var/keys/<agent>.lock`, an flock, so processes
-        and the daemon's threads alike take turns), after catching up with the log: two
-        sends with one key at once store one message."""
-        if key is None:
-            self._emit([ev])
-            return None
-        keys = os.path.join(self.store.loc.var, "keys")
-        os.makedirs(keys, mode=0o700, exist_ok=True)
-        with FileLock(_safe_name_path(keys, me, ".lock")):
-            index = self.index
-            index.catch_up()  # what another process stored while this one waited
-            first = index.sent_with_key(me, key, now_ts(time.time() - KEY_WINDOW))
-            if first is None:
-                self._emit([ev])
-        return first
-
-    def _already_sent(self, row, ev, key):
-        """The result of a send whose key named an earlier message: that message, with
-        `duplicate` true, and a warning where this attempt asked for something else."""
-        mid = row["message_id"]
-        res = {"message_id": mid, "thread_id": row["thread_id"], "reply_to": row["reply_to"],
-               "created_at": row["created_at"],
-               "recipients": json.loads(row["recipients"]),
-               "audiences": json.loads(row["audiences"]), "warnings": [],
-               "duplicate": True, "idempotency_key": key}
-        body = ev["body"]
-        differs = [what for what, same in (
-            ("body", body["content"] == row["content0"] and body["format"] == row["format0"]
-             and body.get("structured") == (json.loads(row["structured0"])
-                                            if row["structured0"] else None)),
-            ("recipients", sorted(ev["recipients"]) == sorted(res["recipients"])),
-            ("reply_to", ev.get("reply_to") == row["reply_to"])) if not same]
-        if differs:
-            res["warnings"].append(
-                "this attempt's %s differ%s from %s, which was sent with the same "
-                "idempotency key; nothing was stored, %s stands" % (
-                    " and ".join([", ".join(differs[:-1]), differs[-1]] if differs[1:]
-                                 else differs), "s" if len(differs) == 1 else "", mid, mid))
-        if row["deleted"]:
-            res["warnings"].append("%s, sent with this idempotency key, was deleted since"
-                                   % mid)
         return res
 
     @operation(NEEDS_IDENTITY, retry_safe=_keyed)
