@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ====================================================
 
-SCHEMA_VERSION = 7          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 8          #: index schema; an older index.db is rebuilt
 
 
 EVENT_VERSION = 1           #: the `v` field of every event
@@ -60,6 +60,10 @@ BODY_FORMATS = ("markdown", "plain", "json")
 
 
 MAX_TIMEOUT = 24 * 3600.0
+
+
+#: How long an idempotency key names the message first sent with it (SPEC §16).
+KEY_WINDOW = 24 * 3600.0
 
 
 #: Exit codes (SPEC §6).
@@ -1386,7 +1390,7 @@ def _event_problem(ev):
             return "needs message_id and a valid agent_id"
         if type(body) is not dict or not _body_ok(body):
             return "needs a body {format, content, structured: object}"
-        for f in ("origin", "session_id", "reply_to", "thread_id"):
+        for f in ("origin", "session_id", "reply_to", "thread_id", "idempotency_key"):
             v = g(f)
             if v is not None and type(v) is not str:
                 return "%s must be text" % f
@@ -1465,8 +1469,15 @@ CREATE TABLE messages(
   recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT, thread0 TEXT,
   -- the latest edit (NULL until edited; readers coalesce with the *0 columns)
   format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
-  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT)
+  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT,
+  -- the idempotency key it was sent with (SPEC 16), and the message it duplicates
+  idem_key TEXT, dup_of TEXT)
   WITHOUT ROWID;
+-- (agent, key) -> its messages, and the (few) duplicates: with the tables, since a
+-- build needs them as it goes
+CREATE INDEX messages_idem ON messages(agent_id, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX messages_dup ON messages(dup_of) WHERE dup_of IS NOT NULL;
+-- deleted: hidden (the message is deleted, or a duplicate by idempotency key)
 CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
                         read_at TEXT, deleted INTEGER DEFAULT 0, arrived_at TEXT,
                         PRIMARY KEY(agent_id, message_id)) WITHOUT ROWID;
@@ -1525,6 +1536,16 @@ ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_ke
 def _key(ev):
     """Total order of events: timestamp then event id (both fixed width)."""
     return ev["timestamp"] + "|" + ev["event_id"]
+
+
+def _key_window_end(ts):
+    """When an idempotency key used at `ts` (event format) stops naming that message:
+    24 h later, in the same fixed-width format (so text comparison orders it). An
+    unreadable timestamp gives a window that never ends (deterministic all the same)."""
+    try:
+        return now_ts(parse_ts(ts) + KEY_WINDOW)
+    except (ValueError, OverflowError, OSError):
+        return "~"
 
 
 def _json_or_none(v):
@@ -1654,6 +1675,165 @@ class LocalRecord:
             return False
 
 
+class Claims:
+    """Hand-over-safe claims on an agent's messages (SPEC §7 "claimed only when handed
+    over"), in front of a delivered-once LocalRecord.
+
+    A wait that found messages first *holds* them: `hold()` writes their ids to a hold
+    file (`<record>.holds/<token>`) and keeps an flock on it, so no other wait of the
+    agent takes them. Once the front end has handed them over (the CLI wrote and flushed
+    its output, the MCP server wrote the result frame) `commit()` records them as
+    delivered; if it could not (a closed stdout, a cancel, a client gone), `release()`
+    frees them. A hold whose process died (kill -9) loses its flock and is free again;
+    one a daemon keeps for a client that never came back expires after HOLD_MAX s. Any
+    process may commit or release a hold by its token (the CLI commits what its
+    daemon held)."""
+
+    HOLD_MAX = 60.0
+    _open = {}  # token -> descriptor holding the flock, in this process
+    _open_lock = threading.Lock()
+
+    def __init__(self, record):
+        self.record = record
+        self.dir = record.path[:-len(".jsonl")] + ".holds"
+
+    def _path(self, token):
+        if not isinstance(token, str) or not re.match(r"[0-9a-f-]{8,64}\Z", token):
+            raise UsageError("invalid claim token")
+        return os.path.join(self.dir, token)
+
+    def held(self):
+        """Ids held by live holds (stale ones are removed on the way)."""
+        out = set()
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            path = os.path.join(self.dir, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                stale = flock(fd, wait=False) or time.time() - st.st_mtime > self.HOLD_MAX
+                if stale:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                out.update(os.read(fd, 1 << 20).decode("utf-8", "replace").split())
+            finally:
+                os.close(fd)
+        return out
+
+    def hold(self, ids):
+        """Hold those of `ids` that are neither delivered nor held. Returns (token,
+        held ids); token None when there was nothing left to hold."""
+        with self.record._locked():
+            taken = set(self.record.present(ids)) | self.held()
+            fresh = [i for i in dict.fromkeys(ids) if i not in taken]
+            if not fresh:
+                return None, []
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            token = "%d-%s" % (os.getpid(), os.urandom(8).hex())
+            fd = os.open(self._path(token), os.O_RDWR | os.O_CREAT | os.O_EXCL | O_NOFOLLOW,
+                         0o600)
+            flock(fd)
+            os.write(fd, "\n".join(fresh).encode("utf-8"))
+        with self._open_lock:
+            self._open[token] = fd
+        return token, fresh
+
+    def commit(self, token):
+        """The held messages were handed over: record them as delivered."""
+        path = self._path(token)
+        try:
+            with open(path, "rb") as f:
+                ids = f.read().decode("utf-8", "replace").split()
+        except FileNotFoundError:
+            ids = []
+        if ids:
+            self.record.add(ids, only_new=True)
+        self.release(token)
+        return ids
+
+    def release(self, token):
+        """Free a hold (its messages go to the next wait)."""
+        try:
+            os.unlink(self._path(token))
+        except FileNotFoundError:
+            pass
+        with self._open_lock:
+            fd = self._open.pop(token, None)
+        if fd is not None:
+            os.close(fd)
+
+    @classmethod
+    def reap(cls):
+        """Close this process's descriptors of holds that were committed or released
+        elsewhere, or expired (the daemon runs this now and then)."""
+        with cls._open_lock:
+            items = list(cls._open.items())
+        for token, fd in items:
+            try:
+                st = os.fstat(fd)
+                done = st.st_nlink == 0 or time.time() - st.st_mtime > cls.HOLD_MAX
+            except OSError:
+                done = True
+            if done:
+                with cls._open_lock:
+                    cls._open.pop(token, None)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _delivered_record(var, agent, record="delivered"):
+    """The delivered-once record of `agent` (`record`: "delivered" for waits and hooks,
+    "pushed" for the MCP channel)."""
+    if record not in ("delivered", "pushed", "watched"):
+        raise UsageError("invalid record %r" % (record,))
+    return LocalRecord(_safe_name_path(os.path.join(var, record), agent, ".jsonl"))
+
+
+def _wait_cursor_path(var, agent, record="delivered"):
+    """Where the end of `agent`'s previous wait (for `record`) is kept: a timestamp."""
+    return _safe_name_path(os.path.join(var, record), agent, ".waited")
+
+
+def _set_wait_cursor(path, ts):
+    try:
+        old = (_read_text(path) or "").strip()
+        if ts > old:  # concurrent waits: the latest end wins
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _write_file_atomic(path, ts + "\n", 0o600)
+    except OSError:
+        pass  # a read-only store: the next wait reaches further back, losing nothing
+
+
+def settle_claim(var, claim, handed):
+    """Settle what a wait held (`claim`, from its result): handed over, the messages count
+    as delivered and the agent's next wait starts where this one looked; not handed
+    over, they go to the next wait. Returns the ids now delivered."""
+    if not isinstance(claim, dict):
+        return []
+    me, record = claim.get("agent"), claim.get("record", "delivered")
+    if not isinstance(me, str) or not name_ok(me):
+        raise UsageError("invalid claim")
+    claims = Claims(_delivered_record(var, me, record))
+    if not handed:
+        claims.release(claim.get("token"))
+        return []
+    ids = claims.commit(claim.get("token"))
+    if isinstance(claim.get("cursor"), str):
+        _set_wait_cursor(_wait_cursor_path(var, me, record), claim["cursor"])
+    return ids
+
+
 #: SQLite's result codes for a damaged file (SQLITE_CORRUPT, SQLITE_NOTADB): the only
 #: errors that make thrum rebuild the index. Too many open files, a full disk, an I/O
 #: error or a lock (CANTOPEN, FULL, IOERR, BUSY) fail the request and change nothing.
@@ -1697,6 +1877,7 @@ class Projection:
         self._local = threading.local()  # one SQLite connection per thread
         self.built = 0       # events read by the last full build
         self.building = False
+        self.file_mtime = None  # while applying a file's lines: its mtime (arrivals)
         self.memory = False  # the store is read-only: the index lives in memory
 
     # -- opening, schema, rebuild --------------------------------------------
@@ -1952,7 +2133,11 @@ class Projection:
                         carry = data[end:]
                         lines += data.count(b"\n", 0, end)
                         evs, _ = parse_lines(data[:end], rel)
-                        self.apply(evs)
+                        self.file_mtime = st.st_mtime_ns / 1e9
+                        try:
+                            self.apply(evs)
+                        finally:
+                            self.file_mtime = None
                         total += len(evs)
                         offset += end
                     if carry and _is_torn(f):
@@ -2035,6 +2220,14 @@ class Projection:
             db.executemany(
                 "UPDATE deliveries SET read_at = ?3 WHERE message_id = ?1 AND agent_id = ?2 "
                 "AND (read_at IS NULL OR read_at > ?3)", rows)
+            # ...and reading a duplicate (SPEC §16) reads the message it duplicates
+            dups = dict(db.execute("SELECT message_id, dup_of FROM messages WHERE dup_of "
+                                   "IS NOT NULL"))  # (rare: two clones raced on a key)
+            if dups:
+                db.executemany(
+                    "UPDATE deliveries SET read_at = ?3 WHERE message_id = ?1 AND "
+                    "agent_id = ?2 AND (read_at IS NULL OR read_at > ?3)",
+                    [(dups[m], a, ts) for m, a, ts in rows if m in dups])
         if touched:
             self._refresh(touched)
         db.executemany(
@@ -2043,34 +2236,39 @@ class Projection:
 
     def _apply_creates(self, creates):
         db = self.db
-        msgs, dels, tags = [], [], []
+        msgs, dels, tags, keys = [], [], [], set()
         add_msg, add_del, add_tag = msgs.append, dels.append, tags.append
-        # When each message arrived in this store (SPEC §7: a wait wakes for messages
-        # created OR arrived after its start). A message projected as it is written
-        # arrives when it was created; one that shows up late (pulled in by a sync,
-        # more than 2 s after its creation) arrives now and is remembered in
-        # var/arrivals.jsonl, so a rebuild, which takes the arrival from that record
-        # or else the creation time, never makes old messages new again.
+        # When each message reached this store (SPEC §7: "new" for a wait, a hook or a
+        # nudge means arrived after the start point, whatever the sender's clock said).
+        # The arrival is the kernel's modification time of the log file the line was
+        # read from (appended by a send here, or by a sync's merge), not this process's
+        # clock: a sender whose clock is wrong (faketime, a skewed machine) still
+        # stamps its message with the true time. An arrival more than 2 s away from
+        # the creation time (a sync pulled it in, or a clock is off) is remembered in
+        # var/arrivals.jsonl, so a rebuild, which takes the arrival from that record or
+        # else the creation time, never makes old messages new again (or new ones old).
         if self.building:
             known = self._arrivals_known()
         else:
-            now = now_ts()
-            late_before, late = now_ts(time.time() - 2.0), []
+            t = self.file_mtime if self.file_mtime is not None else time.time()
+            now = now_ts(t)
+            early, late_before, late = now_ts(t + 2.0), now_ts(t - 2.0), []
         for e in creates:
             g = e.get
             body = g("body")
             mid, author, ts = e["message_id"], e["agent_id"], e["timestamp"]
             if self.building:
                 arrived = known.get(mid) or ts
-            elif ts < late_before:  # it shows up late: it arrives now
-                arrived = now
-                late.append(mid)
             else:
-                arrived = ts
+                arrived = now
+                if ts < late_before or ts > early:
+                    late.append(mid)
             st = body.get("structured")
             recips, auds, scopes, refs = (g("recipients") or (), g("audiences") or (),
                                           g("scopes") or (), g("refs") or ())
-            thread = g("thread_id")
+            thread, key = g("thread_id"), g("idempotency_key")
+            if key is not None:
+                keys.add((author, key))
             add_msg((mid, author, g("session_id"), ts, e["event_id"], g("origin"),
                      body.get("format") or "markdown", body["content"],
                      None if st is None else _dumps(st),
@@ -2078,7 +2276,7 @@ class Projection:
                      _dumps_tags(auds) if auds else "[]",
                      _dumps_tags(scopes) if scopes else "[]",
                      _dumps_tags(refs) if refs else "[]",
-                     g("reply_to"), thread, thread))
+                     g("reply_to"), thread, thread, key))
             for r in recips:
                 add_del((r, mid, ts, author, arrived))
             for kind, items in (("aud", auds), ("scope", scopes), ("ref", refs)):
@@ -2087,8 +2285,8 @@ class Projection:
         db.executemany(
             "INSERT OR IGNORE INTO messages(message_id, agent_id, session_id, created_at, "
             "event_id, origin, format0, content0, structured0, recipients, audiences, scopes, "
-            "refs, reply_to, thread0, thread_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            msgs)
+            "refs, reply_to, thread0, thread_id, idem_key) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
         db.executemany("INSERT OR IGNORE INTO deliveries(agent_id, message_id, created_at, "
                        "author, arrived_at) VALUES (?,?,?,?,?)", dels)
         if not self.building and late and self.arrivals is not None:
@@ -2110,17 +2308,81 @@ class Projection:
             "OR message_id IN (SELECT message_id FROM deletes) "
             "OR message_id IN (SELECT reply_to FROM messages WHERE reply_to IS NOT NULL)")}
         touched.update(e["reply_to"] for e in creates if e.get("reply_to"))
+        if keys:
+            touched |= self._apply_keys(keys)
+        return touched
+
+    def _apply_keys(self, keys):
+        """Duplicates by idempotency key (SPEC §16), for the (agent, key) pairs of new
+        creates. Of one agent's messages with one key, in message-id order, the first is
+        kept, and each later one created less than 24 h after the last kept one is a
+        duplicate of it (`dup_of`): hidden everywhere (its deliveries count as deleted),
+        while the kept one reads as read by anyone who read a copy and as arrived when
+        its first copy arrived, so a listener hears of it once. A pure function of the
+        group's rows, recomputed whole when the group gains a member: so two clones that
+        both stored the key converge on the smallest id, and a rebuild agrees. Returns
+        the messages to refresh (those that became or stopped being duplicates, and the
+        parents of replies among them)."""
+        db = self.db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS fresh_keys(agent_id TEXT, key TEXT, "
+                   "PRIMARY KEY(agent_id, key))")
+        db.execute("DELETE FROM fresh_keys")
+        db.executemany("INSERT INTO fresh_keys VALUES (?,?)", keys)
+        groups = {}
+        for aid, key, mid, ts, dup, parent in db.execute(
+                "SELECT m.agent_id, m.idem_key, m.message_id, m.created_at, m.dup_of, "
+                "m.reply_to FROM fresh_keys f JOIN messages m ON m.agent_id = f.agent_id "
+                "AND m.idem_key = f.key ORDER BY 1, 2, 3"):
+            groups.setdefault((aid, key), []).append((mid, ts, dup, parent))
+        touched = set()
+        for members in groups.values():
+            if len(members) < 2:
+                continue  # a key used once: nothing to hide
+            kept = []  # [message id, [its duplicates], the end of its window]
+            had = {old for _, _, old, _ in members if old}  # kept ones that had copies
+            for mid, ts, old, parent in members:
+                if kept and ts < kept[-1][2]:
+                    new = kept[-1][0]
+                    kept[-1][1].append(mid)
+                else:
+                    new = None
+                    kept.append([mid, [], _key_window_end(ts)])
+                if new != old:
+                    db.execute("UPDATE messages SET dup_of = ? WHERE message_id = ?",
+                               (new, mid))
+                    touched.add(mid)  # (its deliveries are hidden or shown again)
+                    if parent:
+                        touched.add(parent)  # (its thread may come from another reply)
+            # Read state: a kept message's from its own receipts and its copies', any
+            # other's from its own. (A key reused daily keeps many messages without
+            # copies, whose own read state the create's projection already set.)
+            for mid, dups, _ in kept:
+                todo = [(mid, [mid] + dups)] if dups or mid in had else []
+                for one, copies in todo + [(d, [d]) for d in dups if d in had]:
+                    marks = ",".join("?" * len(copies))
+                    db.execute(
+                        "UPDATE deliveries SET read_at = (SELECT min(r.read_at) FROM "
+                        "receipts r WHERE r.agent_id = deliveries.agent_id AND "
+                        "r.message_id IN (%s)) WHERE message_id = ?" % marks,
+                        copies + [one])
+                if dups:
+                    marks = ",".join("?" * len(dups))
+                    db.execute(
+                        "UPDATE deliveries SET arrived_at = min(arrived_at, coalesce(("
+                        "SELECT min(x.arrived_at) FROM deliveries x WHERE x.agent_id = "
+                        "deliveries.agent_id AND x.message_id IN (%s)), arrived_at)) "
+                        "WHERE message_id = ?" % marks, dups + [mid])
         return touched
 
     def _refresh(self, ids):
         """Recompute the derived columns of messages from the source tables."""
         db = self.db
         for mid in ids:
-            row = db.execute("SELECT agent_id, format0, thread0 FROM messages WHERE "
-                             "message_id = ?", (mid,)).fetchone()
+            row = db.execute("SELECT agent_id, format0, thread0, dup_of FROM messages "
+                             "WHERE message_id = ?", (mid,)).fetchone()
             if row is None:
                 continue  # its create has not arrived yet; it will refresh then
-            author, fmt0, thread = row
+            author, fmt0, thread, dup = row
             edits = db.execute(
                 "SELECT ts, format, content, structured FROM edits WHERE message_id = ? "
                 "AND agent_id = ? ORDER BY ts, event_id", (mid, author)).fetchall()
@@ -2133,8 +2395,8 @@ class Projection:
                               (mid, author)).fetchone()
             if thread is None:
                 r = db.execute("SELECT thread0 FROM messages WHERE reply_to = ? AND thread0 "
-                               "IS NOT NULL ORDER BY created_at, message_id LIMIT 1",
-                               (mid,)).fetchone()
+                               "IS NOT NULL AND dup_of IS NULL ORDER BY created_at, "
+                               "message_id LIMIT 1", (mid,)).fetchone()
                 thread = r[0] if r else None
             db.execute("UPDATE messages SET format = ?, content = ?, structured = ?, "
                        "updated_at = ?, version = ?, deleted = ?, deleted_at = ?, "
@@ -2142,7 +2404,7 @@ class Projection:
                        (fmt, content, structured, updated_at, len(edits), 1 if dele else 0,
                         dele[0] if dele else None, dele[1] if dele else None, thread, mid))
             db.execute("UPDATE deliveries SET deleted = ? WHERE message_id = ?",
-                       (1 if dele else 0, mid))
+                       (1 if dele or dup else 0, mid))
 
     def _apply_agent(self, ev):
         db, t, aid, k = self.db, ev["type"], ev["agent_id"], _key(ev)
@@ -2446,10 +2708,33 @@ class Index(Projection):
         return msgs
 
     def message(self, mid):
-        """A message row (_MSG_COLS plus deleted_at, delete_reason), or None."""
+        """A message row (_MSG_COLS plus deleted_at, delete_reason, idempotency_key and
+        duplicate_of: the message it duplicates, SPEC §16), or None."""
         return self.row("SELECT %s, m.deleted_at AS deleted_at, m.delete_reason AS "
-                        "delete_reason FROM messages m WHERE m.message_id = ?" % _MSG_COLS,
+                        "delete_reason, m.idem_key AS idempotency_key, m.dup_of AS "
+                        "duplicate_of FROM messages m WHERE m.message_id = ?" % _MSG_COLS,
                         (mid,))
+
+    def duplicate_of(self, mid):
+        """The message that `mid` duplicates (same author and idempotency key), or None."""
+        return self.value("SELECT dup_of FROM messages WHERE message_id = ?", (mid,))
+
+    def duplicates(self, mid, agent_id, key):
+        """The hidden duplicates of message `mid` (by `agent_id`, sent with `key`)."""
+        return [r["message_id"] for r in self.rows(
+            "SELECT message_id FROM messages WHERE dup_of = ? AND agent_id = ? AND "
+            "idem_key = ? ORDER BY message_id", (mid, agent_id, key))]
+
+    def sent_with_key(self, agent_id, key, since):
+        """The message an agent sent with idempotency `key` that the key still names: the
+        newest one that is not a duplicate, if created after `since`. message_id,
+        thread_id, reply_to, created_at, recipients, audiences, and the body it was sent
+        with (format0, content0, structured0), deleted; or None."""
+        r = self.row("SELECT message_id, thread_id, reply_to, created_at, recipients, "
+                     "audiences, format0, content0, structured0, deleted FROM messages "
+                     "WHERE agent_id = ? AND idem_key = ? AND dup_of IS NULL ORDER BY "
+                     "message_id DESC", (agent_id, key))
+        return r if r is not None and r["created_at"] > since else None
 
     def thread_exists(self, thread_id):
         return self.value("SELECT 1 FROM messages WHERE thread_id = ?", (thread_id,)) \
@@ -2514,7 +2799,7 @@ class Index(Projection):
             frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
                    "d.agent_id = ?")
             count_frm, mid, author = frm, "m.message_id", "m.agent_id"
-            where.append("m.deleted = 0")
+            where.append("m.deleted = 0 AND m.dup_of IS NULL")
             order = "m.created_at %s, m.message_id %s"
             unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
         else:
@@ -2560,7 +2845,7 @@ class Index(Projection):
     def sent(self, agent_id, to=None, unread=False, limit=10, offset=0):
         """One page of what an agent sent, newest first: {total, messages} (dicts with
         is_read true). `to`: only messages to this agent, or by this role or group."""
-        where, params = ["m.agent_id = ?", "m.deleted = 0"], [agent_id]
+        where, params = ["m.agent_id = ?", "m.deleted = 0", "m.dup_of IS NULL"], [agent_id]
         if to:
             where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
                          "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
@@ -2580,20 +2865,21 @@ class Index(Projection):
 
     def waiting_for(self, agent_id, since=None, unread=False, skip_read=False, scope=None):
         """Messages to the agent, not by it, not deleted, oldest first, as message dicts:
-        all unread ones (`since` None), or those created or
-        arrived in this store after `since` (a timestamp), only unread ones with `unread`
-        or `skip_read`; `scope`: a {type, value} tag they must carry."""
+        all unread ones (`since` None), or those that arrived in this store after `since`
+        (a timestamp), only unread ones with `unread` or `skip_read`; `scope`: a {type,
+        value} tag they must carry. In the order they arrived here."""
         where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
         params = [agent_id, agent_id]
         if skip_read or unread or since is None:
             where.append("d.read_at IS NULL")
         _scope_filter(scope, where, params)
         if since is not None:
-            where.append("(d.created_at > ? OR d.arrived_at > ?)")
-            params += [since, since]
+            where.append("d.arrived_at > ?")  # arrival in this store, not the clock
+            params.append(since)
         return self.short_ids([message_dict(r, r["is_read"]) for r in self.rows(
             "SELECT %s, d.read_at IS NOT NULL AS is_read FROM %s WHERE %s ORDER BY "
-            "d.created_at" % (_MSG_COLS, _DELIVERED, " AND ".join(where)), params)])
+            "d.arrived_at, d.created_at, d.message_id" % (
+                _MSG_COLS, _DELIVERED, " AND ".join(where)), params)])
 
     def unread_arrived(self, agent_id, since=None):
         """An agent's unread messages (not its own) that arrived in this store after
@@ -2643,7 +2929,7 @@ class Index(Projection):
             mem.apply(evs)
             mem.db.execute("COMMIT")
             for table, cols in (("messages", "message_id, content0, content, deleted, "
-                                             "thread_id, version"),
+                                             "thread_id, version, dup_of"),
                                 ("deliveries", "agent_id, message_id, read_at, deleted"),
                                 ("agents", "agent_id, role, reg_key, del_key")):
                 sql = "SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)
@@ -3669,18 +3955,19 @@ class SyncEngine(GitLog):
             n = sum(self._merge_file(rel, blobs[sha]) for sha in shas)
             if n:
                 out.append({"file": rel, "events": n, "at": now_ts()})
-                _warn("sync: %s had lost %d event%s against its last commit (truncated or "
-                      "rewritten by another process); restored from git" % (
-                          rel, n, "" if n == 1 else "s"))
             else:  # against the commit that goes under the next one
                 self._equivalent(rel, shas[-1], blobs[shas[-1]])
         if out:
-            try:
+            try:  # recorded for doctor first, then said (what says it can be trusted)
                 self._save_state(restored=((self.load_state().get("restored") or [])
                                            + out)[-20:])
             except OSError:  # only a report; the events are back either way
                 pass
             self.restored += out
+        for r in out:
+            _warn("sync: %s had lost %d event%s against its last commit (truncated or "
+                  "rewritten by another process); restored from git" % (
+                      r["file"], r["events"], "" if r["events"] == 1 else "s"))
         return out
 
     # -- committing -------------------------------------------------------------------
@@ -4516,10 +4803,14 @@ class StoredError(ThrumError):
         reason = getattr(cause, "message", None) or getattr(cause, "strerror", None) or \
             str(cause)
         sent = [e["message_id"] for e in events if e.get("type") == "message.create"]
+        keyed = [e for e in events if e.get("idempotency_key") is not None]
         if sent:
             what = "stored as %s" % ", ".join(sent)
             again = "do not send it again"
             hint = "it shows in 'thrum sent' once the index catches up (any command does)"
+            if keyed:  # (SPEC §16: the same key cannot store it twice)
+                hint += ("; the same command with the same idempotency key is safe: it "
+                         "stores nothing and answers %s" % keyed[0]["message_id"])
         else:
             what = "written to the log"
             again = "do not repeat the command"
@@ -4668,7 +4959,8 @@ class ServiceBase:
         self._fresh = False          # the store was refreshed for this request
         self._idx = None             # ...and this is the index it caught up
         self.autosync_error = None   # set when THRUM_AUTOSYNC's sync after a write failed
-        self.wrote = False           # this call appended events (see finish())
+        self.wrote = False           # this call appended events, or answered with a
+        #                              message that may not be pushed yet (see finish())
         self.written = []            # ...these ones (the store's listeners hear of them)
         self._me = {}                # me() results of this call (cleared by identity writes)
 
@@ -4719,6 +5011,26 @@ class ServiceBase:
         self.store.emit(events)
         self.wrote = True
         self.written.extend(events)
+
+    def _emit_once(self, me, key, ev):
+        """Store a message.create, unless it has an idempotency key that already names a
+        message of mine (sent here, or by another clone and synced): then store nothing
+        and return that message's row (Index.sent_with_key). The look and the append
+        happen under one lock per agent (`var/keys/<agent>.lock`, an flock, so processes
+        and the daemon's threads alike take turns), after catching up with the log: two
+        sends with one key at once store one message."""
+        if key is None:
+            self._emit([ev])
+            return None
+        keys = os.path.join(self.store.loc.var, "keys")
+        os.makedirs(keys, mode=0o700, exist_ok=True)
+        with FileLock(_safe_name_path(keys, me, ".lock")):
+            index = self.index
+            index.catch_up()  # what another process stored while this one waited
+            first = index.sent_with_key(me, key, now_ts(time.time() - KEY_WINDOW))
+            if first is None:
+                self._emit([ev])
+        return first
 
     def finish(self):
         """The per-call work after an operation, in one place for every front end:
@@ -5388,10 +5700,133 @@ class AgentOps(ServiceBase):
 
 # === 12. Operations: messages and waiting =====================================
 
+def check_idempotency_key(key):
+    """An idempotency key (SPEC §16): 1-128 printable ASCII characters, space included;
+    None when not given. Anything else is a usage error."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise UsageError("invalid idempotency key: it must be text")
+    rule = "use 1-128 printable ASCII characters (space included)"
+    if not key:
+        raise UsageError("invalid idempotency key: it is empty; " + rule)
+    if len(key) > 128:
+        raise UsageError("invalid idempotency key: it is %d characters long; %s"
+                         % (len(key), rule))
+    for i, c in enumerate(key):
+        if not " " <= c <= "~":
+            raise UsageError("invalid idempotency key: character %d (U+%04X) is not "
+                             "printable ASCII; %s" % (i + 1, ord(c), rule))
+    return key
+
+
+def _keyed(params):
+    """A send or reply with an idempotency key is safe to run again: the second run
+    stores nothing and answers the first message (SPEC §16)."""
+    return params.get("idempotency_key") is not None
+
+
+def _already_sent(row, ev, key):
+    """The result of a send whose key named an earlier message: that message, with
+    `duplicate` true, and a warning where this attempt asked for something else."""
+    mid = row["message_id"]
+    res = {"message_id": mid, "thread_id": row["thread_id"], "reply_to": row["reply_to"],
+           "created_at": row["created_at"],
+           "recipients": json.loads(row["recipients"]),
+           "audiences": json.loads(row["audiences"]), "warnings": [],
+           "duplicate": True, "idempotency_key": key}
+    body = ev["body"]
+    differs = [what for what, same in (
+        ("body", body["content"] == row["content0"] and body["format"] == row["format0"]
+         and body.get("structured") == (json.loads(row["structured0"])
+                                        if row["structured0"] else None)),
+        ("recipients", sorted(ev["recipients"]) == sorted(res["recipients"])),
+        ("reply_to", ev.get("reply_to") == row["reply_to"])) if not same]
+    if differs:
+        res["warnings"].append(
+            "this attempt's %s differ%s from %s, which was sent with the same "
+            "idempotency key; nothing was stored, %s stands" % (
+                " and ".join([", ".join(differs[:-1]), differs[-1]] if differs[1:]
+                             else differs), "s" if len(differs) == 1 else "", mid, mid))
+    if row["deleted"]:
+        res["warnings"].append("%s, sent with this idempotency key, was deleted since"
+                               % mid)
+    return res
+
+
 def _marks_nothing(params):
     """An inbox that marks nothing read (unread only, or marks left to the front end) is
     safe to run again; one that marked rows read would show them read the second time."""
     return bool(params.get("defer_marks") or params.get("unread"))
+
+
+class RemoteWatch:
+    """A blocked wait's own look at the remote when no daemon serves the store (SPEC §7
+    "Across clones with no daemon"): at once, then every sync.wait_interval, a cheap tip
+    check (`git ls-remote`); only when the tip moved, one sync cycle, whose merge changes
+    the log files the wait is watching. After QUIET_CHECKS unchanged checks the gap
+    doubles, up to sync.interval. It runs on its own thread, so a remote that is slow,
+    failing or hanging never stretches or breaks the wait: it says so once on stderr."""
+
+    QUIET_CHECKS = 6
+
+    def __init__(self, store):
+        self.store = store
+        self._stop = threading.Event()
+        self._thread = None
+        self._warned = False
+
+    @classmethod
+    def wanted(cls, store):
+        """Whether a wait on `store` should look at the remote itself: in git, not in
+        the daemon, and with no daemon running (it checks while agents wait)."""
+        if store.pushed_by_daemon or not store.loc.git_common or \
+                _parse_bool(str(store.config.get("sync.local_only"))):
+            return False
+        return not DaemonFiles(store.loc.var, store.env).running()
+
+    def start(self):
+        self._thread = start_thread("wait-remote", self._loop)
+        return self
+
+    def stop(self):
+        self._stop.set()
+
+    def _loop(self):
+        try:
+            eng = self.store.sync_engine()
+            if not eng.has_remote():
+                return
+            cfg = self.store.config
+            every = parse_duration(cfg.get("sync.wait_interval"))
+            most = max(every, parse_duration(cfg.get("sync.interval")))
+        except (ThrumError, OSError) as e:
+            return self._warn(getattr(e, "message", None) or str(e))
+        gap, quiet = 0.0, 0
+        while not self._stop.wait(gap):
+            try:
+                moved = self._moved(eng)
+                if moved and not self._stop.is_set():
+                    eng.cycle()
+            except (ThrumError, OSError) as e:
+                self._warn(getattr(e, "message", None) or str(e))
+                moved = False
+            quiet = 0 if moved else quiet + 1
+            gap = every if quiet < self.QUIET_CHECKS else min(
+                most, every * 2 ** (quiet - self.QUIET_CHECKS + 1))
+
+    def _moved(self, eng):
+        p = eng.git("ls-remote", eng.remote, eng.ref, check=False, timeout=eng.net_timeout)
+        if p.returncode != 0:
+            raise ThrumError("cannot check %s: %s" % (eng.remote, git_reason(p.stderr)))
+        tip = p.stdout.split()[0] if p.stdout.split() else None
+        return bool(tip) and tip != eng.rev(eng.tracking)
+
+    def _warn(self, text):
+        if not self._warned and not self._stop.is_set():
+            self._warned = True
+            _warn("while waiting, the remote could not be checked (%s); messages from "
+                  "other clones arrive after the next sync" % text)
 
 
 class MessageOps(ServiceBase):
@@ -5481,16 +5916,20 @@ class MessageOps(ServiceBase):
             body["structured"] = structured
         return body
 
-    @operation(NEEDS_IDENTITY)
+    @operation(NEEDS_IDENTITY, retry_safe=_keyed)
     def send(self, content=None, to=(), mentions=(), broadcast=False, scopes=(), refs=(),
-             fmt="markdown", structured=None, reply_to=None, agent=None, _reply=None):
+             fmt="markdown", structured=None, reply_to=None, idempotency_key=None,
+             agent=None, _reply=None):
         """Send a message to targets (`to`, `mentions`: names, roles, groups or
         `everyone`; a list, or text with commas). `reply_to`: a message id; the new
         message joins its thread (unlike `reply`, the targets are the ones given).
-        Returns {message_id, thread_id, created_at, recipients, audiences, warnings}.
-        Stores nothing on any error."""
+        `idempotency_key`: a second send (or reply) of mine with the same key within
+        24 h stores nothing and answers the first message, with `duplicate` true.
+        Returns {message_id, thread_id, created_at, recipients, audiences, warnings,
+        duplicate}. Stores nothing on any error."""
         ident = self.me(agent)
         me = ident["agent_id"]
+        key = check_idempotency_key(idempotency_key)
         parent = None
         if reply_to is not None and _reply is None:
             parent = self.resolve_message_id(reply_to)
@@ -5531,20 +5970,34 @@ class MessageOps(ServiceBase):
         if reply_to:
             fields["reply_to"] = reply_to
             fields["thread_id"] = thread_id
+        if key is not None:
+            fields["idempotency_key"] = key
         ev = self._event("message.create", **fields)
-        self._emit([ev])
+        first = self._emit_once(me, key, ev)
+        if first is not None:
+            # A retry finishes what the first attempt may not have: with THRUM_AUTOSYNC
+            # (a CI job whose push failed, then retried), it syncs as a write would.
+            self.wrote = True
+            return _already_sent(first, ev, key)
         if parent is not None:
             self._mark_read(me, [parent])
-        return {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
-                "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
-                "recipients": recipients, "audiences": audiences, "warnings": warnings}
+        res = {"message_id": ev["message_id"], "thread_id": ev.get("thread_id"),
+               "reply_to": ev.get("reply_to"), "created_at": ev["timestamp"],
+               "recipients": recipients, "audiences": audiences, "warnings": warnings,
+               "duplicate": False}
+        if key is not None:
+            res["idempotency_key"] = key
+        return res
 
-    @operation(NEEDS_IDENTITY)
+    @operation(NEEDS_IDENTITY, retry_safe=_keyed)
     def reply(self, message_id, content=None, fmt="markdown", structured=None, scopes=(),
-              refs=(), agent=None):
-        """Reply to a message: its author and recipients except me; joins its thread."""
+              refs=(), idempotency_key=None, agent=None):
+        """Reply to a message: its author and recipients except me; joins its thread.
+        `idempotency_key`: as for send (one key space for my sends and replies); a
+        duplicate stores nothing, not even the parent's read mark."""
         ident = self.me(agent)
         me = ident["agent_id"]
+        check_idempotency_key(idempotency_key)
         mid = self.resolve_message_id(message_id)
         parent = self.index.message(mid)
         agents = self.index.agent_roles()
@@ -5558,9 +6011,11 @@ class MessageOps(ServiceBase):
                              hint="send a new message with 'thrum send TEXT --to @agent'")
         thread = self._thread_of(mid, parent["thread_id"])
         res = self.send(content, fmt=fmt, structured=structured, scopes=scopes, refs=refs,
-                        agent=me, _reply=(recips, [{"type": "agent", "value": n}
-                                                   for n in recips], mid, thread))
-        self._mark_read(me, [mid])
+                        idempotency_key=idempotency_key, agent=me,
+                        _reply=(recips, [{"type": "agent", "value": n} for n in recips],
+                                mid, thread))
+        if not res["duplicate"]:
+            self._mark_read(me, [mid])
         return res
 
     def _thread_of(self, mid, known=None):
@@ -5587,7 +6042,14 @@ class MessageOps(ServiceBase):
         return hint
 
     def resolve_message_id(self, text):
-        """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14."""
+        """Full id or unique prefix (>= 8 ULID chars, `msg_` optional). SPEC §14. A
+        hidden duplicate (SPEC §16) stands for the message it duplicates: replying to,
+        editing, deleting or reading it acts on the message everyone sees."""
+        mid = self._match_message_id(text)
+        return self.index.duplicate_of(mid) or mid
+
+    def _match_message_id(self, text):
+        """The one message id that `text` names (resolve_message_id without duplicates)."""
         if not isinstance(text, str) or not text.strip():
             raise UsageError("missing message id")
         s = text.strip()
@@ -5718,7 +6180,8 @@ class MessageOps(ServiceBase):
     def message_get(self, message_id, agent=None):
         """One message with its edits and receipts; marks it read for me."""
         self.require_store()
-        mid = self.resolve_message_id(message_id)
+        asked = self._match_message_id(message_id)
+        mid = self.index.duplicate_of(asked) or asked
         me = None
         try:
             me = self.me(agent)["agent_id"]
@@ -5730,9 +6193,14 @@ class MessageOps(ServiceBase):
         m["edits"] = [dict(r) for r in self.index.edits(mid, m["agent_id"])]
         m["receipts"] = self._receipts(m)
         m["deleted_at"], m["delete_reason"] = row["deleted_at"], row["delete_reason"]
+        key = m["idempotency_key"] = row["idempotency_key"]
+        m["duplicates"] = self.index.duplicates(mid, m["agent_id"], key) if key else []
         if me and not m["deleted"]:
             self._mark_read(me, [mid])
-        return {"message": m}
+        res = {"message": m}
+        if asked != mid:  # a hidden duplicate: it stands for the message shown
+            res["requested_id"] = asked
+        return res
 
     def _own_message(self, message_id, me, verb):
         mid = self.resolve_message_id(message_id)
@@ -5790,71 +6258,194 @@ class MessageOps(ServiceBase):
     def _delivered(self, me, record="delivered"):
         """The delivered-once record of agent `me`: messages its waits have returned
         (`record="pushed"`: those the MCP channel pushed)."""
-        return LocalRecord(_safe_name_path(os.path.join(self.loc.var, record), me,
-                                           ".jsonl"))
+        return _delivered_record(self.loc.var, me, record)
+
+    #: How far a lookback wait reaches at most (SPEC §7), and the overlap it keeps
+    #: before the end of the previous wait (a writer stamps a message's arrival when it
+    #: appends, and may project it a moment after a wait looked).
+    LOOKBACK_MAX = 86400.0
+    LOOKBACK_OVERLAP = 2.0
 
     @operation(NEEDS_IDENTITY, retry_safe=True, blocks=True)
     def wait(self, timeout="30s", after=None, unread=False, scope=None, skip_read=False,
-             agent=None, _poll=0.05, _wake=None, _alive=None, _record="delivered"):
-        """Block until a message to me (not by me) is new to this store: created or
-        arrived (by sync) after the start point, and not returned by an earlier wait of
-        mine (SPEC §7). `timeout`: seconds or a duration; `after`: epoch seconds, a
-        negative duration ("-15s") or a UTC timestamp (default: one second ago).
+             lookback=None, agent=None, _poll=0.05, _wake=None, _alive=None,
+             _record="delivered", _hold=False):
+        """Block until a message to me (not by me) is new to this store: arrived here
+        after the start point, and not returned by an earlier wait of mine (SPEC §7).
+        `timeout`: seconds or a duration; `after`: epoch seconds, a negative duration
+        ("-15s") or a UTC timestamp (default: one second ago).
 
-        Returns {status: received|timeout, messages}. Marks nothing read; records what it
-        returns as delivered to me, so each message wakes my waits once. `unread`
-        returns all my unread messages at once, delivered or not; `skip_read` leaves
-        out messages already read (the MCP wait looks back over the gap between two
-        calls). Idle polling only stats the message files; `_wake(seconds)` (the
-        daemon's change notification, a cancellable sleep) replaces the sleep between
-        polls; `_alive()` false means the waiter is gone (WaitAbandoned, nothing
-        claimed); `_record` names the record to claim in.
+        Gap-proof: with `after` (or `lookback` true; `lookback` false: never, as for a
+        start point a front end filled in), the wait also reaches back to the end of my previous
+        wait (the last one that handed messages over or timed out; a cancelled or
+        killed one leaves that point where it was), at most LOOKBACK_MAX, for the
+        messages I have not read. Returns {status: received|timeout, messages} in the
+        order they arrived; marks nothing read. What it returns counts as delivered to me
+        once it was handed over: with `_hold` (a front end that writes the result
+        itself) the messages are only held and the result carries `claim`, which the
+        front end settles (Router.settle) once it knows; without, they count at once.
+        `unread` returns all my unread messages at once, delivered or not; `skip_read`
+        leaves out messages already read. Idle polling only stats the message files;
+        `_wake(seconds)` (the daemon's change notification, a cancellable sleep) replaces
+        the sleep between polls; `_alive()` false means the waiter is gone (WaitAbandoned,
+        nothing held); `_record` names the record to claim in.
         """
         ident = self.me(agent)
         me = ident["agent_id"]
         timeout = parse_timeout(timeout)
         start = parse_after(after)
+        reach = start is not None if lookback is None else bool(lookback)
+        lookback = None
         if start is None:
             start = time.time() - 1.0
+        if reach:
+            prev = _read_text(self._wait_cursor(me, _record))
+            try:
+                prev = parse_ts(prev.strip()) if prev and prev.strip() else None
+            except ValueError:
+                prev = None
+            if prev is not None and prev < start:
+                lookback = now_ts(max(prev, time.time() - self.LOOKBACK_MAX))
+            elif prev is None:  # my first lookback wait: if it is killed, the next one
+                self._set_wait_cursor(me, _record, now_ts(start))  # reaches back to here
         tag = parse_tag(scope, "scope") if scope else None
-        delivered = self._delivered(me, _record)
+        claims = Claims(self._delivered(me, _record))
         if unread:
             msgs = self.index.waiting_for(me, scope=tag)
             if msgs:
                 if _alive is not None and not _alive():
                     raise WaitAbandoned()
-                delivered.add([m["message_id"] for m in msgs])
-                return {"status": "received", "messages": msgs}
+                token, held = claims.hold([m["message_id"] for m in msgs])
+                if token is not None and not _hold:
+                    claims.commit(token)
+                    token = None
+                return self._waited(me, _record, msgs, token, None)
         since = now_ts(start)
+        looked = [time.time()]
+
+        def look():
+            # Another process may have projected the message already, so the query runs
+            # even if our catch-up reads nothing.
+            looked[0] = time.time()
+            self.index.catch_up()
+            msgs = self.index.waiting_for(me, since, unread=unread, skip_read=skip_read,
+                                          scope=tag)
+            if lookback is not None:  # the gap since my previous wait
+                ids = {m["message_id"] for m in msgs}
+                msgs = [m for m in self.index.waiting_for(me, lookback, skip_read=True,
+                                                          scope=tag)
+                        if m["message_id"] not in ids] + msgs
+            if msgs and _alive is not None and not _alive():
+                raise WaitAbandoned()  # nobody to deliver to: hold nothing
+            if not msgs:
+                return None
+            token, held = claims.hold([m["message_id"] for m in msgs])
+            if token is None:
+                return None
+            held = set(held)
+            msgs = [m for m in msgs if m["message_id"] in held]
+            cursor = now_ts(looked[0] - self.LOOKBACK_OVERLAP)
+            if not _hold:
+                claims.commit(token)
+                self._set_wait_cursor(me, _record, cursor)
+                token = cursor = None
+            return self._waited(me, _record, msgs, token, cursor)
+        got = self._blocking(look, timeout, _wake, _poll)
+        if got is not None:
+            return got
+        # nothing was found up to the last look: the next wait starts there
+        self._set_wait_cursor(me, _record, now_ts(looked[0] - self.LOOKBACK_OVERLAP))
+        return {"status": "timeout", "messages": []}
+
+    def _blocking(self, look, timeout, wake=None, poll=0.05):
+        """Call `look()` now and whenever the message files change, until it returns
+        something (returned) or `timeout` seconds pass (None). Only a change in the log
+        files can bring a new message: idle, this stats them (no SQL); the first look
+        always runs, since a writer may have appended after this request's first catch-up
+        and the files would never change again. `wake(seconds)` (the daemon's change
+        notification, a cancellable sleep) replaces the sleep between looks. While it
+        blocks with no daemon, a RemoteWatch brings in other clones' messages."""
         deadline = time.monotonic() + timeout
-        sleep = _wake or time.sleep
-        seen = None
-        while True:
-            # Only a change in the log files can bring a new message: stat them, and
-            # touch SQLite only when they changed (another process may have projected
-            # the message already, so the query runs even if our catch-up reads nothing).
-            # The first look catches up too: a writer may have appended after this
-            # request's first catch-up and project only after the query, and the files
-            # would never change again to make the wait look.
-            sig = self.store.log_signature()
-            if sig != seen:
-                self.index.catch_up()
-                seen = sig
-                msgs = self.index.waiting_for(me, since, unread=unread, skip_read=skip_read,
-                                              scope=tag)
-                if msgs and _alive is not None and not _alive():
-                    raise WaitAbandoned()  # nobody to deliver to: claim nothing
-                if msgs:
-                    old = delivered.load()
-                    fresh = [m["message_id"] for m in msgs if m["message_id"] not in old]
-                    claimed = set(delivered.add(fresh, only_new=True)) if fresh else ()
-                    msgs = [m for m in msgs if m["message_id"] in claimed]
-                    if msgs:
-                        return {"status": "received", "messages": msgs}
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return {"status": "timeout", "messages": []}
-            sleep(min(_poll, left))
+        sleep = wake or time.sleep
+        seen = watch = None
+        try:
+            while True:
+                sig = self.store.log_signature()
+                if sig != seen:
+                    seen = sig
+                    got = look()
+                    if got is not None:
+                        return got
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if watch is None:  # it blocks: look at the remote too (once decided)
+                    watch = RemoteWatch(self.store).start() if RemoteWatch.wanted(
+                        self.store) else False
+                sleep(min(poll, left))
+        finally:
+            if watch:
+                watch.stop()
+
+    # -- watch (SPEC §7a) ------------------------------------------------------------------
+    @operation(NEEDS_IDENTITY, retry_safe=True, blocks=True)
+    def watch(self, timeout="30s", since=None, skip=(), began=None, agent=None, _poll=0.05,
+              _wake=None, _alive=None, _hold=False):
+        """One step of `thrum watch`: block until messages to me (not by me) reach this
+        store after `since` (a timestamp), leaving out the ids in `skip` (what this watch
+        printed in the overlap). Without `since` it is a watch's first step: it starts
+        where my previous watch ended (at most 24 h back; my first watch ever starts now).
+        Every step leaves out what watches of mine printed before this one `began` (a
+        timestamp; default: now), so a restart repeats nothing, while two watches at once
+        each print everything. Marks nothing read, claims
+        nothing (a watch is not a wait; two watches each get every message): the front
+        end records what it printed (Router.watched). Returns {status, messages, since:
+        where the next step starts}."""
+        me = self.me(agent)["agent_id"]
+        timeout = parse_timeout(timeout)
+        record = _delivered_record(self.loc.var, me, "watched")
+        skip = set(skip or ())
+        first = since is None
+        if first:
+            prev = (_read_text(_wait_cursor_path(self.loc.var, me, "watched")) or "").strip()
+            try:
+                since = now_ts(max(parse_ts(prev), time.time() - self.LOOKBACK_MAX)) \
+                    if prev else now_ts(time.time() - 1.0)
+            except ValueError:
+                since = now_ts(time.time() - 1.0)
+        elif not isinstance(since, str):
+            raise UsageError("since must be a timestamp")
+        if began is None:
+            began = now_ts()
+        elif not isinstance(began, str):
+            raise UsageError("began must be a timestamp")
+        looked = [time.time()]
+
+        def look():
+            looked[0] = time.time()
+            self.index.catch_up()
+            msgs = [m for m in self.index.waiting_for(me, since) if m["message_id"] not in skip]
+            if msgs:  # what an earlier watch printed is not news (a restart)
+                done = record.load()
+                msgs = [m for m in msgs if done.get(m["message_id"], "~") >= began]
+            if msgs and _alive is not None and not _alive():
+                raise WaitAbandoned()
+            return msgs or None
+        msgs = self._blocking(look, timeout, _wake, _poll)
+        return {"status": "received" if msgs else "timeout", "messages": msgs or [],
+                "since": now_ts(looked[0] - self.LOOKBACK_OVERLAP), "began": began}
+
+    def _waited(self, me, record, msgs, token, cursor):
+        res = {"status": "received", "messages": msgs}
+        if token is not None:
+            res["claim"] = {"agent": me, "record": record, "token": token, "cursor": cursor}
+        return res
+
+    def _wait_cursor(self, me, record):
+        return _wait_cursor_path(self.loc.var, me, record)
+
+    def _set_wait_cursor(self, me, record, ts):
+        _set_wait_cursor(self._wait_cursor(me, record), ts)
 
     # -- agent integrations (SPEC §15) ---------------------------------------------------
     @operation(NEEDS_IDENTITY)
@@ -5874,6 +6465,8 @@ class MessageOps(ServiceBase):
         rows = self.index.unread_arrived(me, since)
         delivered = self._delivered(me)
         told = delivered.present([r["message_id"] for r in rows]) if rows else set()
+        if rows:  # a wait holding one is about to hand it over: it is news there
+            told |= Claims(delivered).held()
         fresh = [r for r in rows if r["message_id"] not in told]
         claimed = set(delivered.add([r["message_id"] for r in fresh], only_new=True)) \
             if fresh else ()
@@ -7567,6 +8160,9 @@ class Daemon:
             try:
                 _send_frame(sock, json.dumps(reply, allow_nan=False).encode("utf-8"))
             except (OSError, ValueError):
+                result = reply.get("result")  # a wait's client is gone: free what it held
+                if isinstance(result, dict) and result.get("claim"):
+                    settle_claim(self.store.loc.var, result["claim"], False)
                 return
 
     def _handshake(self, sock):
@@ -7652,7 +8248,7 @@ class Daemon:
                 raise WaitAbandoned()
         try:  # woken by changes, not by a clock: between them it costs nothing
             return call(op, params, caller, self.store, hooks=dict(
-                _poll=3600.0, _wake=wake, _alive=lambda: not gone()))
+                _poll=3600.0, _wake=wake, _alive=lambda: not gone(), _hold=True))
         finally:
             with self._cond:
                 self._waiting -= 1
@@ -7921,6 +8517,7 @@ class Daemon:
         "Dead agents"); short-lived CLI processes record no pid and are never reaped."""
         host = os.uname().nodename
         while not self._stopped.wait(self.REAP_EVERY):
+            Claims.reap()  # descriptors of holds its clients settled (or never did)
             try:
                 idx = self.store.index
                 self.store.refresh()
@@ -8129,14 +8726,34 @@ class Router:
 
     @staticmethod
     def _wait_hooks(cancel):
-        """A wait here that `cancel` abandons: its sleeps between polls end early."""
+        """A wait run here: it only holds what it finds (the front end settles it once
+        it has handed the result over), and `cancel` abandons it (its sleeps between
+        polls end early)."""
         if cancel is None:
-            return None
+            return {"_hold": True}
 
         def wake(seconds):
             if cancel.wait(seconds):
                 raise WaitAbandoned()
-        return {"_wake": wake, "_alive": lambda: not cancel.is_set()}
+        return {"_wake": wake, "_alive": lambda: not cancel.is_set(), "_hold": True}
+
+    def watched(self, agent, messages, since):
+        """After a watch printed `messages`: a restarted watch of `agent` starts at
+        `since` and leaves them out (its own record, not the wait's)."""
+        if self.store is None or not name_ok(agent or ""):
+            return
+        if messages:
+            _delivered_record(self.store.loc.var, agent, "watched").add(
+                [m["message_id"] for m in messages], only_new=True)
+        _set_wait_cursor(_wait_cursor_path(self.store.loc.var, agent, "watched"), since)
+
+    def settle(self, result, handed):
+        """After a wait: take its `claim` out of `result` and settle it, as handed over
+        (its output was written) or not (the messages go to the next wait). Whatever
+        process held the messages (this one, or the daemon), the claim is settled here."""
+        claim = result.pop("claim", None) if isinstance(result, dict) else None
+        if claim and self.store is not None:
+            settle_claim(self.store.loc.var, claim, handed)
 
     def _daemon(self, spec):
         """A client of this store's daemon when the operation may go through it."""
@@ -8176,8 +8793,10 @@ class Router:
             start = parse_after(params.get("after"))
         except UsageError:  # the daemon reports it, after the set-up checks
             return client.call(op, params, self.caller)
-        params = dict(params, timeout=timeout,
-                      after=time.time() - 1.0 if start is None else start)
+        params = dict(params, timeout=timeout)
+        if op == "wait":  # (a start point it fills in itself never looks back)
+            params.update(after=time.time() - 1.0 if start is None else start,
+                          lookback=params.get("lookback", start is not None))
         deadline = time.monotonic() + timeout
         if cancel is not None:  # a closed connection ends the daemon's wait at once
             client.aborted = False
@@ -8471,7 +9090,11 @@ def render_prime(r, style=PLAIN):
 
 
 def render_send(r, style=PLAIN, verb="Message sent"):
-    ls = ["%s: %s" % (verb, r["message_id"])]
+    if r.get("duplicate"):  # SPEC §16: the key named an earlier message
+        ls = ["Already sent: %s (same idempotency key; nothing stored again)"
+              % r["message_id"]]
+    else:
+        ls = ["%s: %s" % (verb, r["message_id"])]
     if r.get("thread_id"):
         ls.append("  Thread: %s" % r["thread_id"])
     ls.append("  To: %s" % _who(r["recipients"]))
@@ -8511,7 +9134,11 @@ def render_sent(r, style=PLAIN):
 
 def render_message(r, style=PLAIN):
     m = r["message"]
-    ls = ["Message: %s" % m["message_id"],
+    ls = ["%s is a hidden duplicate of %s (same author and idempotency key, stored in two "
+          "clones before they synced); showing %s" % (r["requested_id"], m["message_id"],
+                                                       m["message_id"]), ""] \
+        if r.get("requested_id") else []
+    ls += ["Message: %s" % m["message_id"],
           "  From:    @%s" % m["agent_id"],
           "  Time:    %s (%s)" % (m["created_at"], relative_time(m["created_at"])),
           "  To:      %s" % (_aud_str(m["audiences"]) or "(nobody)")]
@@ -8526,6 +9153,10 @@ def render_message(r, style=PLAIN):
     if m["edits"]:
         ls.append("  Edited:  %d time(s), last %s" % (len(m["edits"]), relative_time(
             m["updated_at"])))
+    if m.get("idempotency_key") is not None:
+        ls.append("  Key:     %s (idempotency key)%s" % (
+            m["idempotency_key"], "; hidden duplicates: " + ", ".join(m["duplicates"])
+            if m.get("duplicates") else ""))
     ls.append("  Read by: %s" % (", ".join(
         "@%s(%s)" % (x["agent_id"], "read" if x["read_at"] else "unread")
         for x in m["receipts"]) or "-"))
@@ -8766,7 +9397,13 @@ _MCP_TAGS = {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": 
 def _mcp_send_params(a):
     return {"content": a["content"], "to": a["to"], "mentions": a["mention"] or (),
             "scopes": _mcp_list(a["scopes"]), "refs": _mcp_list(a["refs"]),
-            "reply_to": a["reply_to"]}
+            "reply_to": a["reply_to"], "idempotency_key": a["idempotency_key"]}
+
+
+_MCP_KEY = {"type": "string", "description": "optional: a key of yours (1-128 printable "
+            "ASCII characters) that makes a retry safe: another send or reply of yours with "
+            "the same key within 24 h stores nothing and returns the first message, with "
+            "duplicate: true"}
 
 
 def _mcp_mark_params(a):
@@ -8804,7 +9441,7 @@ MCP_TOOLS = {
                     reply_to=dict(_MCP_ID, description="a message this one answers: "
                                   "joins its thread"),
                     mention=_mcp_targets("also deliver to and record a mention of these"),
-                    scopes=_MCP_TAGS, refs=_MCP_TAGS),
+                    scopes=_MCP_TAGS, refs=_MCP_TAGS, idempotency_key=_MCP_KEY),
         _mcp_send_params, lambda r, a: render_send(r)),
     "check_messages": (
         "inbox",
@@ -8838,8 +9475,10 @@ MCP_TOOLS = {
         "Reply to a message: goes to its author and other recipients (not you) and joins "
         "its thread; marks the message read.",
         _mcp_schema(("message_id", "content"), message_id=_MCP_ID,
-                    content={"type": "string", "description": "the reply (markdown)"}),
-        lambda a: {"message_id": a["message_id"], "content": a["content"]},
+                    content={"type": "string", "description": "the reply (markdown)"},
+                    idempotency_key=_MCP_KEY),
+        lambda a: {"message_id": a["message_id"], "content": a["content"],
+                   "idempotency_key": a["idempotency_key"]},
         lambda r, a: render_reply(r)),
     "get_message": (
         "message_get",
@@ -8975,22 +9614,21 @@ class _Workers:
 class _McpCall:
     """One tools/call in flight."""
 
-    __slots__ = ("token", "cancel", "done", "received")
+    __slots__ = ("token", "cancel", "done", "received", "claim", "waits")
 
     def __init__(self, token):
         self.token = token      # the request's progressToken, or None
         self.cancel = Cancel()  # notifications/cancelled, or stdin closed
         self.done = False       # its response (or nothing, if cancelled) is decided
         self.received = time.time()  # when the request was read (a wait starts here)
+        self.claim = None       # what a wait holds until its result frame is written
+        self.waits = False      # a wait_for_message
 
 
 class McpServer:
     """`thrum mcp serve`: reads requests from `rfile` (binary, line by line) and writes
     frames to the file descriptor `wfd`, as the agent the caller names."""
 
-    #: How far back a wait looks for messages that came in since the previous wait
-    #: ended (between two calls a model works, and messages arrive meanwhile).
-    LOOKBACK = 900.0
     #: Threads for tool calls, and for waits (calls beyond them queue).
     WORKERS = 8
     WAITERS = 8
@@ -9012,7 +9650,6 @@ class McpServer:
         self._registered = False
         self._reg_error = None
         self._channel_on = False
-        self._last_wait = None         # when this server's last wait_for_message ended
         self._tools = [{"name": n, "description": d, "inputSchema": s}
                        for n, (_, d, s, _, _) in MCP_TOOLS.items()]
         # Two fixed pools: waits block for minutes, so they have their own and never
@@ -9045,8 +9682,10 @@ class McpServer:
         try:
             while data:
                 data = data[os.write(self.wfd, data):]
+            return True
         except OSError:
             self.closing.set()
+            return False
 
     def send(self, msg):
         with self._wlock:
@@ -9259,10 +9898,18 @@ class McpServer:
             return self._error(rid, _MCP_PARAMS, "arguments must be an object")
         key = json.dumps(rid)
         c = _McpCall(meta.get("progressToken"))
+        c.waits = OPS[MCP_TOOLS[name][0]].blocks
+        if c.waits:
+            # A client that calls wait_for_message again has given up on its earlier
+            # wait (Codex and the SDKs cut a call at their own timeout, some without a
+            # cancel): end that one unanswered, so it cannot claim a message nobody reads.
+            for other in list(self._calls.values()):
+                if other.waits and not other.done:
+                    other.cancel.set()
         self._calls[key] = c
         if inline:
             return self._finish(key, c, rid, name, args, modern)
-        pool = self._waiters if OPS[MCP_TOOLS[name][0]].blocks else self._workers
+        pool = self._waiters if c.waits else self._workers
         pool.submit(self._finish, key, c, rid, name, args, modern, True)
         return None
 
@@ -9278,16 +9925,22 @@ class McpServer:
             import traceback
             self.log("tool %s failed:\n%s" % (name, traceback.format_exc()))
             result = self._tool_error(e)
-        with self._wlock:
-            c.done = True
-            self._calls.pop(key, None)
-            if result is None or c.cancel.is_set():
-                return None
-            reply = self._result(rid, result, modern)
-            if write:
-                self._write(reply)
-                return None
-            return reply
+        handed = False
+        try:
+            with self._wlock:  # a cancel decides before the frame is written, or not at all
+                c.done = True
+                self._calls.pop(key, None)
+                if result is None or c.cancel.is_set():
+                    return None
+                reply = self._result(rid, result, modern)
+                if write:
+                    handed = self._write(reply)
+                    return None
+                handed = True  # (returned to be written in line: as good as written)
+                return reply
+        finally:
+            if c.claim is not None:
+                self.router.settle({"claim": c.claim}, handed)
 
     def _tool(self, name, args, c):
         op, _, schema, adapt, render = MCP_TOOLS[name]
@@ -9324,14 +9977,13 @@ class McpServer:
         record), from one second before the request was read (not when a worker got to
         it), looking back over the gap since this server's previous wait, leaving out
         what was read meanwhile. Progress every mcp.progress_interval."""
-        after = c.received - 1.0
-        if self._last_wait is not None:
-            after = max(min(after, self._last_wait - 1.0), c.received - self.LOOKBACK)
         if c.token is not None:
             start_thread("mcp-progress", self._guard, self._progress, c, params["timeout"])
-        r = self.router.run(op, dict(params, after=after, skip_read=True),
+        # `after` makes it a lookback wait: it also reaches back to the end of this
+        # agent's previous wait, however that one ended (SPEC §7, §11)
+        r = self.router.run(op, dict(params, after=c.received - 1.0, skip_read=True),
                             cancel=c.cancel)  # (stdin closing cancels every call)
-        self._last_wait = time.time()
+        c.claim = r.pop("claim", None)  # settled once the result frame is written
         return r
 
     def _progress(self, c, timeout):
@@ -9501,7 +10153,8 @@ class Output:
 #: to `--after=-15s` before argparse sees it.
 _VALUE_OPTS = ("--after", "--timeout", "--to", "--mention", "--scope", "--ref", "--reason",
                "--intent", "--task", "--description", "--display", "--from", "--body-file",
-               "--format", "--structured", "--name", "--role", "--module", "--limit", "--page")
+               "--format", "--structured", "--name", "--role", "--module", "--limit", "--page",
+               "--idempotency-key")
 
 
 def _argparse():
@@ -9705,10 +10358,13 @@ class Cli(Router):
 
 # === 21. Host integrations: hooks, integrate, install =========================
 
-HOOK_EVENTS = ("session-start", "stop", "prompt")
+HOOK_EVENTS = ("session-start", "stop", "prompt", "wake")
 
 
 HOOK_BRIEFING_MAX = 2000  # bytes: a host may move longer hook output to a file
+
+#: Seconds Claude Code gives the background `hook wake` (its own --timeout is 10m).
+WAKE_HOOK_TIMEOUT = 660
 
 
 def _hook_news_line(news, verb):
@@ -9746,6 +10402,8 @@ def hook_briefing(r, limit=HOOK_BRIEFING_MAX):
         ls.append("Your saved context (thrum context show):")
         ls += ["  " + clip(l, 120) for l in r["context"].strip().split("\n")[:12]]
     ls.append("Messages: `thrum inbox`, `thrum reply ID TEXT`, `thrum send TEXT --to @NAME`.")
+    ls.append("To hear of new messages as they arrive, run `thrum watch --agent %s` with "
+              "your Monitor tool, if you have one (one line per message)." % a["agent_id"])
     out, size = [], 0
     for line in ls:
         n = len(line.encode("utf-8")) + 1
@@ -9766,9 +10424,11 @@ HOOK_STDIN_MAX = 1 << 20
 
 
 def _args_hook(p):
-    p.add_argument("event", metavar="EVENT", help="session-start | stop | prompt")
+    p.add_argument("event", metavar="EVENT", help="session-start | stop | prompt | wake")
     p.add_argument("--agent", metavar="NAME", help="the agent (default: THRUM_NAME, else "
                    "the worktree's only identity)")
+    p.add_argument("--timeout", metavar="D", default="10m",
+                   help="wake: how long to wait for a message (default 10m)")
 
 
 def cmd_hook(args, cli, out):
@@ -9803,6 +10463,9 @@ def run_hook(rest, caller, out):
             cwd = data.get("cwd")  # the host's project directory, when it says
             if not (isinstance(cwd, str) and os.path.isdir(cwd)):
                 cwd = caller.cwd
+            if args.event == "wake":  # it blocks by design: the main thread runs it
+                result["wake"] = (Caller(cwd, caller.env, agent), args.timeout)
+                return
             wait = "%dms" % max(100, int((deadline - time.monotonic()) * 1000) - 300)
             here = Cli(Caller(cwd, caller.env, agent), out, {"index.lock_wait": wait})
             try:
@@ -9815,6 +10478,8 @@ def run_hook(rest, caller, out):
     worker.join(max(0.0, deadline - time.monotonic()))
     collected, sys.stderr = sys.stderr.getvalue(), real_err
     line = None
+    if "wake" in result and not worker.is_alive():
+        return wake_hook(*result["wake"], out=out)
     if worker.is_alive():
         pass  # out of time: silently, nothing on stdout
     elif "error" in result:
@@ -9837,6 +10502,64 @@ def run_hook(rest, caller, out):
     if worker.is_alive():  # stuck in a lock or a read: leave it behind
         os._exit(EXIT_OK)
     return EXIT_OK
+
+
+def wake_hook(caller, timeout, out):
+    """`thrum hook wake`: for a Claude Code Stop hook run in the background (`async`,
+    `asyncRewake`). Blocks until a message arrives that the agent was not told of (a
+    lookback wait in the same delivered-once record as the stop hook), for at most
+    `timeout`; then one line on stderr and exit 2, which wakes the idle session. Nothing
+    by then, or a newer wake hook of the same agent started (it supersedes this one):
+    exit 0 and silence. Any problem: exit 0 and one stderr line."""
+    import io
+    real_err, sys.stderr = sys.stderr, io.StringIO()  # warnings are collected
+    cli = cancel = None
+    try:
+        cli = Cli(caller, out)
+        me = cli.call("whoami")["agent_id"]
+        cancel = Cancel()
+        path = _safe_name_path(os.path.join(cli.store.loc.var, "hooks"), me, ".wake")
+        token = "%d-%s" % (os.getpid(), os.urandom(6).hex())
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _write_file_atomic(path, token + "\n", 0o600)
+
+        def superseded():  # a newer wake hook of this agent rewrote the file
+            while not cancel.wait(0.25):
+                if (_read_text(path) or "").strip() != token:
+                    cancel.set()
+        start_thread("wake-supersede", superseded)
+        try:
+            r = cli.run("wait", {"timeout": timeout, "after": "-1s", "skip_read": True},
+                        cancel=cancel)
+        except WaitAbandoned:
+            return EXIT_OK
+        if r["status"] != "received":
+            cli.settle(r, False)
+            return EXIT_OK
+        line = _hook_news_line({"messages": [{"from": m["agent_id"]} for m in r["messages"]]},
+                               "arrived")
+        try:
+            real_err.write(_visible(line) + "\n")
+            real_err.flush()
+        except (OSError, ValueError):
+            cli.settle(r, False)
+            return EXIT_OK
+        cli.settle(r, True)
+        return 2  # Claude Code: exit 2 from an asyncRewake hook wakes the session
+    except BaseException as e:  # noqa: B902 - a hook must never fail the host's turn
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            return EXIT_OK
+        try:
+            real_err.write("thrum hook wake: %s\n" % _visible(error_payload(e)["message"]))
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+    finally:
+        sys.stderr = real_err
+        if cancel is not None:
+            cancel.set()
+        if cli is not None:
+            cli.close()
 
 
 def _read_hook_input(deadline):
@@ -9924,8 +10647,10 @@ report what it prints. You never run any other command.
    (about 4 hours), stop and return exactly: NO_MESSAGES_TIMEOUT
 4. If it fails in any other way, return its error line and stop.
 
-Each message is returned once (thrum records what it delivered), and nothing is marked
-read: the main agent reads with `thrum inbox` and answers with `thrum reply`.
+Each message is returned once (thrum records what it handed over), and nothing is marked
+read: the main agent reads with `thrum inbox` and answers with `thrum reply`. Nothing is
+lost between two runs, however long they are apart: `--after` makes each run reach back
+to where the previous one ended (`-15s` only sets how far the very first run looks back).
 """
 
 
@@ -9963,9 +10688,18 @@ def _is_thrum_hook(h):
         " hook " in " %s " % h["command"] and "thrum" in h["command"]
 
 
+def _hook_entries(command):
+    """A hook command (a plain command: a 10 s command hook) or the list of hook
+    entries of one event, as the host's settings hold them."""
+    if isinstance(command, str):
+        return [{"type": "command", "command": command, "timeout": 10}]
+    return list(command)
+
+
 def _merge_hooks(data, commands, remove=False):
-    """data["hooks"][EVENT] = [{hooks: [{type: command, command}]}]: ours replaced (or
-    removed), every other entry kept in place."""
+    """data["hooks"][EVENT] = [{hooks: [{type: command, command, ...}]}]: ours replaced
+    (or removed), every other entry kept in place. `commands`: {EVENT: a command, or
+    a list of hook entries}."""
     hooks = data.get("hooks")
     if hooks is not None and not isinstance(hooks, dict):
         raise UsageError("its \"hooks\" is not an object; it was left untouched")
@@ -9974,7 +10708,7 @@ def _merge_hooks(data, commands, remove=False):
         groups = hooks.get(event) or []
         if not isinstance(groups, list):
             raise UsageError("its hooks.%s is not a list; it was left untouched" % event)
-        ours = {"hooks": [{"type": "command", "command": command, "timeout": 10}]}
+        ours = {"hooks": _hook_entries(command)}
         kept, placed = [], remove
         for g in groups:
             if isinstance(g, dict) and isinstance(g.get("hooks"), list):
@@ -10062,6 +10796,12 @@ class Integration:
         hook = lambda ev: _shell_words(thrum + ["hook", ev, "--agent", agent])  # noqa: E731
         self.commands = {"SessionStart": hook("session-start"), "Stop": hook("stop"),
                          "UserPromptSubmit": hook("prompt")}
+        # Claude Code also runs `hook wake` in the background on Stop: it may wake the
+        # idle session (exit 2 of an `asyncRewake` hook) when a message arrives.
+        self.claude_hooks = dict(self.commands, Stop=_hook_entries(self.commands["Stop"]) + [
+            {"type": "command", "command": _shell_words(thrum + [
+                "hook", "wake", "--agent", agent, "--timeout", "10m"]),
+             "async": True, "asyncRewake": True, "timeout": WAKE_HOOK_TIMEOUT}])
         self.mcp = {"command": thrum[0], "args": thrum[1:] + ["mcp", "serve"],
                     "env": {"THRUM_NAME": agent}}
         self.wait = _shell_words(["env", "THRUM_NAME=" + agent] + thrum + [
@@ -10097,7 +10837,7 @@ class Integration:
             return [self._json(os.path.join(self.root, ".mcp.json"),
                                lambda d: self._mcp_json(d, remove), remove),
                     self._json(os.path.join(self.root, ".claude", "settings.json"),
-                               lambda d: _merge_hooks(d, self.commands, remove), remove),
+                               lambda d: _merge_hooks(d, self.claude_hooks, remove), remove),
                     self._listener(remove)]
         return [self._codex(remove)]
 
@@ -10321,7 +11061,8 @@ def _warnings(r):
 def cmd_send(args, cli, out):
     params = dict(to=_split_list(args.to), mentions=_split_list(args.mention),
                   broadcast=args.broadcast, scopes=args.scope or (), refs=args.ref or (),
-                  fmt=args.fmt, structured=args.structured)
+                  fmt=args.fmt, structured=args.structured,
+                  idempotency_key=args.idempotency_key)
     r = cli.call("send", content=cli.body(args, "send", **params), **params)
     _warnings(r)
     out.ok(r, *render_send(r))
@@ -10329,7 +11070,8 @@ def cmd_send(args, cli, out):
 
 def cmd_reply(args, cli, out):
     params = dict(message_id=args.message_id, fmt=args.fmt,
-                  structured=args.structured, scopes=args.scope or (), refs=args.ref or ())
+                  structured=args.structured, scopes=args.scope or (), refs=args.ref or (),
+                  idempotency_key=args.idempotency_key)
     r = cli.call("reply", content=cli.body(args, "reply", **params), **params)
     _warnings(r)
     out.ok(r, *render_reply(r))
@@ -10383,8 +11125,55 @@ def cmd_message(args, cli, out):
 def cmd_wait(args, cli, out):
     r = cli.call("wait", timeout=args.timeout, after=args.after, unread=args.unread,
                  scope=args.scope)
-    out.emit(r, lambda r: render_wait(r, out))
+    claim = r.pop("claim", None)
+    try:  # the messages are delivered once they are written out, not before
+        out.emit(r, lambda r: render_wait(r, out))
+        out.flush()
+    except BaseException:
+        cli.settle({"claim": claim}, False)
+        raise
+    cli.settle({"claim": claim}, True)
     return EXIT_FAIL if r["status"] == "timeout" else EXIT_OK
+
+
+def watch_line(m, as_json=False):
+    """One message as `thrum watch` prints it (SPEC §7a): `@alice -> @bob: first line
+    [msg_... re msg_...]`, control characters escaped; or compact JSON."""
+    if as_json:
+        return json.dumps(m, ensure_ascii=False, separators=(",", ":"))
+    first = (m["body"]["content"] or "").split("\n", 1)[0].strip()
+    return _visible("@%s -> %s: %s [%s%s]" % (
+        m["agent_id"], _aud_str(m["audiences"]) or _who(m["recipients"]), clip(first, 200),
+        m["message_id"], " re " + m["reply_to"] if m.get("reply_to") else ""))
+
+
+def cmd_watch(args, cli, out):
+    """Runs until interrupted (Ctrl-C, SIGTERM: exit 0): one flushed line per message."""
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    if args.agent:  # as that agent (checked like THRUM_NAME)
+        cli = Cli(Caller(cli.caller.cwd, cli.caller.env, _strip_at(args.agent)), out)
+    me = since = began = None
+    printed = {}  # id -> when this watch printed it (the overlap of two steps)
+    try:
+        while True:
+            r = cli.call("watch", **(dict(since=since, skip=list(printed), began=began)
+                                     if since else {}))
+            since, began = r["since"], r["began"]
+            if me is None:
+                me = cli.call("whoami")["agent_id"]
+            # recorded, then printed: a watch killed as it prints never prints it again
+            cli.watched(me, r["messages"], since)
+            for m in r["messages"]:
+                out.write(watch_line(m, out.json) + "\n")
+                printed[m["message_id"]] = time.monotonic()
+            old = time.monotonic() - 60.0
+            printed = {k: t for k, t in printed.items() if t > old}
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_who_has(args, cli, out):
@@ -10762,6 +11551,13 @@ def _args_send(p):
     p.add_argument("--broadcast", action="store_true", help="same as --to everyone")
     p.add_argument("--scope", action="append", metavar="TYPE:VALUE")
     p.add_argument("--ref", action="append", metavar="TYPE:VALUE", help="e.g. bd:bd-123")
+    _add_key_arg(p)
+
+
+def _add_key_arg(p):
+    p.add_argument("--idempotency-key", metavar="KEY", help="makes a retry safe: another "
+                   "send or reply by the same agent with KEY within 24h stores nothing and "
+                   "answers with the first message (1-128 printable ASCII characters)")
 
 
 def _args_reply(p):
@@ -10769,6 +11565,7 @@ def _args_reply(p):
     _add_body_args(p, "reply")
     p.add_argument("--scope", action="append", metavar="TYPE:VALUE")
     p.add_argument("--ref", action="append", metavar="TYPE:VALUE")
+    _add_key_arg(p)
 
 
 def _args_inbox(p):
@@ -10803,6 +11600,11 @@ def _args_message(p):
     r = sub.add_parser("read", help="mark messages read")
     r.add_argument("message_ids", nargs="*", metavar="MSG_ID")
     r.add_argument("--all", action="store_true", help="all my unread messages")
+
+
+def _args_watch(p):
+    p.add_argument("--agent", metavar="NAME", help="the agent (default: THRUM_NAME, else "
+                   "the worktree's only identity)")
 
 
 def _args_wait(p):
@@ -10990,6 +11792,8 @@ COMMANDS = {
     "sent": ("messages I sent, with read receipts", _args_sent, cmd_sent),
     "message": ("get | edit | delete | read", _args_message, cmd_message),
     "wait": ("block until a message to me arrives", _args_wait, cmd_wait),
+    "watch": ("print a line for each message to me as it arrives, until interrupted",
+              _args_watch, cmd_watch),
     "who-has": ("which agents have PATH changed or uncommitted", _args_who_has, cmd_who_has),
     "ping": ("is an agent active; last seen; intent", _args_ping, cmd_ping),
     "agent": ("register | list | delete | cleanup", _args_agent, cmd_agent),
@@ -11070,6 +11874,8 @@ def main(argv=None):
             out.flush()
         except OutputError as e2:
             code = _fail(out, e2)
+    finally:
+        CHILDREN.kill_all()  # a git a background thread still runs (a wait's remote look)
     return code
 
 
