@@ -3353,8 +3353,8 @@ def start_thread(name, fn, *args):
 # Commits are built with plumbing (blobs, trees, commit-tree, update-ref): the
 # user's HEAD, index and working tree are never touched. Few git processes (SPEC §8):
 # refs are read from git's files and worktree files compared with blobs by hashing them
-# here, so a cycle with nothing to do runs one `git fetch`; a rejected push costs one
-# fetch, one merge and one push (the commit is made again from trees, not the log).
+# here, so a cycle with nothing to do runs two (worktree list, fetch); a rejected push
+# costs one fetch, one merge and one push (the commit is made again from trees).
 
 _BRANCH_HINT = ("choose a branch name that nothing else uses: "
                 "'thrum config set sync.branch thrum-log'")
