@@ -8530,7 +8530,8 @@ def render_doctor(r, style=PLAIN):
 # `thrum mcp serve`: MCP over stdio (one JSON-RPC 2.0 message per line) for agents
 # that speak MCP. One process serves both protocol eras, chosen per request: the
 # legacy `initialize` handshake (2024-11-05 .. 2025-11-25) and the stateless
-# 2026-07-28 revision (`server/discover`, a `_meta` envelope on every request). Each
+# 2026-07-28 revision (`server/discover`, a `_meta` envelope on every request); with
+# --channel only the first (Claude Code delivers channel pushes only on that era). Each
 # `tools/call` runs on its own thread through a shared Router (so through the daemon
 # when one runs), so cancellation and other calls keep flowing while a wait blocks;
 # one lock serialises the frames on stdout. A tool is one MCP_TOOLS row naming an
@@ -8975,6 +8976,8 @@ class McpServer:
             return self._error(rid, _MCP_PARAMS, "params must be an object")
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         modern = _MCP + "protocolVersion" in meta
+        if self.channel and (modern or method == "server/discover"):
+            return self._legacy_only(rid, method, meta)
         if modern:
             problem = self._check_modern(rid, meta)
             if problem:
@@ -8992,15 +8995,29 @@ class McpServer:
     def _check_modern(self, rid, meta):
         version = meta.get(_MCP + "protocolVersion")
         if version not in MCP_MODERN_VERSIONS:
-            # `requested` echoes only a JSON-safe value: a short string, else null
-            asked = version[:100] if isinstance(version, str) else None
-            return self._error(rid, _MCP_VERSION, "Unsupported protocol version: %s" % (
-                asked,), {"supported": list(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS),
-                          "requested": asked})
+            return self._version_error(rid, version, MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS)
         if not isinstance(meta.get(_MCP + "clientCapabilities"), dict):
             return self._error(rid, _MCP_PARAMS, "params._meta needs %sclientCapabilities"
                                % _MCP)
         return None
+
+    def _legacy_only(self, rid, method, meta):
+        """With --channel: only the initialize era (SPEC §11). Claude Code picks the
+        2026-07-28 era when a server offers it, and delivers channel notifications only
+        on initialize: server/discover is an unknown method (so a client falls back to
+        initialize at once), and any other 2026-07-28 request is an unsupported version
+        whose `supported` lists the legacy versions only."""
+        why = " (with --channel thrum speaks only the initialize handshake)"
+        if method == "server/discover":
+            return self._error(rid, _MCP_NO_METHOD, "Method not found: server/discover" + why)
+        return self._version_error(rid, meta.get(_MCP + "protocolVersion"),
+                                   MCP_LEGACY_VERSIONS, why)
+
+    def _version_error(self, rid, version, supported, why=""):
+        # `requested` echoes only a JSON-safe value: a short string, else null
+        asked = version[:100] if isinstance(version, str) else None
+        return self._error(rid, _MCP_VERSION, "Unsupported protocol version: %s%s" % (
+            asked, why), {"supported": list(supported), "requested": asked})
 
     def _result(self, rid, result, modern):
         if modern:
