@@ -1774,7 +1774,7 @@ class Claims:
 def _delivered_record(var, agent, record="delivered"):
     """The delivered-once record of `agent` (`record`: "delivered" for waits and hooks,
     "pushed" for the MCP channel)."""
-    if record not in ("delivered", "pushed"):
+    if record not in ("delivered", "pushed", "watched"):
         raise UsageError("invalid record %r" % (record,))
     return LocalRecord(_safe_name_path(os.path.join(var, record), agent, ".jsonl"))
 
@@ -5658,55 +5658,119 @@ class MessageOps(ServiceBase):
                     token = None
                 return self._waited(me, _record, msgs, token, None)
         since = now_ts(start)
+        looked = [time.time()]
+
+        def look():
+            # Another process may have projected the message already, so the query runs
+            # even if our catch-up reads nothing.
+            looked[0] = time.time()
+            self.index.catch_up()
+            msgs = self.index.waiting_for(me, since, unread=unread, skip_read=skip_read,
+                                          scope=tag)
+            if lookback is not None:  # the gap since my previous wait
+                ids = {m["message_id"] for m in msgs}
+                msgs = [m for m in self.index.waiting_for(me, lookback, skip_read=True,
+                                                          scope=tag)
+                        if m["message_id"] not in ids] + msgs
+            if msgs and _alive is not None and not _alive():
+                raise WaitAbandoned()  # nobody to deliver to: hold nothing
+            if not msgs:
+                return None
+            token, held = claims.hold([m["message_id"] for m in msgs])
+            if token is None:
+                return None
+            held = set(held)
+            msgs = [m for m in msgs if m["message_id"] in held]
+            cursor = now_ts(looked[0] - self.LOOKBACK_OVERLAP)
+            if not _hold:
+                claims.commit(token)
+                self._set_wait_cursor(me, _record, cursor)
+                token = cursor = None
+            return self._waited(me, _record, msgs, token, cursor)
+        got = self._blocking(look, timeout, _wake, _poll)
+        if got is not None:
+            return got
+        # nothing was found up to the last look: the next wait starts there
+        self._set_wait_cursor(me, _record, now_ts(looked[0] - self.LOOKBACK_OVERLAP))
+        return {"status": "timeout", "messages": []}
+
+    def _blocking(self, look, timeout, wake=None, poll=0.05):
+        """Call `look()` now and whenever the message files change, until it returns
+        something (returned) or `timeout` seconds pass (None). Only a change in the log
+        files can bring a new message: idle, this stats them (no SQL); the first look
+        always runs, since a writer may have appended after this request's first catch-up
+        and the files would never change again. `wake(seconds)` (the daemon's change
+        notification, a cancellable sleep) replaces the sleep between looks. While it
+        blocks with no daemon, a RemoteWatch brings in other clones' messages."""
         deadline = time.monotonic() + timeout
-        sleep = _wake or time.sleep
+        sleep = wake or time.sleep
         seen = watch = None
         try:
             while True:
-                # Only a change in the log files can bring a new message: stat them, and
-                # touch SQLite only when they changed (another process may have projected
-                # the message already, so the query runs even if our catch-up reads
-                # nothing). The first look catches up too: a writer may have appended
-                # after this request's first catch-up and project only after the query,
-                # and the files would never change again to make the wait look.
                 sig = self.store.log_signature()
                 if sig != seen:
-                    looked = time.time()
-                    self.index.catch_up()
                     seen = sig
-                    msgs = self.index.waiting_for(me, since, unread=unread,
-                                                  skip_read=skip_read, scope=tag)
-                    if lookback is not None:  # the gap since my previous wait
-                        ids = {m["message_id"] for m in msgs}
-                        msgs = [m for m in self.index.waiting_for(
-                            me, lookback, skip_read=True, scope=tag)
-                            if m["message_id"] not in ids] + msgs
-                    if msgs and _alive is not None and not _alive():
-                        raise WaitAbandoned()  # nobody to deliver to: hold nothing
-                    if msgs:
-                        token, held = claims.hold([m["message_id"] for m in msgs])
-                        if token is not None:
-                            held = set(held)
-                            msgs = [m for m in msgs if m["message_id"] in held]
-                            cursor = now_ts(looked - self.LOOKBACK_OVERLAP)
-                            if not _hold:
-                                claims.commit(token)
-                                self._set_wait_cursor(me, _record, cursor)
-                                token = cursor = None
-                            return self._waited(me, _record, msgs, token, cursor)
+                    got = look()
+                    if got is not None:
+                        return got
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    # nothing was found up to the last look: the next wait starts there
-                    self._set_wait_cursor(me, _record,
-                                          now_ts(looked - self.LOOKBACK_OVERLAP))
-                    return {"status": "timeout", "messages": []}
+                    return None
                 if watch is None:  # it blocks: look at the remote too (once decided)
                     watch = RemoteWatch(self.store).start() if RemoteWatch.wanted(
                         self.store) else False
-                sleep(min(_poll, left))
+                sleep(min(poll, left))
         finally:
             if watch:
                 watch.stop()
+
+    # -- watch (SPEC §7a) ------------------------------------------------------------------
+    @operation(NEEDS_IDENTITY, retry_safe=True, blocks=True)
+    def watch(self, timeout="30s", since=None, skip=(), began=None, agent=None, _poll=0.05,
+              _wake=None, _alive=None, _hold=False):
+        """One step of `thrum watch`: block until messages to me (not by me) reach this
+        store after `since` (a timestamp), leaving out the ids in `skip` (what this watch
+        printed in the overlap). Without `since` it is a watch's first step: it starts
+        where my previous watch ended (at most 24 h back; my first watch ever starts now).
+        Every step leaves out what watches of mine printed before this one `began` (a
+        timestamp; default: now), so a restart repeats nothing, while two watches at once
+        each print everything. Marks nothing read, claims
+        nothing (a watch is not a wait; two watches each get every message): the front
+        end records what it printed (Router.watched). Returns {status, messages, since:
+        where the next step starts}."""
+        me = self.me(agent)["agent_id"]
+        timeout = parse_timeout(timeout)
+        record = _delivered_record(self.loc.var, me, "watched")
+        skip = set(skip or ())
+        first = since is None
+        if first:
+            prev = (_read_text(_wait_cursor_path(self.loc.var, me, "watched")) or "").strip()
+            try:
+                since = now_ts(max(parse_ts(prev), time.time() - self.LOOKBACK_MAX)) \
+                    if prev else now_ts(time.time() - 1.0)
+            except ValueError:
+                since = now_ts(time.time() - 1.0)
+        elif not isinstance(since, str):
+            raise UsageError("since must be a timestamp")
+        if began is None:
+            began = now_ts()
+        elif not isinstance(began, str):
+            raise UsageError("began must be a timestamp")
+        looked = [time.time()]
+
+        def look():
+            looked[0] = time.time()
+            self.index.catch_up()
+            msgs = [m for m in self.index.waiting_for(me, since) if m["message_id"] not in skip]
+            if msgs:  # what an earlier watch printed is not news (a restart)
+                done = record.load()
+                msgs = [m for m in msgs if done.get(m["message_id"], "~") >= began]
+            if msgs and _alive is not None and not _alive():
+                raise WaitAbandoned()
+            return msgs or None
+        msgs = self._blocking(look, timeout, _wake, _poll)
+        return {"status": "received" if msgs else "timeout", "messages": msgs or [],
+                "since": now_ts(looked[0] - self.LOOKBACK_OVERLAP), "began": began}
 
     def _waited(self, me, record, msgs, token, cursor):
         res = {"status": "received", "messages": msgs}
@@ -8070,6 +8134,16 @@ class Router:
                 raise WaitAbandoned()
         return {"_wake": wake, "_alive": lambda: not cancel.is_set(), "_hold": True}
 
+    def watched(self, agent, messages, since):
+        """After a watch printed `messages`: a restarted watch of `agent` starts at
+        `since` and leaves them out (its own record, not the wait's)."""
+        if self.store is None or not name_ok(agent or ""):
+            return
+        if messages:
+            _delivered_record(self.store.loc.var, agent, "watched").add(
+                [m["message_id"] for m in messages], only_new=True)
+        _set_wait_cursor(_wait_cursor_path(self.store.loc.var, agent, "watched"), since)
+
     def settle(self, result, handed):
         """After a wait: take its `claim` out of `result` and settle it, as handed over
         (its output was written) or not (the messages go to the next wait). Whatever
@@ -8116,9 +8190,10 @@ class Router:
             start = parse_after(params.get("after"))
         except UsageError:  # the daemon reports it, after the set-up checks
             return client.call(op, params, self.caller)
-        params = dict(params, timeout=timeout,  # (a start point it fills in: no lookback)
-                      after=time.time() - 1.0 if start is None else start,
-                      lookback=params.get("lookback", start is not None))
+        params = dict(params, timeout=timeout)
+        if op == "wait":  # (a start point it fills in itself never looks back)
+            params.update(after=time.time() - 1.0 if start is None else start,
+                          lookback=params.get("lookback", start is not None))
         deadline = time.monotonic() + timeout
         if cancel is not None:  # a closed connection ends the daemon's wait at once
             client.aborted = False
@@ -9676,10 +9751,13 @@ class Cli(Router):
 
 # === 21. Host integrations: hooks, integrate, install =========================
 
-HOOK_EVENTS = ("session-start", "stop", "prompt")
+HOOK_EVENTS = ("session-start", "stop", "prompt", "wake")
 
 
 HOOK_BRIEFING_MAX = 2000  # bytes: a host may move longer hook output to a file
+
+#: Seconds Claude Code gives the background `hook wake` (its own --timeout is 10m).
+WAKE_HOOK_TIMEOUT = 660
 
 
 def _hook_news_line(news, verb):
@@ -9717,6 +9795,8 @@ def hook_briefing(r, limit=HOOK_BRIEFING_MAX):
         ls.append("Your saved context (thrum context show):")
         ls += ["  " + clip(l, 120) for l in r["context"].strip().split("\n")[:12]]
     ls.append("Messages: `thrum inbox`, `thrum reply ID TEXT`, `thrum send TEXT --to @NAME`.")
+    ls.append("To hear of new messages as they arrive, run `thrum watch --agent %s` with "
+              "your Monitor tool, if you have one (one line per message)." % a["agent_id"])
     out, size = [], 0
     for line in ls:
         n = len(line.encode("utf-8")) + 1
@@ -9737,9 +9817,11 @@ HOOK_STDIN_MAX = 1 << 20
 
 
 def _args_hook(p):
-    p.add_argument("event", metavar="EVENT", help="session-start | stop | prompt")
+    p.add_argument("event", metavar="EVENT", help="session-start | stop | prompt | wake")
     p.add_argument("--agent", metavar="NAME", help="the agent (default: THRUM_NAME, else "
                    "the worktree's only identity)")
+    p.add_argument("--timeout", metavar="D", default="10m",
+                   help="wake: how long to wait for a message (default 10m)")
 
 
 def cmd_hook(args, cli, out):
@@ -9774,6 +9856,9 @@ def run_hook(rest, caller, out):
             cwd = data.get("cwd")  # the host's project directory, when it says
             if not (isinstance(cwd, str) and os.path.isdir(cwd)):
                 cwd = caller.cwd
+            if args.event == "wake":  # it blocks by design: the main thread runs it
+                result["wake"] = (Caller(cwd, caller.env, agent), args.timeout)
+                return
             wait = "%dms" % max(100, int((deadline - time.monotonic()) * 1000) - 300)
             here = Cli(Caller(cwd, caller.env, agent), out, {"index.lock_wait": wait})
             try:
@@ -9786,6 +9871,8 @@ def run_hook(rest, caller, out):
     worker.join(max(0.0, deadline - time.monotonic()))
     collected, sys.stderr = sys.stderr.getvalue(), real_err
     line = None
+    if "wake" in result and not worker.is_alive():
+        return wake_hook(*result["wake"], out=out)
     if worker.is_alive():
         pass  # out of time: silently, nothing on stdout
     elif "error" in result:
@@ -9808,6 +9895,64 @@ def run_hook(rest, caller, out):
     if worker.is_alive():  # stuck in a lock or a read: leave it behind
         os._exit(EXIT_OK)
     return EXIT_OK
+
+
+def wake_hook(caller, timeout, out):
+    """`thrum hook wake`: for a Claude Code Stop hook run in the background (`async`,
+    `asyncRewake`). Blocks until a message arrives that the agent was not told of (a
+    lookback wait in the same delivered-once record as the stop hook), for at most
+    `timeout`; then one line on stderr and exit 2, which wakes the idle session. Nothing
+    by then, or a newer wake hook of the same agent started (it supersedes this one):
+    exit 0 and silence. Any problem: exit 0 and one stderr line."""
+    import io
+    real_err, sys.stderr = sys.stderr, io.StringIO()  # warnings are collected
+    cli = cancel = None
+    try:
+        cli = Cli(caller, out)
+        me = cli.call("whoami")["agent_id"]
+        cancel = Cancel()
+        path = _safe_name_path(os.path.join(cli.store.loc.var, "hooks"), me, ".wake")
+        token = "%d-%s" % (os.getpid(), os.urandom(6).hex())
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _write_file_atomic(path, token + "\n", 0o600)
+
+        def superseded():  # a newer wake hook of this agent rewrote the file
+            while not cancel.wait(0.25):
+                if (_read_text(path) or "").strip() != token:
+                    cancel.set()
+        start_thread("wake-supersede", superseded)
+        try:
+            r = cli.run("wait", {"timeout": timeout, "after": "-1s", "skip_read": True},
+                        cancel=cancel)
+        except WaitAbandoned:
+            return EXIT_OK
+        if r["status"] != "received":
+            cli.settle(r, False)
+            return EXIT_OK
+        line = _hook_news_line({"messages": [{"from": m["agent_id"]} for m in r["messages"]]},
+                               "arrived")
+        try:
+            real_err.write(_visible(line) + "\n")
+            real_err.flush()
+        except (OSError, ValueError):
+            cli.settle(r, False)
+            return EXIT_OK
+        cli.settle(r, True)
+        return 2  # Claude Code: exit 2 from an asyncRewake hook wakes the session
+    except BaseException as e:  # noqa: B902 - a hook must never fail the host's turn
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            return EXIT_OK
+        try:
+            real_err.write("thrum hook wake: %s\n" % _visible(error_payload(e)["message"]))
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+    finally:
+        sys.stderr = real_err
+        if cancel is not None:
+            cancel.set()
+        if cli is not None:
+            cli.close()
 
 
 def _read_hook_input(deadline):
@@ -9930,9 +10075,18 @@ def _is_thrum_hook(h):
         " hook " in " %s " % h["command"] and "thrum" in h["command"]
 
 
+def _hook_entries(command):
+    """A hook command (a plain command: a 10 s command hook) or the list of hook
+    entries of one event, as the host's settings hold them."""
+    if isinstance(command, str):
+        return [{"type": "command", "command": command, "timeout": 10}]
+    return list(command)
+
+
 def _merge_hooks(data, commands, remove=False):
-    """data["hooks"][EVENT] = [{hooks: [{type: command, command}]}]: ours replaced (or
-    removed), every other entry kept in place."""
+    """data["hooks"][EVENT] = [{hooks: [{type: command, command, ...}]}]: ours replaced
+    (or removed), every other entry kept in place. `commands`: {EVENT: a command, or
+    a list of hook entries}."""
     hooks = data.get("hooks")
     if hooks is not None and not isinstance(hooks, dict):
         raise UsageError("its \"hooks\" is not an object; it was left untouched")
@@ -9941,7 +10095,7 @@ def _merge_hooks(data, commands, remove=False):
         groups = hooks.get(event) or []
         if not isinstance(groups, list):
             raise UsageError("its hooks.%s is not a list; it was left untouched" % event)
-        ours = {"hooks": [{"type": "command", "command": command, "timeout": 10}]}
+        ours = {"hooks": _hook_entries(command)}
         kept, placed = [], remove
         for g in groups:
             if isinstance(g, dict) and isinstance(g.get("hooks"), list):
@@ -10023,6 +10177,12 @@ class Integration:
         hook = lambda ev: _shell_words(thrum + ["hook", ev, "--agent", agent])  # noqa: E731
         self.commands = {"SessionStart": hook("session-start"), "Stop": hook("stop"),
                          "UserPromptSubmit": hook("prompt")}
+        # Claude Code also runs `hook wake` in the background on Stop: it may wake the
+        # idle session (exit 2 of an `asyncRewake` hook) when a message arrives.
+        self.claude_hooks = dict(self.commands, Stop=_hook_entries(self.commands["Stop"]) + [
+            {"type": "command", "command": _shell_words(thrum + [
+                "hook", "wake", "--agent", agent, "--timeout", "10m"]),
+             "async": True, "asyncRewake": True, "timeout": WAKE_HOOK_TIMEOUT}])
         self.mcp = {"command": thrum[0], "args": thrum[1:] + ["mcp", "serve"],
                     "env": {"THRUM_NAME": agent}}
         self.wait = _shell_words(["env", "THRUM_NAME=" + agent] + thrum + [
@@ -10058,7 +10218,7 @@ class Integration:
             return [self._json(os.path.join(self.root, ".mcp.json"),
                                lambda d: self._mcp_json(d, remove), remove),
                     self._json(os.path.join(self.root, ".claude", "settings.json"),
-                               lambda d: _merge_hooks(d, self.commands, remove), remove),
+                               lambda d: _merge_hooks(d, self.claude_hooks, remove), remove),
                     self._listener(remove)]
         return [self._codex(remove)]
 
@@ -10375,6 +10535,46 @@ def cmd_wait(args, cli, out):
         raise
     cli.settle({"claim": claim}, True)
     return EXIT_FAIL if r["status"] == "timeout" else EXIT_OK
+
+
+def watch_line(m, as_json=False):
+    """One message as `thrum watch` prints it (SPEC §7a): `@alice -> @bob: first line
+    [msg_... re msg_...]`, control characters escaped; or compact JSON."""
+    if as_json:
+        return json.dumps(m, ensure_ascii=False, separators=(",", ":"))
+    first = (m["body"]["content"] or "").split("\n", 1)[0].strip()
+    return _visible("@%s -> %s: %s [%s%s]" % (
+        m["agent_id"], _aud_str(m["audiences"]) or _who(m["recipients"]), clip(first, 200),
+        m["message_id"], " re " + m["reply_to"] if m.get("reply_to") else ""))
+
+
+def cmd_watch(args, cli, out):
+    """Runs until interrupted (Ctrl-C, SIGTERM: exit 0): one flushed line per message."""
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    if args.agent:  # as that agent (checked like THRUM_NAME)
+        cli = Cli(Caller(cli.caller.cwd, cli.caller.env, _strip_at(args.agent)), out)
+    me = since = began = None
+    printed = {}  # id -> when this watch printed it (the overlap of two steps)
+    try:
+        while True:
+            r = cli.call("watch", **(dict(since=since, skip=list(printed), began=began)
+                                     if since else {}))
+            since, began = r["since"], r["began"]
+            if me is None:
+                me = cli.call("whoami")["agent_id"]
+            # recorded, then printed: a watch killed as it prints never prints it again
+            cli.watched(me, r["messages"], since)
+            for m in r["messages"]:
+                out.write(watch_line(m, out.json) + "\n")
+                printed[m["message_id"]] = time.monotonic()
+            old = time.monotonic() - 60.0
+            printed = {k: t for k, t in printed.items() if t > old}
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_who_has(args, cli, out):
@@ -10781,6 +10981,11 @@ def _args_message(p):
     r.add_argument("--all", action="store_true", help="all my unread messages")
 
 
+def _args_watch(p):
+    p.add_argument("--agent", metavar="NAME", help="the agent (default: THRUM_NAME, else "
+                   "the worktree's only identity)")
+
+
 def _args_wait(p):
     timeout = OPS["wait"].default("timeout")
     p.add_argument("--timeout", default=timeout, metavar="D", help="how long (default %s, "
@@ -10966,6 +11171,8 @@ COMMANDS = {
     "sent": ("messages I sent, with read receipts", _args_sent, cmd_sent),
     "message": ("get | edit | delete | read", _args_message, cmd_message),
     "wait": ("block until a message to me arrives", _args_wait, cmd_wait),
+    "watch": ("print a line for each message to me as it arrives, until interrupted",
+              _args_watch, cmd_watch),
     "who-has": ("which agents have PATH changed or uncommitted", _args_who_has, cmd_who_has),
     "ping": ("is an agent active; last seen; intent", _args_ping, cmd_ping),
     "agent": ("register | list | delete | cleanup", _args_agent, cmd_agent),

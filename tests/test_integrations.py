@@ -156,7 +156,13 @@ def test_integrate_claude_on_an_empty_project(team):
     for event, word in (("SessionStart", "session-start"), ("Stop", "stop"),
                         ("UserPromptSubmit", "prompt")):
         cmds = [h["command"] for g in settings["hooks"][event] for h in g["hooks"]]
-        assert len(cmds) == 1 and f"hook {word} --agent bob" in cmds[0]
+        assert len(cmds) == (2 if event == "Stop" else 1)
+        assert f"hook {word} --agent bob" in cmds[0]
+    # the wake hook runs in the background on Stop, and may wake the idle session
+    wake = settings["hooks"]["Stop"][0]["hooks"][1]
+    assert "hook wake --agent bob" in wake["command"]
+    assert wake["async"] is True and wake["asyncRewake"] is True
+    assert wake["timeout"] > 600  # longer than its own --timeout 10m
     listener = (team.path / ".claude" / "agents" / "thrum-listener.md").read_text()
     assert listener.startswith("---\nname: thrum-listener\n")
     assert "wait --timeout 8m --after -15s --json" in listener

@@ -61,6 +61,7 @@ CLI_CASES = [
      {"message_id": "msg_01ABCDEFGH"}, {}),
     (["message", "read", "--all"], "message_read", {"all": True}, {}),
     (["wait"], "wait", {}, {}),
+    (["watch"], "watch", {}, {}),
     (["who-has", "src/a.py"], "who_has", {"path": "src/a.py"}, {}),
     (["ping", "bob"], "ping", {"name": "bob"}, {}),
     (["agent", "register", "--name", "x", "--role", "r", "--module", "m"], "agent_register",
@@ -157,7 +158,7 @@ def test_mcp_schemas_pass_the_declared_defaults(tool):
 
 def test_declared_facts():
     ops = thrum.OPS
-    assert {n for n, o in ops.items() if o.blocks} == {"wait"}
+    assert {n for n, o in ops.items() if o.blocks} == {"wait", "watch"}
     assert all(o.local for o in ops.values() if o.needs == thrum.NEEDS_NOTHING)
     assert {n for n, o in ops.items() if o.local and o.needs != thrum.NEEDS_NOTHING} == \
         {"doctor", "rebuild_index", "tmux_list", "tmux_kill"}
@@ -178,6 +179,7 @@ RETRY_SAMPLES = {
     "inbox": {"defer_marks": True}, "sent": {}, "message_get": {"message_id": "MID"},
     "mark_read": {"message_ids": ["MID"]}, "message_read": {"all": True},
     "wait": {"timeout": 0, "after": "-1h"}, "who_has": {"path": "README"},
+    "watch": {"timeout": 0},
     "ping": {"name": "alice"}, "agent_list": {}, "session_list": {},
     "context_show": {}, "group_list": {}, "group_info": {"name": "devs"},
     "config_show": {}, "config_get": {"key": "sync.interval"}, "sync_status": {},
