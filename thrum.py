@@ -1792,6 +1792,21 @@ class Claims:
                     pass
 
 
+def holds_signature(var):
+    """What the agents' holds look like now (each `<agent>.holds` directory's mtime):
+    a hold released (a closed stdout, a cancel) changes it, and the waits that skipped
+    the held messages look again."""
+    out = []
+    try:
+        with os.scandir(os.path.join(var, "delivered")) as it:
+            for e in it:
+                if e.name.endswith(".holds"):
+                    out.append((e.name, e.stat(follow_symlinks=False).st_mtime_ns))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return out
+
+
 def _delivered_record(var, agent, record="delivered"):
     """The delivered-once record of `agent` (`record`: "delivered" for waits and hooks,
     "pushed" for the MCP channel)."""
@@ -5937,7 +5952,7 @@ class MessageOps(ServiceBase):
         seen = watch = None
         try:
             while True:
-                sig = self.store.log_signature()
+                sig = (self.store.log_signature(), holds_signature(self.loc.var))
                 if sig != seen:
                     seen = sig
                     got = look()
@@ -7957,8 +7972,13 @@ class Daemon:
         """Notice writes made without the daemon (a sandboxed agent, a sync run by hand)
         and a deleted index, by stat: no SQL while nothing changes."""
         seen = self.store.log_signature(None)
+        holds = holds_signature(self.store.loc.var)
         index = os.path.join(self.store.loc.var, "index.db")
         while not self._stopped.wait(self.WATCH_EVERY):
+            now_holds = holds_signature(self.store.loc.var)
+            if now_holds != holds:  # a hold was released: the waits that skipped it look
+                holds = now_holds
+                self._changed(local=False)
             sig = self.store.log_signature(None)
             if not os.path.exists(index):
                 self.log("index.db was deleted; rebuilding it")
