@@ -8384,15 +8384,17 @@ class Router:
                 raise WaitAbandoned()
         return {"_wake": wake, "_alive": lambda: not cancel.is_set(), "_hold": True}
 
-    def watched(self, agent, messages, since):
-        """After a watch printed `messages`: a restarted watch of `agent` starts at
-        `since` and leaves them out (its own record, not the wait's)."""
+    def watched(self, agent, messages, since=None):
+        """For a watch of `agent`: record `messages` as printed (a restarted watch leaves
+        them out; its own record, not the wait's), and/or that the next watch starts at
+        `since`."""
         if self.store is None or not name_ok(agent or ""):
             return
         if messages:
             _delivered_record(self.store.loc.var, agent, "watched").add(
                 [m["message_id"] for m in messages], only_new=True)
-        _set_wait_cursor(_wait_cursor_path(self.store.loc.var, agent, "watched"), since)
+        if since:
+            _set_wait_cursor(_wait_cursor_path(self.store.loc.var, agent, "watched"), since)
 
     def settle(self, result, handed):
         """After a wait: take its `claim` out of `result` and settle it, as handed over
@@ -10840,10 +10842,12 @@ def cmd_watch(args, cli, out):
             if me is None:
                 me = cli.call("whoami")["agent_id"]
             # recorded, then printed: a watch killed as it prints never prints it again
-            cli.watched(me, r["messages"], since)
+            # (the ids only: where the next watch starts is kept after the lines are out)
+            cli.watched(me, r["messages"])
             for m in r["messages"]:
                 out.write(watch_line(m, out.json) + "\n")
                 printed[m["message_id"]] = time.monotonic()
+            cli.watched(me, (), since)
             old = time.monotonic() - 60.0
             printed = {k: t for k, t in printed.items() if t > old}
     except KeyboardInterrupt:
