@@ -1792,6 +1792,21 @@ class Claims:
                     pass
 
 
+def holds_signature(var):
+    """What the agents' holds look like now (each `<agent>.holds` directory's mtime):
+    a hold released (a closed stdout, a cancel) changes it, and the waits that skipped
+    the held messages look again."""
+    out = []
+    try:
+        with os.scandir(os.path.join(var, "delivered")) as it:
+            for e in it:
+                if e.name.endswith(".holds"):
+                    out.append((e.name, e.stat(follow_symlinks=False).st_mtime_ns))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return out
+
+
 def _delivered_record(var, agent, record="delivered"):
     """The delivered-once record of `agent` (`record`: "delivered" for waits and hooks,
     "pushed" for the MCP channel)."""
@@ -6370,7 +6385,7 @@ class MessageOps(ServiceBase):
         seen = watch = None
         try:
             while True:
-                sig = self.store.log_signature()
+                sig = (self.store.log_signature(), holds_signature(self.loc.var))
                 if sig != seen:
                     seen = sig
                     got = look()
@@ -6851,7 +6866,8 @@ class AdminOps(ServiceBase):
     # -- health -------------------------------------------------------------------------------
     @operation(NEEDS_STORE, local=True)
     def doctor(self, fix=False):
-        """Check (and with fix, repair) the index, log lines, sync worktree, daemon files.
+        """Check (and with fix, repair) the index, log lines, sync worktree, daemon files;
+        report (never fix) Codex's trust of the project when it has thrum's Codex block.
 
         Returns {ok, checks: [{name, ok, detail, fixed}]}.
         """
@@ -6935,6 +6951,11 @@ class AdminOps(ServiceBase):
                 DaemonFiles(self.loc.var, self.env).clean()
             check("daemon files", False, "stale daemon.pid and socket (no daemon holds "
                   "daemon.lock)", fixed=fix)
+        # Codex ignores what `integrate codex` wrote until the user trusts the project
+        # and its hooks: reported, never fixed (that is the user's own Codex config)
+        for name, ok, detail in codex_trust_checks(self.loc.worktree, self.loc.git_common,
+                                                   self.env):
+            check(name, ok, detail)
         ok = all(c["ok"] or c["fixed"] for c in checks)
         return {"ok": ok, "checks": checks}
 
@@ -7038,6 +7059,125 @@ class AdminOps(ServiceBase):
         n = store.index.rebuild()
         self._fresh, self._idx = True, store.index
         return {"events": n}
+
+
+# -- what doctor reads of a host's files: Codex's trust ---------------------------------
+# `thrum integrate codex` (section 21) writes a marked block into .codex/config.toml;
+# Codex ignores it until the user trusts the project and approves its hooks, which Codex
+# records in $CODEX_HOME/config.toml. doctor reads that file and never writes it.
+
+#: The lines around thrum's block in a Codex config.toml.
+INTEGRATE_MARK = "# >>> thrum (written by `thrum integrate codex`; `--remove` takes it out)"
+
+
+INTEGRATE_END = "# <<< thrum"
+
+
+def _is_thrum_command(command):
+    """A hook command of thrum's (`thrum hook EVENT ...`, or `python thrum.py hook ...`)."""
+    return isinstance(command, str) and " hook " in " %s " % command and "thrum" in command
+
+
+def _codex_config_path(env):
+    """$CODEX_HOME/config.toml (default ~/.codex/config.toml): where Codex keeps the trust
+    of projects and hooks."""
+    home = env.get("CODEX_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"),
+                                                 ".codex")
+    return os.path.join(home, "config.toml")
+
+
+def _codex_trust_keys(root, git_common):
+    """Where Codex (0.171.0) looks for a checkout's trust, in order: `[projects."<its real
+    path>"]`, then, for a linked worktree, the main checkout's. A parent directory's entry
+    does not count, nor one under a symlinked path."""
+    keys = [os.path.realpath(root)]
+    if git_common and os.path.basename(os.path.normpath(git_common)) == ".git":
+        main = os.path.realpath(os.path.dirname(os.path.normpath(git_common)))
+        if main not in keys:
+            keys.append(main)
+    return keys
+
+
+def _codex_hook_keys(path):
+    """{Codex's hooks.state key: event} for thrum's hooks in a project's config.toml
+    (`<file>:<event_in_snake_case>:<group>:<handler>`, as Codex 0.171.0 records them)."""
+    import tomllib
+    try:
+        hooks = tomllib.loads(_read_text(path, "", errors="replace")).get("hooks")
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for event, groups in hooks.items() if isinstance(hooks, dict) else ():
+        snake = re.sub(r"(?<!^)(?=[A-Z])", "_", event).lower()
+        for gi, g in enumerate(groups if isinstance(groups, list) else ()):
+            handlers = g.get("hooks") if isinstance(g, dict) else None
+            for hi, h in enumerate(handlers if isinstance(handlers, list) else ()):
+                if isinstance(h, dict) and _is_thrum_command(h.get("command")):
+                    out["%s:%s:%d:%d" % (os.path.realpath(path), snake, gi, hi)] = event
+    return out
+
+
+def _toml_table(data, *path):
+    """data[path...] when every step is a table, else {}."""
+    for k in path:
+        data = data.get(k) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def codex_trust_checks(root, git_common, env):
+    """doctor's checks of Codex's trust when .codex/config.toml holds thrum's block, else
+    none: [(name, ok, detail)]. Reads $CODEX_HOME/config.toml, never writes it."""
+    import tomllib
+    project = os.path.join(root, ".codex", "config.toml")
+    try:
+        if INTEGRATE_MARK not in _read_text(project, "", errors="replace"):
+            return []
+    except OSError:
+        return []
+    conf, keys = _codex_config_path(env), _codex_trust_keys(root, git_common)
+    never = " (doctor --fix never edits Codex's config)"
+    try:
+        text = _read_text(conf, None, errors="replace")
+        data = tomllib.loads(text or "")
+    except (OSError, ValueError) as e:
+        return [("codex: project trusted", False, "cannot read %s (%s), nor can Codex%s"
+                 % (conf, e, never))]
+    projects = _toml_table(data, "projects")
+    key = next((k for k in keys if k in projects), None)
+    level = _toml_table(projects, key).get("trust_level") if key else None
+    if level != "trusted":
+        if key is None:
+            why = "%s %s" % (conf, "does not exist" if text is None else "has no "
+                             "[projects.%s] entry" % json.dumps(keys[0]))
+        elif level == "untrusted":
+            why = "%s marks %s untrusted" % (conf, key)
+        else:
+            why = "[projects.%s] in %s has trust_level = %s, which Codex does not accept" % (
+                json.dumps(key), conf, json.dumps(level))
+        return [("codex: project trusted", False, "%s, so Codex ignores .codex/config.toml "
+                 "(thrum's MCP server and hooks): run `codex` in %s and choose \"Trust and "
+                 "continue\", or set trust_level = \"trusted\" under [projects.%s] in %s%s"
+                 % (why, keys[0], json.dumps(key or keys[0]), conf, never))]
+    checks = [("codex: project trusted", True, "%s trusts %s: Codex loads thrum's MCP server "
+               "and hooks from .codex/config.toml" % (conf, key))]
+    if len(keys) > 1:  # a linked worktree: Codex 0.171.0 runs the main checkout's hooks
+        return checks  # there, not this file's (docs/integrations.md), so no hook check
+    state, ours = _toml_table(data, "hooks", "state"), _codex_hook_keys(project)
+    off = sorted(ev for k, ev in ours.items()
+                 if _toml_table(state, k).get("enabled") is False)
+    todo = sorted(ev for k, ev in ours.items()
+                  if ev not in off and not _toml_table(state, k).get("trusted_hash"))
+    if not (off or todo):
+        checks.append(("codex: hooks approved", True, "%s records your approval of thrum's "
+                       "%d hooks (Codex asks again for a hook that changed since)"
+                       % (conf, len(ours))))
+        return checks
+    why = "; ".join(["not approved in %s: %s" % (conf, ", ".join(todo))] * bool(todo) +
+                    ["disabled in Codex: %s" % ", ".join(off)] * bool(off))
+    checks.append(("codex: hooks approved", False, "%s, so Codex does not run them: start "
+                   "`codex` in %s and choose \"Trust all and continue\" when it says \"Hooks "
+                   "need review\", or type /hooks there and press t%s" % (why, keys[0], never)))
+    return checks
 
 
 # === 14. Operations: tmux agents; the service and its table ===================
@@ -8299,8 +8439,13 @@ class Daemon:
         """Notice writes made without the daemon (a sandboxed agent, a sync run by hand)
         and a deleted index, by stat: no SQL while nothing changes."""
         seen = judged = self.store.log_signature(None)
+        holds = holds_signature(self.store.loc.var)
         index = os.path.join(self.store.loc.var, "index.db")
         while not self._stopped.wait(self.WATCH_EVERY):
+            now_holds = holds_signature(self.store.loc.var)
+            if now_holds != holds:  # a hold was released: the waits that skipped it look
+                holds = now_holds
+                self._changed(local=False)
             sig = self.store.log_signature(None)
             if not os.path.exists(index):
                 self.log("index.db was deleted; rebuilding it")
@@ -8737,15 +8882,17 @@ class Router:
                 raise WaitAbandoned()
         return {"_wake": wake, "_alive": lambda: not cancel.is_set(), "_hold": True}
 
-    def watched(self, agent, messages, since):
-        """After a watch printed `messages`: a restarted watch of `agent` starts at
-        `since` and leaves them out (its own record, not the wait's)."""
+    def watched(self, agent, messages, since=None):
+        """For a watch of `agent`: record `messages` as printed (a restarted watch leaves
+        them out; its own record, not the wait's), and/or that the next watch starts at
+        `since`."""
         if self.store is None or not name_ok(agent or ""):
             return
         if messages:
             _delivered_record(self.store.loc.var, agent, "watched").add(
                 [m["message_id"] for m in messages], only_new=True)
-        _set_wait_cursor(_wait_cursor_path(self.store.loc.var, agent, "watched"), since)
+        if since:
+            _set_wait_cursor(_wait_cursor_path(self.store.loc.var, agent, "watched"), since)
 
     def settle(self, result, handed):
         """After a wait: take its `claim` out of `result` and settle it, as handed over
@@ -9345,7 +9492,8 @@ def render_doctor(r, style=PLAIN):
 # `thrum mcp serve`: MCP over stdio (one JSON-RPC 2.0 message per line) for agents
 # that speak MCP. One process serves both protocol eras, chosen per request: the
 # legacy `initialize` handshake (2024-11-05 .. 2025-11-25) and the stateless
-# 2026-07-28 revision (`server/discover`, a `_meta` envelope on every request). Each
+# 2026-07-28 revision (`server/discover`, a `_meta` envelope on every request); with
+# --channel only the first (Claude Code delivers channel pushes only on that era). Each
 # `tools/call` runs on its own thread through a shared Router (so through the daemon
 # when one runs), so cancellation and other calls keep flowing while a wait blocks;
 # one lock serialises the frames on stdout. A tool is one MCP_TOOLS row naming an
@@ -9798,6 +9946,8 @@ class McpServer:
             return self._error(rid, _MCP_PARAMS, "params must be an object")
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         modern = _MCP + "protocolVersion" in meta
+        if self.channel and (modern or method == "server/discover"):
+            return self._legacy_only(rid, method, meta)
         if modern:
             problem = self._check_modern(rid, meta)
             if problem:
@@ -9815,15 +9965,29 @@ class McpServer:
     def _check_modern(self, rid, meta):
         version = meta.get(_MCP + "protocolVersion")
         if version not in MCP_MODERN_VERSIONS:
-            # `requested` echoes only a JSON-safe value: a short string, else null
-            asked = version[:100] if isinstance(version, str) else None
-            return self._error(rid, _MCP_VERSION, "Unsupported protocol version: %s" % (
-                asked,), {"supported": list(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS),
-                          "requested": asked})
+            return self._version_error(rid, version, MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS)
         if not isinstance(meta.get(_MCP + "clientCapabilities"), dict):
             return self._error(rid, _MCP_PARAMS, "params._meta needs %sclientCapabilities"
                                % _MCP)
         return None
+
+    def _legacy_only(self, rid, method, meta):
+        """With --channel: only the initialize era (SPEC §11). Claude Code picks the
+        2026-07-28 era when a server offers it, and delivers channel notifications only
+        on initialize: server/discover is an unknown method (so a client falls back to
+        initialize at once), and any other 2026-07-28 request is an unsupported version
+        whose `supported` lists the legacy versions only."""
+        why = " (with --channel thrum speaks only the initialize handshake)"
+        if method == "server/discover":
+            return self._error(rid, _MCP_NO_METHOD, "Method not found: server/discover" + why)
+        return self._version_error(rid, meta.get(_MCP + "protocolVersion"),
+                                   MCP_LEGACY_VERSIONS, why)
+
+    def _version_error(self, rid, version, supported, why=""):
+        # `requested` echoes only a JSON-safe value: a short string, else null
+        asked = version[:100] if isinstance(version, str) else None
+        return self._error(rid, _MCP_VERSION, "Unsupported protocol version: %s%s" % (
+            asked, why), {"supported": list(supported), "requested": asked})
 
     def _result(self, rid, result, modern):
         if modern:
@@ -10614,12 +10778,6 @@ def _hook_reply(event, data, cli):
 
 # -- integrate: hooks, MCP config and a listener subagent for Claude Code and Codex -----
 
-INTEGRATE_MARK = "# >>> thrum (written by `thrum integrate codex`; `--remove` takes it out)"
-
-
-INTEGRATE_END = "# <<< thrum"
-
-
 _LISTENER = """\
 ---
 name: thrum-listener
@@ -10742,24 +10900,18 @@ def _with_key(data, key, value):
 
 
 def _toml_block(mcp, hooks):
-    """Our part of a Codex config.toml: [mcp_servers.thrum] and the hook tables, written
-    with tomli-w when it is installed, else by hand (equivalent TOML)."""
-    doc = {"mcp_servers": {"thrum": mcp}, "hooks": {
-        event: [{"hooks": [{"type": "command", "command": cmd, "timeout": 10}]}]
-        for event, cmd in hooks.items()}}
-    try:
-        import tomli_w
-        body = tomli_w.dumps(doc)
-    except ImportError:
-        ls = ["[mcp_servers.thrum]", "command = %s" % _toml_value(mcp["command"]),
-              "args = [%s]" % ", ".join(_toml_value(a) for a in mcp["args"]), "",
-              "[mcp_servers.thrum.env]"]
-        ls += ["%s = %s" % (_toml_key(k), _toml_value(v)) for k, v in mcp["env"].items()]
-        for event, cmd in hooks.items():
-            ls += ["", "[[hooks.%s]]" % event, "", "[[hooks.%s.hooks]]" % event,
-                   'type = "command"', "command = %s" % _toml_value(cmd), "timeout = 10"]
-        body = "\n".join(ls) + "\n"
-    return "%s\n%s%s\n" % (INTEGRATE_MARK, body, INTEGRATE_END)
+    """Our part of a Codex config.toml: [mcp_servers.thrum] and the hook tables in the
+    layout of Codex's documentation. Always written here, never by tomli-w, whose
+    versions differ (1.0 writes the handlers as an inline array, 1.2 as tables), so the
+    block is the same wherever thrum runs and docs/integrations.md shows it as it is."""
+    ls = ["[mcp_servers.thrum]", "command = %s" % _toml_value(mcp["command"]),
+          "args = [%s]" % ", ".join(_toml_value(a) for a in mcp["args"]), "",
+          "[mcp_servers.thrum.env]"]
+    ls += ["%s = %s" % (_toml_key(k), _toml_value(v)) for k, v in mcp["env"].items()]
+    for event, cmd in hooks.items():
+        ls += ["", "[[hooks.%s]]" % event, "", "[[hooks.%s.hooks]]" % event,
+               'type = "command"', "command = %s" % _toml_value(cmd), "timeout = 10"]
+    return "%s\n%s\n%s\n" % (INTEGRATE_MARK, "\n".join(ls), INTEGRATE_END)
 
 
 def _strip_toml_block(text):
@@ -10913,6 +11065,25 @@ class Integration:
         return done
 
 
+def codex_trust_steps(root, env):
+    """What `integrate codex` says after its files (SPEC §15): Codex ignores a project's
+    .codex/config.toml until the project is trusted, and runs its hooks only once the
+    user approved them. {project, codex_config, steps}."""
+    key, conf = os.path.realpath(root), _codex_config_path(env)
+    return {"project": key, "codex_config": conf, "steps": [
+        "1. Trust the project (until then Codex ignores .codex/config.toml: thrum's MCP "
+        "server and hooks): run `codex` in %s and choose \"Trust and continue\", or add to "
+        "%s:" % (key, conf),
+        "       [projects.%s]" % json.dumps(key, ensure_ascii=False),
+        "       trust_level = \"trusted\"",
+        "2. Approve the hooks (Codex runs them only then): when `codex` starts there and says "
+        "\"Hooks need review\", choose \"Trust all and continue\" (or type /hooks and press "
+        "t). A hook that changes (say, after another `integrate codex --write`) needs it "
+        "again.",
+        "3. Check: `codex mcp get thrum` in the project shows the server; `thrum doctor` "
+        "reports both steps."]}
+
+
 def cmd_integrate(args, cli, out):
     if cli.store is None:
         raise NotSetUpError("thrum is not initialised here (%s)" % cli.caller.cwd,
@@ -10946,6 +11117,9 @@ def cmd_integrate(args, cli, out):
                 lines += f["content"].rstrip("\n").split("\n")
     if not args.write:
         lines.append("(nothing was written: run again with --write)")
+    if args.host == "codex" and not args.remove:  # Codex ignores it until trusted
+        r["codex_trust"] = codex_trust_steps(root, cli.caller.env)
+        lines += ["", "Then, in Codex:"] + r["codex_trust"]["steps"]
     out.emit(r, lines)
 
 
@@ -11166,10 +11340,12 @@ def cmd_watch(args, cli, out):
             if me is None:
                 me = cli.call("whoami")["agent_id"]
             # recorded, then printed: a watch killed as it prints never prints it again
-            cli.watched(me, r["messages"], since)
+            # (the ids only: where the next watch starts is kept after the lines are out)
+            cli.watched(me, r["messages"])
             for m in r["messages"]:
                 out.write(watch_line(m, out.json) + "\n")
                 printed[m["message_id"]] = time.monotonic()
+            cli.watched(me, (), since)
             old = time.monotonic() - 60.0
             printed = {k: t for k, t in printed.items() if t > old}
     except KeyboardInterrupt:

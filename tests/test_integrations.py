@@ -4,11 +4,12 @@ them (fixtures written from their hook documentation), configs merged and undone
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 
 import pytest
 
-from conftest import make_env, make_repo, run_thrum
+from conftest import REPO_ROOT, git, make_env, make_repo, run_thrum
 
 
 def claude_stop(cwd, active=False):
@@ -213,6 +214,171 @@ def test_integrate_refuses_a_file_it_cannot_parse(team):
     assert snapshot(team.path) == before
     assert integrate(team, "gemini").code == 2
     assert integrate(team, "claude", "--agent", "nobody").code == 4
+
+
+# --------------------------------------------------------------------------- Codex's trust
+# Codex (0.171.0, checked with the real binary) reads a project's .codex/config.toml only
+# once the project is trusted in $CODEX_HOME/config.toml, and runs a project's hooks only
+# once their approval is recorded there under [hooks.state."<file>:<event>:<group>:<hook>"].
+
+def codex_env(team, codex_home=None, name="bob"):
+    env = dict(team.env, THRUM_NAME=name)
+    if codex_home is not None:
+        env["CODEX_HOME"] = str(codex_home)
+    return env
+
+
+def codex_checks(team, env, *args, cwd=None):
+    r = run_thrum(["doctor", "--json", *args], cwd or team.path, env)
+    return r, {c["name"]: c for c in json.loads(r.out)["checks"] if c["name"].startswith("codex")}
+
+
+def test_integrate_codex_prints_the_trust_steps(team, tmp_path):
+    home = tmp_path / "codex-home"
+    key = os.path.realpath(team.path)
+    for args in ((), ("--write",)):
+        r = run_thrum(["integrate", "codex", *args], team.path, codex_env(team, home))
+        assert r.code == 0, r.describe()
+        steps = r.out[r.out.index("Then, in Codex:"):]
+        assert f'run `codex` in {key} and choose "Trust and continue"' in steps
+        assert f"add to {home}/config.toml:" in steps
+        assert f'\n       [projects."{key}"]\n       trust_level = "trusted"\n' in steps
+        assert '"Hooks need review", choose "Trust all and continue"' in steps
+        assert "/hooks" in steps and "`codex mcp get thrum`" in steps
+    j = json.loads(run_thrum(["integrate", "codex", "--json"], team.path,
+                             codex_env(team, home)).out)
+    assert j["codex_trust"]["project"] == key
+    assert j["codex_trust"]["codex_config"] == f"{home}/config.toml"
+    assert any("Trust and continue" in s for s in j["codex_trust"]["steps"])
+    # the default Codex home is ~/.codex; removing and Claude Code print no such steps
+    r = run_thrum(["integrate", "codex"], team.path, codex_env(team))
+    assert f"add to {team.env['HOME']}/.codex/config.toml:" in r.out
+    r = run_thrum(["integrate", "codex", "--remove", "--write", "--json"], team.path,
+                  codex_env(team, home))
+    assert "codex_trust" not in json.loads(r.out)
+    assert "Trust and continue" not in run_thrum(["integrate", "claude"], team.path,
+                                                 codex_env(team, home)).out
+    assert not home.exists()  # nothing of Codex's own was written
+
+
+def test_doctor_reports_whether_codex_trusts_the_project(team, tmp_path):
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    conf = home / "config.toml"
+    env = codex_env(team, home)
+    key = os.path.realpath(team.path)
+    # no thrum block in .codex/config.toml: no Codex check at all, even with other tables
+    (team.path / ".codex").mkdir()
+    (team.path / ".codex" / "config.toml").write_text('[mcp_servers.docs]\ncommand = "d"\n')
+    r, checks = codex_checks(team, env)
+    assert checks == {} and r.code == 0, r.describe()
+    assert integrate(team, "codex", "--write").code == 0
+    project = (team.path / ".codex" / "config.toml").read_bytes()
+
+    # no Codex config, another project trusted, a parent directory trusted, untrusted
+    for text, why in (
+            (None, f"{conf} does not exist"),
+            ('[projects."/elsewhere"]\ntrust_level = "trusted"\n',
+             f'{conf} has no [projects."{key}"] entry'),
+            (f'[projects."{os.path.dirname(key)}"]\ntrust_level = "trusted"\n',
+             f'{conf} has no [projects."{key}"] entry'),
+            (f'[projects."{key}"]\ntrust_level = "untrusted"\n',
+             f"{conf} marks {key} untrusted"),
+            (f'[projects."{key}"]\ntrust_level = "Trusted"\n',
+             'has trust_level = "Trusted", which Codex does not accept')):
+        if text is None:
+            conf.unlink(missing_ok=True)
+        else:
+            conf.write_text(text)
+        r, checks = codex_checks(team, env)
+        assert r.code == 1 and list(checks) == ["codex: project trusted"], r.describe()
+        c = checks["codex: project trusted"]
+        assert c["ok"] is False and c["fixed"] is False and why in c["detail"], c
+        assert f'run `codex` in {key} and choose "Trust and continue"' in c["detail"]
+        assert f'set trust_level = "trusted" under [projects."{key}"] in {conf}' in c["detail"]
+        assert "doctor --fix never edits Codex's config" in c["detail"]
+    conf.write_text("[projects\n")  # Codex cannot read it either
+    r, checks = codex_checks(team, env)
+    c = checks["codex: project trusted"]
+    assert r.code == 1 and c["ok"] is False and f"cannot read {conf} (" in c["detail"], c
+    conf.write_text(f'[projects."{key}"]\ntrust_level = "Trusted"\n')
+    human = run_thrum(["doctor"], team.path, env)
+    assert f"✗ codex: project trusted: {conf} marks" not in human.out  # (last case: "Trusted")
+    assert "✗ codex: project trusted: " in human.out and human.code == 1
+
+    # --fix changes neither Codex's config nor the project's
+    conf.write_text(f'# mine\n[projects."{key}"]\ntrust_level = "untrusted"\n')
+    before = conf.read_bytes()
+    r, checks = codex_checks(team, env, "--fix")
+    assert r.code == 1 and checks["codex: project trusted"]["ok"] is False
+    assert conf.read_bytes() == before
+    assert (team.path / ".codex" / "config.toml").read_bytes() == project
+
+    # trusted, but the hooks not approved yet: one check says which
+    trusted = f'[projects."{key}"]\ntrust_level = "trusted"\n'
+    conf.write_text(trusted)
+    r, checks = codex_checks(team, env)
+    assert checks["codex: project trusted"]["ok"] is True
+    assert f"trusts {key}" in checks["codex: project trusted"]["detail"]
+    hooks = checks["codex: hooks approved"]
+    assert r.code == 1 and hooks["ok"] is False
+    assert "not approved in %s: SessionStart, Stop, UserPromptSubmit" % conf in hooks["detail"]
+    assert '"Trust all and continue"' in hooks["detail"]
+
+    # approved as Codex records it (one disabled in Codex's /hooks, then all enabled)
+    cfg = os.path.realpath(team.path / ".codex" / "config.toml")
+    state = "".join(f'[hooks.state."{cfg}:{ev}:0:0"]\ntrusted_hash = "sha256:{n}"\n{extra}\n'
+                    for n, ev, extra in ((1, "session_start", ""),
+                                         (2, "user_prompt_submit", "enabled = true"),
+                                         (3, "stop", "enabled = false")))
+    conf.write_text(trusted + "\n[hooks.state]\n\n" + state)
+    r, checks = codex_checks(team, env)
+    assert checks["codex: hooks approved"]["ok"] is False
+    assert "disabled in Codex: Stop" in checks["codex: hooks approved"]["detail"]
+    conf.write_text(trusted + "\n[hooks.state]\n\n" + state.replace("enabled = false", ""))
+    r, checks = codex_checks(team, env)
+    assert r.code == 0, r.describe()
+    assert all(c["ok"] for c in checks.values()) and len(checks) == 2, checks
+    assert "approval of thrum's 3 hooks" in checks["codex: hooks approved"]["detail"]
+    # CODEX_HOME unset: ~/.codex/config.toml
+    r, checks = codex_checks(team, dict(team.env, THRUM_NAME="bob"))
+    assert f"{team.env['HOME']}/.codex/config.toml does not exist" in \
+        checks["codex: project trusted"]["detail"]
+
+
+def test_doctor_codex_trust_in_a_linked_worktree(team, tmp_path):
+    """Codex files a linked worktree's trust under its own path or, failing that, the main
+    checkout's; it runs the main checkout's hooks there, so no hook check is made."""
+    wt = tmp_path / "wt-dave"
+    git("worktree", "add", "-q", wt, cwd=team.path, env=team.env)
+    team.register("dave", "dev", "ui", cwd=wt)
+    env = codex_env(team, tmp_path / "ch", name="dave")
+    assert run_thrum(["integrate", "codex", "--write"], wt, env).code == 0
+    (tmp_path / "ch").mkdir()
+    main, own = os.path.realpath(team.path), os.path.realpath(wt)
+    for text, ok in ((f'[projects."{main}"]\ntrust_level = "trusted"\n', True),
+                     (f'[projects."{own}"]\ntrust_level = "trusted"\n', True),
+                     (f'[projects."{main}"]\ntrust_level = "trusted"\n'
+                      f'[projects."{own}"]\ntrust_level = "untrusted"\n', False)):
+        (tmp_path / "ch" / "config.toml").write_text(text)
+        r, checks = codex_checks(team, env, cwd=wt)
+        assert list(checks) == ["codex: project trusted"], r.describe()
+        assert checks["codex: project trusted"]["ok"] is ok, (text, checks)
+
+
+def test_integrate_codex_writes_the_block_docs_show(team, tmp_path):
+    """The block is thrum's own text, whatever TOML writer is installed (tomli-w 1.0 and
+    1.2 lay out the hook handlers differently), and docs/integrations.md shows it as is."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "thrum").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "thrum").chmod(0o755)
+    env = dict(team.env, THRUM_NAME="bob", PATH=f"{bin_dir}:{team.env['PATH']}")
+    assert run_thrum(["integrate", "codex", "--write"], team.path, env).code == 0
+    written = (team.path / ".codex" / "config.toml").read_text()
+    doc = (REPO_ROOT / "docs" / "integrations.md").read_text()
+    start = doc.index("```toml\n# >>> thrum") + len("```toml\n")
+    assert written == doc[start:doc.index("```", start)]
 
 
 def test_integrate_codex_keeps_comments_and_undoes_exactly(team):

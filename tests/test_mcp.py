@@ -489,6 +489,57 @@ def test_channel_pushes_each_message_once(mteam, procs):
     s2.close()
 
 
+def test_channel_mode_offers_the_initialize_era_only(team, procs):
+    """With --channel, server/discover is an unknown method and a 2026-07-28 request an
+    unsupported version listing the legacy ones (Claude Code delivers channel pushes only on
+    the initialize era, and picks the modern one whenever discover answers); initialize
+    still declares the channel. Without the flag discover is answered (the control)."""
+    s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"), "--channel")
+    d = s.request("server/discover", {"_meta": MODERN})
+    assert d["error"]["code"] == -32601 and "result" not in d
+    assert d["error"]["message"].startswith("Method not found: server/discover")
+    assert s.request("server/discover")["error"]["code"] == -32601  # whatever its params
+    for method, params in (("tools/list", {"_meta": MODERN}),
+                           ("tools/call", {"name": "check_messages", "arguments": {},
+                                           "_meta": MODERN})):
+        bad = s.request(method, params)["error"]
+        assert bad["code"] == -32022, bad
+        assert bad["data"] == {"supported": ["2025-11-25", "2025-06-18", "2025-03-26",
+                                             "2024-11-05"], "requested": "2026-07-28"}
+    init = s.request("initialize", INIT)["result"]  # the fallback, on the same process
+    assert init["protocolVersion"] == "2025-11-25"
+    assert init["capabilities"]["experimental"] == {"claude/channel": {}}
+    s.notify("notifications/initialized")
+    assert [t["name"] for t in s.request("tools/list")["result"]["tools"]] == TOOLS
+    assert s.call("check_messages")["structuredContent"]["total"] == 0
+    s.close()
+    assert not s.bad
+    plain = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"))
+    d = plain.request("server/discover", {"_meta": MODERN})["result"]
+    assert d["supportedVersions"][0] == "2026-07-28"
+    assert "experimental" not in d["capabilities"]
+    plain.close()
+
+
+def test_sdk_auto_mode_falls_back_to_initialize_on_a_channel_server(team):
+    """The official client in its default mode: the refused discover sends it to the
+    initialize era, where the channel capability is declared."""
+    out = {}
+
+    async def main():
+        params = StdioServerParameters(
+            command=THRUM_CMD[0], args=[*THRUM_CMD[1:], "mcp", "serve", "--channel"],
+            cwd=str(team.path), env={"THRUM_NAME": "bob", "HOME": team.env["HOME"]})
+        async with Client(params, mode="auto") as bob:
+            out["version"] = bob.protocol_version
+            out["caps"] = bob.server_capabilities
+            out["check"] = await bob.call_tool("check_messages", {})
+    anyio.run(main)
+    assert out["version"] == "2025-11-25"
+    assert (out["caps"].experimental or {}).get("claude/channel") == {}
+    assert not out["check"].is_error
+
+
 def test_no_channel_without_the_flag(team, procs):
     s = procs.mcp(team.path, server_env(team, THRUM_NAME="bob"))
     init = s.initialize()
