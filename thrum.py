@@ -4817,6 +4817,9 @@ class StoredError(ThrumError):
     def __init__(self, events, cause):
         reason = getattr(cause, "message", None) or getattr(cause, "strerror", None) or \
             str(cause)
+        for said in ("the index cannot be updated: ", "the index cannot be read: "):
+            if reason.startswith(said):  # (said once, below)
+                reason = reason[len(said):]
         sent = [e["message_id"] for e in events if e.get("type") == "message.create"]
         keyed = [e for e in events if e.get("idempotency_key") is not None]
         if sent:

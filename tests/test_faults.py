@@ -177,6 +177,7 @@ def test_a_send_whose_index_update_fails_says_it_was_stored(team, procs, mode):
     assert r.code == 1, r.describe()
     assert "stored as msg_" in r.err and "do not send it again" in r.err, r.describe()
     assert "retry" not in r.err.lower(), r.describe()
+    assert r.err.count("updated") == 1, r.describe()  # the reason is said once
     mid = next(w for w in r.err.split() if w.startswith("msg_")).rstrip(",;")
     t.ok("status", name="bob")  # any command catches the index up
     r = with_index_locked("reply", parent, "a reply", name="bob")
