@@ -212,13 +212,19 @@ def test_a_hanging_remote_does_not_stretch_a_wait(tmp_path, env):
 def test_an_mcp_wait_the_client_gave_up_on_claims_nothing(team, procs):
     """A client that cut a wait at its own timeout without a cancel (as some do) and
     calls again: the new wait gets the message, the abandoned one never answers."""
-    s = procs.mcp(team.path, dict(team.env, THRUM_NAME="bob"))
+    s = procs.mcp(team.path, dict(team.env, THRUM_NAME="bob",
+                                  THRUM_MCP_PROGRESS_INTERVAL="0.2"))
     s.initialize()
     old = s.send("tools/call", {"name": "wait_for_message", "arguments": {"timeout": 60}})
     if team.daemon:  # (the server reads calls in order: the first is in flight anyway)
         from conftest import waiting
         wait_until(lambda: waiting(team.path) == 1, 20, "the first wait in the daemon")
-    new = s.send("tools/call", {"name": "wait_for_message", "arguments": {"timeout": 20}})
+    new = s.send("tools/call", {"name": "wait_for_message", "arguments": {"timeout": 20},
+                                "_meta": {"progressToken": "new"}})
+    # the server has read the new call (its progress comes) before the message is sent:
+    # a message that came first would rightly go to the old call, as nothing said it ended
+    wait_until(lambda: [n for n in s.notes_of("notifications/progress")
+                        if n["params"]["progressToken"] == "new"], 20, "the new call's progress")
     sent = team.seed("alice", "for the live wait", to=["bob"])
     got = s.reply(new)["result"]["structuredContent"]
     assert [m["message_id"] for m in got["messages"]] == [sent["message_id"]]
