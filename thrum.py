@@ -5816,29 +5816,22 @@ class RemoteWatch:
             if not eng.has_remote():
                 return
             cfg = self.store.config
-            every = parse_duration(cfg.get("sync.wait_interval"))
-            most = max(every, parse_duration(cfg.get("sync.interval")))
+            check = RemoteCheck(parse_duration(cfg.get("sync.wait_interval")),
+                                parse_duration(cfg.get("sync.interval")),
+                                quiet_after=self.QUIET_CHECKS)
         except (ThrumError, OSError) as e:
             return self._warn(getattr(e, "message", None) or str(e))
-        gap, quiet = 0.0, 0
+        gap = 0.0  # the first look at once
         while not self._stop.wait(gap):
             try:
-                moved = self._moved(eng)
+                moved = eng.remote_moved()
                 if moved and not self._stop.is_set():
                     eng.cycle()
+                check.checked(moved)
             except (ThrumError, OSError) as e:
                 self._warn(getattr(e, "message", None) or str(e))
-                moved = False
-            quiet = 0 if moved else quiet + 1
-            gap = every if quiet < self.QUIET_CHECKS else min(
-                most, every * 2 ** (quiet - self.QUIET_CHECKS + 1))
-
-    def _moved(self, eng):
-        p = eng.git("ls-remote", eng.remote, eng.ref, check=False, timeout=eng.net_timeout)
-        if p.returncode != 0:
-            raise ThrumError("cannot check %s: %s" % (eng.remote, git_reason(p.stderr)))
-        tip = p.stdout.split()[0] if p.stdout.split() else None
-        return bool(tip) and tip != eng.rev(eng.tracking)
+                check.failed()
+            gap = check.due_in()
 
     def _warn(self, text):
         if not self._warned and not self._stop.is_set():
