@@ -196,3 +196,82 @@ def test_purge_through_the_daemon_and_retention_days(tmp_path, procs):
     t.ok("config", "set", "retention.days", "none")
     assert t("config", "get", "retention.days").out.strip() == "none"
     assert_alive(d)
+
+
+def test_a_purge_read_before_or_after_its_messages_leaves_the_same_rows(tmp_path):
+    """The projection in process (the order of events is what is under test): threads,
+    idempotency-key duplicates, edits, deletes and receipts, waiting or not, come out the
+    same whether the purge is read first, last, in between or in one batch with them."""
+    import random
+    now = time.time()
+    gen = thrum._UlidGen()
+    events = []
+
+    def ev(etype, t, **fields):
+        e = {"v": 1, "event_id": "evt_" + gen(int(t * 1000)), "type": etype,
+             "timestamp": thrum.now_ts(t), "origin": "o_test", **fields}
+        events.append(e)
+        return e
+
+    def msg(author, to, t, **fields):
+        mid = "msg_" + thrum._UlidGen()(int(t * 1000))
+        ev("message.create", t, message_id=mid, agent_id=author, session_id=None,
+           body={"format": "markdown", "content": mid}, recipients=[to],
+           audiences=[{"type": "agent", "value": to}], scopes=[],
+           refs=[{"type": "ref", "value": "x"}], **fields)
+        return mid
+
+    old, new, horizon = now - 5 * DAY, now - 3600, now - DAY
+    m1 = msg("alice", "bob", old)
+    m2 = msg("bob", "alice", old + 1, reply_to=m1, thread_id="thr_1")
+    msg("alice", "bob", new, reply_to=m2, thread_id="thr_1")  # keeps thr_1 whole
+    m4 = msg("alice", "bob", old + 2)
+    msg("bob", "alice", old + 3, reply_to=m4, thread_id="thr_2")  # all old: goes
+    m6 = msg("alice", "bob", old + 4)
+    msg("bob", "alice", new + 1, reply_to=m6, thread_id="thr_3")  # the purger missed it
+    m9 = msg("alice", "bob", old + 6)  # kept, but its only reply goes: no thread then
+    msg("bob", "alice", old + 7, reply_to=m9, thread_id="thr_4")
+    k1 = msg("alice", "bob", old + 5, idempotency_key="k")
+    msg("alice", "bob", old + 3600, idempotency_key="k")
+    k3 = msg("alice", "bob", horizon - 3600, idempotency_key="j")
+    k4 = msg("alice", "bob", horizon + 3600, idempotency_key="j")  # a copy of k3, then not
+    ev("message.edit", new, message_id=m4, agent_id="alice",
+       body={"format": "markdown", "content": "edited"})
+    ev("message.delete", new, message_id=m1, agent_id="alice")
+    for mid in (m1, m4, k1, k3, k4):
+        ev("message.receipt", new, message_id=mid, agent_id="bob")
+    never = "msg_" + thrum._UlidGen()(int(old * 1000))  # a receipt whose create never came
+    ev("message.receipt", new, message_id=never, agent_id="bob")
+    purge = {"v": 1, "event_id": "evt_" + gen(), "type": "log.purge",
+             "timestamp": thrum.now_ts(now), "origin": "o_test", "by": "carol",
+             "before": thrum.now_ts(horizon), "keep": [m1, m2, m9]}
+
+    def project(batches):
+        idx = thrum.Index(str(tmp_path / "unused.db"), None)
+        idx.db = thrum.sqlite3.connect(":memory:", isolation_level=None)
+        idx.db.executescript(thrum._SCHEMA)
+        idx.building = True  # (arrival = creation: the same in every run)
+        for batch in batches:
+            idx.apply(batch)
+        out = {t: sorted(idx.db.execute("SELECT * FROM %s" % t).fetchall(), key=repr)
+               for t in ("messages", "deliveries", "tags", "receipts", "edits", "deletes",
+                         "purges")}
+        out["by id"] = {r[0]: r[1:] for r in idx.db.execute(
+            "SELECT message_id, thread_id, dup_of FROM messages")}
+        out["read"] = {r[0] for r in idx.db.execute("SELECT message_id FROM receipts")}
+        idx.db.close()
+        return out
+
+    want = project([[purge] + events])
+    gone = set(project([events])["by id"]) - set(want["by id"])
+    assert len(gone) == 7 and k4 not in gone and m1 not in gone and m6 in gone
+    assert not want["read"] & (gone | {never})
+    assert want["by id"][k4] == (None, None)  # k4 is no copy once k3 is gone
+    assert want["by id"][m9] == (None, None)  # nor is m9 in a thread once its reply is
+    rng = random.Random(20)
+    for batches in ([events, [purge]], [[purge], events], [events[:9], [purge], events[9:]]):
+        assert project(batches) == want
+    for _ in range(3):
+        shuffled = events + [purge]
+        rng.shuffle(shuffled)
+        assert project([[e] for e in shuffled]) == want
