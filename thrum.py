@@ -1475,7 +1475,6 @@ def _event_problem(ev):
     return None
 
 
-
 # -- retention (SPEC §17): log.purge events and what they make dead -------------------
 #
 # A purge is an event `{"type": "log.purge", "by", "before", "keep": [message ids]}` in
@@ -1690,6 +1689,7 @@ def open_for_append(path):
             os.close(fd)
             raise
         os.close(fd)
+
 
 # === 6. Index: the projection of the log ======================================
 #
