@@ -697,7 +697,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
 
 
 def parse_duration(text):
-    """Parse `30s`, `8m`, `1h30m`, `1.5h`, `250ms`, `2d` or bare seconds (`45`, `-15s`).
+    """Parse `30s`, `8m`, `1h30m`, `1.5h`, `250ms`, `2d`, `2w` or bare seconds (`45`, `-15s`).
 
     Returns seconds (float, may be negative). Raises ValueError.
     """
