@@ -1576,7 +1576,9 @@ CREATE INDEX messages_created ON messages(ts);
 CREATE INDEX messages_arrived ON messages(arrived);
 CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
 CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
-CREATE INDEX deliveries_unread ON deliveries(agent_id) WHERE read_at IS NULL AND deleted = 0;
+CREATE INDEX deliveries_unread ON deliveries(agent_id, deleted, read_at)
+  WHERE read_at IS NULL AND deleted = 0;
+CREATE INDEX deliveries_hidden ON deliveries(agent_id, deleted) WHERE deleted != 0;
 CREATE INDEX deliveries_msg ON deliveries(rid);
 CREATE INDEX edits_msg ON edits(message_id);
 CREATE INDEX deletes_msg ON deletes(message_id);
@@ -2409,6 +2411,7 @@ class Projection:
         blk = self._block
         if self.building:
             known, range_at = self._arrivals_known(), blk[3] if blk else None
+            range_k = range_at and _ts_key(range_at)
         else:
             t = self.file_mtime if self.file_mtime is not None else time.time()
             now = now_ts(t)
@@ -2420,10 +2423,12 @@ class Projection:
             mid, author, ts = e["message_id"], e["agent_id"], e["timestamp"]
             created = _ts_exact(ts)
             if self.building:
-                at = known.get(mid)
+                at = known.get(mid) if known else None
                 if range_at is not None and (at is None or range_at < at):
-                    at = range_at
-                arrived = _ts_key(at) if at else _ts_key(ts)
+                    arrived = range_k
+                else:
+                    arrived = _ts_key(at) if at else \
+                        _ts_key(ts) if created is None else created
             elif ts < late_before or ts > early:
                 late.append(mid)
             st = body.get("structured")
@@ -2435,9 +2440,11 @@ class Projection:
                 keys.add((author, key))
             # audiences that say "each recipient, by name" are not stored (NULL), nor
             # tagged: the deliveries answer for them
-            named = len(auds) == len(recips) and all(
-                a.get("type") == "agent" and a.get("value") == r and len(a) == 2
-                for a, r in zip(auds, recips))
+            named = len(auds) == len(recips)
+            for a, r in zip(auds, recips) if named else ():
+                if a.get("type") != "agent" or a.get("value") != r or len(a) != 2:
+                    named = False
+                    break
             add_msg((mid, author, g("session_id"),
                      _ts_key(ts) if created is None else created,
                      ts if created is None else None, arrived,
@@ -2468,7 +2475,7 @@ class Projection:
             "arrived, format0, content0, structured0, recipients, audiences, scopes, refs, "
             "reply_to, thread0, thread_id, idem_key) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
-        rids = {r[0]: r[1:] for r in db.execute(
+        rids = {mid: (ts, rid) for mid, ts, rid in db.execute(
             "SELECT f.message_id, m.ts, m.rid FROM fresh f JOIN messages m "
             "ON m.message_id = f.message_id")}
         dels, tags = [], []
@@ -3005,13 +3012,21 @@ class Index(Projection):
             "SELECT m.message_id FROM %s WHERE d.agent_id = ? AND d.read_at IS NULL "
             "AND d.deleted = 0" % _UNREAD, (agent_id,))]
 
-    def inbox_counts(self, agent_id):
-        """{total, unread} of an agent's inbox: a range of the primary key of deliveries
-        and one of the index deliveries_unread."""
-        sql = "SELECT count(*) FROM deliveries %s WHERE agent_id = ? AND deleted = 0"
-        return {"total": self.value(sql % "", (agent_id,)),
-                "unread": self.value(sql % "INDEXED BY deliveries_unread" +
-                                     " AND read_at IS NULL", (agent_id,))}
+    def inbox_counts(self, agent_id, total=True):
+        """{total, unread} of an agent's inbox (`total` False: unread only). Each is a
+        count of index entries (no row is read): the agent's deliveries (the primary key's
+        range) less the hidden ones (deliveries_hidden, nearly empty), and its range of
+        deliveries_unread."""
+        out = {}
+        if total:
+            out["total"] = self.value(
+                "SELECT count(*) FROM deliveries WHERE agent_id = ?", (agent_id,)) - \
+                self.value("SELECT count(*) FROM deliveries INDEXED BY deliveries_hidden "
+                           "WHERE agent_id = ? AND deleted != 0", (agent_id,))
+        out["unread"] = self.value("SELECT count(*) FROM %s WHERE d.agent_id = ? AND "
+                                   "d.deleted = 0 AND d.read_at IS NULL" % _UNREAD_D,
+                                   (agent_id,))
+        return out
 
     def unread_messages(self, agent_id, newest_first=False, limit=-1):
         """An agent's unread messages as message dicts (prime, briefings)."""
@@ -3067,14 +3082,19 @@ class Index(Projection):
         if unread:
             where.append(unread_sql)
         wsql = " AND ".join(where)
+        plain = count_frm == "deliveries d" and len(params) == 1  # no filter at all
         if not all:  # the unread ones from their index
             unread_frm = count_frm.replace("deliveries d", _UNREAD_D, 1)
             if unread:
                 frm, count_frm = frm.replace("deliveries d", _UNREAD_D, 1), unread_frm
-        total = self.value("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql), params)
-        n_unread = total if unread else self.value(  # (then it is the same count)
-            "SELECT count(*) FROM %s WHERE %s AND %s" % (
-                count_frm if all else unread_frm, base_where, unread_sql), params)
+        if plain:
+            counts = self.inbox_counts(agent_id, total=not unread)
+            total, n_unread = counts["unread" if unread else "total"], counts["unread"]
+        else:
+            total = self.value("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql), params)
+            n_unread = total if unread else self.value(  # (then it is the same count)
+                "SELECT count(*) FROM %s WHERE %s AND %s" % (
+                    count_frm if all else unread_frm, base_where, unread_sql), params)
         direction = "ASC" if oldest else "DESC"
         rows = self.rows(
             "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL AS is_read, "
@@ -6214,7 +6234,11 @@ class MessageOps(ServiceBase):
         ses = self.index.open_session(me)
         fields = dict(message_id=new_id("msg_"), agent_id=me,
                       session_id=ses["session_id"] if ses else None, body=body,
-                      recipients=recipients, audiences=audiences, scopes=scopes, refs=refs)
+                      recipients=recipients, audiences=audiences)
+        if scopes:  # (empty lists are left out: every reader takes absent as [])
+            fields["scopes"] = scopes
+        if refs:
+            fields["refs"] = refs
         if reply_to:
             fields["reply_to"] = reply_to
             fields["thread_id"] = thread_id
