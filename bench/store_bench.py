@@ -284,8 +284,8 @@ class Bench:
             lat.measure_store(repos[10000], 10000)
         lat.measure_rebuild(repos[big], big, rebuild_runs)
         for r in lat.results():
-            if r["name"].startswith(("send installed", "inbox installed", "rebuild",
-                                     "baseline")):
+            if r.get("n") and r["name"].startswith(("send installed", "inbox installed",
+                                                    "rebuild", "baseline")):
                 ratio = r.get("ratio")
                 self.row(r["name"], r["median_ms"], "ms", r["n"], r.get("target"),
                          r.get("limit") if r.get("kind") == "ms" else None,
