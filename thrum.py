@@ -692,6 +692,58 @@ def parse_ts(s):
     return dt.timestamp()
 
 
+#: Timestamps the index orders by (a message's creation and arrival) are integers: the
+#: fields of the event format YYYY-MM-DDTHH:MM:SS.ffffffZ in a mixed radix, so they
+#: order as the text does and SQL prints them back (_ts_sql). Weights of the fields:
+_TS_W = (13 * 32 * 24 * 60 * 61 * 1000000, 32 * 24 * 60 * 61 * 1000000,
+         24 * 60 * 61 * 1000000, 60 * 61 * 1000000, 61 * 1000000, 1000000)
+_TS_RANGE = (10000, 13, 32, 24, 60, 61)  # each field below these (months 0-12, ...)
+#: Text that is not in the event format orders before or after all of it.
+_TS_LOW, _TS_HIGH = -1, 1 << 62
+_TS_FLOOR = "0000-00-00T00:00:00.000000Z"
+_TS_SECONDS = {}  # "YYYY-MM-DDTHH:MM:SS" -> its weight, or None (a cache)
+_TS_SEC_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\Z")
+
+
+def _ts_exact(s):
+    """The integer of a timestamp in the event format, or None when it is not one."""
+    head = s[:19]
+    try:
+        base = _TS_SECONDS[head]
+    except KeyError:
+        m = _TS_SEC_RE.match(head)
+        base = None
+        if m:
+            parts = [int(x) for x in m.groups()]
+            if all(p < r for p, r in zip(parts, _TS_RANGE)):
+                base = sum(p * w for p, w in zip(parts, _TS_W))
+        if len(_TS_SECONDS) > 100000:
+            _TS_SECONDS.clear()
+        _TS_SECONDS[head] = base
+    if base is None or len(s) != 27 or s[19] != "." or s[26] != "Z":
+        return None
+    frac = s[20:26]
+    return base + int(frac) if frac.isdigit() and frac.isascii() else None
+
+
+def _ts_key(s):
+    """A timestamp as the index orders it: _ts_exact, or for text in another format
+    _TS_LOW or _TS_HIGH (before or after every event-format timestamp, as it compares
+    with the earliest one)."""
+    k = _ts_exact(s)
+    if k is None:
+        return _TS_LOW if s < _TS_FLOOR else _TS_HIGH
+    return k
+
+
+def _ts_sql(col):
+    """SQL that prints the integer `col` (_ts_exact) as the timestamp's text."""
+    parts = ["%s / %d" % (col, _TS_W[0])] + [
+        "%s / %d %% %d" % (col, w, r) for w, r in zip(_TS_W[1:], _TS_RANGE[1:])]
+    return "printf('%%04d-%%02d-%%02dT%%02d:%%02d:%%02d.%%06dZ', %s, %s %% 1000000)" % (
+        ", ".join(parts), col)
+
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
                    "w": 604800.0}
 
@@ -1702,26 +1754,35 @@ def open_for_append(path):
 _SCHEMA_TABLES = """
 CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
                    offset INTEGER, tail BLOB, lines INTEGER);
+-- rid: the key the other tables use for a message (an integer is much smaller than the
+-- id's text). ts: created_at as an order-preserving integer (_ts_key); created_at holds
+-- the text only when it is not in the event format (readers use _CREATED). arrived: when
+-- it reached this store (_ts_key of it). ses: its session_id (in names). Defaults are
+-- not stored: format0 NULL is
+-- markdown, audiences NULL is one agent audience per recipient, scopes/refs NULL is [].
 CREATE TABLE messages(
-  message_id TEXT PRIMARY KEY, agent_id TEXT, session_id TEXT, created_at TEXT,
-  event_id TEXT, origin TEXT, format0 TEXT, content0 TEXT, structured0 TEXT,
-  recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT, thread0 TEXT,
+  rid INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, agent_id TEXT, ses INTEGER,
+  ts INTEGER, created_at TEXT, arrived INTEGER, format0 TEXT, content0 TEXT,
+  structured0 TEXT, recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT,
+  thread0 TEXT,
   -- the latest edit (NULL until edited; readers coalesce with the *0 columns)
   format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
   deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT,
   -- the idempotency key it was sent with (SPEC 16), and the message it duplicates
-  idem_key TEXT, dup_of TEXT)
-  WITHOUT ROWID;
+  idem_key TEXT, dup_of TEXT);
 -- (agent, key) -> its messages, and the (few) duplicates: with the tables, since a
 -- build needs them as it goes
 CREATE INDEX messages_idem ON messages(agent_id, idem_key) WHERE idem_key IS NOT NULL;
 CREATE INDEX messages_dup ON messages(dup_of) WHERE dup_of IS NOT NULL;
--- deleted: hidden (the message is deleted, or a duplicate by idempotency key)
-CREATE TABLE deliveries(agent_id TEXT, message_id TEXT, created_at TEXT, author TEXT,
-                        read_at TEXT, deleted INTEGER DEFAULT 0, arrived_at TEXT,
-                        PRIMARY KEY(agent_id, message_id)) WITHOUT ROWID;
-CREATE TABLE tags(message_id TEXT, kind TEXT, type TEXT, value TEXT,
-                  PRIMARY KEY(message_id, kind, type, value)) WITHOUT ROWID;
+-- One row per recipient, in each agent's inbox order (ts, rid: the message's). deleted:
+-- hidden (the message is deleted, or a duplicate by idempotency key). arrived: NULL (the
+-- message's), or earlier when a duplicate of it reached this agent first.
+CREATE TABLE deliveries(agent_id TEXT, ts INTEGER, rid INTEGER, read_at TEXT,
+                        deleted INTEGER DEFAULT 0, arrived INTEGER,
+                        PRIMARY KEY(agent_id, ts, rid)) WITHOUT ROWID;
+-- audiences (only those that are not one per recipient), scopes and refs
+CREATE TABLE tags(rid INTEGER, kind TEXT, type TEXT, value TEXT,
+                  PRIMARY KEY(rid, kind, type, value)) WITHOUT ROWID;
 CREATE TABLE receipts(message_id TEXT, agent_id TEXT, read_at TEXT,
                       PRIMARY KEY(message_id, agent_id)) WITHOUT ROWID;
 CREATE TABLE edits(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
@@ -1734,6 +1795,8 @@ CREATE TABLE agents(agent_id TEXT PRIMARY KEY, role TEXT, module TEXT, display T
 CREATE TABLE agent_fields(agent_id TEXT, field TEXT, value TEXT, key TEXT,
                           PRIMARY KEY(agent_id, field)) WITHOUT ROWID;
 CREATE TABLE seen(agent_id TEXT PRIMARY KEY, ts TEXT);
+-- text that many rows share (session ids), stored once
+CREATE TABLE names(nid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE sessions(session_id TEXT PRIMARY KEY, agent_id TEXT, started_at TEXT,
                       ended_at TEXT, end_reason TEXT, pid INTEGER);
 CREATE TABLE groups(name TEXT PRIMARY KEY, group_id TEXT, description TEXT,
@@ -1746,17 +1809,18 @@ CREATE TABLE purges(event_id TEXT PRIMARY KEY, by TEXT, before TEXT, keep TEXT, 
 """
 
 
-#: Secondary indexes: created after a bulk build, which is faster.
+#: Secondary indexes: created after a bulk build, which is faster. Which query needs
+#: each: docs/architecture.md ("The index").
 _SCHEMA_INDEXES = """
-CREATE INDEX messages_author ON messages(agent_id, created_at);
-CREATE INDEX messages_created ON messages(created_at);
+CREATE INDEX messages_author ON messages(agent_id, ts);
+CREATE INDEX messages_created ON messages(ts);
+CREATE INDEX messages_arrived ON messages(arrived);
 CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
 CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
-CREATE INDEX deliveries_inbox ON deliveries(agent_id, deleted, created_at);
-CREATE INDEX deliveries_state ON deliveries(agent_id, deleted, read_at);
-CREATE INDEX deliveries_msg ON deliveries(message_id);
-CREATE INDEX deliveries_arrived ON deliveries(agent_id, arrived_at);
-CREATE INDEX tags_lookup ON tags(kind, type, value);
+CREATE INDEX deliveries_unread ON deliveries(agent_id, deleted, read_at)
+  WHERE read_at IS NULL AND deleted = 0;
+CREATE INDEX deliveries_hidden ON deliveries(agent_id, deleted) WHERE deleted != 0;
+CREATE INDEX deliveries_msg ON deliveries(rid);
 CREATE INDEX edits_msg ON edits(message_id);
 CREATE INDEX deletes_msg ON deletes(message_id);
 CREATE INDEX sessions_agent ON sessions(agent_id);
@@ -1777,6 +1841,15 @@ ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_ke
 def _key(ev):
     """Total order of events: timestamp then event id (both fixed width)."""
     return ev["timestamp"] + "|" + ev["event_id"]
+
+
+#: A message's created_at (m: messages).
+_CREATED = "coalesce(m.created_at, %s)" % _ts_sql("m.ts")
+
+#: A receipt (?1 message id, ?2 reader, ?3 when) marks the delivery read.
+_READ_SQL = ("UPDATE deliveries SET read_at = ?3 WHERE agent_id = ?2 AND (ts, rid) = "
+             "(SELECT ts, rid FROM messages WHERE message_id = ?1) AND "
+             "(read_at IS NULL OR read_at > ?3)")
 
 
 def _key_window_end(ts):
@@ -1823,22 +1896,30 @@ class LocalRecord:
         return now_ts(time.time() - self.keep)
 
     def _read(self):
+        """({id: at}, lines, [the other entries: objects without an id])."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            return {}, 0
-        out, n = {}, 0
+            return {}, 0, []
+        out, n, other = {}, 0, []
         for line in data.split(b"\n"):
             if not line.strip():
                 continue
             n += 1
             try:
                 d = json.loads(line)
-                out[d["id"]] = d["at"]
+                if "id" in d:
+                    out[d["id"]] = d["at"]
+                elif type(d) is dict:
+                    other.append(d)
             except (ValueError, KeyError, TypeError):
                 continue  # a torn or damaged line only forgets that entry
-        return out, n
+        return out, n, other
+
+    def _keep_other(self, other, cutoff):
+        """Which entries without an id a compaction keeps (a subclass's own kinds)."""
+        return []
 
     def load(self):
         """{id: at} of the entries still kept."""
@@ -1877,7 +1958,7 @@ class LocalRecord:
                 if new:
                     self._append(new, at or now_ts())
                 return new
-            entries, lines = self._read()
+            entries, lines, other = self._read()
             cutoff = self._cutoff()
             kept = {k: v for k, v in entries.items() if isinstance(v, str) and v >= cutoff}
             new = [i for i in dict.fromkeys(ids) if not (only_new and i in kept)]
@@ -1886,13 +1967,16 @@ class LocalRecord:
                 kept.update((i, at) for i in new)
                 if lines > 1000 and lines > 2 * len(kept):  # mostly forgotten: compact
                     _write_file_atomic(self.path, "".join(
-                        _ENCODE({"id": k, "at": v}) + "\n" for k, v in kept.items()), 0o600)
+                        _ENCODE(d) + "\n" for d in [{"id": k, "at": v} for k, v in
+                                                    kept.items()] +
+                        self._keep_other(other, cutoff)), 0o600)
                 else:
                     self._append(new, at)
             return new
 
-    def _append(self, ids, at):
-        data = "".join(_ENCODE({"id": i, "at": at}) + "\n" for i in ids)
+    def _append(self, ids, at, entries=()):
+        data = "".join(_ENCODE(d) + "\n" for d in [{"id": i, "at": at} for i in ids] +
+                       list(entries))
         afd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, 0o600)
         try:
             os.write(afd, data.encode("utf-8"))
@@ -1914,6 +1998,47 @@ class LocalRecord:
             return json.loads(first)["at"] >= self._cutoff()
         except (ValueError, KeyError, TypeError):
             return False
+
+
+class ArrivalRecord(LocalRecord):
+    """`var/arrivals.jsonl`: when messages that came late (a sync pulled them in, or a
+    clock is off) reached this store, so that a rebuild gives them the same arrival
+    (SPEC §7). Besides `{id, at}` lines, one `{file, start, end, crc, at}` line stands
+    for every message in that byte range of a log file: a block of new lines read at
+    once (the usual case, so one line however many messages a sync brought). A rebuild
+    uses it while the file still holds the same bytes there (crc32)."""
+
+    def _keep_other(self, other, cutoff):
+        return [d for d in other if isinstance(d.get("at"), str) and d["at"] >= cutoff]
+
+    def add_range(self, rel, start, end, crc, at):
+        try:
+            with self._locked():
+                self._append((), at, [{"file": rel, "start": start, "end": end, "crc": crc,
+                                       "at": at}])
+        except OSError as e:
+            _warn("cannot record in %s (%s): it is not kept" % (self.path, e.strerror or e))
+
+    def known(self, paths):
+        """What a rebuild takes: ({message id: at}, {file: [(start, end, at)]} of the
+        ranges whose bytes that log file (`paths`: {file: path}) still holds)."""
+        import zlib
+        entries, _, other = self._read()
+        cutoff, ranges = self._cutoff(), {}
+        for d in self._keep_other(other, cutoff):
+            try:
+                start, end = int(d["start"]), int(d["end"])
+                with open(paths[d["file"]], "rb") as f:
+                    f.seek(start)
+                    if end <= start or zlib.crc32(f.read(end - start)) != d["crc"]:
+                        continue
+            except (KeyError, TypeError, ValueError, OSError):
+                continue
+            ranges.setdefault(d["file"], []).append((start, end, d["at"]))
+        for v in ranges.values():
+            v.sort()
+        return {k: v for k, v in entries.items() if isinstance(v, str) and v >= cutoff}, \
+            ranges
 
 
 class Claims:
@@ -2152,8 +2277,8 @@ class PurgeProjection:
         bound, before = max(purge_bound(e["before"]) for e in fresh), max(
             e["before"] for e in fresh)
         gone = {m: 1 if _MSG_ULID(m) else 0 for m, c in db.execute(
-            "SELECT message_id, created_at FROM messages WHERE message_id < ? OR "
-            "created_at < ?", (bound, before)) if purges.is_purged(m, c)}
+            "SELECT m.message_id, %s FROM messages m WHERE m.message_id < ? OR m.ts < ?"
+            % _CREATED, (bound, _ts_key(before))) if purges.is_purged(m, c)}
         for table in ("edits", "deletes", "receipts"):
             gone.update((m, 1) for (m,) in db.execute(
                 "SELECT DISTINCT message_id FROM %s WHERE message_id < ?" % table, (bound,))
@@ -2171,9 +2296,10 @@ class PurgeProjection:
                           "IS NOT NULL AND message_id IN (SELECT message_id FROM purged)"
                           ).fetchall()
         # (an FTS index of bodies forgets them here too, before their rows go)
-        for table in ("messages", "deliveries", "tags"):
-            db.execute("DELETE FROM %s WHERE message_id IN (SELECT message_id FROM purged)"
-                       % table)
+        for table in ("deliveries", "tags"):
+            db.execute("DELETE FROM %s WHERE rid IN (SELECT m.rid FROM purged p JOIN "
+                       "messages m ON m.message_id = p.message_id)" % table)
+        db.execute("DELETE FROM messages WHERE message_id IN (SELECT message_id FROM purged)")
         for table in ("edits", "deletes", "receipts"):
             db.execute("DELETE FROM %s WHERE message_id IN (SELECT message_id FROM purged "
                        "WHERE whole = 1)" % table)
@@ -2186,8 +2312,9 @@ class PurgeProjection:
                 (aid, key))]
             db.executemany(
                 "UPDATE deliveries SET read_at = (SELECT r.read_at FROM receipts r WHERE "
-                "r.message_id = deliveries.message_id AND r.agent_id = deliveries.agent_id) "
-                "WHERE message_id = ?", [(m,) for m in same])
+                "r.message_id = ?1 AND r.agent_id = deliveries.agent_id) "
+                "WHERE rid = (SELECT rid FROM messages WHERE message_id = ?1)",
+                [(m,) for m in same])
             touched |= set(same) | self._apply_keys({tuple(k) for k in keys})
         self._refresh(touched)
 
@@ -2214,6 +2341,10 @@ class Projection(PurgeProjection):
         self.built = 0       # events read by the last full build
         self.building = False
         self.file_mtime = None  # while applying a file's lines: its mtime (arrivals)
+        # ...and which lines: (file, start offset, bytes, arrival of the recorded range
+        # they are in, in a build)
+        self._block = None
+        self._ranges = None  # in a build: {file: [(start, end, at)]} (ArrivalRecord)
         self.memory = False  # the store is read-only: the index lives in memory
 
     # -- opening, schema, rebuild --------------------------------------------
@@ -2468,13 +2599,14 @@ class Projection(PurgeProjection):
                         end = data.rfind(b"\n") + 1  # consume complete lines only
                         carry = data[end:]
                         lines += data.count(b"\n", 0, end)
-                        evs, _ = parse_lines(data[:end], rel)
                         self.file_mtime = st.st_mtime_ns / 1e9
                         try:
-                            self.apply(evs)
+                            for piece, self._block in self._pieces(rel, offset, data[:end]):
+                                evs, _ = parse_lines(piece, rel)
+                                self.apply(evs)
+                                total += len(evs)
                         finally:
-                            self.file_mtime = None
-                        total += len(evs)
+                            self.file_mtime = self._block = None
                         offset += end
                     if carry and _is_torn(f):
                         _warn("%s: skipping an incomplete last line (%d bytes; it is cut "
@@ -2556,17 +2688,13 @@ class Projection(PurgeProjection):
             db.executemany(
                 "INSERT INTO receipts VALUES (?,?,?) ON CONFLICT(message_id, agent_id) "
                 "DO UPDATE SET read_at = min(read_at, excluded.read_at)", rows)
-            db.executemany(
-                "UPDATE deliveries SET read_at = ?3 WHERE message_id = ?1 AND agent_id = ?2 "
-                "AND (read_at IS NULL OR read_at > ?3)", rows)
+            db.executemany(_READ_SQL, rows)
             # ...and reading a duplicate (SPEC §16) reads the message it duplicates
             dups = dict(db.execute("SELECT message_id, dup_of FROM messages WHERE dup_of "
                                    "IS NOT NULL"))  # (rare: two clones raced on a key)
             if dups:
-                db.executemany(
-                    "UPDATE deliveries SET read_at = ?3 WHERE message_id = ?1 AND "
-                    "agent_id = ?2 AND (read_at IS NULL OR read_at > ?3)",
-                    [(dups[m], a, ts) for m, a, ts in rows if m in dups])
+                db.executemany(_READ_SQL, [(dups[m], a, ts) for m, a, ts in rows
+                                           if m in dups])
         if touched:
             self._refresh(touched)
         if fresh:
@@ -2575,75 +2703,135 @@ class Projection(PurgeProjection):
             "INSERT INTO seen VALUES (?,?) ON CONFLICT(agent_id) "
             "DO UPDATE SET ts = max(ts, excluded.ts)", list(seen.items()))
 
+    def _pieces(self, rel, start, data):
+        """Split complete lines read from `rel` at offset `start` where the recorded
+        arrival ranges begin and end (a build), as [(bytes, self._block)]."""
+        if not self.building:
+            return [(data, (rel, start, data, None))]
+        self._arrivals_known()
+        out, pos = [], 0
+        for a, b, at in self._ranges.get(rel, ()):
+            lo, hi = max(a - start, pos), min(b - start, len(data))
+            if hi <= lo:
+                continue
+            if lo > pos:
+                out.append((data[pos:lo], (rel, start + pos, None, None)))
+            out.append((data[lo:hi], (rel, start + lo, None, at)))
+            pos = hi
+        if pos < len(data):
+            out.append((data[pos:], (rel, start + pos, None, None)))
+        return out
+
     def _apply_creates(self, creates):
         db = self.db
-        msgs, dels, tags, keys = [], [], [], set()
-        add_msg, add_del, add_tag = msgs.append, dels.append, tags.append
+        msgs, keys, rows = [], set(), []
+        add_msg = msgs.append
         # When each message reached this store (SPEC §7: "new" for a wait, a hook or a
         # nudge means arrived after the start point, whatever the sender's clock said).
         # The arrival is the kernel's modification time of the log file the line was
         # read from (appended by a send here, or by a sync's merge), not this process's
         # clock: a sender whose clock is wrong (faketime, a skewed machine) still
-        # stamps its message with the true time. An arrival more than 2 s away from
-        # the creation time (a sync pulled it in, or a clock is off) is remembered in
-        # var/arrivals.jsonl, so a rebuild, which takes the arrival from that record or
-        # else the creation time, never makes old messages new again (or new ones old).
+        # stamps its message with the true time. When an arrival is more than 2 s away
+        # from the creation time (a sync pulled it in, or a clock is off), the block of
+        # lines is remembered in var/arrivals.jsonl (ArrivalRecord), so a rebuild, which
+        # takes the arrival from that record or else the creation time, never makes old
+        # messages new again (or new ones old).
+        blk = self._block
         if self.building:
-            known = self._arrivals_known()
+            known, range_at = self._arrivals_known(), blk[3] if blk else None
+            range_k = range_at and _ts_key(range_at)
         else:
             t = self.file_mtime if self.file_mtime is not None else time.time()
             now = now_ts(t)
+            arrived = _ts_key(now)
             early, late_before, late = now_ts(t + 2.0), now_ts(t - 2.0), []
         for e in creates:
             g = e.get
             body = g("body")
             mid, author, ts = e["message_id"], e["agent_id"], e["timestamp"]
+            created = _ts_exact(ts)
             if self.building:
-                arrived = known.get(mid) or ts
-            else:
-                arrived = now
-                if ts < late_before or ts > early:
-                    late.append(mid)
+                at = known.get(mid) if known else None
+                if range_at is not None and (at is None or range_at < at):
+                    arrived = range_k
+                else:
+                    arrived = _ts_key(at) if at else \
+                        _ts_key(ts) if created is None else created
+            elif ts < late_before or ts > early:
+                late.append(mid)
             st = body.get("structured")
+            fmt = body.get("format") or "markdown"
             recips, auds, scopes, refs = (g("recipients") or (), g("audiences") or (),
                                           g("scopes") or (), g("refs") or ())
             thread, key = g("thread_id"), g("idempotency_key")
             if key is not None:
                 keys.add((author, key))
-            add_msg((mid, author, g("session_id"), ts, e["event_id"], g("origin"),
-                     body.get("format") or "markdown", body["content"],
+            # audiences that say "each recipient, by name" are not stored (NULL), nor
+            # tagged: the deliveries answer for them
+            named = len(auds) == len(recips)
+            for a, r in zip(auds, recips) if named else ():
+                if a.get("type") != "agent" or a.get("value") != r or len(a) != 2:
+                    named = False
+                    break
+            add_msg((mid, author, g("session_id"),
+                     _ts_key(ts) if created is None else created,
+                     ts if created is None else None, arrived,
+                     None if fmt == "markdown" else fmt, body["content"],
                      None if st is None else _dumps(st),
                      _dumps_names(recips) if recips else "[]",
-                     _dumps_tags(auds) if auds else "[]",
-                     _dumps_tags(scopes) if scopes else "[]",
-                     _dumps_tags(refs) if refs else "[]",
+                     None if named else _dumps_tags(auds) if auds else "[]",
+                     _dumps_tags(scopes) if scopes else None,
+                     _dumps_tags(refs) if refs else None,
                      g("reply_to"), thread, thread, key))
-            for r in recips:
-                add_del((r, mid, ts, author, arrived))
-            for kind, items in (("aud", auds), ("scope", scopes), ("ref", refs)):
-                for it in items:
-                    add_tag((mid, kind, it["type"], it["value"]))
-        db.executemany(
-            "INSERT OR IGNORE INTO messages(message_id, agent_id, session_id, created_at, "
-            "event_id, origin, format0, content0, structured0, recipients, audiences, scopes, "
-            "refs, reply_to, thread0, thread_id, idem_key) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
-        db.executemany("INSERT OR IGNORE INTO deliveries(agent_id, message_id, created_at, "
-                       "author, arrived_at) VALUES (?,?,?,?,?)", dels)
-        if not self.building and late and self.arrivals is not None:
-            self.arrivals.add(late, now)
-        db.executemany("INSERT OR IGNORE INTO tags VALUES (?,?,?,?)", tags)
-        # Events that arrived before their message wait in the source tables:
-        # pick them up now. Replies also give their parent a thread id.
+            rows.append((mid, recips, () if named else auds, scopes, refs))
+        ses = {m[2] for m in msgs if m[2] is not None}
+        if ses:
+            db.executemany("INSERT OR IGNORE INTO names(name) VALUES (?)", [(x,) for x in ses])
+            ses = {x: db.execute("SELECT nid FROM names WHERE name = ?", (x,)).fetchone()[0]
+                   for x in ses}
+            msgs = [m[:2] + (ses.get(m[2]),) + m[3:] for m in msgs]
         db.execute("CREATE TEMP TABLE IF NOT EXISTS fresh(message_id TEXT PRIMARY KEY)")
         db.execute("DELETE FROM fresh")
         db.executemany("INSERT OR IGNORE INTO fresh VALUES (?)",
                        [(e["message_id"],) for e in creates])
-        db.execute(
-            "UPDATE deliveries SET read_at = (SELECT r.read_at FROM receipts r WHERE "
-            "r.message_id = deliveries.message_id AND r.agent_id = deliveries.agent_id) "
-            "WHERE message_id IN (SELECT message_id FROM fresh WHERE message_id IN "
-            "(SELECT message_id FROM receipts))")
+        record = not self.building and late and self.arrivals is not None
+        if record:  # (only what is new here is recorded)
+            had = {r[0] for r in db.execute("SELECT f.message_id FROM fresh f JOIN messages "
+                                            "m ON m.message_id = f.message_id")}
+        db.executemany(
+            "INSERT OR IGNORE INTO messages(message_id, agent_id, ses, ts, created_at, "
+            "arrived, format0, content0, structured0, recipients, audiences, scopes, refs, "
+            "reply_to, thread0, thread_id, idem_key) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
+        rids = {mid: (ts, rid) for mid, ts, rid in db.execute(
+            "SELECT f.message_id, m.ts, m.rid FROM fresh f JOIN messages m "
+            "ON m.message_id = f.message_id")}
+        dels, tags = [], []
+        for mid, recips, auds, scopes, refs in rows:
+            ts, rid = rids[mid]
+            dels += [(r, ts, rid) for r in recips]
+            for kind, items in (("aud", auds), ("scope", scopes), ("ref", refs)):
+                tags += [(rid, kind, it["type"], it["value"]) for it in items]
+        db.executemany("INSERT OR IGNORE INTO deliveries(agent_id, ts, rid) VALUES (?,?,?)",
+                       dels)
+        db.executemany("INSERT OR IGNORE INTO tags VALUES (?,?,?,?)", tags)
+        if record:
+            new = [m for m in late if m not in had]
+            if new and not had and blk is not None:  # a block of new lines: one entry
+                import zlib
+                self.arrivals.add_range(blk[0], blk[1], blk[1] + len(blk[2]),
+                                        zlib.crc32(blk[2]), now)
+            elif new:
+                self.arrivals.add(new, now)
+        # Events that arrived before their message wait in the source tables:
+        # pick them up now. Replies also give their parent a thread id.
+        reads = db.execute(
+            "SELECT r.read_at, r.agent_id, m.ts, m.rid FROM fresh f JOIN receipts r ON "
+            "r.message_id = f.message_id JOIN messages m ON m.message_id = f.message_id"
+        ).fetchall()
+        if reads:
+            db.executemany("UPDATE deliveries SET read_at = ? WHERE agent_id = ? AND ts = ? "
+                           "AND rid = ?", reads)
         touched = {r[0] for r in db.execute(
             "SELECT message_id FROM fresh WHERE message_id IN (SELECT message_id FROM edits) "
             "OR message_id IN (SELECT message_id FROM deletes) "
@@ -2671,9 +2859,9 @@ class Projection(PurgeProjection):
         db.executemany("INSERT INTO fresh_keys VALUES (?,?)", keys)
         groups = {}
         for aid, key, mid, ts, dup, parent in db.execute(
-                "SELECT m.agent_id, m.idem_key, m.message_id, m.created_at, m.dup_of, "
-                "m.reply_to FROM fresh_keys f JOIN messages m ON m.agent_id = f.agent_id "
-                "AND m.idem_key = f.key ORDER BY 1, 2, 3"):
+                "SELECT m.agent_id, m.idem_key, m.message_id, %s, m.dup_of, m.reply_to "
+                "FROM fresh_keys f JOIN messages m ON m.agent_id = f.agent_id AND "
+                "m.idem_key = f.key ORDER BY 1, 2, 3" % _CREATED):
             groups.setdefault((aid, key), []).append((mid, ts, dup, parent))
         touched = set()
         for members in groups.values():
@@ -2704,26 +2892,30 @@ class Projection(PurgeProjection):
                     db.execute(
                         "UPDATE deliveries SET read_at = (SELECT min(r.read_at) FROM "
                         "receipts r WHERE r.agent_id = deliveries.agent_id AND "
-                        "r.message_id IN (%s)) WHERE message_id = ?" % marks,
-                        copies + [one])
-                if dups:
+                        "r.message_id IN (%s)) WHERE rid = (SELECT rid FROM messages "
+                        "WHERE message_id = ?)" % marks, copies + [one])
+                if dups:  # each recipient's first arrival of a copy, when earlier
                     marks = ",".join("?" * len(dups))
-                    db.execute(
-                        "UPDATE deliveries SET arrived_at = min(arrived_at, coalesce(("
-                        "SELECT min(x.arrived_at) FROM deliveries x WHERE x.agent_id = "
-                        "deliveries.agent_id AND x.message_id IN (%s)), arrived_at)) "
-                        "WHERE message_id = ?" % marks, dups + [mid])
+                    ts, rid, arrived = db.execute("SELECT ts, rid, arrived FROM messages "
+                                                  "WHERE message_id = ?", (mid,)).fetchone()
+                    db.executemany(
+                        "UPDATE deliveries SET arrived = ?1 WHERE agent_id = ?2 AND ts = ?3 "
+                        "AND rid = ?4 AND ?1 < coalesce(arrived, ?5)",
+                        [(first, agent, ts, rid, arrived) for agent, first in db.execute(
+                            "SELECT x.agent_id, min(coalesce(x.arrived, xm.arrived)) FROM "
+                            "messages xm JOIN deliveries x ON x.rid = xm.rid WHERE "
+                            "xm.message_id IN (%s) GROUP BY x.agent_id" % marks, dups)])
         return touched
 
     def _refresh(self, ids):
         """Recompute the derived columns of messages from the source tables."""
         db = self.db
         for mid in ids:
-            row = db.execute("SELECT agent_id, format0, thread0, dup_of FROM messages "
+            row = db.execute("SELECT agent_id, format0, thread0, dup_of, rid FROM messages "
                              "WHERE message_id = ?", (mid,)).fetchone()
             if row is None:
                 continue  # its create has not arrived yet; it will refresh then
-            author, fmt0, thread, dup = row
+            author, fmt0, thread, dup, rid = row
             edits = db.execute(
                 "SELECT ts, format, content, structured FROM edits WHERE message_id = ? "
                 "AND agent_id = ? ORDER BY ts, event_id", (mid, author)).fetchall()
@@ -2736,7 +2928,7 @@ class Projection(PurgeProjection):
                               (mid, author)).fetchone()
             if thread is None:
                 r = db.execute("SELECT thread0 FROM messages WHERE reply_to = ? AND thread0 "
-                               "IS NOT NULL AND dup_of IS NULL ORDER BY created_at, "
+                               "IS NOT NULL AND dup_of IS NULL ORDER BY ts, "
                                "message_id LIMIT 1", (mid,)).fetchone()
                 thread = r[0] if r else None
             db.execute("UPDATE messages SET format = ?, content = ?, structured = ?, "
@@ -2744,8 +2936,8 @@ class Projection(PurgeProjection):
                        "delete_reason = ?, thread_id = ? WHERE message_id = ?",
                        (fmt, content, structured, updated_at, len(edits), 1 if dele else 0,
                         dele[0] if dele else None, dele[1] if dele else None, thread, mid))
-            db.execute("UPDATE deliveries SET deleted = ? WHERE message_id = ?",
-                       (1 if dele or dup else 0, mid))
+            db.execute("UPDATE deliveries SET deleted = ? WHERE rid = ?",
+                       (1 if dele or dup else 0, rid))
 
     def _apply_agent(self, ev):
         db, t, aid, k = self.db, ev["type"], ev["agent_id"], _key(ev)
@@ -2824,8 +3016,15 @@ class Projection(PurgeProjection):
                 (name, ev["member_type"], ev["member"], k))
 
     def _arrivals_known(self):
+        """{message id: arrival} of the record (and self._ranges, its block entries)."""
         if self._known is None:
-            self._known = self.arrivals.load() if self.arrivals is not None else {}
+            if self.arrivals is None:
+                self._known, self._ranges = {}, {}
+            elif isinstance(self.arrivals, ArrivalRecord):
+                self._known, self._ranges = self.arrivals.known(
+                    {rel: path for rel, path, _ in self.log.files()})
+            else:
+                self._known, self._ranges = self.arrivals.load(), {}
         return self._known
 
 
@@ -2835,18 +3034,33 @@ class Projection(PurgeProjection):
 # rows come back with names (sqlite3.Row, or dicts for messages), so the meaning of a
 # column stays next to the schema that gives it.
 
-#: The columns of a message as readers see it: the latest edit over the original.
+#: The columns of a message as readers see it: the latest edit over the original
+#: (message_dict fills in what the index does not store: audiences, scopes, refs).
 _MSG_COLS = (
     "m.message_id AS message_id, m.thread_id AS thread_id, m.reply_to AS reply_to, "
     "m.agent_id AS agent_id, m.recipients AS recipients, m.audiences AS audiences, "
-    "coalesce(m.format, m.format0) AS format, coalesce(m.content, m.content0) AS content, "
+    "coalesce(m.format, m.format0, 'markdown') AS format, "
+    "coalesce(m.content, m.content0) AS content, "
     "CASE WHEN m.version > 0 THEN m.structured ELSE m.structured0 END AS structured, "
-    "m.scopes AS scopes, m.refs AS refs, m.created_at AS created_at, "
+    "m.scopes AS scopes, m.refs AS refs, " + _CREATED + " AS created_at, "
     "m.updated_at AS updated_at, m.deleted AS deleted, m.version AS version, "
-    "m.session_id AS session_id")
+    "(SELECT name FROM names WHERE nid = m.ses) AS session_id")
 
-#: A delivery joined with its message (the rows of inboxes and waits).
-_DELIVERED = "deliveries d JOIN messages m ON m.message_id = d.message_id"
+#: A delivery joined with its message (the rows of inboxes and waits)...
+_DELIVERED = "deliveries d JOIN messages m ON m.rid = d.rid"
+#: ...those unread and not deleted, from their index (the planner would walk the primary
+#: key: every delivery of the agent; the WHERE must say d.read_at IS NULL AND d.deleted = 0)
+_UNREAD_D = "deliveries d INDEXED BY deliveries_unread"
+_UNREAD = _UNREAD_D + " JOIN messages m ON m.rid = d.rid"
+#: ...the other way round, for a few messages (by id, or arrived lately): each row of
+#: messages m finds its deliveries d to `agent` by the primary key.
+_TO_AGENT = "messages m CROSS JOIN deliveries d ON d.agent_id = ? AND d.ts = m.ts AND " \
+            "d.rid = m.rid"
+#: When a delivery reached this store (a duplicate's recipient may have had a copy first)
+_ARRIVED = "coalesce(d.arrived, m.arrived)"
+#: ...as text: an arrival at the creation time is the creation time's text
+_ARRIVED_AT = "CASE WHEN %s = m.ts THEN %s ELSE %s END" % (_ARRIVED, _CREATED,
+                                                          _ts_sql(_ARRIVED))
 
 #: A group that exists (its latest create beats its latest delete)...
 _ACTIVE_GROUP_SQL = "create_key IS NOT NULL AND (delete_key IS NULL OR create_key > delete_key)"
@@ -2856,16 +3070,22 @@ _ACTIVE_MEMBER_SQL = ("gm.add_key IS NOT NULL AND (gm.remove_key IS NULL OR "
                       "gm.add_key > g.delete_key)")
 
 
+def _named(recipients):
+    """The audiences of a message sent to each recipient by name (not stored)."""
+    return [{"type": "agent", "value": r} for r in recipients]
+
+
 def message_dict(row, is_read):
     """A message row (_MSG_COLS) as the SPEC §6 message object."""
-    st = row["structured"]
+    st, aud, recipients = row["structured"], row["audiences"], json.loads(row["recipients"])
     return {"message_id": row["message_id"], "thread_id": row["thread_id"],
             "reply_to": row["reply_to"], "agent_id": row["agent_id"],
-            "recipients": json.loads(row["recipients"]),
-            "audiences": json.loads(row["audiences"]),
+            "recipients": recipients,
+            "audiences": json.loads(aud) if aud is not None else _named(recipients),
             "body": {"format": row["format"], "content": row["content"],
                      "structured": json.loads(st) if st else None},
-            "scopes": json.loads(row["scopes"]), "refs": json.loads(row["refs"]),
+            "scopes": json.loads(row["scopes"] or "[]"),
+            "refs": json.loads(row["refs"] or "[]"),
             "created_at": row["created_at"], "updated_at": row["updated_at"],
             "deleted": bool(row["deleted"]), "version": row["version"],
             "session_id": row["session_id"], "is_read": bool(is_read)}
@@ -2874,7 +3094,7 @@ def message_dict(row, is_read):
 def _scope_filter(tag, where, params):
     """Add `only messages with this scope tag` to a query's WHERE parts."""
     if tag:
-        where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = m.message_id "
+        where.append("EXISTS (SELECT 1 FROM tags t WHERE t.rid = m.rid "
                      "AND t.kind = 'scope' AND t.type = ? AND t.value = ?)")
         params += [tag["type"], tag["value"]]
 
@@ -3071,11 +3291,19 @@ class Index(Projection):
         newest one that is not a duplicate, if created after `since`. message_id,
         thread_id, reply_to, created_at, recipients, audiences, and the body it was sent
         with (format0, content0, structured0), deleted; or None."""
-        r = self.row("SELECT message_id, thread_id, reply_to, created_at, recipients, "
-                     "audiences, format0, content0, structured0, deleted FROM messages "
-                     "WHERE agent_id = ? AND idem_key = ? AND dup_of IS NULL ORDER BY "
-                     "message_id DESC", (agent_id, key))
-        return r if r is not None and r["created_at"] > since else None
+        r = self.row("SELECT m.message_id AS message_id, m.thread_id AS thread_id, "
+                     "m.reply_to AS reply_to, %s AS created_at, m.recipients AS recipients, "
+                     "m.audiences AS audiences, coalesce(m.format0, 'markdown') AS format0, "
+                     "m.content0 AS content0, m.structured0 AS structured0, "
+                     "m.deleted AS deleted FROM messages m WHERE m.agent_id = ? AND "
+                     "m.idem_key = ? AND m.dup_of IS NULL ORDER BY m.message_id DESC"
+                     % _CREATED, (agent_id, key))
+        if r is None or r["created_at"] <= since:
+            return None
+        r = dict(r)
+        if r["audiences"] is None:
+            r["audiences"] = _dumps(_named(json.loads(r["recipients"])))
+        return r
 
     def thread_exists(self, thread_id):
         return self.value("SELECT 1 FROM messages WHERE thread_id = ?", (thread_id,)) \
@@ -3089,12 +3317,13 @@ class Index(Projection):
     def receipts(self, mid):
         """{recipient: read_at or None} of a message."""
         return {r["agent_id"]: r["read_at"] for r in self.rows(
-            "SELECT agent_id, read_at FROM deliveries WHERE message_id = ?", (mid,))}
+            "SELECT d.agent_id, d.read_at FROM messages m CROSS JOIN deliveries d "
+            "ON d.rid = m.rid WHERE m.message_id = ?", (mid,))}
 
     def delivery(self, mid, agent_id):
         """A message's delivery to one agent (read_at), or None when not addressed."""
-        return self.row("SELECT read_at FROM deliveries WHERE message_id = ? AND "
-                        "agent_id = ?", (mid, agent_id))
+        return self.row("SELECT d.read_at FROM %s WHERE m.message_id = ?" % _TO_AGENT,
+                        (agent_id, mid))
 
     def unread_among(self, agent_id, mids):
         """The ids of `mids` addressed to the agent and still unread."""
@@ -3102,28 +3331,37 @@ class Index(Projection):
         for i in range(0, len(mids), 500):
             chunk = list(mids[i:i + 500])
             out += [r["message_id"] for r in self.rows(
-                "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
-                "AND message_id IN (%s)" % ",".join("?" * len(chunk)), [agent_id] + chunk)]
+                "SELECT m.message_id FROM %s WHERE d.read_at IS NULL AND m.message_id "
+                "IN (%s)" % (_TO_AGENT, ",".join("?" * len(chunk))), [agent_id] + chunk)]
         return out
 
     def unread_ids(self, agent_id):
         return [r["message_id"] for r in self.rows(
-            "SELECT message_id FROM deliveries WHERE agent_id = ? AND read_at IS NULL "
-            "AND deleted = 0", (agent_id,))]
+            "SELECT m.message_id FROM %s WHERE d.agent_id = ? AND d.read_at IS NULL "
+            "AND d.deleted = 0" % _UNREAD, (agent_id,))]
 
-    def inbox_counts(self, agent_id):
-        """{total, unread} of an agent's inbox. Two counts, each a range of the covering
-        index deliveries_state, are faster than one pass summing read_at over the rows."""
-        sql = "SELECT count(*) FROM deliveries WHERE agent_id = ? AND deleted = 0"
-        return {"total": self.value(sql, (agent_id,)),
-                "unread": self.value(sql + " AND read_at IS NULL", (agent_id,))}
+    def inbox_counts(self, agent_id, total=True):
+        """{total, unread} of an agent's inbox (`total` False: unread only). Each is a
+        count of index entries (no row is read): the agent's deliveries (the primary key's
+        range) less the hidden ones (deliveries_hidden, nearly empty), and its range of
+        deliveries_unread."""
+        out = {}
+        if total:
+            out["total"] = self.value(
+                "SELECT count(*) FROM deliveries WHERE agent_id = ?", (agent_id,)) - \
+                self.value("SELECT count(*) FROM deliveries INDEXED BY deliveries_hidden "
+                           "WHERE agent_id = ? AND deleted != 0", (agent_id,))
+        out["unread"] = self.value("SELECT count(*) FROM %s WHERE d.agent_id = ? AND "
+                                   "d.deleted = 0 AND d.read_at IS NULL" % _UNREAD_D,
+                                   (agent_id,))
+        return out
 
     def unread_messages(self, agent_id, newest_first=False, limit=-1):
         """An agent's unread messages as message dicts (prime, briefings)."""
+        order = "DESC" if newest_first else "ASC"
         return self.short_ids([message_dict(r, False) for r in self.rows(
             "SELECT %s FROM %s WHERE d.agent_id = ? AND d.deleted = 0 AND d.read_at IS NULL "
-            "ORDER BY d.created_at %s LIMIT ?" % (_MSG_COLS, _DELIVERED,
-                                                  "DESC" if newest_first else "ASC"),
+            "ORDER BY d.ts %s, m.message_id %s LIMIT ?" % (_MSG_COLS, _UNREAD, order, order),
             (agent_id, limit))])
 
     def inbox(self, agent_id, role, unread=False, mentions=False, tags=(), sender=None,
@@ -3132,35 +3370,38 @@ class Index(Projection):
         `sender`: an author; `thread`: a thread id (or a root message id). Returns
         {total, unread, rows: [(message dict, addressed to me)]}, `unread` counted without
         the `unread` filter."""
-        # Filters are written against deliveries (d.*) where they can be, so the counts
-        # need no join with messages and the page query walks the (agent_id, deleted,
-        # created_at) index in order.
+        # Without filters on the message, the counts need no join with messages, and the
+        # page query walks the primary key of deliveries (agent_id, ts, rid) in order.
         where, params = [], [agent_id]
         if all:
-            frm = ("messages m LEFT JOIN deliveries d ON d.message_id = m.message_id AND "
-                   "d.agent_id = ?")
-            count_frm, mid, author = frm, "m.message_id", "m.agent_id"
+            frm = ("messages m LEFT JOIN deliveries d ON d.agent_id = ? AND d.ts = m.ts "
+                   "AND d.rid = m.rid")
+            count_frm, rid = frm, "m.rid"
             where.append("m.deleted = 0 AND m.dup_of IS NULL")
-            order = "m.created_at %s, m.message_id %s"
+            order = "m.ts %s, m.message_id %s"
             unread_sql = "d.read_at IS NULL AND d.agent_id IS NOT NULL"
         else:
             frm = _DELIVERED
-            count_frm, mid, author = "deliveries d", "d.message_id", "d.author"
+            count_frm, rid = "deliveries d", "d.rid"
             where += ["d.agent_id = ?", "d.deleted = 0"]
-            order = "d.created_at %s, d.message_id %s"
-            unread_sql = "d.read_at IS NULL"  # a range of the index deliveries_state
+            order = "d.ts %s, m.message_id %s"
+            unread_sql = "d.read_at IS NULL"  # a range of the index deliveries_unread
         if mentions:
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s "
-                         "AND t.kind = 'aud' AND ((t.type = 'agent' AND t.value = ?) OR "
-                         "(t.type = 'role' AND t.value = ?)))" % mid)
+            # by name: an audience tag, or (audiences not stored) as a recipient
+            where.append("(EXISTS (SELECT 1 FROM tags t WHERE t.rid = %s AND t.kind = 'aud' "
+                         "AND ((t.type = 'agent' AND t.value = ?) OR (t.type = 'role' AND "
+                         "t.value = ?))) OR (m.audiences IS NULL AND d.agent_id IS NOT NULL))"
+                         % rid)
             params += [agent_id, role]
+            count_frm = frm
         for kind, tag in tags:
-            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.message_id = %s"
-                         " AND t.kind = ? AND t.type = ? AND t.value = ?)" % mid)
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.rid = %s"
+                         " AND t.kind = ? AND t.type = ? AND t.value = ?)" % rid)
             params += [kind, tag["type"], tag["value"]]
         if sender:
-            where.append("%s = ?" % author)
+            where.append("m.agent_id = ?")
             params.append(sender)
+            count_frm = frm
         if thread:
             where.append("(m.thread_id = ? OR m.message_id = ?)")
             params += [thread, thread]
@@ -3169,10 +3410,19 @@ class Index(Projection):
         if unread:
             where.append(unread_sql)
         wsql = " AND ".join(where)
-        total = self.value("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql), params)
-        n_unread = total if unread else self.value(  # (then it is the same count)
-            "SELECT count(*) FROM %s WHERE %s AND %s" % (count_frm, base_where, unread_sql),
-            params)
+        plain = count_frm == "deliveries d" and len(params) == 1  # no filter at all
+        if not all:  # the unread ones from their index
+            unread_frm = count_frm.replace("deliveries d", _UNREAD_D, 1)
+            if unread:
+                frm, count_frm = frm.replace("deliveries d", _UNREAD_D, 1), unread_frm
+        if plain:
+            counts = self.inbox_counts(agent_id, total=not unread)
+            total, n_unread = counts["unread" if unread else "total"], counts["unread"]
+        else:
+            total = self.value("SELECT count(*) FROM %s WHERE %s" % (count_frm, wsql), params)
+            n_unread = total if unread else self.value(  # (then it is the same count)
+                "SELECT count(*) FROM %s WHERE %s AND %s" % (
+                    count_frm if all else unread_frm, base_where, unread_sql), params)
         direction = "ASC" if oldest else "DESC"
         rows = self.rows(
             "SELECT %s, d.read_at IS NOT NULL OR d.agent_id IS NULL AS is_read, "
@@ -3188,66 +3438,73 @@ class Index(Projection):
         is_read true). `to`: only messages to this agent, or by this role or group."""
         where, params = ["m.agent_id = ?", "m.deleted = 0", "m.dup_of IS NULL"], [agent_id]
         if to:
-            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
-                         "m.message_id AND x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t "
-                         "WHERE t.message_id = m.message_id AND t.kind = 'aud' AND "
-                         "t.value = ?))")
+            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.rid = m.rid AND "
+                         "x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t WHERE t.rid = "
+                         "m.rid AND t.kind = 'aud' AND t.value = ?))")
             params += [to, to]
         if unread:
-            where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.message_id = "
-                         "m.message_id AND x.read_at IS NULL)")
+            where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.rid = m.rid AND "
+                         "x.read_at IS NULL)")
         wsql = " AND ".join(where)
         total = self.value("SELECT count(*) FROM messages m WHERE " + wsql, params)
-        rows = self.rows("SELECT %s FROM messages m WHERE %s ORDER BY m.created_at DESC, "
+        rows = self.rows("SELECT %s FROM messages m WHERE %s ORDER BY m.ts DESC, "
                          "m.message_id DESC LIMIT ? OFFSET ?" % (_MSG_COLS, wsql),
                          params + [limit, offset])
         return {"total": total,
                 "messages": self.short_ids([message_dict(r, True) for r in rows])}
+
+    def _arrived_since(self, agent_id, since, where, params):
+        """FROM and WHERE of an agent's deliveries: those that arrived in this store after
+        `since` (a timestamp: found by the index messages_arrived), else all unread ones
+        (the index deliveries_unread)."""
+        if since is None:
+            return _UNREAD, ["d.agent_id = ?", "d.read_at IS NULL", "d.deleted = 0"] + where, \
+                [agent_id] + params
+        k = _ts_key(since)
+        return _TO_AGENT.replace("messages m", "messages m INDEXED BY messages_arrived", 1), \
+            ["m.arrived > ?", _ARRIVED + " > ?"] + where, [agent_id, k, k] + params
 
     def waiting_for(self, agent_id, since=None, unread=False, skip_read=False, scope=None):
         """Messages to the agent, not by it, not deleted, oldest first, as message dicts:
         all unread ones (`since` None), or those that arrived in this store after `since`
         (a timestamp), only unread ones with `unread` or `skip_read`; `scope`: a {type,
         value} tag they must carry. In the order they arrived here."""
-        where = ["d.agent_id = ?", "d.deleted = 0", "m.agent_id != ?"]
-        params = [agent_id, agent_id]
-        if skip_read or unread or since is None:
+        where, params = ["d.deleted = 0", "m.agent_id != ?"], [agent_id]
+        if skip_read or unread:
             where.append("d.read_at IS NULL")
         _scope_filter(scope, where, params)
-        if since is not None:
-            where.append("d.arrived_at > ?")  # arrival in this store, not the clock
-            params.append(since)
+        frm, where, params = self._arrived_since(agent_id, since, where, params)
         return self.short_ids([message_dict(r, r["is_read"]) for r in self.rows(
             "SELECT %s, d.read_at IS NOT NULL AS is_read FROM %s WHERE %s ORDER BY "
-            "d.arrived_at, d.created_at, d.message_id" % (
-                _MSG_COLS, _DELIVERED, " AND ".join(where)), params)])
+            "%s, m.ts, m.message_id" % (_MSG_COLS, frm, " AND ".join(where), _ARRIVED),
+            params)])
 
     def unread_arrived(self, agent_id, since=None):
         """An agent's unread messages (not its own) that arrived in this store after
         `since` (all without it), oldest first: message_id, author, arrived_at."""
-        sql = ("SELECT d.message_id, m.agent_id AS author, d.arrived_at FROM %s WHERE "
-               "d.agent_id = ? AND d.read_at IS NULL AND d.deleted = 0 AND m.agent_id != ?"
-               % _DELIVERED)
-        params = [agent_id, agent_id]
-        if since:
-            sql += " AND d.arrived_at > ?"
-            params.append(since)
-        return self.rows(sql + " ORDER BY d.created_at", params)
+        frm, where, params = self._arrived_since(
+            agent_id, since, ["d.read_at IS NULL", "d.deleted = 0", "m.agent_id != ?"],
+            [agent_id])
+        return self.rows("SELECT m.message_id, m.agent_id AS author, %s AS arrived_at FROM "
+                         "%s WHERE %s ORDER BY m.ts, m.message_id"
+                         % (_ARRIVED_AT, frm, " AND ".join(where)), params)
 
     def unread_deliveries(self, agent_id, mids):
         """Of `mids`, those still unread by the agent and not deleted, oldest first:
         message_id, author."""
-        return self.rows("SELECT d.message_id, m.agent_id AS author FROM %s WHERE "
-                         "d.agent_id = ? AND d.read_at IS NULL AND d.deleted = 0 AND "
-                         "d.message_id IN (%s) ORDER BY d.created_at"
-                         % (_DELIVERED, ",".join("?" * len(mids))), [agent_id] + list(mids))
+        return self.rows("SELECT m.message_id, m.agent_id AS author FROM %s WHERE "
+                         "d.read_at IS NULL AND d.deleted = 0 AND m.message_id IN (%s) "
+                         "ORDER BY m.ts, m.message_id"
+                         % (_TO_AGENT, ",".join("?" * len(mids))), [agent_id] + list(mids))
 
     def arrivals_since(self, since):
         """Unread deliveries that arrived in this store after `since`: agent_id,
         message_id, author, arrived_at."""
-        return self.rows("SELECT d.agent_id, d.message_id, m.agent_id AS author, "
-                         "d.arrived_at FROM %s WHERE d.arrived_at > ? AND d.read_at IS NULL "
-                         "AND d.deleted = 0" % _DELIVERED, (since,))
+        k = _ts_key(since)
+        return self.rows("SELECT d.agent_id, m.message_id, m.agent_id AS author, %s AS "
+                         "arrived_at FROM messages m CROSS JOIN deliveries d ON d.rid = "
+                         "m.rid WHERE m.arrived > ? AND %s > ? AND d.read_at IS NULL AND "
+                         "d.deleted = 0" % (_ARRIVED_AT, _ARRIVED), (k, k))
 
     # -- retention (SPEC §17) ----------------------------------------------------------
     def purge_plan(self, before):
@@ -3257,13 +3514,13 @@ class Index(Projection):
         bound = purge_bound(before)
         by_time = PurgeSet([{"event_id": "", "before": before}])
         old = {r[0]: (r[1], r[2]) for r in self.rows(
-            "SELECT message_id, agent_id, thread_id, created_at FROM messages WHERE "
-            "message_id < ? OR created_at < ?", (bound, before))
+            "SELECT m.message_id, m.agent_id, m.thread_id, %s FROM messages m WHERE "
+            "m.message_id < ? OR m.ts < ?" % _CREATED, (bound, _ts_key(before)))
             if by_time.is_purged(r[0], r[3])}
         threads = {t for _, t in old.values() if t}
         alive = {r[0] for r in self.rows(
-            "SELECT thread_id, message_id, created_at FROM messages WHERE thread_id IS NOT "
-            "NULL AND (message_id >= ? OR created_at >= ?)", (bound, before))
+            "SELECT m.thread_id, m.message_id, %s FROM messages m WHERE m.thread_id IS NOT "
+            "NULL AND (m.message_id >= ? OR m.ts >= ?)" % _CREATED, (bound, _ts_key(before)))
             if r[0] in threads and not by_time.is_purged(r[1], r[2])}
         keep = sorted(m for m, (_, t) in old.items() if t in alive)
         plan = PurgeSet([{"event_id": "", "before": before, "keep": keep}])
@@ -3298,11 +3555,13 @@ class Index(Projection):
                 evs += parse_lines(data[:data.rfind(b"\n") + 1], rel, warn=False)[0]
             mem.apply(evs)
             mem.db.execute("COMMIT")
-            for table, cols in (("messages", "message_id, content0, content, deleted, "
+            for table, frm, cols in (
+                    ("messages", "messages", "message_id, content0, content, deleted, "
                                              "thread_id, version, dup_of"),
-                                ("deliveries", "agent_id, message_id, read_at, deleted"),
-                                ("agents", "agent_id, role, reg_key, del_key")):
-                sql = "SELECT %s FROM %s ORDER BY 1, 2" % (cols, table)
+                    ("deliveries", "deliveries d JOIN messages m ON m.rid = d.rid",
+                     "d.agent_id, m.message_id, d.read_at, d.deleted"),
+                    ("agents", "agents", "agent_id, role, reg_key, del_key")):
+                sql = "SELECT %s FROM %s ORDER BY 1, 2" % (cols, frm)
                 a, b = self.db.execute(sql).fetchall(), mem.db.execute(sql).fetchall()
                 if a != b:
                     return "%s differ from the log (%d rows vs %d)" % (table, len(a), len(b))
@@ -5101,7 +5360,7 @@ class Store:
         #: A running daemon keeps {worktree: (checked_at, work context)} here.
         self.contexts = None
         #: Late arrivals (by sync) and, per agent, messages a wait has returned.
-        self.arrivals = LocalRecord(os.path.join(self.loc.var, "arrivals.jsonl"))
+        self.arrivals = ArrivalRecord(os.path.join(self.loc.var, "arrivals.jsonl"))
 
     @property
     def path(self):
@@ -6384,7 +6643,11 @@ class MessageOps(ServiceBase):
         ses = self.index.open_session(me)
         fields = dict(message_id=new_id("msg_"), agent_id=me,
                       session_id=ses["session_id"] if ses else None, body=body,
-                      recipients=recipients, audiences=audiences, scopes=scopes, refs=refs)
+                      recipients=recipients, audiences=audiences)
+        if scopes:  # (empty lists are left out: every reader takes absent as [])
+            fields["scopes"] = scopes
+        if refs:
+            fields["refs"] = refs
         if reply_to:
             fields["reply_to"] = reply_to
             fields["thread_id"] = thread_id

@@ -175,9 +175,10 @@ def write_messages(thrum, repo, author, recipient, n, step=0.002, end=None):
 
     Exactly the event shape `thrum send` writes (SPEC §3; make_event + Service.send):
     v, event_id, type, timestamp, origin, message_id, agent_id, session_id, body,
-    recipients, audiences, scopes, refs. Timestamps are fixed width, spaced `step`
-    seconds apart and ending a minute before `end` (default now), so that later real
-    sends sort after them; each ULID's time part matches its event's timestamp.
+    recipients, audiences (`scopes` and `refs` are left out when empty, as send does).
+    Timestamps are fixed width, spaced `step` seconds apart and ending a minute before
+    `end` (default now), so that later real sends sort after them; each ULID's time part
+    matches its event's timestamp.
     Returns the number of bytes written.
     """
     if n <= 0:
@@ -206,7 +207,7 @@ def write_messages(thrum, repo, author, recipient, n, step=0.002, end=None):
             "v": 1, "event_id": eid, "type": "message.create", "timestamp": now_ts(t),
             "origin": origin, "message_id": mid, "agent_id": author, "session_id": session,
             "body": {"format": "markdown", "content": "bench message %d: %s" % (i, filler)},
-            "recipients": [recipient], "audiences": audiences, "scopes": [], "refs": []}))
+            "recipients": [recipient], "audiences": audiences}))
     _check_line(thrum, out[0])
     data = ("\n".join(out) + "\n").encode("utf-8")
     path = os.path.join(log_dir(repo), "messages", author + ".jsonl")

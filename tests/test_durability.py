@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import THRUM_PY, all_log_files, ids_in, make_env, make_repo, read_log
+from conftest import THRUM_PY, all_log_files, ids_in, make_env, make_repo, read_log, thrum
 
 
 def all_ids(team, who="bob"):
@@ -316,3 +316,108 @@ def test_events_arriving_before_their_message_wait_for_it(team):
     assert again["messages"][0]["body"]["content"] == "edited early"
     assert team.t.json("inbox", "--unread", name="carol")["messages"] == []
     assert seed["message_id"] not in [m["message_id"] for m in again["messages"]]
+
+
+# --------------------------------------------------------------------------- the index's own form
+
+def test_the_index_orders_timestamps_as_their_text_and_prints_them_back():
+    """Creation and arrival times are integers in the index (_ts_key): well-formed ones
+    order exactly as their text and SQL prints them back; other text orders before or
+    after all of them."""
+    import sqlite3
+    rnd = random.Random(9)
+    good = ["%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+        rnd.choice([0, 1, 1969, 1970, 2026, 2027, 9999]), rnd.randint(0, 12),
+        rnd.randint(0, 31), rnd.randint(0, 23), rnd.randint(0, 59), rnd.randint(0, 60),
+        rnd.choice([0, 1, 999999, rnd.randint(0, 999999)])) for _ in range(3000)]
+    good += [thrum.now_ts(), thrum.now_ts(0)]
+    assert sorted(good) == sorted(good, key=thrum._ts_key)
+    db = sqlite3.connect(":memory:")
+    sql = "SELECT " + thrum._ts_sql("?1")
+    assert all(db.execute(sql, (thrum._ts_key(x),)).fetchone()[0] == x for x in good[:300])
+    for odd in ("", "-1", "2026-12-07T18:36:17Z", "2026-13-01T00:00:00.000000Z", "zzz",
+                "2026-12-07T18:36:17.2940951Z", "2026-12-07t18:36:17.294095Z"):
+        assert thrum._ts_exact(odd) is None
+        keys = [thrum._ts_key(x) for x in good]
+        before = odd < "0000-00-00T00:00:00.000000Z"  # (the smallest well-formed text)
+        assert thrum._ts_key(odd) < min(keys) if before else thrum._ts_key(odd) > max(keys)
+
+
+def _creates(n, origin="o_T", at=None, session="ses_T"):
+    """n direct messages alice -> bob, shaped as `thrum send` writes them."""
+    base = time.time() - 3600 if at is None else at
+    gen = thrum._UlidGen()
+    body = "bench message %d: " + "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 2
+    out = []
+    for i in range(n):
+        t = base + i * 0.002
+        out.append({"v": 1, "event_id": "evt_" + gen(int(t * 1000)), "type": "message.create",
+                    "timestamp": thrum.now_ts(t), "origin": origin,
+                    "message_id": "msg_" + gen(int(t * 1000)), "agent_id": "alice",
+                    "session_id": session, "body": {"format": "markdown", "content": body % i},
+                    "recipients": ["bob"], "audiences": [{"type": "agent", "value": "bob"}]})
+    return out
+
+
+def test_a_message_costs_the_index_less_than_500_bytes():
+    """SPEC §17: at most 500 bytes per message of the benchmark's bodies (the full-text
+    tables included, once there are some); what the empty schema takes is left out."""
+    import sqlite3
+    idx = thrum.Index(":memory:", None)
+    idx.db = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        idx.db.executescript(thrum._SCHEMA)
+        empty = idx.db.execute("PRAGMA page_count").fetchone()[0]
+        n = 4000
+        idx.db.execute("BEGIN")
+        idx.apply(_creates(n))
+        idx.db.execute("COMMIT")
+        pages = idx.db.execute("PRAGMA page_count").fetchone()[0] - empty
+        size = pages * idx.db.execute("PRAGMA page_size").fetchone()[0]
+        assert idx.inbox_counts("bob") == {"total": n, "unread": n}
+        assert size / n < 500, "%.0f bytes per message" % (size / n)
+    finally:
+        idx.db.close()
+
+
+def test_a_rebuild_keeps_the_arrival_of_a_block_that_came_late(tmp_path):
+    """Lines appended with old timestamps (a sync's merge) arrive now: one line of the
+    arrivals record stands for the block, and a rebuild gives them the same arrival while
+    the file holds the same bytes there; a block that also held known messages records
+    its new ones one by one."""
+    root, var = tmp_path / "log", tmp_path / "var"
+    (root / "messages").mkdir(parents=True)
+    path = root / "messages" / "alice.jsonl"
+    record = thrum.ArrivalRecord(str(var / "arrivals.jsonl"))
+    idx = thrum.Index(str(var / "index.db"), thrum.EventLog(str(root), str(var / "torn")),
+                      record)
+    since = thrum.now_ts(time.time() - 60)
+
+    def new_ids():
+        return {r["message_id"] for r in idx.unread_arrived("bob", since)}
+    try:
+        idx.catch_up()  # (an index exists before the lines come)
+        old = _creates(50)
+        path.write_bytes(b"".join((thrum._dumps(e) + "\n").encode() for e in old))
+        idx.catch_up()
+        assert len(new_ids()) == 50
+        lines = (var / "arrivals.jsonl").read_text().splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["end"] == path.stat().st_size
+        idx.rebuild()
+        assert len(new_ids()) == 50
+        # rewritten (another order, a new file) with 5 new late ones: the file is read
+        # again, its block holds known messages, so the 5 are recorded one by one
+        late = _creates(5, at=time.time() - 1800)
+        data = b"".join((thrum._dumps(e) + "\n").encode() for e in old[::-1] + late)
+        tmp = root / "messages" / "alice.new"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        idx.catch_up()
+        lines = (var / "arrivals.jsonl").read_text().splitlines()
+        assert sorted(json.loads(x).get("id") for x in lines[1:]) == \
+            sorted(e["message_id"] for e in late)
+        assert len(new_ids()) == 55  # (the index keeps the arrivals it had)
+        idx.rebuild()  # the range's bytes changed: those 50 fall back to their creation
+        assert new_ids() == {e["message_id"] for e in late}
+    finally:
+        idx.close()

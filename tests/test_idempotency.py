@@ -539,8 +539,9 @@ def _projection(batches) -> dict:
         return {
             "messages": idx.db.execute("SELECT message_id, dup_of, thread_id, deleted FROM "
                                        "messages ORDER BY 1").fetchall(),
-            "deliveries": idx.db.execute("SELECT agent_id, message_id, read_at, deleted FROM "
-                                         "deliveries ORDER BY 1, 2").fetchall()}
+            "deliveries": idx.db.execute(
+                "SELECT d.agent_id, m.message_id, d.read_at, d.deleted FROM deliveries d "
+                "JOIN messages m ON m.rid = d.rid ORDER BY 1, 2").fetchall()}
     finally:
         idx.db.close()
 
