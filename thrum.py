@@ -1006,9 +1006,13 @@ class Config:
 
 # === 5. Event log & event checks ==============================================
 #
-# The log is the truth: JSONL files, one event per line, one file per writer
-# (agents/<name>.jsonl, messages/<name>.jsonl, receipts/<name>.jsonl) plus the
-# shared groups.jsonl. Appends hold an exclusive flock and write whole lines.
+# The log is the truth: JSONL files, one event per line, per writer (agents/<name>,
+# messages/<name>, receipts/<name>) plus the shared groups.jsonl. Appends hold an
+# exclusive flock and write whole lines. A writer's file is split by size into
+# segments with flat names (SPEC §17): <name>.jsonl (segment 0, what every store
+# started with), then <name>--0001.jsonl, <name>--0002.jsonl, ...; a writer appends
+# to its latest segment and starts the next once that one holds SEGMENT_BYTES. So a
+# sync commit after one message stores one bounded blob, not the whole history.
 
 LOG_DIRS = ("agents", "messages", "receipts")
 
@@ -1016,12 +1020,37 @@ LOG_DIRS = ("agents", "messages", "receipts")
 GROUPS_FILE = "groups.jsonl"
 
 
+#: A writer's segment is full at this size (see docs/architecture.md, "Segments"): a
+#: commit after one message then adds at most ~2 segments (its messages and agents
+#: files) plus trees, <= 256 KiB at a 100,000-message history (SPEC §19).
+SEGMENT_BYTES = 96 << 10
+
+
+#: `<name>--<n>`: segment n >= 1 of writer <name> (4+ digits, zero padded). Agent names
+#: ending in `--<digits>` are reserved for this (_check_name).
+_SEGMENT_STEM = re.compile(r"([a-z0-9][a-z0-9_-]{0,63})--([0-9]{4,9})\Z").match
+
+
+def segment_relpath(sub, name, n):
+    """The path of writer `name`'s segment `n` in `sub` (agents, messages, receipts)."""
+    return "%s/%s.jsonl" % (sub, name) if n == 0 else "%s/%s--%04d.jsonl" % (sub, name, n)
+
+
+def split_segment(stem):
+    """(writer, segment number) of a log file's name without `.jsonl`, or None."""
+    m = _SEGMENT_STEM(stem)
+    if m:
+        return m.group(1), int(m.group(2))
+    return (stem, 0) if name_ok(stem) else None
+
+
 #: Appends never follow a symlink.
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW
 
 
 def log_relpath_ok(rel):
-    """Only these paths are log files: agents|messages|receipts/<name>.jsonl, groups.jsonl.
+    """Only these paths are log files: agents|messages|receipts/<name>.jsonl, their
+    segments <name>--<digits>.jsonl, and groups.jsonl.
 
     Sync reads, merges and commits nothing else, so a crafted remote branch cannot
     make thrum touch other paths."""
@@ -1029,7 +1058,7 @@ def log_relpath_ok(rel):
         return True
     parts = rel.split("/")
     return (len(parts) == 2 and parts[0] in LOG_DIRS and parts[1].endswith(".jsonl")
-            and name_ok(parts[1][:-6]))
+            and (name_ok(parts[1][:-6]) or _SEGMENT_STEM(parts[1][:-6]) is not None))
 
 
 def _event_writer(ev):
@@ -1041,7 +1070,8 @@ def _event_writer(ev):
 
 
 def event_relpath(ev):
-    """Where an event is stored, relative to the log root."""
+    """Where an event is stored, relative to the log root: groups.jsonl, or its writer's
+    file as segment 0 names it (EventLog.append writes the writer's latest segment)."""
     t = ev["type"]
     if t.startswith("group."):
         return GROUPS_FILE
@@ -1195,7 +1225,8 @@ class EventLog:
         return out
 
     def append(self, events):
-        """Append events, grouped per file; each file gets one write under flock."""
+        """Append events, grouped per file; each file gets one write under flock (into
+        the writer's latest segment)."""
         by_file = {}
         for ev in events:
             by_file.setdefault(event_relpath(ev), []).append(ev)
@@ -1204,22 +1235,54 @@ class EventLog:
         for rel, data in datas.items():
             self._append_bytes(rel, data)
 
+    def segments(self, sub, name):
+        """[(n, relpath)] of writer `name`'s segments in `sub` present now, in order."""
+        try:
+            names = os.listdir(os.path.join(self.root, sub))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out, base, prefix = [], name + ".jsonl", name + "--"
+        for fn in names:
+            if fn == base:
+                out.append((0, sub + "/" + fn))
+            elif fn.startswith(prefix) and fn.endswith(".jsonl"):
+                seg = split_segment(fn[:-6])
+                if seg and seg[0] == name and seg[1]:
+                    out.append((seg[1], sub + "/" + fn))
+        return sorted(out)
+
     def _append_bytes(self, rel, data):
-        path = os.path.join(self.root, rel)
-        try:
-            fd = os.open(path, _APPEND_FLAGS, 0o644)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, _APPEND_FLAGS, 0o644)
-        try:
-            flock(fd)
-            self.repair_tail(fd, rel)
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        finally:
-            os.close(fd)  # closing releases the flock
+        """Write `data` at the end of `rel` (groups.jsonl) or of the latest segment of the
+        writer whose segment 0 `rel` names: the highest-numbered one present, or the next
+        once that one holds SEGMENT_BYTES. Decided under the segment's flock, so appenders
+        racing over a full segment all move on to the same next one."""
+        seg = None
+        if rel != GROUPS_FILE:
+            sub, stem = rel[:-6].split("/", 1)
+            have = self.segments(sub, stem)
+            seg = have[-1][0] if have else 0
+            rel = segment_relpath(sub, stem, seg)
+        while True:
+            path = os.path.join(self.root, rel)
+            try:
+                fd = os.open(path, _APPEND_FLAGS, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, _APPEND_FLAGS, 0o644)
+            try:
+                flock(fd)
+                self.repair_tail(fd, rel)
+                if seg is not None and os.fstat(fd).st_size >= SEGMENT_BYTES:
+                    seg += 1  # full: the next segment (closing releases this lock)
+                    rel = segment_relpath(sub, stem, seg)
+                    continue
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                return
+            finally:
+                os.close(fd)  # closing releases the flock
 
     def repair_tail(self, fd, rel):
         """Cut an incomplete last line (a crash mid-write), saving it under torn/."""
@@ -1609,8 +1672,8 @@ class LocalRecord:
         return FileLock(self.path + ".lock")
 
     def add(self, ids, at=None, only_new=False):
-        """Record ids (at `at`, default now). With only_new, ids already kept are
-        skipped. Returns the ids recorded now. A store that cannot be written (read-only)
+        """Record ids (at `at`, default now; `ids` may be {id: at}, each its own time).
+        With only_new, ids already kept are skipped. Returns the ids recorded now. A store that cannot be written (read-only)
         records nothing and returns them all, with a warning."""
         try:
             return self._add(ids, at, only_new)
@@ -1629,12 +1692,13 @@ class LocalRecord:
         return {i for i in ids if ('"%s"' % i).encode("utf-8") in data}
 
     def _add(self, ids, at, only_new):
+        when = ids if isinstance(ids, dict) else None
         with self._locked():
             if only_new and self._fast_add_ok():
                 have = self.present(ids)
                 new = [i for i in dict.fromkeys(ids) if i not in have]
                 if new:
-                    self._append(new, at or now_ts())
+                    self._append(new, at or now_ts(), when)
                 return new
             entries, lines = self._read()
             cutoff = self._cutoff()
@@ -1642,16 +1706,17 @@ class LocalRecord:
             new = [i for i in dict.fromkeys(ids) if not (only_new and i in kept)]
             at = at or now_ts()
             if new:
-                kept.update((i, at) for i in new)
+                kept.update((i, when[i] if when else at) for i in new)
                 if lines > 1000 and lines > 2 * len(kept):  # mostly forgotten: compact
                     _write_file_atomic(self.path, "".join(
                         _ENCODE({"id": k, "at": v}) + "\n" for k, v in kept.items()), 0o600)
                 else:
-                    self._append(new, at)
+                    self._append(new, at, when)
             return new
 
-    def _append(self, ids, at):
-        data = "".join(_ENCODE({"id": i, "at": at}) + "\n" for i in ids)
+    def _append(self, ids, at, when=None):
+        data = "".join(_ENCODE({"id": i, "at": when[i] if when else at}) + "\n"
+                       for i in ids)
         afd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, 0o600)
         try:
             os.write(afd, data.encode("utf-8"))
@@ -1893,6 +1958,7 @@ class Projection:
         self.built = 0       # events read by the last full build
         self.building = False
         self.file_mtime = None  # while applying a file's lines: its mtime (arrivals)
+        self._late = None  # during a catch-up: {message_id: arrival} to record at its end
         self.memory = False  # the store is read-only: the index lives in memory
 
     # -- opening, schema, rebuild --------------------------------------------
@@ -2108,6 +2174,9 @@ class Projection:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         total = 0
+        # Late arrivals are recorded once for the whole catch-up (one read of the record,
+        # not one per file: a sync may bring lines into hundreds of segments at once).
+        self._late = {}
         try:
             for rel, path, _ in changed:
                 row = db.execute("SELECT ino, size, mtime_ns, offset, tail, lines FROM "
@@ -2162,6 +2231,8 @@ class Projection:
                     tail = f.read(offset - max(0, offset - 64))
                 db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)",
                            (rel, st.st_ino, st.st_size, st.st_mtime_ns, offset, tail, lines))
+            if self._late:
+                self.arrivals.add(self._late)
             db.execute("COMMIT")
         except BaseException:
             try:
@@ -2169,6 +2240,8 @@ class Projection:
             except sqlite3.Error:
                 pass
             raise
+        finally:
+            self._late = None
         return total
 
     # -- projection ----------------------------------------------------------
@@ -2305,7 +2378,10 @@ class Projection:
         db.executemany("INSERT OR IGNORE INTO deliveries(agent_id, message_id, created_at, "
                        "author, arrived_at) VALUES (?,?,?,?,?)", dels)
         if not self.building and late and self.arrivals is not None:
-            self.arrivals.add(late, now)
+            if self._late is not None:  # recorded at the end of the catch-up
+                self._late.update(dict.fromkeys(late, now))
+            else:
+                self.arrivals.add(late, now)
         db.executemany("INSERT OR IGNORE INTO tags VALUES (?,?,?,?)", tags)
         # Events that arrived before their message wait in the source tables:
         # pick them up now. Replies also give their parent a thread id.
@@ -3914,10 +3990,17 @@ class SyncEngine(GitLog):
         """(rank, n): this clone's place among the clones that wrote in the last
         PEERS_FOR seconds: the origins of the log files' last events, by the events' own
         timestamps, so clones that hold the same log agree. Files not written in that
-        time are not read. The daemon pushes in slot `rank` of `n` (SyncSchedule)."""
+        time are not read, nor a writer's segments but its latest. The daemon pushes in
+        slot `rank` of `n` (SyncSchedule)."""
         now = time.time()
         cutoff, peers = now_ts(now - self.PEERS_FOR), {self.store.origin}
-        for _, path, st in EventLog(self.wt, self.store.log.torn_dir).files():
+        latest = {}
+        for rel, path, st in EventLog(self.wt, self.store.log.torn_dir).files():
+            seg = split_segment(rel[rel.find("/") + 1:-6]) if "/" in rel else None
+            key = (rel[:rel.find("/")], seg[0]) if seg else rel
+            if key not in latest or latest[key][0] < (seg[1] if seg else 0):
+                latest[key] = (seg[1] if seg else 0, path, st)
+        for _, path, st in latest.values():
             if st.st_mtime < now - self.PEERS_FOR:
                 continue
             try:
@@ -4537,6 +4620,9 @@ def _check_name(name, what="agent name"):
     if name in RESERVED_NAMES:
         raise UsageError("invalid %s %r: it is reserved (%s)"
                          % (what, name, ", ".join(sorted(RESERVED_NAMES))))
+    if what == "agent name" and re.search(r"--[0-9]+\Z", name):
+        raise UsageError("invalid agent name %r: names ending in '--' and digits are "
+                         "reserved (they name log segments)" % name)
     return name
 
 
