@@ -1211,10 +1211,12 @@ class EventLog:
             with it:
                 for e in it:
                     # Regular files only: a symlink (say, from a crafted remote branch)
-                    # is never read or appended to.
-                    if e.name.endswith(".jsonl") and e.is_file(follow_symlinks=False) \
-                            and log_relpath_ok(sub + "/" + e.name):
-                        out.append((sub + "/" + e.name, e.path, e.stat(follow_symlinks=False)))
+                    # is never read or appended to. (The name test is log_relpath_ok's,
+                    # inlined: a store has hundreds of segments.)
+                    name = e.name
+                    if name.endswith(".jsonl") and (_NAME_MATCH(name[:-6]) or _SEGMENT_STEM(
+                            name[:-6])) and e.is_file(follow_symlinks=False):
+                        out.append((sub + "/" + name, e.path, e.stat(follow_symlinks=False)))
         g = os.path.join(self.root, GROUPS_FILE)
         try:
             st = os.lstat(g)
@@ -1957,7 +1959,8 @@ class Projection:
         self._local = threading.local()  # one SQLite connection per thread
         self.built = 0       # events read by the last full build
         self.building = False
-        self.file_mtime = None  # while applying a file's lines: its mtime (arrivals)
+        #: while applying lines read from the log: {event_id: mtime of its file} (arrivals)
+        self.file_mtime = None
         self._late = None  # during a catch-up: {message_id: arrival} to record at its end
         self.memory = False  # the store is read-only: the index lives in memory
 
@@ -2174,9 +2177,20 @@ class Projection:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         total = 0
-        # Late arrivals are recorded once for the whole catch-up (one read of the record,
-        # not one per file: a sync may bring lines into hundreds of segments at once).
+        # Lines of several files are projected together, up to CHUNK bytes at a time, and
+        # late arrivals recorded once at the end: a sync may bring lines into hundreds of
+        # segments at once, and each projection step costs more than its lines.
         self._late = {}
+        batch, when, size = [], {}, 0
+
+        def project():
+            self.file_mtime = when
+            try:
+                self.apply(batch)
+            finally:
+                self.file_mtime = None
+            batch.clear()
+            when.clear()
         try:
             for rel, path, _ in changed:
                 row = db.execute("SELECT ino, size, mtime_ns, offset, tail, lines FROM "
@@ -2217,11 +2231,13 @@ class Projection:
                         carry = data[end:]
                         lines += data.count(b"\n", 0, end)
                         evs, _ = parse_lines(data[:end], rel)
-                        self.file_mtime = st.st_mtime_ns / 1e9
-                        try:
-                            self.apply(evs)
-                        finally:
-                            self.file_mtime = None
+                        when.update(dict.fromkeys([e["event_id"] for e in evs],
+                                                  st.st_mtime_ns / 1e9))
+                        batch += evs
+                        size += end
+                        if size >= self.CHUNK:
+                            project()
+                            size = 0
                         total += len(evs)
                         offset += end
                     if carry and _is_torn(f):
@@ -2231,6 +2247,8 @@ class Projection:
                     tail = f.read(offset - max(0, offset - 64))
                 db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)",
                            (rel, st.st_ino, st.st_size, st.st_mtime_ns, offset, tail, lines))
+            if batch:
+                project()
             if self._late:
                 self.arrivals.add(self._late)
             db.execute("COMMIT")
@@ -2337,10 +2355,8 @@ class Projection:
         # else the creation time, never makes old messages new again (or new ones old).
         if self.building:
             known = self._arrivals_known()
-        else:
-            t = self.file_mtime if self.file_mtime is not None else time.time()
-            now = now_ts(t)
-            early, late_before, late = now_ts(t + 2.0), now_ts(t - 2.0), []
+        else:  # arrival: the mtime of the line's file (now, for lines not from a file)
+            mtimes, clocks, late = self.file_mtime or {}, {}, {}
         for e in creates:
             g = e.get
             body = g("body")
@@ -2348,9 +2364,14 @@ class Projection:
             if self.building:
                 arrived = known.get(mid) or ts
             else:
-                arrived = now
-                if ts < late_before or ts > early:
-                    late.append(mid)
+                t = mtimes.get(e["event_id"])
+                clock = clocks.get(t)
+                if clock is None:
+                    u = time.time() if t is None else t
+                    clock = clocks[t] = (now_ts(u), now_ts(u + 2.0), now_ts(u - 2.0))
+                arrived = clock[0]
+                if ts < clock[2] or ts > clock[1]:
+                    late[mid] = arrived
             st = body.get("structured")
             recips, auds, scopes, refs = (g("recipients") or (), g("audiences") or (),
                                           g("scopes") or (), g("refs") or ())
@@ -2379,9 +2400,9 @@ class Projection:
                        "author, arrived_at) VALUES (?,?,?,?,?)", dels)
         if not self.building and late and self.arrivals is not None:
             if self._late is not None:  # recorded at the end of the catch-up
-                self._late.update(dict.fromkeys(late, now))
+                self._late.update(late)
             else:
-                self.arrivals.add(late, now)
+                self.arrivals.add(late)
         db.executemany("INSERT OR IGNORE INTO tags VALUES (?,?,?,?)", tags)
         # Events that arrived before their message wait in the source tables:
         # pick them up now. Replies also give their parent a thread id.
