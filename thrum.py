@@ -1026,22 +1026,27 @@ GROUPS_FILE = "groups.jsonl"
 SEGMENT_BYTES = 96 << 10
 
 
-#: `<name>--<n>`: segment n >= 1 of writer <name> (4+ digits, zero padded). Agent names
-#: ending in `--<digits>` are reserved for this (_check_name).
-_SEGMENT_STEM = re.compile(r"([a-z0-9][a-z0-9_-]{0,63})--([0-9]{4,9})\Z").match
-
-
 def segment_relpath(sub, name, n):
     """The path of writer `name`'s segment `n` in `sub` (agents, messages, receipts)."""
     return "%s/%s.jsonl" % (sub, name) if n == 0 else "%s/%s--%04d.jsonl" % (sub, name, n)
 
 
+def _segment_stem(stem):
+    """(writer, n) when `stem` is `<name>--<n>`, segment n of a valid writer name (4 to 9
+    digits, zero padded), else None. Agent names ending in `--<digits>` are reserved for
+    this (_check_name). No regex: it runs for every file of a listing."""
+    i = stem.rfind("--")
+    if i > 0:
+        digits = stem[i + 2:]
+        if 4 <= len(digits) <= 9 and digits.isascii() and digits.isdigit() \
+                and _NAME_MATCH(stem[:i]):
+            return stem[:i], int(digits)
+    return None
+
+
 def split_segment(stem):
     """(writer, segment number) of a log file's name without `.jsonl`, or None."""
-    m = _SEGMENT_STEM(stem)
-    if m:
-        return m.group(1), int(m.group(2))
-    return (stem, 0) if name_ok(stem) else None
+    return _segment_stem(stem) or ((stem, 0) if name_ok(stem) else None)
 
 
 #: Appends never follow a symlink.
@@ -1058,7 +1063,7 @@ def log_relpath_ok(rel):
         return True
     parts = rel.split("/")
     return (len(parts) == 2 and parts[0] in LOG_DIRS and parts[1].endswith(".jsonl")
-            and (name_ok(parts[1][:-6]) or _SEGMENT_STEM(parts[1][:-6]) is not None))
+            and (name_ok(parts[1][:-6]) or _segment_stem(parts[1][:-6]) is not None))
 
 
 def _event_writer(ev):
@@ -1192,15 +1197,53 @@ def _dumps_tags(tags):
     return "[" + ",".join(parts) + "]"
 
 
+def _sealed_segments(files):
+    """{relpath: stat} of the sealed segments among `files` (EventLog.files() rows): those
+    holding SEGMENT_BYTES with a later segment of the same writer present."""
+    segs, latest = [], {}
+    for rel, _, st in files:
+        i = rel.find("/")
+        seg = split_segment(rel[i + 1:-6]) if i > 0 else None
+        if seg:
+            key = (rel[:i], seg[0])
+            segs.append((key, seg[1], rel, st))
+            if seg[1] > latest.get(key, -1):
+                latest[key] = seg[1]
+    return {rel: st for key, n, rel, st in segs
+            if n < latest[key] and st.st_size >= SEGMENT_BYTES}
+
+
 class EventLog:
     """Append-only JSONL files under `root`; torn tails are saved to `torn_dir`."""
+
+    #: A quick listing (files(quick=True)) takes the stat of a sealed segment from the
+    #: last full listing if that is at most this many seconds old.
+    SEALED_FOR = 1.0
 
     def __init__(self, root, torn_dir):
         self.root = root
         self.torn_dir = torn_dir
+        #: Bumped by a sync merge that appends to a file here (any file, sealed or not).
+        self.merged = 0
+        #: (when, merged, its files, then {relpath: stat} of the sealed ones): the last
+        #: full listing
+        self._sealed = None
 
-    def files(self):
-        """[(relpath, abspath, stat)] of every log file present."""
+    def files(self, quick=False):
+        """[(relpath, abspath, stat)] of every log file present.
+
+        `quick` (the index's catch-up, the change signatures polled by waits and the
+        daemon): a sealed segment, full and followed by a later one of its writer, is
+        never appended to, only merged into by a sync; its stat is taken from the last
+        full listing while that is recent (SEALED_FOR) and no merge happened here since,
+        so a store of hundreds of segments costs a stat of its few live files. Another
+        process's merge into one shows within SEALED_FOR."""
+        sealed, now, merged = {}, time.monotonic(), self.merged
+        last = self._sealed
+        if quick and last and last[1] == merged and now - last[0] < self.SEALED_FOR:
+            if type(last[2]) is list:  # worked out when first needed
+                last = self._sealed = last[:2] + (_sealed_segments(last[2]),)
+            sealed = last[2]
         out = []
         for sub in LOG_DIRS:
             d = os.path.join(self.root, sub)
@@ -1214,9 +1257,13 @@ class EventLog:
                     # is never read or appended to. (The name test is log_relpath_ok's,
                     # inlined: a store has hundreds of segments.)
                     name = e.name
-                    if name.endswith(".jsonl") and (_NAME_MATCH(name[:-6]) or _SEGMENT_STEM(
+                    rel = sub + "/" + name
+                    st = sealed.get(rel)
+                    if st is not None:
+                        out.append((rel, e.path, st))
+                    elif name.endswith(".jsonl") and (_NAME_MATCH(name[:-6]) or _segment_stem(
                             name[:-6])) and e.is_file(follow_symlinks=False):
-                        out.append((sub + "/" + name, e.path, e.stat(follow_symlinks=False)))
+                        out.append((rel, e.path, e.stat(follow_symlinks=False)))
         g = os.path.join(self.root, GROUPS_FILE)
         try:
             st = os.lstat(g)
@@ -1224,6 +1271,8 @@ class EventLog:
                 out.append((GROUPS_FILE, g, st))
         except FileNotFoundError:
             pass
+        if not sealed:  # a full listing
+            self._sealed = (now, merged, out)
         return out
 
     def append(self, events):
@@ -1248,7 +1297,7 @@ class EventLog:
             if fn == base:
                 out.append((0, sub + "/" + fn))
             elif fn.startswith(prefix) and fn.endswith(".jsonl"):
-                seg = split_segment(fn[:-6])
+                seg = _segment_stem(fn[:-6])
                 if seg and seg[0] == name and seg[1]:
                     out.append((seg[1], sub + "/" + fn))
         return sorted(out)
@@ -2128,7 +2177,7 @@ class Projection:
         projection is idempotent.
         """
         self.open()
-        files = self.log.files()
+        files = self.log.files(quick=True)
         try:
             known = {r[0]: r[1:] for r in self.db.execute(
                 "SELECT path, ino, size, mtime_ns FROM files")}
@@ -4000,6 +4049,7 @@ class SyncEngine(GitLog):
                     have |= ids
             if add:
                 data = b"\n".join(add) + b"\n"
+                self.store.log.merged += 1  # its quick listings stat every file again
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
@@ -4641,7 +4691,7 @@ def _check_name(name, what="agent name"):
     if name in RESERVED_NAMES:
         raise UsageError("invalid %s %r: it is reserved (%s)"
                          % (what, name, ", ".join(sorted(RESERVED_NAMES))))
-    if what == "agent name" and re.search(r"--[0-9]+\Z", name):
+    if what == "agent name" and "--" in name and name[name.rfind("--") + 2:].isdigit():
         raise UsageError("invalid agent name %r: names ending in '--' and digits are "
                          "reserved (they name log segments)" % name)
     return name
@@ -4885,19 +4935,12 @@ class Store:
     def log_signature(self, subdir="messages"):
         """What the message files look like now (names, inodes, sizes, mtimes): every
         message, edit or delete, written here or merged in by a sync, changes it.
-        One directory scan, no SQL. `subdir=None`: every log file."""
-        if subdir is None:
-            return [(rel, st.st_ino, st.st_size, st.st_mtime_ns)
-                    for rel, _, st in self.log.files()]
-        out = []
-        try:
-            with os.scandir(os.path.join(self.log.root, subdir)) as it:
-                for e in it:
-                    st = e.stat(follow_symlinks=False)
-                    out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        return out
+        One directory scan (a quick listing: EventLog.files), no SQL. `subdir=None`:
+        every log file."""
+        files = self.log.files(quick=True)
+        if subdir is not None:
+            files = [f for f in files if f[0].startswith(subdir + "/")]
+        return [(rel, st.st_ino, st.st_size, st.st_mtime_ns) for rel, _, st in files]
 
     def sync_engine(self, branch=None):
         return SyncEngine(self, branch=branch)

@@ -207,6 +207,32 @@ def test_appends_rotate_at_segment_bytes_and_racing_appenders_agree(tmp_path):
     assert SEG <= segs[0].stat().st_size < SEG + 2 * 400
 
 
+def test_quick_listings_stat_sealed_segments_only_after_a_merge_or_a_while(tmp_path):
+    """A sealed segment (full, with a later one of its writer) is only ever merged into by
+    a sync: quick listings (the index's catch-up, the signatures waits poll) take its stat
+    from the last full listing until this log merged something or SEALED_FOR passed."""
+    root = tmp_path / "log"
+    log = thrum.EventLog(str(root), str(tmp_path / "torn"))
+    _fill_to(log, root, "alice", 2 * SEG + 3000)
+    sealed, _, latest = files_of(root, "messages", "alice")
+    size = {rel: st.st_size for rel, _, st in log.files(quick=True)}  # a full listing
+    with open(sealed, "ab") as f:  # what another process's merge would do
+        f.write(b'{"v":1}\n')
+    with open(latest, "ab") as f:
+        f.write(b'{"v":1}\n')
+    quick = {rel: st.st_size for rel, _, st in log.files(quick=True)}
+    rel_s, rel_l = "messages/" + sealed.name, "messages/" + latest.name
+    assert quick[rel_s] == size[rel_s] and quick[rel_l] == size[rel_l] + 8
+    assert {rel: st.st_size for rel, _, st in log.files()}[rel_s] == size[rel_s] + 8
+    log.files(quick=True)
+    log.merged += 1  # a merge in this process: the next quick listing is a full one
+    assert {rel: st.st_size for rel, _, st in log.files(quick=True)}[rel_s] == size[rel_s] + 8
+    with open(sealed, "ab") as f:
+        f.write(b'{"v":1}\n')
+    log.SEALED_FOR = 0.0  # (the window has passed)
+    assert {rel: st.st_size for rel, _, st in log.files(quick=True)}[rel_s] == size[rel_s] + 16
+
+
 # --------------------------------------------------------------------------- the bound
 
 
