@@ -1198,17 +1198,20 @@ def _dumps_tags(tags):
 
 
 def _sealed_segments(files):
-    """{relpath: stat} of the sealed segments among `files` (EventLog.files() rows): those
-    holding SEGMENT_BYTES with a later segment of the same writer present."""
+    """{relpath: stat} of the sealed segments among `files` (EventLog.files() rows, whose
+    names are checked already): those holding SEGMENT_BYTES with a later segment of the
+    same writer present."""
     segs, latest = [], {}
     for rel, _, st in files:
-        i = rel.find("/")
-        seg = split_segment(rel[i + 1:-6]) if i > 0 else None
-        if seg:
-            key = (rel[:i], seg[0])
-            segs.append((key, seg[1], rel, st))
-            if seg[1] > latest.get(key, -1):
-                latest[key] = seg[1]
+        j = rel.rfind("--")
+        digits = rel[j + 2:-6] if j > 0 else ""
+        if 4 <= len(digits) <= 9 and digits.isascii() and digits.isdigit():  # (_segment_stem)
+            key, n = rel[:j], int(digits)
+        else:
+            key, n = rel[:-6], 0
+        segs.append((key, n, rel, st))
+        if n > latest.get(key, -1):
+            latest[key] = n
     return {rel: st for key, n, rel, st in segs
             if n < latest[key] and st.st_size >= SEGMENT_BYTES}
 
@@ -1216,8 +1219,8 @@ def _sealed_segments(files):
 class EventLog:
     """Append-only JSONL files under `root`; torn tails are saved to `torn_dir`."""
 
-    #: A quick listing (files(quick=True)) takes the stat of a sealed segment from the
-    #: last full listing if that is at most this many seconds old.
+    #: A quick listing (files(quick=True)) reuses the last full listing for at most this
+    #: many seconds.
     SEALED_FOR = 1.0
 
     def __init__(self, root, torn_dir):
@@ -1225,28 +1228,48 @@ class EventLog:
         self.torn_dir = torn_dir
         #: Bumped by a sync merge that appends to a file here (any file, sealed or not).
         self.merged = 0
-        #: (when, merged, its files, then {relpath: stat} of the sealed ones): the last
-        #: full listing
-        self._sealed = None
+        #: The last full listing: (when, merged, {sub: (directory's stat key, its rows)},
+        #: then {relpath: stat} of the sealed segments, worked out when first needed).
+        self._last = None
 
     def files(self, quick=False):
         """[(relpath, abspath, stat)] of every log file present.
 
         `quick` (the index's catch-up, the change signatures polled by waits and the
         daemon): a sealed segment, full and followed by a later one of its writer, is
-        never appended to, only merged into by a sync; its stat is taken from the last
-        full listing while that is recent (SEALED_FOR) and no merge happened here since,
-        so a store of hundreds of segments costs a stat of its few live files. Another
-        process's merge into one shows within SEALED_FOR."""
-        sealed, now, merged = {}, time.monotonic(), self.merged
-        last = self._sealed
-        if quick and last and last[1] == merged and now - last[0] < self.SEALED_FOR:
-            if type(last[2]) is list:  # worked out when first needed
-                last = self._sealed = last[:2] + (_sealed_segments(last[2]),)
-            sealed = last[2]
-        out = []
+        never appended to, only merged into by a sync. While the last full listing is
+        recent (SEALED_FOR) and no merge happened here since, a quick listing takes the
+        sealed segments' stats from it, and a directory whose own stat is unchanged (no
+        file added or removed) is not read again: a store of hundreds of segments costs
+        a stat of its few live files. Another process's merge into a sealed segment
+        shows within SEALED_FOR."""
+        now, merged, last = time.monotonic(), self.merged, self._last
+        fresh = quick and last and last[1] == merged and now - last[0] < self.SEALED_FOR
+        if fresh:
+            if len(last) < 4:
+                last = self._last = last + (_sealed_segments(
+                    [row for _, rows in last[2].values() for row in rows]),)
+            sealed = last[3]
+        out, dirs = [], {}
         for sub in LOG_DIRS:
             d = os.path.join(self.root, sub)
+            try:
+                dst = os.stat(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            key = (dst.st_ino, dst.st_mtime_ns, dst.st_ctime_ns)
+            if fresh and last[2].get(sub, (None,))[0] == key:
+                for rel, path, st in last[2][sub][1]:
+                    if rel not in sealed:
+                        try:
+                            st = os.lstat(path)
+                        except FileNotFoundError:
+                            continue
+                        if not stat.S_ISREG(st.st_mode):
+                            continue
+                    out.append((rel, path, st))
+                continue
+            rows = dirs[sub] = (key, [])
             try:
                 it = os.scandir(d)
             except (FileNotFoundError, NotADirectoryError):
@@ -1258,12 +1281,13 @@ class EventLog:
                     # inlined: a store has hundreds of segments.)
                     name = e.name
                     rel = sub + "/" + name
-                    st = sealed.get(rel)
+                    st = sealed.get(rel) if fresh else None
                     if st is not None:
-                        out.append((rel, e.path, st))
+                        rows[1].append((rel, e.path, st))
                     elif name.endswith(".jsonl") and (_NAME_MATCH(name[:-6]) or _segment_stem(
                             name[:-6])) and e.is_file(follow_symlinks=False):
-                        out.append((rel, e.path, e.stat(follow_symlinks=False)))
+                        rows[1].append((rel, e.path, e.stat(follow_symlinks=False)))
+            out += rows[1]
         g = os.path.join(self.root, GROUPS_FILE)
         try:
             st = os.lstat(g)
@@ -1271,9 +1295,23 @@ class EventLog:
                 out.append((GROUPS_FILE, g, st))
         except FileNotFoundError:
             pass
-        if not sealed:  # a full listing
-            self._sealed = (now, merged, out)
+        if not fresh:  # a full listing
+            self._last = (now, merged, dirs)
         return out
+
+    def _names(self, sub):
+        """The log files' names in `sub` as the last full listing saw them, if the
+        directory is unchanged since (no file added or removed), else None."""
+        last = self._last
+        if not last or sub not in last[2]:
+            return None
+        try:
+            dst = os.stat(os.path.join(self.root, sub))
+        except OSError:
+            return None
+        if (dst.st_ino, dst.st_mtime_ns, dst.st_ctime_ns) != last[2][sub][0]:
+            return None
+        return [rel[len(sub) + 1:] for rel, _, _ in last[2][sub][1]]
 
     def append(self, events):
         """Append events, grouped per file; each file gets one write under flock (into
@@ -1286,20 +1324,23 @@ class EventLog:
         for rel, data in datas.items():
             self._append_bytes(rel, data)
 
-    def segments(self, sub, name):
-        """[(n, relpath)] of writer `name`'s segments in `sub` present now, in order."""
-        try:
-            names = os.listdir(os.path.join(self.root, sub))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        out, base, prefix = [], name + ".jsonl", name + "--"
+    def segments(self, sub, name, names=None):
+        """[(n, relpath)] of writer `name`'s segments in `sub` present now, in order (of
+        `names`, when given: the directory's file names)."""
+        if names is None:
+            try:
+                names = os.listdir(os.path.join(self.root, sub))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        out, base, prefix, cut = [], name + ".jsonl", name + "--", len(name) + 2
         for fn in names:
             if fn == base:
                 out.append((0, sub + "/" + fn))
             elif fn.startswith(prefix) and fn.endswith(".jsonl"):
-                seg = _segment_stem(fn[:-6])
-                if seg and seg[0] == name and seg[1]:
-                    out.append((seg[1], sub + "/" + fn))
+                digits = fn[cut:-6]  # as _segment_stem, for names with this prefix
+                if 4 <= len(digits) <= 9 and digits.isascii() and digits.isdigit() \
+                        and int(digits):
+                    out.append((int(digits), sub + "/" + fn))
         return sorted(out)
 
     def _append_bytes(self, rel, data):
@@ -1310,7 +1351,7 @@ class EventLog:
         seg = None
         if rel != GROUPS_FILE:
             sub, stem = rel[:-6].split("/", 1)
-            have = self.segments(sub, stem)
+            have = self.segments(sub, stem, self._names(sub))
             seg = have[-1][0] if have else 0
             rel = segment_relpath(sub, stem, seg)
         while True:
@@ -2179,8 +2220,15 @@ class Projection:
         self.open()
         files = self.log.files(quick=True)
         try:
-            known = {r[0]: r[1:] for r in self.db.execute(
-                "SELECT path, ino, size, mtime_ns FROM files")}
+            # The files table as this connection last read it, while no other connection
+            # committed since (data_version): hundreds of segments make it a big read.
+            db, seen = self.db, getattr(self._local, "files_seen", None)
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            if seen is not None and seen[0] is db and seen[1] == version:
+                known = seen[2]
+            else:
+                known = {r[0]: r[1:] for r in db.execute(
+                    "SELECT path, ino, size, mtime_ns FROM files")}
         except sqlite3.DatabaseError as e:
             if _sqlite_corrupt(e):
                 return self._recover(e)
@@ -2190,7 +2238,9 @@ class Projection:
         changed = [f for f in files
                    if known.get(f[0]) != (f[2].st_ino, f[2].st_size, f[2].st_mtime_ns)]
         if not changed:
+            self._local.files_seen = (db, version, known)
             return 0
+        self._local.files_seen = None
         try:
             return self._catch_up_locked(changed)
         except _LogRewritten as e:
