@@ -1069,9 +1069,13 @@ class Config:
 
 # === 5. Event log & event checks ==============================================
 #
-# The log is the truth: JSONL files, one event per line, one file per writer
-# (agents/<name>.jsonl, messages/<name>.jsonl, receipts/<name>.jsonl) plus the
-# shared groups.jsonl. Appends hold an exclusive flock and write whole lines.
+# The log is the truth: JSONL files, one event per line, per writer (agents/<name>,
+# messages/<name>, receipts/<name>) plus the shared groups.jsonl. Appends hold an
+# exclusive flock and write whole lines. A writer's file is split by size into
+# segments with flat names (SPEC §17): <name>.jsonl (segment 0, what every store
+# started with), then <name>--0001.jsonl, <name>--0002.jsonl, ...; a writer appends
+# to its latest segment and starts the next once that one holds SEGMENT_BYTES. So a
+# sync commit after one message stores one bounded blob, not the whole history.
 
 LOG_DIRS = ("agents", "messages", "receipts")
 
@@ -1079,12 +1083,42 @@ LOG_DIRS = ("agents", "messages", "receipts")
 GROUPS_FILE = "groups.jsonl"
 
 
+#: A writer's segment is full at this size (see docs/architecture.md, "Segments"): a
+#: commit after one message then adds at most ~2 segments (its messages and agents
+#: files) plus trees, <= 256 KiB at a 100,000-message history (SPEC §19).
+SEGMENT_BYTES = 96 << 10
+
+
+def segment_relpath(sub, name, n):
+    """The path of writer `name`'s segment `n` in `sub` (agents, messages, receipts)."""
+    return "%s/%s.jsonl" % (sub, name) if n == 0 else "%s/%s--%04d.jsonl" % (sub, name, n)
+
+
+def _segment_stem(stem):
+    """(writer, n) when `stem` is `<name>--<n>`, segment n of a valid writer name (4 to 9
+    digits, zero padded), else None. Agent names ending in `--<digits>` are reserved for
+    this (_check_name). No regex: it runs for every file of a listing."""
+    i = stem.rfind("--")
+    if i > 0:
+        digits = stem[i + 2:]
+        if 4 <= len(digits) <= 9 and digits.isascii() and digits.isdigit() \
+                and _NAME_MATCH(stem[:i]):
+            return stem[:i], int(digits)
+    return None
+
+
+def split_segment(stem):
+    """(writer, segment number) of a log file's name without `.jsonl`, or None."""
+    return _segment_stem(stem) or ((stem, 0) if name_ok(stem) else None)
+
+
 #: Appends never follow a symlink.
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW
 
 
 def log_relpath_ok(rel):
-    """Only these paths are log files: agents|messages|receipts/<name>.jsonl, groups.jsonl.
+    """Only these paths are log files: agents|messages|receipts/<name>.jsonl, their
+    segments <name>--<digits>.jsonl, and groups.jsonl.
 
     Sync reads, merges and commits nothing else, so a crafted remote branch cannot
     make thrum touch other paths."""
@@ -1092,7 +1126,7 @@ def log_relpath_ok(rel):
         return True
     parts = rel.split("/")
     return (len(parts) == 2 and parts[0] in LOG_DIRS and parts[1].endswith(".jsonl")
-            and name_ok(parts[1][:-6]))
+            and (name_ok(parts[1][:-6]) or _segment_stem(parts[1][:-6]) is not None))
 
 
 def _event_writer(ev):
@@ -1104,7 +1138,8 @@ def _event_writer(ev):
 
 
 def event_relpath(ev):
-    """Where an event is stored, relative to the log root."""
+    """Where an event is stored, relative to the log root: groups.jsonl, or its writer's
+    file as segment 0 names it (EventLog.append writes the writer's latest segment)."""
     t = ev["type"]
     if t.startswith("group."):
         return GROUPS_FILE
@@ -1225,18 +1260,79 @@ def _dumps_tags(tags):
     return "[" + ",".join(parts) + "]"
 
 
+def _sealed_segments(files):
+    """{relpath: stat} of the sealed segments among `files` (EventLog.files() rows, whose
+    names are checked already): those holding SEGMENT_BYTES with a later segment of the
+    same writer present."""
+    segs, latest = [], {}
+    for rel, _, st in files:
+        j = rel.rfind("--")
+        digits = rel[j + 2:-6] if j > 0 else ""
+        if 4 <= len(digits) <= 9 and digits.isascii() and digits.isdigit():  # (_segment_stem)
+            key, n = rel[:j], int(digits)
+        else:
+            key, n = rel[:-6], 0
+        segs.append((key, n, rel, st))
+        if n > latest.get(key, -1):
+            latest[key] = n
+    return {rel: st for key, n, rel, st in segs
+            if n < latest[key] and st.st_size >= SEGMENT_BYTES}
+
+
 class EventLog:
     """Append-only JSONL files under `root`; torn tails are saved to `torn_dir`."""
+
+    #: A quick listing (files(quick=True)) reuses the last full listing for at most this
+    #: many seconds.
+    SEALED_FOR = 1.0
 
     def __init__(self, root, torn_dir):
         self.root = root
         self.torn_dir = torn_dir
+        #: Bumped by a sync merge that appends to a file here (any file, sealed or not).
+        self.merged = 0
+        #: The last full listing: (when, merged, {sub: (directory's stat key, its rows)},
+        #: then {relpath: stat} of the sealed segments, worked out when first needed).
+        self._last = None
 
-    def files(self):
-        """[(relpath, abspath, stat)] of every log file present."""
-        out = []
+    def files(self, quick=False):
+        """[(relpath, abspath, stat)] of every log file present.
+
+        `quick` (the index's catch-up, the change signatures polled by waits and the
+        daemon): a sealed segment, full and followed by a later one of its writer, is
+        never appended to, only merged into by a sync. While the last full listing is
+        recent (SEALED_FOR) and no merge happened here since, a quick listing takes the
+        sealed segments' stats from it, and a directory whose own stat is unchanged (no
+        file added or removed) is not read again: a store of hundreds of segments costs
+        a stat of its few live files. Another process's merge into a sealed segment
+        shows within SEALED_FOR."""
+        now, merged, last = time.monotonic(), self.merged, self._last
+        fresh = quick and last and last[1] == merged and now - last[0] < self.SEALED_FOR
+        if fresh:
+            if len(last) < 4:
+                last = self._last = last + (_sealed_segments(
+                    [row for _, rows in last[2].values() for row in rows]),)
+            sealed = last[3]
+        out, dirs = [], {}
         for sub in LOG_DIRS:
             d = os.path.join(self.root, sub)
+            try:
+                dst = os.stat(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            key = (dst.st_ino, dst.st_mtime_ns, dst.st_ctime_ns)
+            if fresh and last[2].get(sub, (None,))[0] == key:
+                for rel, path, st in last[2][sub][1]:
+                    if rel not in sealed:
+                        try:
+                            st = os.lstat(path)
+                        except FileNotFoundError:
+                            continue
+                        if not stat.S_ISREG(st.st_mode):
+                            continue
+                    out.append((rel, path, st))
+                continue
+            rows = dirs[sub] = (key, [])
             try:
                 it = os.scandir(d)
             except (FileNotFoundError, NotADirectoryError):
@@ -1244,10 +1340,17 @@ class EventLog:
             with it:
                 for e in it:
                     # Regular files only: a symlink (say, from a crafted remote branch)
-                    # is never read or appended to.
-                    if e.name.endswith(".jsonl") and e.is_file(follow_symlinks=False) \
-                            and log_relpath_ok(sub + "/" + e.name):
-                        out.append((sub + "/" + e.name, e.path, e.stat(follow_symlinks=False)))
+                    # is never read or appended to. (The name test is log_relpath_ok's,
+                    # inlined: a store has hundreds of segments.)
+                    name = e.name
+                    rel = sub + "/" + name
+                    st = sealed.get(rel) if fresh else None
+                    if st is not None:
+                        rows[1].append((rel, e.path, st))
+                    elif name.endswith(".jsonl") and (_NAME_MATCH(name[:-6]) or _segment_stem(
+                            name[:-6])) and e.is_file(follow_symlinks=False):
+                        rows[1].append((rel, e.path, e.stat(follow_symlinks=False)))
+            out += rows[1]
         g = os.path.join(self.root, GROUPS_FILE)
         try:
             st = os.lstat(g)
@@ -1255,10 +1358,27 @@ class EventLog:
                 out.append((GROUPS_FILE, g, st))
         except FileNotFoundError:
             pass
+        if not fresh:  # a full listing
+            self._last = (now, merged, dirs)
         return out
 
+    def _names(self, sub):
+        """The log files' names in `sub` as the last full listing saw them, if the
+        directory is unchanged since (no file added or removed), else None."""
+        last = self._last
+        if not last or sub not in last[2]:
+            return None
+        try:
+            dst = os.stat(os.path.join(self.root, sub))
+        except OSError:
+            return None
+        if (dst.st_ino, dst.st_mtime_ns, dst.st_ctime_ns) != last[2][sub][0]:
+            return None
+        return [rel[len(sub) + 1:] for rel, _, _ in last[2][sub][1]]
+
     def append(self, events):
-        """Append events, grouped per file; each file gets one write under flock."""
+        """Append events, grouped per file; each file gets one write under flock (into
+        the writer's latest segment)."""
         by_file = {}
         for ev in events:
             by_file.setdefault(event_relpath(ev), []).append(ev)
@@ -1267,21 +1387,56 @@ class EventLog:
         for rel, data in datas.items():
             self._append_bytes(rel, data)
 
+    def segments(self, sub, name, names=None):
+        """[(n, relpath)] of writer `name`'s segments in `sub` present now, in order (of
+        `names`, when given: the directory's file names)."""
+        if names is None:
+            try:
+                names = os.listdir(os.path.join(self.root, sub))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        out, base, prefix, cut = [], name + ".jsonl", name + "--", len(name) + 2
+        for fn in names:
+            if fn == base:
+                out.append((0, sub + "/" + fn))
+            elif fn.startswith(prefix) and fn.endswith(".jsonl"):
+                digits = fn[cut:-6]  # as _segment_stem, for names with this prefix
+                if 4 <= len(digits) <= 9 and digits.isascii() and digits.isdigit() \
+                        and int(digits):
+                    out.append((int(digits), sub + "/" + fn))
+        return sorted(out)
+
     def _append_bytes(self, rel, data):
-        path = os.path.join(self.root, rel)
-        try:
-            fd = open_for_append(path)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = open_for_append(path)
-        try:
-            self.repair_tail(fd, rel)
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        finally:
-            os.close(fd)  # closing releases the flock
+        """Write `data` at the end of `rel` (groups.jsonl) or of the latest segment of the
+        writer whose segment 0 `rel` names: the highest-numbered one present, or the next
+        once that one holds SEGMENT_BYTES. Decided under the segment's flock, so appenders
+        racing over a full segment all move on to the same next one."""
+        seg = None
+        if rel != GROUPS_FILE:
+            sub, stem = rel[:-6].split("/", 1)
+            have = self.segments(sub, stem, self._names(sub))
+            seg = have[-1][0] if have else 0
+            rel = segment_relpath(sub, stem, seg)
+        while True:
+            path = os.path.join(self.root, rel)
+            try:  # (never a file drop_dead_files removed meanwhile)
+                fd = open_for_append(path)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = open_for_append(path)
+            try:
+                self.repair_tail(fd, rel)
+                if seg is not None and os.fstat(fd).st_size >= SEGMENT_BYTES:
+                    seg += 1  # full: the next segment (closing releases this lock)
+                    rel = segment_relpath(sub, stem, seg)
+                    continue
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                return
+            finally:
+                os.close(fd)  # closing releases the flock
 
     def repair_tail(self, fd, rel):
         """Cut an incomplete last line (a crash mid-write), saving it under torn/."""
@@ -2511,10 +2666,15 @@ class Projection(PurgeProjection):
         projection is idempotent.
         """
         self.open()
-        files = self.log.files()
-        try:
-            known = {r[0]: r[1:] for r in self.db.execute(
-                "SELECT path, ino, size, mtime_ns FROM files")}
+        files = self.log.files(quick=True)
+        try:  # (what the files table says, read again only when the index changed)
+            db, seen = self.db, getattr(self._local, "files_seen", None)
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            if seen is not None and seen[0] is db and seen[1] == version:
+                known = seen[2]
+            else:
+                known = {r[0]: r[1:] for r in db.execute(
+                    "SELECT path, ino, size, mtime_ns FROM files")}
         except sqlite3.DatabaseError as e:
             if _sqlite_corrupt(e):
                 return self._recover(e)
@@ -2524,7 +2684,9 @@ class Projection(PurgeProjection):
         changed = [f for f in files
                    if known.get(f[0]) != (f[2].st_ino, f[2].st_size, f[2].st_mtime_ns)]
         if not changed:
+            self._local.files_seen = (db, version, known)
             return 0
+        self._local.files_seen = None
         try:
             return self._catch_up_locked(changed)
         except _LogRewritten as e:
@@ -4521,6 +4683,7 @@ class SyncEngine(GitLog):
                     have |= ids
             if add:
                 data = b"\n".join(add) + b"\n"
+                self.store.log.merged += 1  # its quick listings stat every file again
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
@@ -4532,10 +4695,17 @@ class SyncEngine(GitLog):
         """(rank, n): this clone's place among the clones that wrote in the last
         PEERS_FOR seconds: the origins of the log files' last events, by the events' own
         timestamps, so clones that hold the same log agree. Files not written in that
-        time are not read. The daemon pushes in slot `rank` of `n` (SyncSchedule)."""
+        time are not read, nor a writer's segments but its latest. The daemon pushes in
+        slot `rank` of `n` (SyncSchedule)."""
         now = time.time()
         cutoff, peers = now_ts(now - self.PEERS_FOR), {self.store.origin}
-        for _, path, st in EventLog(self.wt, self.store.log.torn_dir).files():
+        latest = {}
+        for rel, path, st in EventLog(self.wt, self.store.log.torn_dir).files():
+            seg = split_segment(rel[rel.find("/") + 1:-6]) if "/" in rel else None
+            key = (rel[:rel.find("/")], seg[0]) if seg else rel
+            if key not in latest or latest[key][0] < (seg[1] if seg else 0):
+                latest[key] = (seg[1] if seg else 0, path, st)
+        for _, path, st in latest.values():
             if st.st_mtime < now - self.PEERS_FOR:
                 continue
             try:
@@ -5160,6 +5330,9 @@ def _check_name(name, what="agent name"):
     if name in RESERVED_NAMES:
         raise UsageError("invalid %s %r: it is reserved (%s)"
                          % (what, name, ", ".join(sorted(RESERVED_NAMES))))
+    if what == "agent name" and "--" in name and name[name.rfind("--") + 2:].isdigit():
+        raise UsageError("invalid agent name %r: names ending in '--' and digits are "
+                         "reserved (they name log segments)" % name)
     return name
 
 
@@ -5433,19 +5606,12 @@ class Store:
     def log_signature(self, subdir="messages"):
         """What the message files look like now (names, inodes, sizes, mtimes): every
         message, edit or delete, written here or merged in by a sync, changes it.
-        One directory scan, no SQL. `subdir=None`: every log file."""
-        if subdir is None:
-            return [(rel, st.st_ino, st.st_size, st.st_mtime_ns)
-                    for rel, _, st in self.log.files()]
-        out = []
-        try:
-            with os.scandir(os.path.join(self.log.root, subdir)) as it:
-                for e in it:
-                    st = e.stat(follow_symlinks=False)
-                    out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        return out
+        One directory scan (a quick listing: EventLog.files), no SQL. `subdir=None`:
+        every log file."""
+        files = self.log.files(quick=True)
+        if subdir is not None:
+            files = [f for f in files if f[0].startswith(subdir + "/")]
+        return [(rel, st.st_ino, st.st_size, st.st_mtime_ns) for rel, _, st in files]
 
     def sync_engine(self, branch=None):
         return SyncEngine(self, branch=branch)

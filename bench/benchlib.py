@@ -8,7 +8,8 @@ What lives here:
                    GIT_*/THRUM_* variables, like tests/conftest.py), a snapshot of thrum.py,
                    an "installed launcher" built the way install.sh builds one, and the
                    snapshot imported as a module (for its ULID generator and event helpers)
-    write_messages append N `message.create` events straight to a JSONL log file
+    write_messages append N `message.create` events straight to the author's log files
+                   (write_lines: in the snapshot's segment layout)
     median/fmt helpers and the result table printer
 """
 
@@ -209,12 +210,48 @@ def write_messages(thrum, repo, author, recipient, n, step=0.002, end=None):
             "body": {"format": "markdown", "content": "bench message %d: %s" % (i, filler)},
             "recipients": [recipient], "audiences": audiences}))
     _check_line(thrum, out[0])
-    data = ("\n".join(out) + "\n").encode("utf-8")
-    path = os.path.join(log_dir(repo), "messages", author + ".jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "ab") as f:
-        f.write(data)
-    return len(data)
+    return write_lines(thrum, repo, "messages", author, [l.encode("utf-8") for l in out])
+
+
+def write_lines(thrum, repo, sub, writer, lines):
+    """Append log lines (bytes, no newline) to `writer`'s file in `sub` in the layout
+    the snapshot's own appends make: its latest segment, the next one each time one
+    holds SEGMENT_BYTES (one file when the snapshot has no segments). Returns the
+    number of bytes written."""
+    root = log_dir(repo)
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+    limit = getattr(thrum, "SEGMENT_BYTES", None)
+    if not limit:  # a thrum.py from before segments
+        data = b"".join(l + b"\n" for l in lines)
+        with open(os.path.join(root, sub, writer + ".jsonl"), "ab") as f:
+            f.write(data)
+        return len(data)
+    have = thrum.EventLog(root, os.path.join(root, ".torn")).segments(sub, writer)
+    seg = have[-1][0] if have else 0
+
+    def path_of(n):
+        return os.path.join(root, thrum.segment_relpath(sub, writer, n))
+    try:
+        size = os.path.getsize(path_of(seg))
+    except FileNotFoundError:
+        size = 0
+    total, chunk = 0, []
+
+    def flush():
+        if chunk:
+            with open(path_of(seg), "ab") as f:
+                f.write(b"".join(chunk))
+            chunk.clear()
+    for line in lines:
+        if size >= limit:
+            flush()
+            seg, size = seg + 1, 0
+        line += b"\n"
+        chunk.append(line)
+        size += len(line)
+        total += len(line)
+    flush()
+    return total
 
 
 def _check_line(thrum, line):
