@@ -1898,144 +1898,7 @@ def open_for_append(path):
         os.close(fd)
 
 
-# === 6. Index: the projection of the log ======================================
-#
-# SQLite (WAL) cache of the log. Every projection is order-independent: source
-# tables (edits, deletes, receipts, register/delete keys) are keyed so that
-# applying the same events in any order, any number of times, gives the same
-# rows; derived columns are recomputed from them. So the index after any
-# interleaving of writes and syncs equals a rebuild from the log alone.
-
-_SCHEMA_TABLES = """
-CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
-                   offset INTEGER, tail BLOB, lines INTEGER);
--- rid: the key the other tables use for a message (an integer is much smaller than the
--- id's text). ts: created_at as an order-preserving integer (_ts_key); created_at holds
--- the text only when it is not in the event format (readers use _CREATED). arrived: when
--- it reached this store (_ts_key of it). ses: its session_id (in names). Defaults are
--- not stored: format0 NULL is
--- markdown, audiences NULL is one agent audience per recipient, scopes/refs NULL is [].
-CREATE TABLE messages(
-  rid INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, agent_id TEXT, ses INTEGER,
-  ts INTEGER, created_at TEXT, arrived INTEGER, format0 TEXT, content0 TEXT,
-  structured0 TEXT, recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT,
-  thread0 TEXT,
-  -- the latest edit (NULL until edited; readers coalesce with the *0 columns)
-  format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
-  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT,
-  -- the idempotency key it was sent with (SPEC 16), and the message it duplicates
-  idem_key TEXT, dup_of TEXT);
--- (agent, key) -> its messages, and the (few) duplicates: with the tables, since a
--- build needs them as it goes
-CREATE INDEX messages_idem ON messages(agent_id, idem_key) WHERE idem_key IS NOT NULL;
-CREATE INDEX messages_dup ON messages(dup_of) WHERE dup_of IS NOT NULL;
--- One row per recipient, in each agent's inbox order (ts, rid: the message's). deleted:
--- hidden (the message is deleted, or a duplicate by idempotency key). arrived: NULL (the
--- message's), or earlier when a duplicate of it reached this agent first.
-CREATE TABLE deliveries(agent_id TEXT, ts INTEGER, rid INTEGER, read_at TEXT,
-                        deleted INTEGER DEFAULT 0, arrived INTEGER,
-                        PRIMARY KEY(agent_id, ts, rid)) WITHOUT ROWID;
--- audiences (only those that are not one per recipient), scopes and refs
-CREATE TABLE tags(rid INTEGER, kind TEXT, type TEXT, value TEXT,
-                  PRIMARY KEY(rid, kind, type, value)) WITHOUT ROWID;
-CREATE TABLE receipts(message_id TEXT, agent_id TEXT, read_at TEXT,
-                      PRIMARY KEY(message_id, agent_id)) WITHOUT ROWID;
-CREATE TABLE edits(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
-                   format TEXT, content TEXT, structured TEXT);
-CREATE TABLE deletes(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
-                     reason TEXT);
-CREATE TABLE agents(agent_id TEXT PRIMARY KEY, role TEXT, module TEXT, display TEXT,
-                    worktree TEXT, hostname TEXT, origin TEXT, registered_at TEXT,
-                    reg_key TEXT, del_key TEXT, deleted_by TEXT, takeover INTEGER);
-CREATE TABLE agent_fields(agent_id TEXT, field TEXT, value TEXT, key TEXT,
-                          PRIMARY KEY(agent_id, field)) WITHOUT ROWID;
-CREATE TABLE seen(agent_id TEXT PRIMARY KEY, ts TEXT);
--- text that many rows share (session ids), stored once
-CREATE TABLE names(nid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
-CREATE TABLE sessions(session_id TEXT PRIMARY KEY, agent_id TEXT, started_at TEXT,
-                      ended_at TEXT, end_reason TEXT, pid INTEGER);
-CREATE TABLE groups(name TEXT PRIMARY KEY, group_id TEXT, description TEXT,
-                    created_by TEXT, created_at TEXT, create_key TEXT, delete_key TEXT);
-CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEXT,
-                           remove_key TEXT, added_by TEXT, added_at TEXT,
-                           PRIMARY KEY(name, member_type, member)) WITHOUT ROWID;
--- log.purge events (SPEC §17): what they purge is never projected
-CREATE TABLE purges(event_id TEXT PRIMARY KEY, by TEXT, before TEXT, keep TEXT, ts TEXT);
-"""
-
-
-#: Secondary indexes: created after a bulk build, which is faster. Which query needs
-#: each: docs/architecture.md ("The index").
-_SCHEMA_INDEXES = """
-CREATE INDEX messages_author ON messages(agent_id, ts);
-CREATE INDEX messages_created ON messages(ts);
-CREATE INDEX messages_arrived ON messages(arrived);
-CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
-CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
-CREATE INDEX deliveries_unread ON deliveries(agent_id, deleted, read_at)
-  WHERE read_at IS NULL AND deleted = 0;
-CREATE INDEX deliveries_hidden ON deliveries(agent_id, deleted) WHERE deleted != 0;
-CREATE INDEX deliveries_msg ON deliveries(rid);
-CREATE INDEX edits_msg ON edits(message_id);
-CREATE INDEX deletes_msg ON deletes(message_id);
-CREATE INDEX sessions_agent ON sessions(agent_id);
-"""
-
-
-_SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
-
-
-#: Fields an agent.update may carry (work context); latest value wins per field.
-AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context", "tmux")
-
-
-#: An agent counts as registered when its latest register beats its latest delete.
-ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
-
-
-def _key(ev):
-    """Total order of events: timestamp then event id (both fixed width)."""
-    return ev["timestamp"] + "|" + ev["event_id"]
-
-
-#: A message's created_at (m: messages).
-_CREATED = "coalesce(m.created_at, %s)" % _ts_sql("m.ts")
-
-#: A receipt (?1 message id, ?2 reader, ?3 when) marks the delivery read.
-_READ_SQL = ("UPDATE deliveries SET read_at = ?3 WHERE agent_id = ?2 AND (ts, rid) = "
-             "(SELECT ts, rid FROM messages WHERE message_id = ?1) AND "
-             "(read_at IS NULL OR read_at > ?3)")
-
-
-def _key_window_end(ts):
-    """When an idempotency key used at `ts` (event format) stops naming that message:
-    24 h later, in the same fixed-width format (so text comparison orders it). An
-    unreadable timestamp gives a window that never ends (deterministic all the same)."""
-    try:
-        return now_ts(parse_ts(ts) + KEY_WINDOW)
-    except (ValueError, OverflowError, OSError):
-        return "~"
-
-
-def _json_or_none(v):
-    return None if v is None else _dumps(v)
-
-
-def _count_lines(f):
-    """Complete lines in an open binary file."""
-    f.seek(0)
-    n = 0
-    for block in iter(lambda: f.read(1 << 20), b""):
-        n += block.count(b"\n")
-    return n
-
-
-def _file_ino(path):
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
+# -- local records under .thrum/var/ (not synced; they survive a rebuild) -----------------
 
 class LocalRecord:
     """A small record of ids under `.thrum/var/` (JSONL lines {"id", "at"}): local
@@ -2373,6 +2236,148 @@ def settle_claim(var, claim, handed):
 #: SQLite's result codes for a damaged file (SQLITE_CORRUPT, SQLITE_NOTADB): the only
 #: errors that make thrum rebuild the index. Too many open files, a full disk, an I/O
 #: error or a lock (CANTOPEN, FULL, IOERR, BUSY) fail the request and change nothing.
+
+
+# === 6. Index: the projection of the log ======================================
+#
+# SQLite (WAL) cache of the log. Every projection is order-independent: source
+# tables (edits, deletes, receipts, register/delete keys) are keyed so that
+# applying the same events in any order, any number of times, gives the same
+# rows; derived columns are recomputed from them. So the index after any
+# interleaving of writes and syncs equals a rebuild from the log alone.
+
+_SCHEMA_TABLES = """
+CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
+                   offset INTEGER, tail BLOB, lines INTEGER);
+-- rid: the key the other tables use for a message (an integer is much smaller than the
+-- id's text). ts: created_at as an order-preserving integer (_ts_key); created_at holds
+-- the text only when it is not in the event format (readers use _CREATED). arrived: when
+-- it reached this store (_ts_key of it). ses: its session_id (in names). Defaults are
+-- not stored: format0 NULL is
+-- markdown, audiences NULL is one agent audience per recipient, scopes/refs NULL is [].
+CREATE TABLE messages(
+  rid INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, agent_id TEXT, ses INTEGER,
+  ts INTEGER, created_at TEXT, arrived INTEGER, format0 TEXT, content0 TEXT,
+  structured0 TEXT, recipients TEXT, audiences TEXT, scopes TEXT, refs TEXT, reply_to TEXT,
+  thread0 TEXT,
+  -- the latest edit (NULL until edited; readers coalesce with the *0 columns)
+  format TEXT, content TEXT, structured TEXT, updated_at TEXT, version INTEGER DEFAULT 0,
+  deleted INTEGER DEFAULT 0, deleted_at TEXT, delete_reason TEXT, thread_id TEXT,
+  -- the idempotency key it was sent with (SPEC 16), and the message it duplicates
+  idem_key TEXT, dup_of TEXT);
+-- (agent, key) -> its messages, and the (few) duplicates: with the tables, since a
+-- build needs them as it goes
+CREATE INDEX messages_idem ON messages(agent_id, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX messages_dup ON messages(dup_of) WHERE dup_of IS NOT NULL;
+-- One row per recipient, in each agent's inbox order (ts, rid: the message's). deleted:
+-- hidden (the message is deleted, or a duplicate by idempotency key). arrived: NULL (the
+-- message's), or earlier when a duplicate of it reached this agent first.
+CREATE TABLE deliveries(agent_id TEXT, ts INTEGER, rid INTEGER, read_at TEXT,
+                        deleted INTEGER DEFAULT 0, arrived INTEGER,
+                        PRIMARY KEY(agent_id, ts, rid)) WITHOUT ROWID;
+-- audiences (only those that are not one per recipient), scopes and refs
+CREATE TABLE tags(rid INTEGER, kind TEXT, type TEXT, value TEXT,
+                  PRIMARY KEY(rid, kind, type, value)) WITHOUT ROWID;
+CREATE TABLE receipts(message_id TEXT, agent_id TEXT, read_at TEXT,
+                      PRIMARY KEY(message_id, agent_id)) WITHOUT ROWID;
+CREATE TABLE edits(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
+                   format TEXT, content TEXT, structured TEXT);
+CREATE TABLE deletes(event_id TEXT PRIMARY KEY, message_id TEXT, agent_id TEXT, ts TEXT,
+                     reason TEXT);
+CREATE TABLE agents(agent_id TEXT PRIMARY KEY, role TEXT, module TEXT, display TEXT,
+                    worktree TEXT, hostname TEXT, origin TEXT, registered_at TEXT,
+                    reg_key TEXT, del_key TEXT, deleted_by TEXT, takeover INTEGER);
+CREATE TABLE agent_fields(agent_id TEXT, field TEXT, value TEXT, key TEXT,
+                          PRIMARY KEY(agent_id, field)) WITHOUT ROWID;
+CREATE TABLE seen(agent_id TEXT PRIMARY KEY, ts TEXT);
+-- text that many rows share (session ids), stored once
+CREATE TABLE names(nid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE sessions(session_id TEXT PRIMARY KEY, agent_id TEXT, started_at TEXT,
+                      ended_at TEXT, end_reason TEXT, pid INTEGER);
+CREATE TABLE groups(name TEXT PRIMARY KEY, group_id TEXT, description TEXT,
+                    created_by TEXT, created_at TEXT, create_key TEXT, delete_key TEXT);
+CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEXT,
+                           remove_key TEXT, added_by TEXT, added_at TEXT,
+                           PRIMARY KEY(name, member_type, member)) WITHOUT ROWID;
+-- log.purge events (SPEC §17): what they purge is never projected
+CREATE TABLE purges(event_id TEXT PRIMARY KEY, by TEXT, before TEXT, keep TEXT, ts TEXT);
+"""
+
+
+#: Secondary indexes: created after a bulk build, which is faster. Which query needs
+#: each: docs/architecture.md ("The index").
+_SCHEMA_INDEXES = """
+CREATE INDEX messages_author ON messages(agent_id, ts);
+CREATE INDEX messages_created ON messages(ts);
+CREATE INDEX messages_arrived ON messages(arrived);
+CREATE INDEX messages_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
+CREATE INDEX messages_thread ON messages(thread_id) WHERE thread_id IS NOT NULL;
+CREATE INDEX deliveries_unread ON deliveries(agent_id, deleted, read_at)
+  WHERE read_at IS NULL AND deleted = 0;
+CREATE INDEX deliveries_hidden ON deliveries(agent_id, deleted) WHERE deleted != 0;
+CREATE INDEX deliveries_msg ON deliveries(rid);
+CREATE INDEX edits_msg ON edits(message_id);
+CREATE INDEX deletes_msg ON deletes(message_id);
+CREATE INDEX sessions_agent ON sessions(agent_id);
+"""
+
+
+_SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
+
+
+#: Fields an agent.update may carry (work context); latest value wins per field.
+AGENT_FIELDS = ("intent", "task", "status", "branch", "files", "context", "tmux")
+
+
+#: An agent counts as registered when its latest register beats its latest delete.
+ACTIVE_AGENT_SQL = "reg_key IS NOT NULL AND (del_key IS NULL OR reg_key > del_key)"
+
+
+def _key(ev):
+    """Total order of events: timestamp then event id (both fixed width)."""
+    return ev["timestamp"] + "|" + ev["event_id"]
+
+
+#: A message's created_at (m: messages).
+_CREATED = "coalesce(m.created_at, %s)" % _ts_sql("m.ts")
+
+#: A receipt (?1 message id, ?2 reader, ?3 when) marks the delivery read.
+_READ_SQL = ("UPDATE deliveries SET read_at = ?3 WHERE agent_id = ?2 AND (ts, rid) = "
+             "(SELECT ts, rid FROM messages WHERE message_id = ?1) AND "
+             "(read_at IS NULL OR read_at > ?3)")
+
+
+def _key_window_end(ts):
+    """When an idempotency key used at `ts` (event format) stops naming that message:
+    24 h later, in the same fixed-width format (so text comparison orders it). An
+    unreadable timestamp gives a window that never ends (deterministic all the same)."""
+    try:
+        return now_ts(parse_ts(ts) + KEY_WINDOW)
+    except (ValueError, OverflowError, OSError):
+        return "~"
+
+
+def _json_or_none(v):
+    return None if v is None else _dumps(v)
+
+
+def _count_lines(f):
+    """Complete lines in an open binary file."""
+    f.seek(0)
+    n = 0
+    for block in iter(lambda: f.read(1 << 20), b""):
+        n += block.count(b"\n")
+    return n
+
+
+def _file_ino(path):
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+
 _SQLITE_DAMAGED = (11, 26)
 
 
@@ -2472,6 +2477,72 @@ class PurgeProjection:
                 [(m,) for m in same])
             touched |= set(same) | self._apply_keys({tuple(k) for k in keys})
         self._refresh(touched)
+
+    def _apply_keys(self, keys):
+        """Duplicates by idempotency key (SPEC §16), for the (agent, key) pairs of new
+        creates. Of one agent's messages with one key, in message-id order, the first is
+        kept, and each later one created less than 24 h after the last kept one is a
+        duplicate of it (`dup_of`): hidden everywhere (its deliveries count as deleted),
+        while the kept one reads as read by anyone who read a copy and as arrived when
+        its first copy arrived, so a listener hears of it once. A pure function of the
+        group's rows, recomputed whole when the group gains a member: so two clones that
+        both stored the key converge on the smallest id, and a rebuild agrees. Returns
+        the messages to refresh (those that became or stopped being duplicates, and the
+        parents of replies among them)."""
+        db = self.db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS fresh_keys(agent_id TEXT, key TEXT, "
+                   "PRIMARY KEY(agent_id, key))")
+        db.execute("DELETE FROM fresh_keys")
+        db.executemany("INSERT INTO fresh_keys VALUES (?,?)", keys)
+        groups = {}
+        for aid, key, mid, ts, dup, parent in db.execute(
+                "SELECT m.agent_id, m.idem_key, m.message_id, %s, m.dup_of, m.reply_to "
+                "FROM fresh_keys f JOIN messages m ON m.agent_id = f.agent_id AND "
+                "m.idem_key = f.key ORDER BY 1, 2, 3" % _CREATED):
+            groups.setdefault((aid, key), []).append((mid, ts, dup, parent))
+        touched = set()
+        for members in groups.values():
+            if len(members) < 2:
+                continue  # a key used once: nothing to hide
+            kept = []  # [message id, [its duplicates], the end of its window]
+            had = {old for _, _, old, _ in members if old}  # kept ones that had copies
+            for mid, ts, old, parent in members:
+                if kept and ts < kept[-1][2]:
+                    new = kept[-1][0]
+                    kept[-1][1].append(mid)
+                else:
+                    new = None
+                    kept.append([mid, [], _key_window_end(ts)])
+                if new != old:
+                    db.execute("UPDATE messages SET dup_of = ? WHERE message_id = ?",
+                               (new, mid))
+                    touched.add(mid)  # (its deliveries are hidden or shown again)
+                    if parent:
+                        touched.add(parent)  # (its thread may come from another reply)
+            # Read state: a kept message's from its own receipts and its copies', any
+            # other's from its own. (A key reused daily keeps many messages without
+            # copies, whose own read state the create's projection already set.)
+            for mid, dups, _ in kept:
+                todo = [(mid, [mid] + dups)] if dups or mid in had else []
+                for one, copies in todo + [(d, [d]) for d in dups if d in had]:
+                    marks = ",".join("?" * len(copies))
+                    db.execute(
+                        "UPDATE deliveries SET read_at = (SELECT min(r.read_at) FROM "
+                        "receipts r WHERE r.agent_id = deliveries.agent_id AND "
+                        "r.message_id IN (%s)) WHERE rid = (SELECT rid FROM messages "
+                        "WHERE message_id = ?)" % marks, copies + [one])
+                if dups:  # each recipient's first arrival of a copy, when earlier
+                    marks = ",".join("?" * len(dups))
+                    ts, rid, arrived = db.execute("SELECT ts, rid, arrived FROM messages "
+                                                  "WHERE message_id = ?", (mid,)).fetchone()
+                    db.executemany(
+                        "UPDATE deliveries SET arrived = ?1 WHERE agent_id = ?2 AND ts = ?3 "
+                        "AND rid = ?4 AND ?1 < coalesce(arrived, ?5)",
+                        [(first, agent, ts, rid, arrived) for agent, first in db.execute(
+                            "SELECT x.agent_id, min(coalesce(x.arrived, xm.arrived)) FROM "
+                            "messages xm JOIN deliveries x ON x.rid = xm.rid WHERE "
+                            "xm.message_id IN (%s) GROUP BY x.agent_id" % marks, dups)])
+        return touched
 
     def forget_files(self, rels):
         """Forget what was read of log files that were removed (drop_dead_files), so a
@@ -3001,72 +3072,6 @@ class Projection(PurgeProjection):
         touched.update(e["reply_to"] for e in creates if e.get("reply_to"))
         if keys:
             touched |= self._apply_keys(keys)
-        return touched
-
-    def _apply_keys(self, keys):
-        """Duplicates by idempotency key (SPEC §16), for the (agent, key) pairs of new
-        creates. Of one agent's messages with one key, in message-id order, the first is
-        kept, and each later one created less than 24 h after the last kept one is a
-        duplicate of it (`dup_of`): hidden everywhere (its deliveries count as deleted),
-        while the kept one reads as read by anyone who read a copy and as arrived when
-        its first copy arrived, so a listener hears of it once. A pure function of the
-        group's rows, recomputed whole when the group gains a member: so two clones that
-        both stored the key converge on the smallest id, and a rebuild agrees. Returns
-        the messages to refresh (those that became or stopped being duplicates, and the
-        parents of replies among them)."""
-        db = self.db
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS fresh_keys(agent_id TEXT, key TEXT, "
-                   "PRIMARY KEY(agent_id, key))")
-        db.execute("DELETE FROM fresh_keys")
-        db.executemany("INSERT INTO fresh_keys VALUES (?,?)", keys)
-        groups = {}
-        for aid, key, mid, ts, dup, parent in db.execute(
-                "SELECT m.agent_id, m.idem_key, m.message_id, %s, m.dup_of, m.reply_to "
-                "FROM fresh_keys f JOIN messages m ON m.agent_id = f.agent_id AND "
-                "m.idem_key = f.key ORDER BY 1, 2, 3" % _CREATED):
-            groups.setdefault((aid, key), []).append((mid, ts, dup, parent))
-        touched = set()
-        for members in groups.values():
-            if len(members) < 2:
-                continue  # a key used once: nothing to hide
-            kept = []  # [message id, [its duplicates], the end of its window]
-            had = {old for _, _, old, _ in members if old}  # kept ones that had copies
-            for mid, ts, old, parent in members:
-                if kept and ts < kept[-1][2]:
-                    new = kept[-1][0]
-                    kept[-1][1].append(mid)
-                else:
-                    new = None
-                    kept.append([mid, [], _key_window_end(ts)])
-                if new != old:
-                    db.execute("UPDATE messages SET dup_of = ? WHERE message_id = ?",
-                               (new, mid))
-                    touched.add(mid)  # (its deliveries are hidden or shown again)
-                    if parent:
-                        touched.add(parent)  # (its thread may come from another reply)
-            # Read state: a kept message's from its own receipts and its copies', any
-            # other's from its own. (A key reused daily keeps many messages without
-            # copies, whose own read state the create's projection already set.)
-            for mid, dups, _ in kept:
-                todo = [(mid, [mid] + dups)] if dups or mid in had else []
-                for one, copies in todo + [(d, [d]) for d in dups if d in had]:
-                    marks = ",".join("?" * len(copies))
-                    db.execute(
-                        "UPDATE deliveries SET read_at = (SELECT min(r.read_at) FROM "
-                        "receipts r WHERE r.agent_id = deliveries.agent_id AND "
-                        "r.message_id IN (%s)) WHERE rid = (SELECT rid FROM messages "
-                        "WHERE message_id = ?)" % marks, copies + [one])
-                if dups:  # each recipient's first arrival of a copy, when earlier
-                    marks = ",".join("?" * len(dups))
-                    ts, rid, arrived = db.execute("SELECT ts, rid, arrived FROM messages "
-                                                  "WHERE message_id = ?", (mid,)).fetchone()
-                    db.executemany(
-                        "UPDATE deliveries SET arrived = ?1 WHERE agent_id = ?2 AND ts = ?3 "
-                        "AND rid = ?4 AND ?1 < coalesce(arrived, ?5)",
-                        [(first, agent, ts, rid, arrived) for agent, first in db.execute(
-                            "SELECT x.agent_id, min(coalesce(x.arrived, xm.arrived)) FROM "
-                            "messages xm JOIN deliveries x ON x.rid = xm.rid WHERE "
-                            "xm.message_id IN (%s) GROUP BY x.agent_id" % marks, dups)])
         return touched
 
     def _refresh(self, ids):
