@@ -412,6 +412,8 @@ def test_requests_without_the_token_or_from_elsewhere_are_refused(tmp_path, proc
     got = next_event("messages")["messages"]
     assert [m["message_id"] for m in got] == [sent["message_id"]]
     assert got[0]["body"]["content"] == "over the stream"
+    team.inbox("bob")  # receipts: not a message, but the page's counts change
+    assert next_event("changed") == {"reset": False}
     c.close()
 
     # and a good request stores (the control)
