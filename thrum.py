@@ -10417,10 +10417,11 @@ class UiFeed:
                 problem = None
             except WaitAbandoned:
                 continue
-            except ThrumError as e:
-                if problem != e.message:
-                    problem = e.message
-                    self.log("live feed: %s (retrying)" % e.message)
+            except Exception as e:  # noqa: BLE001 - the feed carries on (a locked index,
+                msg = error_payload(e)["message"]  # a full disk, a daemon going away)
+                if problem != msg:
+                    problem = msg
+                    self.log("live feed: %s (retrying)" % msg)
                 cancel.wait(2.0)
                 continue
             finally:
@@ -10501,10 +10502,12 @@ class UiApp:
         if h.command == "GET" and url.path == "/" and "token" in query:
             if not self._token_ok(query["token"]):
                 raise _UiRefused(403, "wrong token: open the address `thrum ui` printed")
-            # the token becomes a cookie, and the address bar forgets it
-            return self._send(h, 303, b"", "text/plain; charset=utf-8", [
-                ("Location", "/"), ("Set-Cookie", "%s=%s; HttpOnly; SameSite=Strict; "
-                                                  "Path=/" % (self.cookie, self.token))])
+            # The token becomes a cookie and the address bar forgets it. The page moves
+            # itself on (a refresh, not a 303): a SameSite=Strict cookie would not go
+            # with a redirect that began on another site (a link in a chat, a file).
+            return self._send(h, 200, _UI_ENTER, "text/html; charset=utf-8", [
+                ("Set-Cookie", "%s=%s; HttpOnly; SameSite=Strict; Path=/" % (
+                    self.cookie, self.token))])
         if not self._token_ok(h.headers.get("X-Thrum-Token") or self._cookie(h)):
             raise _UiRefused(403, "no or wrong token: open the address `thrum ui` printed")
         route = _UI_ROUTES.get(url.path)
@@ -10696,6 +10699,8 @@ class UiApp:
         to = b.get("to") or ""
         if isinstance(to, str):
             to = [t for t in re.split(r"[,\s]+", to) if t]
+        if not isinstance(to, list) or not all(isinstance(t, str) for t in to):
+            raise UsageError("to must be text or a list of names")
         return self.run("send", {"content": content, "to": to})
 
     def api_read(self, b):
@@ -10707,6 +10712,11 @@ class UiApp:
         """A message with its edits and receipts; marks it read for me (as `thrum
         message get` does)."""
         return self.run("message_get", {"message_id": b.get("id") or ""})
+
+
+#: What the address with the token answers, with the cookie: go on to the page.
+_UI_ENTER = (b'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" '
+             b'content="0; url=/"><title>thrum</title><p><a href="/">Open the page</a></p>\n')
 
 
 #: path -> (method, UiApp method): api_* take the query (GET) or the JSON body (POST)

@@ -182,9 +182,15 @@ def send_from_page(driver, body, to=None):
     form.find_element("xpath", ".//button[normalize-space()='Send']").click()
 
 
-def open_page(driver, ui):
-    """Open the printed address: the token becomes a cookie and leaves the address bar."""
-    driver.get(ui.url)
+def open_page(driver, ui, via=None):
+    """Open the printed address (or click it on the page `via`, another site): the token
+    becomes a cookie and leaves the address bar."""
+    if via is None:
+        driver.get(ui.url)
+    else:
+        via.write_text(f'<a id="go" href="{ui.url}">the page</a>')
+        driver.get(via.as_uri())
+        driver.find_element("id", "go").click()
     wait_until(lambda: driver.current_url == ui.base + "/", 10, "the redirect to the clean URL")
     element(driver, '#conn', what="the page")
     wait_until(lambda: "live" in driver.find_element("id", "conn").text, 10,
@@ -309,7 +315,7 @@ def test_page_with_a_daemon(tmp_path, procs, browser):
     daemon = procs.daemon(team.path, team.env)
     old = team.seed("alice", "before the page", to=["bob"])
     ui = Ui(procs, team, "--as", "lead")
-    open_page(browser, ui)
+    open_page(browser, ui, via=tmp_path / "link.html")  # a link on another site works too
     element(browser, '#team tr[data-agent="lead"]')
     element(browser, msg_css(old["message_id"]))
     sent = team.send("bob", "through the daemon", "--to", "@alice")
@@ -332,8 +338,8 @@ def test_requests_without_the_token_or_from_elsewhere_are_refused(tmp_path, proc
         return sum(p.stat().st_size for p in team.log.rglob("*.jsonl"))
 
     # the token in the address: a cookie (HttpOnly, SameSite=Strict), then the clean URL
-    status, headers, _ = ui.request("GET", "/?token=" + ui.token, token=False)
-    assert status == 303 and headers["Location"] == "/"
+    status, headers, body = ui.request("GET", "/?token=" + ui.token, token=False)
+    assert status == 200 and b'http-equiv="refresh" content="0; url=/"' in body
     cookie = headers["Set-Cookie"]
     assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= {p.strip() for p in cookie.split(";")}
     cookie = cookie.split(";")[0]
