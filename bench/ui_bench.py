@@ -108,6 +108,51 @@ def browser(root):
     return d
 
 
+class Stream:
+    """The page's event stream read by a plain HTTP client in a thread: when each
+    message's `messages` event arrived (time.monotonic()), to split the page's latency
+    into the server's part and the browser's."""
+
+    def __init__(self, url):
+        import http.client
+        import threading
+        from urllib.parse import urlsplit
+        u = urlsplit(url)
+        self.seen, self._cv = {}, threading.Condition()
+        self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        self.conn.request("GET", "/api/events", headers={
+            "Host": u.netloc, "X-Thrum-Token": u.query.split("token=", 1)[1]})
+        self.resp = self.conn.getresponse()
+        if self.resp.status != 200:
+            raise BenchError("the event stream answered %d" % self.resp.status)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for line in iter(self.resp.fp.readline, b""):
+                if line.startswith(b'data: {"messages"'):
+                    t = time.monotonic()
+                    with self._cv:
+                        for m in json.loads(line[6:])["messages"]:
+                            self.seen.setdefault(m["message_id"], t)
+                        self._cv.notify_all()
+        except (OSError, ValueError):
+            pass
+
+    def arrival(self, mid, timeout):
+        with self._cv:
+            if not self._cv.wait_for(lambda: mid in self.seen, timeout):
+                raise BenchError("the event stream did not carry %s" % mid)
+            return self.seen[mid]
+
+    def close(self):
+        try:
+            self.conn.sock.shutdown(2)
+        except (OSError, AttributeError):
+            pass
+        self.conn.close()
+
+
 class Bench(wb.Bench):
     """wake_bench's Bench (store, daemons, watches, rows) plus a page in a browser."""
 
@@ -160,13 +205,17 @@ class Bench(wb.Bench):
         p, url = self.start_ui()
         try:
             self.open_page(url)
+            stream = Stream(url)  # a plain HTTP client on the same stream (info)
             for i in range(k + 1):
                 if not self.blocked(p, mode == "daemon", settle, "page"):
                     raise BenchError("the page's feed did not reach the daemon")
                 sent = self.send()
                 t = self.seen(sent[0])
+                ts = stream.arrival(sent[0], 10)
                 if i:
                     self.record("page", mode, t, sent)
+                    self.record("stream", mode, ts, sent)
+            stream.close()
             self.driver.get("about:blank")
         except BaseException:
             p.kill()
@@ -208,6 +257,8 @@ class Bench(wb.Bench):
             pg = self.lat_row(1, "page: send returns -> element, " + label, "page", mode)
             wa = self.lat_row(1, "(ref) watch: send returns -> line, " + label, "watch",
                               mode)
+            self.lat_row(1, "(info) the page's stream, read by a plain HTTP client, " +
+                         label, "stream", mode)
             self.ratio_row(1, "page / watch, " + label, pg, wa)
             self.ratio_row(1, "page / watch, from created_at, " + label, pg, wa,
                            created=True)
