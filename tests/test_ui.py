@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import THRUM_CMD, assert_error, make_repo, make_team, run_thrum, wait_until
+from conftest import (THRUM_CMD, assert_error, make_repo, make_team, run_thrum, thrum,
+                      wait_until)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -146,6 +147,13 @@ def element(driver, css, timeout=10, what=None):
                       timeout, what or f"{css} in the page")
 
 
+def text(driver, css):
+    """The text of the element `css` names now ("" when there is none), read in the page:
+    no element reference that a redraw could make stale."""
+    return js(driver, "var e = document.querySelector(arguments[0]);"
+                      "return e ? e.textContent : '';", css)
+
+
 def click(driver, css):
     """Click the element `css` names, found afresh (the page may have redrawn it)."""
     from selenium.common.exceptions import StaleElementReferenceException
@@ -165,8 +173,8 @@ def msg_css(mid):
 
 def status_says(driver, *fragments, timeout=10):
     def check():
-        text = driver.find_element("id", "status").text
-        return text if all(f in text for f in fragments) else None
+        line = driver.find_element("id", "status").text
+        return line if all(f in line for f in fragments) else None
     return wait_until(check, timeout, f"#status to say {fragments}")
 
 
@@ -176,9 +184,9 @@ def send_from_page(driver, body, to=None):
         field = form.find_element("name", "to")
         field.clear()
         field.send_keys(to)
-    text = form.find_element("name", "body")
-    text.clear()
-    text.send_keys(body)
+    area = form.find_element("name", "body")
+    area.clear()
+    area.send_keys(body)
     form.find_element("xpath", ".//button[normalize-space()='Send']").click()
 
 
@@ -209,9 +217,9 @@ def assert_nothing_ran(driver):
     assert js(driver, "return typeof window.__pwned") == "undefined"
     try:
         alert = driver.switch_to.alert
-        text = alert.text
+        said = alert.text
         alert.dismiss()
-        pytest.fail(f"an alert ran: {text!r}")
+        pytest.fail(f"an alert ran: {said!r}")
     except NoAlertPresentException:
         pass
     # no element came from a body: the page itself puts none of these in the feed
@@ -235,8 +243,7 @@ def test_page_shows_the_team_and_live_feed_and_writes_as_the_human(tmp_path, pro
     # the team, with the human registered as role human on first use
     for name in ("alice", "bob", "carol", "user"):
         element(browser, f'#team tr[data-agent="{name}"]')
-    assert browser.find_element("css selector", '#team tr[data-agent="user"] .role').text == \
-        "human"
+    assert text(browser, '#team tr[data-agent="user"] .role') == "human"
     roles = {m["agent_id"]: m["role"] for m in team.t.json("team", "--all")["members"]}
     assert roles["user"] == "human"
 
@@ -249,11 +256,41 @@ def test_page_shows_the_team_and_live_feed_and_writes_as_the_human(tmp_path, pro
     assert REF_PAYLOAD in js(browser, "return arguments[0].textContent", li)
     assert_nothing_ran(browser)
 
+    # filters (a ref, an agent, a role) over the messages in the page
+    def shown():
+        return set(js(browser, "return Array.from(document.querySelectorAll("
+                               "'#feed li.msg:not([hidden])'), e => e.dataset.id)"))
+    everything = shown()
+    browser.find_element("id", "f-ref").send_keys("bd:bd-7")
+    assert shown() == {first["message_id"]}
+    browser.find_element("id", "f-ref").clear()
+    js(browser, "var s = document.getElementById('f-agent'); s.value = 'carol';"
+                "s.dispatchEvent(new Event('change'))")
+    assert shown() == {tagged["message_id"]}  # from or to carol
+    js(browser, "var s = document.getElementById('f-agent'); s.value = '';"
+                "s.dispatchEvent(new Event('change'));"
+                "var r = document.getElementById('f-role'); r.value = 'implementer';"
+                "r.dispatchEvent(new Event('change'))")
+    assert shown() == everything  # alice (implementer) wrote or received every one
+    js(browser, "var r = document.getElementById('f-role'); r.value = '';"
+                "r.dispatchEvent(new Event('change'))")
+    assert shown() == everything
+
+    # search: the hits, or "search unavailable" in a thrum without the operation
+    form = browser.find_element("id", "search-form")
+    form.find_element("name", "q").send_keys("auth")
+    form.find_element("css selector", "button").click()
+    if "search" in thrum.OPS:
+        element(browser, f'#results li.result[data-id="{first["message_id"]}"]')
+    else:
+        wait_until(lambda: "search unavailable" in browser.find_element("id", "results").text,
+                   10, "the page to say search is unavailable")
+
     # a message sent with the CLI appears without a reload
     js(browser, "window.__same_page = true")
     sent = team.send("alice", "live from the CLI", "--to", "@bob")
-    li = element(browser, msg_css(sent["message_id"]), what="the CLI's message in the feed")
-    assert "live from the CLI" in li.text
+    element(browser, msg_css(sent["message_id"]), what="the CLI's message in the feed")
+    assert text(browser, msg_css(sent["message_id"]) + " .body") == "live from the CLI"
     assert js(browser, "return window.__same_page") is True
 
     # sending from the page reaches bob's CLI inbox as from @user
@@ -295,11 +332,10 @@ def test_page_shows_the_team_and_live_feed_and_writes_as_the_human(tmp_path, pro
     assert len(browser.find_elements("css selector", "#thread li.tmsg")) == 2
     mine = msg_css(replies[0]["message_id"])
     click(browser, mine + " button.receipts-btn")
-    wait_until(lambda: "@bob: read" in element(browser, mine + " .receipts").text,
+    wait_until(lambda: "@bob: read" in text(browser, mine + " .receipts"),
                10, "the reply's receipts (bob's inbox marked it read)")
-    wait_until(lambda: browser.find_element(
-        "css selector", '#team tr[data-agent="user"] .unread').text == "0", 10,
-        "the team's unread count for @user to follow")
+    wait_until(lambda: text(browser, '#team tr[data-agent="user"] .unread') == "0", 10,
+               "the team's unread count for @user to follow")
     shot = os.environ.get("THRUM_UI_SCREENSHOT")
     if shot:
         browser.set_window_size(1400, 860)
@@ -384,8 +420,18 @@ def test_requests_without_the_token_or_from_elsewhere_are_refused(tmp_path, proc
     assert ui.request("GET", "/api/send")[0] == 405
     assert ui.request("GET", "/etc/passwd")[0] == 404
     assert ui.request("GET", "/" + "a" * 5000)[0] == 414
+    with socket.create_connection(("127.0.0.1", ui.port), timeout=10) as raw:
+        raw.sendall(b"NONSENSE\r\n\r\n")  # http.server's own refusal: one line too
+        answer = raw.recv(65536)  # (no status line: an HTTP/0.9-style request gets none)
+    assert answer.startswith(b"thrum ui: Bad request") and answer.count(b"\n") == 1
     assert log_size() and all(m["agent_id"] != "user" for m in team.inbox("bob")["messages"])
     size = log_size()
+
+    # reads: who-has, and search (501 where this thrum has no search operation)
+    status, _, body = ui.request("GET", "/api/who-has?path=README")
+    assert status == 200 and json.loads(body) == {"path": "README", "agents": []}
+    status, _, body = ui.request("GET", "/api/search?q=forged")
+    assert status == (200 if "search" in thrum.OPS else 501), body
 
     # an operation's error: the CLI's line, its exit code, nothing stored
     status, _, body = ui.post("/api/send", {"to": "@nobody", "body": "x"})
