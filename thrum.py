@@ -10395,7 +10395,10 @@ class UiFeed:
                     q.get_nowait()
             except queue.Empty:
                 pass
-            q.put_nowait(item if item is None else self.event("changed", {"reset": True}))
+            try:
+                q.put_nowait(item if item is None else self.event("changed", {"reset": True}))
+            except queue.Full:  # (refilled meanwhile: it reloads all the same)
+                pass
 
     def _loop(self):
         since = seen = None
@@ -10405,6 +10408,8 @@ class UiFeed:
             with self._cond:
                 while not self._subs and not self._closed:
                     self.router.release_thread()  # idle: no daemon or index connection
+                    since = seen = None  # a page that opens loads what it shows itself
+                    shown = {}
                     self._cond.wait()
                 if self._closed:
                     return
@@ -10479,14 +10484,14 @@ class UiApp:
             err = error_payload(e)
             self._send(h, _UI_STATUS.get(err["exit_code"], 500), {
                 "error": err["message"], "hint": err["hint"], "exit_code": err["exit_code"]})
-        except (OSError, ValueError):  # the client went away, or wrote garbage
+        except (ConnectionError, TimeoutError):  # the client went away, or stalled
             pass
         except Exception as e:  # noqa: BLE001 - a bug: one line here and in the reply
             msg = error_payload(e)["message"]
             self.log("request %s %s failed: %s" % (h.command, h.path[:80], msg))
             try:
                 self._send_error(h, 500, msg, api)
-            except (OSError, ValueError):
+            except (OSError, ValueError):  # (the client went away meanwhile)
                 pass
 
     def _serve(self, h, api):
@@ -10497,8 +10502,11 @@ class UiApp:
             raise _UiRefused(403, "this server answers only to %s" % ", ".join(
                 sorted(self.hosts)[:3]))
         from urllib.parse import parse_qs, urlsplit
-        url = urlsplit(h.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=20).items()}
+        try:
+            url = urlsplit(h.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=20).items()}
+        except ValueError as e:
+            raise _UiRefused(400, "bad address: %s" % e)
         if h.command == "GET" and url.path == "/" and "token" in query:
             if not self._token_ok(query["token"]):
                 raise _UiRefused(403, "wrong token: open the address `thrum ui` printed")
@@ -10545,10 +10553,12 @@ class UiApp:
         if ctype != "application/json":
             raise _UiRefused(415, "send JSON (Content-Type: application/json)")
         try:
-            n = int(h.headers.get("Content-Length") or "")
+            n = _ascii_int(h.headers.get("Content-Length") or "")
         except ValueError:
-            raise _UiRefused(411, "a Content-Length is required")
-        if n < 0 or n > self.MAX_BODY:
+            raise _UiRefused(411, "a Content-Length (a whole number) is required")
+        if n < 0:
+            raise _UiRefused(400, "a negative Content-Length")
+        if n > self.MAX_BODY:
             raise _UiRefused(413, "the request is over %d bytes" % self.MAX_BODY)
         data = h.rfile.read(n)
         try:
