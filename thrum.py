@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ====================================================
 
-SCHEMA_VERSION = 8          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 9          #: index schema; an older index.db is rebuilt
 
 
 EVENT_VERSION = 1           #: the `v` field of every event
@@ -692,11 +692,12 @@ def parse_ts(s):
     return dt.timestamp()
 
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
+                   "w": 604800.0}
 
 
 def parse_duration(text):
-    """Parse `30s`, `8m`, `1h30m`, `1.5h`, `250ms`, `2d` or bare seconds (`45`, `-15s`).
+    """Parse `30s`, `8m`, `1h30m`, `1.5h`, `250ms`, `2d`, `2w` or bare seconds (`45`, `-15s`).
 
     Returns seconds (float, may be negative). Raises ValueError.
     """
@@ -719,7 +720,7 @@ def parse_duration(text):
 
 def _parse_units(s, sign):
     import re
-    parts = re.findall(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)", s)
+    parts = re.findall(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d|w)", s)
     if not parts or "".join(a + b for a, b in parts) != s:
         raise ValueError(s)
     return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
@@ -792,6 +793,13 @@ def _parse_positive_int(v):
     return n
 
 
+def _parse_days(v):
+    """A number of days, or none/off (nothing: retention.days keeps everything)."""
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "off")):
+        return None
+    return _parse_positive_int(v)
+
+
 def _parse_duration_value(v):
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         secs = float(v)
@@ -839,6 +847,7 @@ CONFIG_KEYS = {
     "agents.stale_after": ("30d", _parse_duration_value),
     "mcp.progress_interval": ("15s", _parse_duration_value),
     "index.lock_wait": ("30s", _parse_duration_value),
+    "retention.days": (None, _parse_days),
 }
 
 
@@ -999,6 +1008,8 @@ class Config:
             raise UsageError("bad value for %s: %s" % (key, e))
         flat = _load_toml(self.repo_file)
         flat[key] = value
+        if value is None:  # (a default of none: no line)
+            del flat[key]
         _write_file_atomic(self.repo_file, _dump_toml(flat))
         self._values = None
         return value
@@ -1207,12 +1218,11 @@ class EventLog:
     def _append_bytes(self, rel, data):
         path = os.path.join(self.root, rel)
         try:
-            fd = os.open(path, _APPEND_FLAGS, 0o644)
+            fd = open_for_append(path)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, _APPEND_FLAGS, 0o644)
+            fd = open_for_append(path)
         try:
-            flock(fd)
             self.repair_tail(fd, rel)
             view = memoryview(data)
             while view:
@@ -1449,7 +1459,236 @@ def _event_problem(ev):
         if t.startswith("group.member.") and not (
                 ev.get("member_type") in ("agent", "role") and name_ok(ev.get("member"))):
             return "needs member_type agent|role and a valid member"
+    elif t == PURGE_EVENT:
+        if not name_ok(ev.get("by")):
+            return "by must be an agent name"
+        try:
+            purge_bound(ev.get("before"))
+        except (ValueError, TypeError, OverflowError):
+            return "before must be a timestamp (YYYY-MM-DDTHH:MM:SS.ffffffZ)"
+        keep = ev.get("keep")
+        if keep is not None and (type(keep) is not list or
+                                 not all(type(k) is str for k in keep)):
+            return "keep must be a list of message ids"
+        if _opt_str(ev, "reason"):
+            return "reason must be text"
     return None
+
+
+# -- retention (SPEC §17): log.purge events and what they make dead -------------------
+#
+# A purge is an event `{"type": "log.purge", "by", "before", "keep": [message ids]}` in
+# the purger's agents/ file. What it removes is a function of the event alone, so every
+# clone's merge, commit and index agree without asking anything else: a message is
+# purged by P when the ULID time of its id is before P.before and P.keep does not hold
+# it (an id that is not a ULID: its create's timestamp is before P.before); an event is
+# dead when it is a message.create/edit/delete/receipt of a purged message (of a
+# non-ULID id only the create is dead).
+
+PURGE_EVENT = "log.purge"
+
+_FIXED_TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z\Z").match
+_MSG_ULID = re.compile(r"msg_[0-7][0-9A-HJKMNP-TV-Z]{25}\Z").match
+_DEAD_TYPES = frozenset(("message.create", "message.edit", "message.delete",
+                         "message.receipt"))
+
+
+def purge_bound(before):
+    """The smallest `msg_` id a purge at `before` (event timestamp) keeps by time: ULID
+    ids compare as their times do, so `id < bound` is "created before". Raises
+    ValueError for a timestamp that is not in the fixed-width format."""
+    if type(before) is not str or not _FIXED_TS(before):
+        raise ValueError("not a timestamp: %r" % (before,))
+    import calendar
+    secs = calendar.timegm(time.strptime(before[:19], "%Y-%m-%dT%H:%M:%S"))
+    ms = max(0, -(-(secs * 1000000 + int(before[20:26])) // 1000))  # ULID ms < before
+    out = []
+    for _ in range(10):
+        out.append(_CROCKFORD[ms & 31])
+        ms >>= 5
+    return "msg_" + "".join(reversed(out))
+
+
+class PurgeSet:
+    """The purges of a log (log.purge events) and the rule of what they make dead."""
+
+    def __init__(self, events=()):
+        self.purges = {}  # event_id -> (bound, before, keep)
+        self._order = []
+        for ev in events:
+            self.add(ev)
+
+    def add(self, ev):
+        """Add a purge event (checked: `_event_problem`). True when it is new."""
+        if ev["event_id"] in self.purges:
+            return False
+        self.purges[ev["event_id"]] = (purge_bound(ev["before"]), ev["before"],
+                                       frozenset(ev.get("keep") or ()))
+        self._order = sorted(self.purges.values(), reverse=True)  # latest horizon first
+        return True
+
+    def __bool__(self):
+        return bool(self.purges)
+
+    @property
+    def signature(self):
+        return frozenset(self.purges)
+
+    def is_purged(self, mid, created=None):
+        """Is message `mid` purged? (`created`: its create's timestamp, which decides
+        for an id that is not a ULID; without it such an id is never purged.)"""
+        if _MSG_ULID(mid):
+            for bound, _, keep in self._order:
+                if mid >= bound:
+                    return False  # (the horizons that follow are earlier still)
+                if mid not in keep:
+                    return True
+            return False
+        if type(created) is not str:
+            return False
+        return any(created < before and mid not in keep for _, before, keep in self._order)
+
+    def is_dead(self, ev):
+        """Is this event dead (a message event of a purged message)?"""
+        t = ev.get("type")
+        if t not in _DEAD_TYPES or not self.purges or type(ev.get("message_id")) is not str:
+            return False
+        return self.is_purged(ev["message_id"],
+                              ev.get("timestamp") if t == "message.create" else None)
+
+    def line_dead(self, line):
+        """is_dead of one log line (bytes); a corrupt line is not dead. Lines with one
+        `"message_id":"` and one `"type":"message.` are read without parsing."""
+        if not self.purges or b'"type":"message.' not in line:
+            return False
+        i = line.find(b'"message_id":"msg_')
+        if i >= 0 and line.count(b'"message_id":"') == 1 and \
+                line.count(b'"type":"message.') == 1:
+            mid = line[i + 14:line.find(b'"', i + 14)].decode("ascii", "replace")
+            if _MSG_ULID(mid):
+                return self.is_purged(mid)
+        try:
+            ev = json.loads(line)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return False
+        return isinstance(ev, dict) and self.is_dead(ev)
+
+    def live(self, data):
+        """The lines of `data` (bytes of complete lines) that are not dead."""
+        if not self.purges or not data:
+            return data
+        lines = data.split(b"\n")
+        kept = [l for l in lines[:-1] if not self.line_dead(l)]
+        return b"\n".join(kept) + b"\n" if kept else b""
+
+    def all_dead(self, data):
+        """Whether `data` holds complete lines and every one of them is dead."""
+        lines = [l for l in data[:data.rfind(b"\n") + 1].split(b"\n") if l.strip()]
+        return bool(lines) and self.line_dead(lines[-1]) and all(map(self.line_dead, lines))
+
+
+#: What this process learnt of the log's purges: per agents/ file how far it was read
+#: and the purges found; the last PurgeSet made; files known not to be all dead.
+_PURGE_CACHE = {"scan": {}, "set": None, "live": {}}
+
+
+def log_purges(log):
+    """The PurgeSet of the log.purge events in `log`'s agents/ files (the purger's file).
+    A file is read once, then only what was appended to it."""
+    found = []
+    scan = _PURGE_CACHE["scan"]
+    for rel, path, st in log.files():
+        if not rel.startswith("agents/"):
+            continue
+        ino, start, evs = scan.get(path) or (None, 0, ())
+        if ino != st.st_ino or start > st.st_size:
+            ino, start, evs = st.st_ino, 0, ()
+        if start < st.st_size:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(st.st_size - start)
+            except OSError:
+                data = b""
+            data = data[:data.rfind(b"\n") + 1]
+            if b"log.purge" in data:
+                evs = tuple(evs) + tuple(e for e in parse_lines(data, rel, warn=False)[0]
+                                         if e["type"] == PURGE_EVENT
+                                         and _event_problem(e) is None)
+            scan[path] = (ino, start + len(data), evs)
+        found += evs
+    last = _PURGE_CACHE["set"]
+    if last is None or last.signature != frozenset(e["event_id"] for e in found):
+        last = _PURGE_CACHE["set"] = PurgeSet(found)
+    return last
+
+
+def drop_dead_files(log, purges):
+    """Remove the message and receipt files of `log` whose complete lines are all dead
+    (SPEC §17: only whole files leave; agents/ and groups.jsonl never do). Each is
+    checked and removed under its flock (appenders never write to a removed file:
+    open_for_append). Returns the relpaths removed."""
+    if not purges:
+        return []
+    live, out = _PURGE_CACHE["live"], []
+    for rel, path, st in log.files():
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, purges.signature)
+        if not rel.startswith(("messages/", "receipts/")) or live.get(path) == key:
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR | O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            flock(fd)
+            st = os.fstat(fd)
+            tail = os.pread(fd, min(st.st_size, 65536), max(0, st.st_size - 65536))
+            end = tail.rfind(b"\n")
+            start = tail.rfind(b"\n", 0, max(end, 0)) + 1
+            if end < 0 or not start and len(tail) < st.st_size or \
+                    purges.line_dead(tail[start:end]):  # (the newest line first)
+                if st.st_nlink and purges.all_dead(os.pread(fd, st.st_size, 0)):
+                    os.unlink(path)
+                    out.append(rel)
+                    continue
+            live[path] = key
+        finally:
+            os.close(fd)
+    return out
+
+
+def without_dead(files, purges, root, read_blobs):
+    """{path: (blob sha, size)} of a commit less its message and receipt files that are
+    not under `root` (the worktree dropped them) and whose blobs hold only dead lines:
+    whole files leave the tip. `read_blobs(shas)` -> {sha: bytes}; answers are kept per
+    blob and set of purges, so a cycle reads a blob once."""
+    if not purges:
+        return files
+    dead = _PURGE_CACHE.setdefault("dead", {})
+    if len(dead) > 4096:
+        dead.clear()
+    maybe = {p: (purges.signature, s) for p, (s, _) in files.items()
+             if p.startswith(("messages/", "receipts/")) and
+             not os.path.lexists(os.path.join(root, p))}
+    todo = sorted({k[1] for k in maybe.values() if k not in dead})
+    for sha, data in (read_blobs(todo) if todo else {}).items():
+        dead[(purges.signature, sha)] = purges.all_dead(data)
+    return {p: v for p, v in files.items() if not (p in maybe and dead.get(maybe[p]))}
+
+
+def open_for_append(path):
+    """An append descriptor of `path` holding its exclusive flock, never one of a file
+    removed meanwhile (drop_dead_files removes files under that lock)."""
+    while True:
+        fd = os.open(path, _APPEND_FLAGS, 0o644)
+        try:
+            flock(fd)
+            if os.fstat(fd).st_nlink:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 # === 6. Index: the projection of the log ======================================
@@ -1502,6 +1741,8 @@ CREATE TABLE groups(name TEXT PRIMARY KEY, group_id TEXT, description TEXT,
 CREATE TABLE group_members(name TEXT, member_type TEXT, member TEXT, add_key TEXT,
                            remove_key TEXT, added_by TEXT, added_at TEXT,
                            PRIMARY KEY(name, member_type, member)) WITHOUT ROWID;
+-- log.purge events (SPEC §17): what they purge is never projected
+CREATE TABLE purges(event_id TEXT PRIMARY KEY, by TEXT, before TEXT, keep TEXT, ts TEXT);
 """
 
 
@@ -1880,7 +2121,86 @@ class _LogRewritten(Exception):
     """A log file no longer starts with the bytes the index read from it."""
 
 
-class Projection:
+class PurgeProjection:
+    """The index's side of retention (SPEC §17), a base of Projection: the purges it has
+    read (table `purges`), and what applying a new one forgets. Projection.apply skips
+    dead events, so a purge read before or after its messages leaves the same rows."""
+
+    def _purge_set(self, events):
+        """(the PurgeSet of the index with the purges among `events` added, the ones
+        new to the index: to apply)."""
+        db, fresh = self.db, []
+        for e in events:
+            if e["type"] == PURGE_EVENT and _event_problem(e) is None and db.execute(
+                    "INSERT OR IGNORE INTO purges VALUES (?,?,?,?,?)",
+                    (e["event_id"], e["by"], e["before"], _dumps(e.get("keep") or []),
+                     e["timestamp"])).rowcount:
+                fresh.append(e)
+        sig = tuple(db.execute("SELECT count(*), max(event_id) FROM purges").fetchone())
+        if self._purges is None or self._purges[0] != sig:
+            self._purges = (sig, PurgeSet(
+                {"event_id": i, "before": b, "keep": json.loads(k)} for i, b, k in
+                db.execute("SELECT event_id, before, keep FROM purges")))
+        return self._purges[1], fresh
+
+    def _apply_purges(self, purges, fresh):
+        """Purges new to the index: forget the messages they purge and what hangs on
+        them (deliveries, tags; for ULID ids also edits, deletes and receipts, waiting or
+        not), then work out again the threads and idempotency keys (SPEC §16) they were
+        part of: the rows a projection that never read the dead events has."""
+        db = self.db
+        bound, before = max(purge_bound(e["before"]) for e in fresh), max(
+            e["before"] for e in fresh)
+        gone = {m: 1 if _MSG_ULID(m) else 0 for m, c in db.execute(
+            "SELECT message_id, created_at FROM messages WHERE message_id < ? OR "
+            "created_at < ?", (bound, before)) if purges.is_purged(m, c)}
+        for table in ("edits", "deletes", "receipts"):
+            gone.update((m, 1) for (m,) in db.execute(
+                "SELECT DISTINCT message_id FROM %s WHERE message_id < ?" % table, (bound,))
+                if purges.is_purged(m))
+        if not gone:
+            return
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS purged(message_id TEXT PRIMARY KEY, "
+                   "whole INTEGER)")
+        db.execute("DELETE FROM purged")
+        db.executemany("INSERT INTO purged VALUES (?,?)", gone.items())
+        parents = {r[0] for r in db.execute(
+            "SELECT reply_to FROM messages WHERE reply_to IS NOT NULL AND message_id IN "
+            "(SELECT message_id FROM purged)")}
+        keys = db.execute("SELECT DISTINCT agent_id, idem_key FROM messages WHERE idem_key "
+                          "IS NOT NULL AND message_id IN (SELECT message_id FROM purged)"
+                          ).fetchall()
+        # (an FTS index of bodies forgets them here too, before their rows go)
+        for table in ("messages", "deliveries", "tags"):
+            db.execute("DELETE FROM %s WHERE message_id IN (SELECT message_id FROM purged)"
+                       % table)
+        for table in ("edits", "deletes", "receipts"):
+            db.execute("DELETE FROM %s WHERE message_id IN (SELECT message_id FROM purged "
+                       "WHERE whole = 1)" % table)
+        touched = set(parents)
+        if keys:  # the messages sent with those keys: read state and duplicates again
+            db.execute("UPDATE messages SET dup_of = NULL WHERE dup_of IN "
+                       "(SELECT message_id FROM purged)")
+            same = [r[0] for aid, key in keys for r in db.execute(
+                "SELECT message_id FROM messages WHERE agent_id = ? AND idem_key = ?",
+                (aid, key))]
+            db.executemany(
+                "UPDATE deliveries SET read_at = (SELECT r.read_at FROM receipts r WHERE "
+                "r.message_id = deliveries.message_id AND r.agent_id = deliveries.agent_id) "
+                "WHERE message_id = ?", [(m,) for m in same])
+            touched |= set(same) | self._apply_keys({tuple(k) for k in keys})
+        self._refresh(touched)
+
+    def forget_files(self, rels):
+        """Forget what was read of log files that were removed (drop_dead_files), so a
+        file of that name written later is read from its start, not taken for a rewrite
+        (which would need a rebuild)."""
+        if rels:
+            self.open()
+            self.db.executemany("DELETE FROM files WHERE path = ?", [(r,) for r in rels])
+
+
+class Projection(PurgeProjection):
     """The SQLite projection of the log at `path` (queries: Index, section 7)."""
 
     def __init__(self, path, log, arrivals=None, lock_wait=30.0):
@@ -1889,6 +2209,7 @@ class Projection:
         self.arrivals = arrivals  # LocalRecord of late arrivals (None: not recorded)
         self.lock_wait = lock_wait  # seconds to wait for another process's write lock
         self._known = None
+        self._purges = None  # ((count, last id) of the purges table, its PurgeSet)
         self._local = threading.local()  # one SQLite connection per thread
         self.built = 0       # events read by the last full build
         self.building = False
@@ -2181,6 +2502,7 @@ class Projection:
         if not events:
             return
         db = self.db
+        purges, fresh = self._purge_set(events)
         creates, edits, deletes, receipts = [], [], [], []
         seen = {}
         for ev in events:
@@ -2189,6 +2511,8 @@ class Projection:
             if problem:
                 _warn("skipping malformed %s event %s: %s" % (t, ev.get("event_id"), problem))
                 continue
+            if purges and purges.is_dead(ev):
+                continue  # purged (SPEC §17): as if it had never been written
             try:
                 writer = _event_writer(ev)
                 if writer:
@@ -2245,6 +2569,8 @@ class Projection:
                     [(dups[m], a, ts) for m, a, ts in rows if m in dups])
         if touched:
             self._refresh(touched)
+        if fresh:
+            self._apply_purges(purges, fresh)
         db.executemany(
             "INSERT INTO seen VALUES (?,?) ON CONFLICT(agent_id) "
             "DO UPDATE SET ts = max(ts, excluded.ts)", list(seen.items()))
@@ -2944,6 +3270,35 @@ class Index(Projection):
             m["arrived_at"] = r["arrived_at"]
         return msgs
 
+    # -- retention (SPEC §17) ----------------------------------------------------------
+    def purge_plan(self, before):
+        """What a purge at `before` takes, as this index knows the log: {keep: the old
+        messages of threads that have a newer one (threads kept whole), messages:
+        {author: n}, receipts: {reader: n}, threads_kept: n}."""
+        bound = purge_bound(before)
+        by_time = PurgeSet([{"event_id": "", "before": before}])
+        old = {r[0]: (r[1], r[2]) for r in self.rows(
+            "SELECT message_id, agent_id, thread_id, created_at FROM messages WHERE "
+            "message_id < ? OR created_at < ?", (bound, before))
+            if by_time.is_purged(r[0], r[3])}
+        threads = {t for _, t in old.values() if t}
+        alive = {r[0] for r in self.rows(
+            "SELECT thread_id, message_id, created_at FROM messages WHERE thread_id IS NOT "
+            "NULL AND (message_id >= ? OR created_at >= ?)", (bound, before))
+            if r[0] in threads and not by_time.is_purged(r[1], r[2])}
+        keep = sorted(m for m, (_, t) in old.items() if t in alive)
+        plan = PurgeSet([{"event_id": "", "before": before, "keep": keep}])
+        msgs, receipts = {}, {}
+        for m, (author, t) in old.items():
+            if t not in alive:
+                msgs[author] = msgs.get(author, 0) + 1
+        for r in self.rows("SELECT message_id, agent_id FROM receipts WHERE message_id < ?",
+                           (bound,)):
+            if plan.is_purged(r[0]):
+                receipts[r[1]] = receipts.get(r[1], 0) + 1
+        return {"keep": keep, "messages": msgs, "receipts": receipts,
+                "threads_kept": len(alive)}
+
     # -- checks ------------------------------------------------------------------------
     def quick_check(self):
         """SQLite's quick_check of the index file: 'ok' or the problem."""
@@ -3501,6 +3856,10 @@ class GitLog:
     def has_remote(self):
         return not self.local_only and self.remote in self.remotes()
 
+    def purges(self):
+        """The purges the log holds: merges and commits never keep what they make dead."""
+        return log_purges(self.store.log)
+
     @property
     def tracking(self):
         return "refs/remotes/%s/%s" % (self.remote, self.branch)
@@ -3668,6 +4027,7 @@ class GitLog:
         """Commit {path: (blob sha, size)} on `parent`: (commit, made), (parent, False)
         when nothing changed. Trees are hashed here and written by one `git mktree
         --batch` (it checks every entry exists); the commit's files are remembered."""
+        files = without_dead(files, self.purges(), self.wt, self._read_blobs)
         if parent is not None and {p: s for p, (s, _) in files.items()} == \
                 self._tree_files(parent):
             return parent, False
@@ -3897,17 +4257,16 @@ class SyncEngine(GitLog):
         if not log_relpath_ok(rel):
             return 0  # only log files are merged (see log_relpath_ok)
         path = os.path.join(self.wt, rel)
-        remote_data = _complete(remote_data)
+        remote_data = self.purges().live(_complete(remote_data))  # never a dead line
         if not remote_data:
             return 0
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            fd = os.open(path, _APPEND_FLAGS, 0o644)
+            fd = open_for_append(path)
         except OSError as e:  # a symlink or directory where a log file belongs
             _warn("sync: not merging into %s: %s" % (rel, e.strerror))
             return 0
         try:
-            flock(fd)
             self.store.log.repair_tail(fd, rel)
             size = os.fstat(fd).st_size
             local = os.pread(fd, size, 0) if size else b""
@@ -3974,7 +4333,11 @@ class SyncEngine(GitLog):
             for rel, state in self._against(commit, only).items():
                 if state in ("changed", "missing"):
                     lost.setdefault(rel, []).append(blobs[rel][0])
-        return lost
+        keep = set()  # (not the files a purge removed: only dead lines were lost)
+        for i in (0, -1):
+            keep |= set(without_dead({r: (s[i], 0) for r, s in lost.items()},
+                                     self.purges(), self.wt, self._read_blobs))
+        return {r: s for r, s in lost.items() if r in keep}
 
     def restore_lost(self, commits, only=None):
         """Append back, from git, the events a worktree file lost against `commits`
@@ -4012,7 +4375,8 @@ class SyncEngine(GitLog):
         over them (a file missing here keeps the parent's copy: a damaged worktree never
         deletes history; files that are not log files are left out). (tip, made)."""
         # Never commit a file that lost lines against the last commit of this clone or
-        # the commit this one goes on top of: put them back first.
+        # the commit this one goes on top of: put them back first (not dead ones).
+        self.store.drop_dead()
         self.restore_lost([self.rev(self.ref), parent])
         files = dict(self._tree_blobs(parent))
         changed = [rel for rel, s in self._against(parent).items()
@@ -4639,6 +5003,38 @@ def parse_after(text):
     return time.time() + secs
 
 
+def parse_horizon(text, now=None):
+    """A purge's horizon (`--before`): an age (`30d`, `12h`, `2w`: that long ago), a date
+    (`2026-11-01`: UTC midnight) or a UTC timestamp, never in the future -> the event
+    timestamp (SPEC §17)."""
+    now = time.time() if now is None else now
+    t = text.strip() if isinstance(text, str) else ""
+    bad = UsageError("invalid horizon (before) %r: use an age such as 30d, 12h or 2w, a "
+                     "date such as 2026-11-01, or a UTC timestamp" % (text,))
+    if re.match(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", t):
+        try:
+            secs = parse_ts(t + "T00:00:00Z" if len(t) == 10 else t)
+        except (ValueError, OverflowError):
+            raise bad from None
+    else:
+        try:
+            if not t[-1:].isalpha() or not t[:1].isdigit() and t[:1] != ".":
+                raise ValueError(t)  # a unit is needed, and no sign
+            secs = now - parse_duration(t)
+        except ValueError:
+            raise bad from None
+        if secs >= now:
+            raise UsageError("invalid horizon (before) %r: the age must be more than 0"
+                             % text)
+    if secs > now:
+        raise UsageError("invalid horizon (before) %r: it is in the future" % text,
+                         hint="purge takes what was created before it: a past date or "
+                              "an age such as 30d")
+    if secs < 0:
+        raise UsageError("invalid horizon (before) %r: it is before 1970" % text)
+    return now_ts(secs)
+
+
 def parse_timeout(text):
     """A wait's timeout: seconds (a number) or a duration (`8m`), 0 .. 24h."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -4815,6 +5211,17 @@ class Store:
 
     def sync_engine(self, branch=None):
         return SyncEngine(self, branch=branch)
+
+    def drop_dead(self):
+        """Remove the message and receipt files whose lines the log's purges all made
+        dead (SPEC §17), and have the index forget them. Returns their relpaths."""
+        dropped = drop_dead_files(self.log, log_purges(self.log))
+        if dropped:
+            try:
+                self.index.forget_files(dropped)
+            except (ThrumError, sqlite3.Error) as e:  # at worst: a rebuild, later
+                _warn("the index could not forget %s: %s" % (", ".join(dropped), e))
+        return dropped
 
     def notify(self, events):
         """Tell the listeners (callables taking a list of events: the daemon's wake-ups,
@@ -6896,6 +7303,34 @@ class AdminOps(ServiceBase):
         st.update(res)
         return st
 
+    # -- retention (SPEC §17) -------------------------------------------------------------
+    @operation(NEEDS_STORE)
+    def purge(self, before, confirm=False, agent=None, _by=None):
+        """Preview, or with `confirm` purge, the messages created before the horizon
+        `before` (an age such as 30d, a date, a UTC timestamp) with their edits and
+        receipts; a thread with a newer message is kept whole. The purge is a log.purge
+        event (by me, or `_by`: the daemon's retention) that syncs, so every clone drops
+        the same messages; log files left with nothing but purged lines are removed.
+        Returns {before, confirmed, agents: [{agent, messages, receipts}], messages,
+        receipts, threads_kept, files_removed} (+ by, event_id, pushed, warnings)."""
+        self.require_store()
+        by = _by or (self.me(agent)["agent_id"] if confirm else None)
+        horizon = parse_horizon(before)
+        plan = self.index.purge_plan(horizon)
+        msgs, rcpts = plan["messages"], plan["receipts"]
+        res = {"before": horizon, "confirmed": bool(confirm),
+               "agents": [{"agent": a, "messages": msgs.get(a, 0),
+                           "receipts": rcpts.get(a, 0)} for a in sorted(set(msgs) | set(rcpts))],
+               "messages": sum(msgs.values()), "receipts": sum(rcpts.values()),
+               "threads_kept": plan["threads_kept"], "files_removed": []}
+        if confirm:
+            ev = self._event(PURGE_EVENT, by=by, before=horizon, keep=plan["keep"])
+            self._emit([ev])
+            res["files_removed"] = self.store.drop_dead()
+            res["by"], res["event_id"] = by, ev["event_id"]
+            res["pushed"], res["warnings"] = self._push_now()
+        return res
+
     @operation(NEEDS_STORE, retry_safe=True)
     def sync_status(self):
         """Sync state without network: {remote, branch, local_only, last_sync_at,
@@ -8738,6 +9173,40 @@ class Daemon:
                     self._changed(local=True)
             except ThrumError as e:
                 self.log("session check: %s" % e.message)
+            self._retention()
+
+    #: How often retention (retention.days) purges, at most.
+    RETENTION_EVERY = 86400.0
+
+    def _retention(self):
+        """With retention.days set, purge what is older, once a day at most, and only
+        when that takes something (SPEC §17). The last run is recorded in
+        var/retention.json, so a restarted daemon does not run it again within a day."""
+        days = self.store.config.get("retention.days")
+        if not days:
+            return
+        path = os.path.join(self.store.loc.var, "retention.json")
+        try:
+            last = parse_ts(json.loads(_read_text(path) or "{}").get("last_run") or "")
+        except (ValueError, AttributeError, TypeError):
+            last = 0.0
+        if 0 <= time.time() - last < self.RETENTION_EVERY:
+            return
+        caller = Caller(self.store.loc.store_root, self.env)
+        try:
+            params = {"before": "%dd" % days}
+            r = call("purge", params, caller, self.store)
+            if r["messages"] or r["receipts"]:
+                r = call("purge", dict(params, confirm=True), caller, self.store,
+                         hooks={"_by": "daemon"})
+                self.log("retention (%d days): purged %d messages and %d receipts "
+                         "created before %s" % (days, r["messages"], r["receipts"],
+                                                r["before"]))
+                self._changed(local=True)
+            _write_file_atomic(path, json.dumps({"last_run": now_ts(), "days": days,
+                                                 "purged": r["messages"]}) + "\n", 0o600)
+        except (ThrumError, OSError) as e:
+            self.log("retention: %s" % getattr(e, "message", e))
 
 
 def start_daemon(store, env, files, wait=10.0):
@@ -9487,6 +9956,8 @@ def render_group_list(r, style=PLAIN):
 
 
 def _fmt_value(v):
+    if v is None:
+        return "none"
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
@@ -9536,6 +10007,24 @@ def render_sync_status(r, style=PLAIN):
     if not r.get("git"):
         return ["Sync needs git: this store is outside a git repository."]
     return ["Sync status"] + _sync_lines(r)
+
+
+def render_purge(r, style=PLAIN):
+    """`thrum purge`: what would go (a preview) or what went."""
+    def n(k, word):
+        return "%d %s%s" % (k, word, "" if k == 1 else "s")
+    ls = ["%s created before %s:" % ("Purged the messages" if r["confirmed"] else
+                                     "Preview: a purge takes the messages", r["before"])]
+    ls += ["  @%s: %s, %s" % (a["agent"], n(a["messages"], "message"),
+                              n(a["receipts"], "receipt")) for a in r["agents"]]
+    ls.append("Total: %s, %s; %s kept whole (they have a newer message)" % (
+        n(r["messages"], "message"), n(r["receipts"], "receipt"),
+        n(r["threads_kept"], "thread")))
+    if not r["confirmed"]:
+        ls.append("Nothing was deleted: run again with --confirm to purge.")
+    elif r["files_removed"]:
+        ls.append("Log files removed: %s" % ", ".join(r["files_removed"]))
+    return ls
 
 
 def render_doctor(r, style=PLAIN):
@@ -12621,6 +13110,12 @@ def cmd_sync(args, cli, out):
     out.emit(cli.call("sync_status"), lambda r: render_sync_status(r, out))
 
 
+def cmd_purge(args, cli, out):
+    r = cli.call("purge", before=args.before, confirm=args.confirm)
+    _warnings(r)
+    return out.emit(r, lambda r: render_purge(r, out))
+
+
 def cmd_doctor(args, cli, out):
     r = cli.call("doctor", fix=args.fix)
     out.emit(r, lambda r: render_doctor(r, out))
@@ -13102,6 +13597,14 @@ def _args_install(p):
                    "(--user unless a virtualenv is active)")
 
 
+def _args_purge(p):
+    p.add_argument("--before", metavar="AGE|DATE", required=True,
+                   help="purge messages created before this: an age (30d, 12h, 2w), a "
+                        "date (2026-11-01, UTC midnight) or a UTC timestamp")
+    p.add_argument("--confirm", action="store_true", help="purge them (default: only "
+                   "show what would go)")
+
+
 def _args_doctor(p):
     p.add_argument("--fix", action="store_true", help="repair what can be repaired")
 
@@ -13152,6 +13655,8 @@ COMMANDS = {
                   cmd_integrate),
     "doctor": ("check and repair the index, log, sync worktree", _args_doctor, cmd_doctor),
     "rebuild": ("rebuild the index from the log", _no_args, cmd_rebuild),
+    "purge": ("drop old messages from every clone (a preview without --confirm)",
+              _args_purge, cmd_purge),
     "install": ("install a fast `thrum` launcher for this user (or --pip)", _args_install,
                 cmd_install),
     "demo": ("a self-contained tour in a throw-away repo", _no_args, cmd_demo),

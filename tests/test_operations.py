@@ -93,6 +93,7 @@ CLI_CASES = [
     (["sync", "status"], "sync_status", {}, {}),
     (["doctor"], "doctor", {}, {}),
     (["rebuild"], "rebuild_index", {}, {}),
+    (["purge", "--before", "30d"], "purge", {"before": "30d"}, {}),
     (["tmux", "kill", "s1"], "tmux_kill", {"session": "s1"}, {}),
 ]
 
