@@ -1464,19 +1464,28 @@ def _event_problem(ev):
 # text goes in as its folded words joined by spaces. Changing this definition changes
 # the index: bump SCHEMA_VERSION.
 
-_WORD_RE = re.compile(r"[^\W_]+")
-_WORD_OR_OTHER_RE = re.compile(r"([^\W_]+)|([^\x00-\x7f\w])")
+_SEARCH_PATTERNS = {"word": r"[^\W_]+", "word_or_other": r"([^\W_]+)|([^\x00-\x7f\w])",
+                    "query": r'"([^"]*)(?:"|$)(\*?)|([^\s"]+)'}
+_SEARCH_RE = {}
+
+
+def _search_re(name):
+    """A compiled _SEARCH_PATTERNS entry (compiled on first use: start-up stays lean)."""
+    r = _SEARCH_RE.get(name)
+    if r is None:
+        r = _SEARCH_RE[name] = re.compile(_SEARCH_PATTERNS[name])
+    return r
 
 
 def search_words(text):
     """(text, [(start, end)]): the words of a body, as spans of the text it returns (the
     NFC form of `text`; `text` itself when it is ASCII)."""
     if text.isascii():
-        return text, [m.span() for m in _WORD_RE.finditer(text)]
+        return text, [m.span() for m in _search_re("word").finditer(text)]
     import unicodedata
     text = unicodedata.normalize("NFC", text)
     spans = []
-    for m in _WORD_OR_OTHER_RE.finditer(text):
+    for m in _search_re("word_or_other").finditer(text):
         s, e = m.span()
         if m.group(2) is not None and unicodedata.category(m.group(2))[0] != "M":
             continue  # non-ASCII punctuation, symbols, spaces: a separator
@@ -1490,7 +1499,7 @@ def search_words(text):
 def folded_words(text):
     """The case-folded words of `text`, in order."""
     if text.isascii():
-        return _WORD_RE.findall(text.lower())
+        return _search_re("word").findall(text.lower())
     text, spans = search_words(text)
     return [text[s:e].casefold() for s, e in spans]
 
@@ -2724,13 +2733,12 @@ class SearchQuery:
     (`auth-token`, `v1.2`) is the phrase of its words. Words as search_words() defines
     them, case-folded; AND/OR/NOT are plain words. `terms`: [(words, prefix)]."""
 
-    _PARTS = re.compile(r'"([^"]*)(?:"|$)(\*?)|([^\s"]+)')
     MAX_TERMS = 32
 
     def __init__(self, text):
         self.text = text
         self.terms = []
-        for m in self._PARTS.finditer(text):
+        for m in _search_re("query").finditer(text):
             if m.group(3) is not None:
                 raw, prefix = m.group(3), m.group(3).endswith("*")
             else:
