@@ -3213,10 +3213,11 @@ class Index(Projection):
             params.append(since)
         newest, wsql, most = "m.created_at DESC, m.message_id DESC", " AND ".join(where), \
             SEARCH_COUNT_MAX + 1
+        db = self.db or self.open().db
         if fts and self.fts:
             match = "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?"
             if rank:
-                found = [r[0] for r in self.db.execute(
+                found = [r[0] for r in db.execute(
                     "SELECT m.rowid FROM (SELECT rowid AS rid, bm25(messages_fts) AS score "
                     "FROM messages_fts WHERE messages_fts MATCH ?) f JOIN messages m ON "
                     "m.rowid = f.rid LEFT JOIN deliveries d ON d.message_id = m.message_id "
@@ -3228,7 +3229,7 @@ class Index(Projection):
                 # SQLite from driving the query by the matches' rowids).
                 few = self.value("SELECT count(*) FROM (%s LIMIT ?)" % match,
                                  (query.fts(), SEARCH_DIRECT_MAX + 1)) <= SEARCH_DIRECT_MAX
-                found = [r[0] for r in self.db.execute(
+                found = [r[0] for r in db.execute(
                     "SELECT m.rowid FROM %s WHERE %sm.rowid IN (%s) AND %s ORDER BY %s LIMIT ?"
                     % (frm, "" if few else "+", match, wsql, newest),
                     [agent_id, query.fts()] + params + [most])]
