@@ -3224,15 +3224,23 @@ class Index(Projection):
                     "AND d.agent_id = ? WHERE %s ORDER BY f.score, %s LIMIT ?"
                     % (wsql, newest), [query.fts(), agent_id] + params + [most])]
             else:
-                # Few matches: look each up by rowid and sort them. Many: walk the
-                # messages newest first (an index) and stop at enough (the `+` keeps
-                # SQLite from driving the query by the matches' rowids).
-                few = self.value("SELECT count(*) FROM (%s LIMIT ?)" % match,
-                                 (query.fts(), SEARCH_DIRECT_MAX + 1)) <= SEARCH_DIRECT_MAX
-                found = [r[0] for r in db.execute(
-                    "SELECT m.rowid FROM %s WHERE %sm.rowid IN (%s) AND %s ORDER BY %s LIMIT ?"
-                    % (frm, "" if few else "+", match, wsql, newest),
-                    [agent_id, query.fts()] + params + [most])]
+                # Few matches: look each up by rowid and sort them. Many, and a good
+                # share of all messages: walk the messages newest first and ask the
+                # index about a batch at a time (_search_walk). Otherwise, or when that
+                # does not pay: walk them newest first against all the matches (the `+`
+                # keeps SQLite from driving the query by the matches' rowids).
+                dense = self.value("SELECT coalesce(max(rowid), 0) FROM messages") // 8
+                n = self.value("SELECT count(*) FROM (%s LIMIT ?)" % match,
+                               (query.fts(), max(SEARCH_DIRECT_MAX, dense) + 1))
+                found = self._search_walk(db, query, "SELECT m.rowid FROM %s WHERE %s "
+                                          "ORDER BY %s" % (frm, wsql, newest),
+                                          [agent_id] + params, most) \
+                    if n > max(SEARCH_DIRECT_MAX, dense) else None
+                if found is None:
+                    found = [r[0] for r in db.execute(
+                        "SELECT m.rowid FROM %s WHERE %sm.rowid IN (%s) AND %s ORDER BY %s "
+                        "LIMIT ?" % (frm, "" if n <= SEARCH_DIRECT_MAX else "+", match, wsql,
+                                     newest), [agent_id, query.fts()] + params + [most])]
         else:
             found = self._search_scan(query, frm, wsql, [agent_id] + params, newest, rank)
         page = found[:limit]
@@ -3247,6 +3255,47 @@ class Index(Projection):
             msgs.append(m)
         return {"total": min(len(found), SEARCH_COUNT_MAX),
                 "capped": len(found) > SEARCH_COUNT_MAX, "messages": self.short_ids(msgs)}
+
+    #: _search_walk: at most this many rows walked (in batches of `most`, then twice as
+    #: many each time), at most this many ranges of rowids per batch (a gap of more than
+    #: WALK_GAP starts a new one).
+    WALK_ROWS, WALK_RANGES, WALK_GAP = 32768, 32, 256
+
+    def _search_walk(self, db, query, sql, args, most):
+        """The first `most` messages of `sql` (the visible ones, newest first) that match
+        `query`, asking the FTS5 index a batch at a time, by ranges of rowids (a batch of
+        recent messages mostly holds a few runs of rowids); None when the rowids are too
+        scattered, or the matches too sparse, for that to pay."""
+        cur = db.execute(sql, args)
+        out, size, walked = [], most, 0
+        try:
+            while len(out) < most:
+                if walked >= self.WALK_ROWS:
+                    return None
+                batch = [r[0] for r in cur.fetchmany(size)]
+                if not batch:
+                    break
+                walked, size = walked + len(batch), size * 2
+                ranges, ordered = [], sorted(batch)
+                lo = prev = ordered[0]
+                for rid in ordered[1:]:
+                    if rid - prev > self.WALK_GAP:
+                        ranges.append((lo, prev))
+                        lo = rid
+                    prev = rid
+                ranges.append((lo, prev))
+                # (FTS5 merges a prefix's postings anew for every query: one range only)
+                if len(ranges) > (1 if any(p for _, p in query.terms) else self.WALK_RANGES):
+                    return None
+                hit = set()
+                for lo, hi in ranges:
+                    hit.update(r[0] for r in db.execute(
+                        "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? AND "
+                        "rowid BETWEEN ? AND ?", (query.fts(), lo, hi)))
+                out += [rid for rid in batch if rid in hit]
+        finally:
+            cur.close()
+        return out[:most]
 
     def _search_scan(self, query, frm, wsql, args, order, rank):
         """search() without FTS5: the rowids of the matches in order (newest first, or

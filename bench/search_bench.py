@@ -13,6 +13,9 @@ then, as bob, through the installed launcher, each a fresh process:
     with one baseline sample (`python3 -c "import sqlite3, json"`);
   * the index: bytes per message of index.db in all, of the FTS5 tables (dbstat), and of
     a copy without them (dropped, then VACUUM), after a WAL checkpoint;
+  * (info) the same queries in this process (`thrum.call("search", ...)` on the snapshot,
+    which opens the store, catches the index up and searches, as a command does, without
+    the interpreter's start-up and imports), median of --runs;
   * (info) `thrum rebuild` of the store, and the part of it that fills the search index
     (the snapshot's own fill, timed in this process on a copy of the index).
 
@@ -159,6 +162,18 @@ def main(argv=None):
                                          extra_env=extra)
                     samples.setdefault(name, []).append(dt)
                 progress("round %d/%d" % (i + 1, runs))
+
+            inproc = {}
+            for name, args, _, extra, _ in cmds:
+                params = {"query": args[0], "rank": "--rank" in args}
+                caller = ws.thrum.Caller(repo, dict(ws.env, THRUM_NAME="bob", **extra))
+                times = []
+                for _ in range(runs + 1):
+                    t0 = time.perf_counter()
+                    ws.thrum.call("search", params, caller)
+                    times.append(time.perf_counter() - t0)
+                inproc[name.replace("search ", "")] = round(median(times[1:]) * 1000, 1)
+            info["in process, median ms"] = inproc
 
             index = os.path.join(repo, ".thrum", "var", "index.db")
             info["index"] = sizes(index, n, ws.root)

@@ -357,3 +357,43 @@ def test_fts5_and_the_scan_agree_on_random_texts_to_the_last_bit():
         scan = {i: thrum.bm25([float(len(h)) for h in hits], len(w), idfs, avgdl)
                 for i, w in words.items() for hits in [q.hits(w)] if hits is not None}
         assert fts == scan, q.text
+
+
+@NEEDS_FTS5
+def test_every_fts5_strategy_answers_like_the_scan(tmp_path, monkeypatch):
+    """FTS5 finds the newest matches three ways, by how many there are: each looked up
+    (few), a walk of the newest messages asking the index batch by batch (many: a good
+    share of all), or a walk against all the matches (the rest, and when a batch's rowids
+    are scattered). The thresholds are lowered here so that a small store takes every
+    way, including the count's cap; each answers like the scan."""
+    team = make_team(tmp_path)
+    monkeypatch.setattr(thrum, "SEARCH_DIRECT_MAX", 20)
+    monkeypatch.setattr(thrum, "SEARCH_COUNT_MAX", 50)
+    monkeypatch.setattr(thrum.Index, "WALK_GAP", 8)  # each author's rowids: a range
+    t0 = thrum.time.time() - 3600
+    to = [(["bob"], [{"type": "agent", "value": "bob"}]),
+          (["bob", "carol"], [{"type": "role", "value": "reviewer"}]),
+          (["carol"], [{"type": "agent", "value": "carol"}])]
+    files = {}
+    for i in range(600):
+        author = ("alice", "bob", "carol")[i % 3]
+        recips, auds = to[i % 3]
+        recips = [r for r in recips if r != author] or ["alice"]
+        words = ["note", str(i), "common"] + ["medium"] * (i % 17 == 0) + \
+            ["rare"] * (i % 150 == 0) + ["prefixed%d" % (i % 7)]
+        ts = t0 + (i - i % 2) * 0.5  # pairs share a timestamp: ties go by message id
+        ev = thrum.make_event("message.create", "o_TEST", message_id="msg_" + thrum._UlidGen()(
+            int(ts * 1000)), agent_id=author, session_id=None,
+            body={"format": "markdown", "content": " ".join(words)}, recipients=recips,
+            audiences=auds, scopes=[], refs=[])
+        ev["timestamp"] = thrum.now_ts(ts)
+        files.setdefault(author, []).append(thrum.encode_event(ev))
+    (team.log / "messages").mkdir(exist_ok=True)
+    for author, lines in files.items():
+        with open(team.log / "messages" / f"{author}.jsonl", "ab") as f:
+            f.write(b"".join(lines))
+    same_answers(team, ["common", "note", "medium", "rare", "prefixed3", "prefix*",
+                        '"note 3"*', "common medium"], whos=("bob", "carol"),
+                 extras=({}, {"limit": 7}))
+    monkeypatch.setattr(thrum.Index, "WALK_ROWS", 10)  # the walk gives up: the other way
+    same_answers(team, ["prefixed3", "note"], whos=("bob",))
