@@ -6667,27 +6667,6 @@ class MessageOps(ServiceBase):
                                     hint="see 'thrum team --all' and 'thrum group list'")
         return t
 
-    @operation(NEEDS_IDENTITY, retry_safe=True)
-    def search(self, query, sender=None, to=None, ref=None, since=None, limit=20, rank=False,
-               agent=None):
-        """Messages I can see whose text matches `query` (SPEC §17), newest first or by
-        relevance (`rank`), each with a one-line `snippet`; marks nothing read. SQLite
-        FTS5 when the index has it, else a scan with the same answer (THRUM_FTS=0 forces
-        the scan)."""
-        me = self.me(agent)["agent_id"]
-        q = SearchQuery(_check_text(query, "search query"))
-        limit = self._paging(limit, 1)[0]
-        sender = self._require_agent(sender)["agent_id"] if sender else None
-        to = self._recipient_filter(to)
-        ref = parse_tag(ref, "ref") if ref else None
-        since = parse_since(since)
-        got = self.index.search(me, q, sender=sender, to=to, ref=ref, since=since,
-                                limit=limit, rank=rank,
-                                fts=self.env.get("THRUM_FTS", "").strip() != "0")
-        return {"messages": got["messages"], "total": got["total"], "capped": got["capped"],
-                "query": query,
-                "rank": rank, "limit": limit, "agent_id": me}
-
     def _receipts(self, m):
         got = self.index.receipts(m["message_id"])
         return [{"agent_id": a, "read_at": got.get(a)} for a in m["recipients"]]
@@ -7008,6 +6987,31 @@ class MessageOps(ServiceBase):
                                                      limit=max(0, int(limit))),
                 "team": self._members(all_agents=False),
                 "context": self.context_show(agent=me)["content"]}
+
+
+class SearchOps(ServiceBase):
+    """Operations: search (SPEC §17). (With MessageOps' _paging and _recipient_filter:
+    Service joins them.)"""
+
+    @operation(NEEDS_IDENTITY, retry_safe=True)
+    def search(self, query, sender=None, to=None, ref=None, since=None, limit=20, rank=False,
+               agent=None):
+        """Messages I can see whose text matches `query` (SPEC §17), newest first or by
+        relevance (`rank`), each with a one-line `snippet`; marks nothing read. SQLite
+        FTS5 when the index has it, else a scan with the same answer (THRUM_FTS=0 forces
+        the scan)."""
+        me = self.me(agent)["agent_id"]
+        q = SearchQuery(_check_text(query, "search query"))
+        limit = self._paging(limit, 1)[0]
+        sender = self._require_agent(sender)["agent_id"] if sender else None
+        to = self._recipient_filter(to)
+        ref = parse_tag(ref, "ref") if ref else None
+        since = parse_since(since)
+        got = self.index.search(me, q, sender=sender, to=to, ref=ref, since=since,
+                                limit=limit, rank=rank,
+                                fts=self.env.get("THRUM_FTS", "").strip() != "0")
+        return {"messages": got["messages"], "total": got["total"], "capped": got["capped"],
+                "query": query, "rank": rank, "limit": limit, "agent_id": me}
 
 
 # === 13. Operations: team, groups, admin ======================================
@@ -7908,7 +7912,7 @@ class TmuxOps(ServiceBase):
         return agents, ended
 
 
-class Service(AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps):
+class Service(AgentOps, MessageOps, SearchOps, TeamOps, GroupOps, AdminOps, TmuxOps):
     """Every thrum operation, as one method taking and returning plain data.
 
     The domains live in their own classes (sections 11-14); the operation names stay flat,
@@ -7920,7 +7924,8 @@ class Service(AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps):
 #: Every operation a front end can call, by name: the methods of Service declared with
 #: @operation, in the order of their classes. The CLI, the daemon's RPC and the MCP tools
 #: all go through call() with these names.
-OPS = {op.name: op for cls in (AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps)
+OPS = {op.name: op for cls in (AgentOps, MessageOps, SearchOps, TeamOps, GroupOps, AdminOps,
+                               TmuxOps)
        for op in (getattr(v, "operation", None) for v in vars(cls).values()) if op}
 
 
