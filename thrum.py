@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ====================================================
 
-SCHEMA_VERSION = 9          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 10         #: index schema; an older index.db is rebuilt
 
 
 EVENT_VERSION = 1           #: the `v` field of every event
@@ -2246,6 +2246,64 @@ def settle_claim(var, claim, handed):
 # rows; derived columns are recomputed from them. So the index after any
 # interleaving of writes and syncs equals a rebuild from the log alone.
 
+# -- the words of a message body (search, SPEC §17) ------------------------------------
+# One definition, used by the SQLite FTS5 index (section 6), the scan that replaces it
+# when the interpreter's SQLite has no FTS5, and the query parser and snippets (section
+# 7), so both backends agree by construction. A word is a maximal run of letters, digits
+# (str.isalnum) and combining marks (category M*); everything else separates words,
+# `_` included. Words are compared case-folded (str.casefold) after NFC normalisation,
+# with no stemming. FTS5 splits what it is given with its `ascii` tokenizer (ASCII
+# letters and digits and every non-ASCII character are word characters; it folds A-Z):
+# on ASCII text that gives exactly these words, so ASCII text goes in as it is; other
+# text goes in as its folded words joined by spaces. Changing this definition changes
+# the index: bump SCHEMA_VERSION.
+
+_SEARCH_PATTERNS = {"word": r"[^\W_]+", "word_or_other": r"([^\W_]+)|([^\x00-\x7f\w])",
+                    "query": r'"([^"]*)(?:"|$)(\*?)|([^\s"]+)'}
+_SEARCH_RE = {}
+
+
+def _search_re(name):
+    """A compiled _SEARCH_PATTERNS entry (compiled on first use: start-up stays lean)."""
+    r = _SEARCH_RE.get(name)
+    if r is None:
+        r = _SEARCH_RE[name] = re.compile(_SEARCH_PATTERNS[name])
+    return r
+
+
+def search_words(text):
+    """(text, [(start, end)]): the words of a body, as spans of the text it returns (the
+    NFC form of `text`; `text` itself when it is ASCII)."""
+    if text.isascii():
+        return text, [m.span() for m in _search_re("word").finditer(text)]
+    import unicodedata
+    text = unicodedata.normalize("NFC", text)
+    spans = []
+    for m in _search_re("word_or_other").finditer(text):
+        s, e = m.span()
+        if m.group(2) is not None and unicodedata.category(m.group(2))[0] != "M":
+            continue  # non-ASCII punctuation, symbols, spaces: a separator
+        if spans and spans[-1][1] == s:
+            spans[-1] = (spans[-1][0], e)  # a mark joins the word it touches
+        else:
+            spans.append((s, e))
+    return text, spans
+
+
+def folded_words(text):
+    """The case-folded words of `text`, in order."""
+    if text.isascii():
+        return _search_re("word").findall(text.lower())
+    text, spans = search_words(text)
+    return [text[s:e].casefold() for s, e in spans]
+
+
+def _fts_words(text):
+    """What the FTS5 index is given for a body (see above)."""
+    text = text or ""
+    return text if text.isascii() else " ".join(folded_words(text))
+
+
 _SCHEMA_TABLES = """
 CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
                    offset INTEGER, tail BLOB, lines INTEGER);
@@ -2323,6 +2381,38 @@ CREATE INDEX sessions_agent ON sessions(agent_id);
 
 
 _SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
+
+
+#: The search index (SPEC §17), when this SQLite has FTS5: contentless, so it holds only
+#: the words' postings, never a copy of a body (the text stays in `messages`). A row's
+#: rowid is its message's rowid, its one column the message's current text as
+#: _fts_words() gives it (the latest edit, over the original); deleted messages and
+#: duplicates stay in it and are left out by the queries, like everywhere else.
+_FTS_SCHEMA = ("CREATE VIRTUAL TABLE messages_fts USING fts5(words, content='', "
+               "tokenize='ascii', detail='full')")
+
+_FTS5 = []  # [whether this interpreter's SQLite has FTS5], once known
+
+
+def fts5_available():
+    """Whether this interpreter's SQLite can make FTS5 tables (asked once)."""
+    if not _FTS5:
+        db = sqlite3.connect(":memory:")
+        try:
+            db.execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+            _FTS5.append(True)
+        except sqlite3.Error:
+            _FTS5.append(False)
+        finally:
+            db.close()
+    return _FTS5[0]
+
+
+def _index_version():
+    """The user_version an index built here has: SCHEMA_VERSION, or with a flag when it
+    was built without the search index (no FTS5), so that an interpreter whose SQLite
+    differs rebuilds it instead of writing to a table it cannot maintain."""
+    return SCHEMA_VERSION if fts5_available() else SCHEMA_VERSION | 0x10000
 
 
 #: Fields an agent.update may carry (work context); latest value wins per field.
@@ -2406,7 +2496,74 @@ class _LogRewritten(Exception):
     """A log file no longer starts with the bytes the index read from it."""
 
 
-class PurgeProjection:
+class SearchIndexing:
+    """Keeps the search index (`messages_fts`, when `fts`) in step with `messages`: a
+    message's row there always holds the words of its current text. Mixed into
+    Projection, whose `db` it writes, inside the projection's transaction."""
+
+    fts = False  # this index has messages_fts (set when it is opened or built)
+
+    @staticmethod
+    def _fts_create(db):
+        """Create the search index in a new database when this SQLite can."""
+        if fts5_available():
+            db.execute(_FTS_SCHEMA)
+            return True
+        return False
+
+    def _fts_fill(self):
+        """Index every message (a full build, after its messages are in): ASCII texts
+        (as many characters as bytes) as they are, in SQL, the others through
+        _fts_words()."""
+        if not self.fts:
+            return
+        text = "coalesce(content, content0, '')"
+        ascii_sql = "length(%s) = length(CAST(%s AS BLOB))" % (text, text)
+        self.db.execute("INSERT INTO messages_fts(rowid, words) SELECT rowid, %s FROM "
+                        "messages WHERE %s" % (text, ascii_sql))
+        self.db.executemany("INSERT INTO messages_fts(rowid, words) VALUES (?,?)",
+                            [(rid, _fts_words(t)) for rid, t in self.db.execute(
+                                "SELECT rowid, %s FROM messages WHERE NOT (%s)"
+                                % (text, ascii_sql)).fetchall()])
+
+    def _fts_max(self):
+        """The largest message rowid now (new messages get larger ones)."""
+        return self.db.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
+
+    def _fts_add_since(self, rowid):
+        """Index the messages inserted after `rowid` was the largest."""
+        self.db.executemany(
+            "INSERT INTO messages_fts(rowid, words) VALUES (?,?)",
+            [(rid, _fts_words(text)) for rid, text in self.db.execute(
+                "SELECT rowid, coalesce(content, content0) FROM messages WHERE rowid > ?",
+                (rowid,))])
+
+    def _fts_change(self, rowid, old, new):
+        """A message's current text went from `old` to `new`."""
+        if old == new:
+            return
+        self.db.execute("INSERT INTO messages_fts(messages_fts, rowid, words) VALUES "
+                        "('delete', ?, ?)", (rowid, _fts_words(old)))
+        self.db.execute("INSERT INTO messages_fts(rowid, words) VALUES (?,?)",
+                        (rowid, _fts_words(new)))
+
+    def _fts_remove(self, message_ids):
+        """Take messages out of the search index. Call it BEFORE their rows leave
+        `messages` (a purge): it needs their current text."""
+        if not self.fts:
+            return
+        ids = list(message_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self.db.execute(
+                "SELECT rowid, coalesce(content, content0) FROM messages WHERE message_id "
+                "IN (%s)" % ",".join("?" * len(chunk)), chunk).fetchall()
+            self.db.executemany("INSERT INTO messages_fts(messages_fts, rowid, words) "
+                                "VALUES ('delete', ?, ?)",
+                                [(rid, _fts_words(text)) for rid, text in rows])
+
+
+class PurgeProjection(SearchIndexing):
     """The index's side of retention (SPEC §17), a base of Projection: the purges it has
     read (table `purges`), and what applying a new one forgets. Projection.apply skips
     dead events, so a purge read before or after its messages leaves the same rows."""
@@ -2455,7 +2612,8 @@ class PurgeProjection:
         keys = db.execute("SELECT DISTINCT agent_id, idem_key FROM messages WHERE idem_key "
                           "IS NOT NULL AND message_id IN (SELECT message_id FROM purged)"
                           ).fetchall()
-        # (an FTS index of bodies forgets them here too, before their rows go)
+        # (the search index forgets them too, before their rows go)
+        self._fts_remove(gone)
         for table in ("deliveries", "tags"):
             db.execute("DELETE FROM %s WHERE rid IN (SELECT m.rid FROM purged p JOIN "
                        "messages m ON m.message_id = p.message_id)" % table)
@@ -2595,6 +2753,7 @@ class Projection(PurgeProjection):
         if self.memory:
             db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             db.executescript(_SCHEMA)
+            self.fts = self._fts_create(db)
             self.db = db
             return self
         for attempt in (1, 2):
@@ -2649,10 +2808,10 @@ class Projection(PurgeProjection):
         try:
             db.execute("PRAGMA busy_timeout=%d" % int(self.lock_wait * 1000))
             ver = db.execute("PRAGMA user_version").fetchone()[0]
-            if ver != SCHEMA_VERSION:
+            if ver != _index_version():
                 if not fresh and ver != 0:
                     _warn("index schema %s is not %s; rebuilding it from the log"
-                          % (ver, SCHEMA_VERSION))
+                          % (ver, _index_version()))
                 db.close()
                 self._create()
                 db = sqlite3.connect(self.path, timeout=self.lock_wait,
@@ -2662,6 +2821,7 @@ class Projection(PurgeProjection):
         except BaseException:
             db.close()
             raise
+        self.fts = fts5_available()  # (the version says it has the search index)
         self.db = db
 
     def _create(self):
@@ -2676,7 +2836,8 @@ class Projection(PurgeProjection):
                 try:
                     db = sqlite3.connect(self.path, timeout=self.lock_wait,
                                          isolation_level=None)
-                    ok = db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+                    ok = db.execute("PRAGMA user_version").fetchone()[0] == \
+                        _index_version()
                     db.close()
                     if ok:
                         return  # another process created it meanwhile
@@ -2700,8 +2861,10 @@ class Projection(PurgeProjection):
                 builder.db = db
                 builder.building = True
                 self.built = builder.catch_up()
+                builder.fts = self._fts_create(db)
+                builder._fts_fill()
                 db.executescript(_SCHEMA_INDEXES)
-                db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+                db.execute("PRAGMA user_version=%d" % _index_version())
                 db.execute("PRAGMA journal_mode=WAL")
             finally:
                 db.close()
@@ -3031,11 +3194,14 @@ class Projection(PurgeProjection):
         if record:  # (only what is new here is recorded)
             had = {r[0] for r in db.execute("SELECT f.message_id FROM fresh f JOIN messages "
                                             "m ON m.message_id = f.message_id")}
+        indexed = self._fts_max() if self.fts and not self.building else None
         db.executemany(
             "INSERT OR IGNORE INTO messages(message_id, agent_id, ses, ts, created_at, "
             "arrived, format0, content0, structured0, recipients, audiences, scopes, refs, "
             "reply_to, thread0, thread_id, idem_key) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
+        if indexed is not None:
+            self._fts_add_since(indexed)
         rids = {mid: (ts, rid) for mid, ts, rid in db.execute(
             "SELECT f.message_id, m.ts, m.rid FROM fresh f JOIN messages m "
             "ON m.message_id = f.message_id")}
@@ -3078,11 +3244,12 @@ class Projection(PurgeProjection):
         """Recompute the derived columns of messages from the source tables."""
         db = self.db
         for mid in ids:
-            row = db.execute("SELECT agent_id, format0, thread0, dup_of, rid FROM messages "
+            row = db.execute("SELECT agent_id, format0, thread0, dup_of, rid, "
+                             "coalesce(content, content0), content0 FROM messages "
                              "WHERE message_id = ?", (mid,)).fetchone()
             if row is None:
                 continue  # its create has not arrived yet; it will refresh then
-            author, fmt0, thread, dup, rid = row
+            author, fmt0, thread, dup, rid, text_was, content0 = row
             edits = db.execute(
                 "SELECT ts, format, content, structured FROM edits WHERE message_id = ? "
                 "AND agent_id = ? ORDER BY ts, event_id", (mid, author)).fetchall()
@@ -3105,6 +3272,8 @@ class Projection(PurgeProjection):
                         dele[0] if dele else None, dele[1] if dele else None, thread, mid))
             db.execute("UPDATE deliveries SET deleted = ? WHERE rid = ?",
                        (1 if dele or dup else 0, rid))
+            if self.fts and not self.building:
+                self._fts_change(rid, text_was, content0 if content is None else content)
 
     def _apply_agent(self, ev):
         db, t, aid, k = self.db, ev["type"], ev["agent_id"], _key(ev)
@@ -3264,6 +3433,147 @@ def _scope_filter(tag, where, params):
         where.append("EXISTS (SELECT 1 FROM tags t WHERE t.rid = m.rid "
                      "AND t.kind = 'scope' AND t.type = ? AND t.value = ?)")
         params += [tag["type"], tag["value"]]
+
+
+#: Messages to an agent, or through a role or group of that name (`sent --to`, `search --to`).
+_TO_SQL = ("(EXISTS (SELECT 1 FROM deliveries x WHERE x.rid = m.rid AND x.agent_id = ?) "
+           "OR EXISTS (SELECT 1 FROM tags t WHERE t.rid = m.rid AND t.kind = 'aud' AND "
+           "t.value = ?))")
+
+
+class SearchQuery:
+    """A `thrum search` query (SPEC §17): terms that must all match, in any order. A term
+    is a word, a `"quoted phrase"` (its words next to each other, in order), or either
+    with `*` at its end (its last word is a prefix). A word with punctuation inside
+    (`auth-token`, `v1.2`) is the phrase of its words. Words as search_words() defines
+    them, case-folded; AND/OR/NOT are plain words. `terms`: [(words, prefix)]."""
+
+    MAX_TERMS = 32
+
+    def __init__(self, text):
+        self.text = text
+        self.terms = []
+        for m in _search_re("query").finditer(text):
+            if m.group(3) is not None:
+                raw, prefix = m.group(3), m.group(3).endswith("*")
+            else:
+                raw = m.group(1)
+                prefix = m.group(2) == "*" or raw.rstrip().endswith("*")
+            words = tuple(folded_words(raw))
+            if words:
+                self.terms.append((words, prefix))
+        if not self.terms:
+            raise UsageError("the search query %r has no words to look for" % text,
+                             hint='search for words, a "phrase" or a prefix*')
+        if len(self.terms) > self.MAX_TERMS:
+            raise UsageError("the search query has more than %d terms" % self.MAX_TERMS)
+        # every word of every term is in a matching ASCII text (lower-cased) as it is
+        self.needles = {w for words, _ in self.terms for w in words}
+
+    def fts(self):
+        """The query as an FTS5 MATCH expression (quoted, so nothing is an operator)."""
+        return " ".join('"%s"%s' % (" ".join(words), "*" if prefix else "")
+                        for words, prefix in self.terms)
+
+    def might_match(self, text):
+        """False when `text` cannot match (a cheap test of ASCII texts)."""
+        if not text.isascii():
+            return True
+        low = text.lower()
+        return all(n in low for n in self.needles)
+
+    @staticmethod
+    def _at(words, i, term, prefix):
+        last = len(term) - 1
+        for k in range(last):
+            if words[i + k] != term[k]:
+                return False
+        return words[i + last].startswith(term[last]) if prefix else \
+            words[i + last] == term[last]
+
+    def positions(self, words, term, prefix):
+        """Where one term starts in `words` (folded)."""
+        return [i for i in range(len(words) - len(term) + 1)
+                if self._at(words, i, term, prefix)]
+
+    def hits(self, words):
+        """Per term, where it starts in `words`; None unless every term is there."""
+        out = []
+        for term, prefix in self.terms:
+            found = self.positions(words, term, prefix)
+            if not found:
+                return None
+            out.append(found)
+        return out
+
+
+def bm25(freqs, length, idfs, avgdl):
+    """FTS5's bm25() for one row, computed the way SQLite computes it (k1 1.2, b 0.75,
+    the same operations in the same order), so the scan ranks exactly as FTS5 does.
+    `freqs`: the number of places each term matches, `length`: the row's words."""
+    k1, b = 1.2, 0.75
+    score = 0.0
+    for f, idf in zip(freqs, idfs):
+        score += idf * ((f * (k1 + 1.0)) / (f + k1 * (1 - b + b * length / avgdl)))
+    return -1.0 * score
+
+
+def bm25_idf(rows, hit):
+    """FTS5's inverse document frequency of a term in `hit` of `rows` rows."""
+    import math
+    idf = math.log((rows - hit + 0.5) / (hit + 0.5))
+    return 1e-6 if idf <= 0.0 else idf
+
+
+#: A search counts its matches up to this many (`total`; `capped` when there are more).
+#: Up to SEARCH_DIRECT_MAX index matches it looks each up; with more it walks the
+#: messages newest first and stops early.
+SEARCH_COUNT_MAX, SEARCH_DIRECT_MAX = 1000, 5000
+
+#: Around the first match, the snippet of a search result: characters before it, and
+#: at most this many characters in all; its matches are between these marks.
+SNIPPET_BEFORE, SNIPPET_WIDTH, SNIPPET_MARKS = 30, 100, ("«", "»")
+
+
+def search_snippet(text, query):
+    """One line of `text` around the first place `query` matches, the matching words
+    between SNIPPET_MARKS (« » in the text itself become ‹ ›), white space collapsed, an
+    ellipsis where it was cut."""
+    text, spans = search_words(text or "")
+    words = [text[s:e].casefold() for s, e in spans]
+    marked = set()
+    for term, prefix in query.terms:
+        for i in query.positions(words, term, prefix):
+            marked.update(range(i, i + len(term)))
+    if not spans:
+        return ""
+    first = min(marked) if marked else 0
+    j = first
+    while j > 0 and (spans[first][0] - spans[j - 1][0] <= SNIPPET_BEFORE or
+                     len(text) - spans[j - 1][0] <= SNIPPET_WIDTH):  # (fill the width)
+        j -= 1
+    start = spans[j][0] if j else 0
+    end = len(text)
+    if end - start > SNIPPET_WIDTH:
+        end = max([e for _, e in spans if e <= start + SNIPPET_WIDTH] + [spans[first][1]])
+
+    def plain(piece):
+        return re.sub(r"\s+", " ", piece).replace("«", "‹").replace("»", "›")
+    out, pos, i = [], start, j
+    while i < len(spans) and spans[i][1] <= end:
+        if i in marked:
+            k = i
+            while k + 1 < len(spans) and k + 1 in marked and spans[k + 1][1] <= end:
+                k += 1
+            out += [plain(text[pos:spans[i][0]]), SNIPPET_MARKS[0],
+                    plain(text[spans[i][0]:spans[k][1]]), SNIPPET_MARKS[1]]
+            pos, i = spans[k][1], k + 1
+        else:
+            i += 1
+    out.append(plain(text[pos:end]))
+    line = "".join(out).strip()
+    return ("…" if text[:start].strip() else "") + line + \
+        ("…" if text[end:].strip() else "")
 
 
 class Index(Projection):
@@ -3605,9 +3915,7 @@ class Index(Projection):
         is_read true). `to`: only messages to this agent, or by this role or group."""
         where, params = ["m.agent_id = ?", "m.deleted = 0", "m.dup_of IS NULL"], [agent_id]
         if to:
-            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.rid = m.rid AND "
-                         "x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t WHERE t.rid = "
-                         "m.rid AND t.kind = 'aud' AND t.value = ?))")
+            where.append(_TO_SQL)
             params += [to, to]
         if unread:
             where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.rid = m.rid AND "
@@ -3630,6 +3938,154 @@ class Index(Projection):
         k = _ts_key(since)
         return _TO_AGENT.replace("messages m", "messages m INDEXED BY messages_arrived", 1), \
             ["m.arrived > ?", _ARRIVED + " > ?"] + where, [agent_id, k, k] + params
+
+    def search(self, agent_id, query, sender=None, to=None, ref=None, since=None, limit=20,
+               rank=False, fts=True, everyone=False):
+        """Messages the agent can see (to it, by it, through its roles and groups,
+        broadcasts; not deleted, not duplicates) whose current text matches `query` (a
+        SearchQuery): newest first, or by bm25 (`rank`, ties newest first). Filters:
+        `sender` an author, `to` an agent/role/group (_TO_SQL), `ref` a {type, value}
+        tag, `since` a timestamp. With `fts` and a search index, FTS5 finds them, else a
+        scan; both give the same answer. Returns {total, capped, messages: [message dict
+        + snippet]}: `total` counts the matches up to SEARCH_COUNT_MAX, `capped` says
+        there are more."""
+        frm = "messages m LEFT JOIN deliveries d ON d.rid = m.rid AND d.agent_id = ?"
+        where = ["m.deleted = 0", "m.dup_of IS NULL"] + (
+            [] if everyone else ["(d.agent_id IS NOT NULL OR m.agent_id = ?)"])
+        params = [] if everyone else [agent_id]
+        if sender:
+            where.append("m.agent_id = ?")
+            params.append(sender)
+        if to:
+            where.append(_TO_SQL)
+            params += [to, to]
+        if ref:
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.rid = m.rid "
+                         "AND t.kind = 'ref' AND t.type = ? AND t.value = ?)")
+            params += [ref["type"], ref["value"]]
+        if since:
+            where.append("m.ts >= ?")
+            params.append(_ts_key(since))
+        newest, wsql, most = "m.ts DESC, m.message_id DESC", " AND ".join(where), \
+            SEARCH_COUNT_MAX + 1
+        db = self.db or self.open().db
+        if fts and self.fts:
+            match = "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?"
+            if rank:
+                found = [r[0] for r in db.execute(
+                    "SELECT m.rowid FROM (SELECT rowid AS rid, bm25(messages_fts) AS score "
+                    "FROM messages_fts WHERE messages_fts MATCH ?) f JOIN messages m ON "
+                    "m.rowid = f.rid LEFT JOIN deliveries d ON d.rid = m.rid "
+                    "AND d.agent_id = ? WHERE %s ORDER BY f.score, %s LIMIT ?"
+                    % (wsql, newest), [query.fts(), agent_id] + params + [most])]
+            else:
+                # Few matches: look each up by rowid and sort them. Many, and a good
+                # share of all messages: walk the messages newest first and ask the
+                # index about a batch at a time (_search_walk). Otherwise, or when that
+                # does not pay: walk them newest first against all the matches (the `+`
+                # keeps SQLite from driving the query by the matches' rowids).
+                dense = self.value("SELECT coalesce(max(rowid), 0) FROM messages") // 8
+                n = self.value("SELECT count(*) FROM (%s LIMIT ?)" % match,
+                               (query.fts(), max(SEARCH_DIRECT_MAX, dense) + 1))
+                found = self._search_walk(db, query, "SELECT m.rowid FROM %s WHERE %s "
+                                          "ORDER BY %s" % (frm, wsql, newest),
+                                          [agent_id] + params, most) \
+                    if n > max(SEARCH_DIRECT_MAX, dense) else None
+                if found is None:
+                    found = [r[0] for r in db.execute(
+                        "SELECT m.rowid FROM %s WHERE %sm.rowid IN (%s) AND %s ORDER BY %s "
+                        "LIMIT ?" % (frm, "" if n <= SEARCH_DIRECT_MAX else "+", match, wsql,
+                                     newest), [agent_id, query.fts()] + params + [most])]
+        else:
+            found = self._search_scan(query, frm, wsql, [agent_id] + params, newest, rank)
+        page = found[:limit]
+        rows = {r["rid"]: r for r in self.rows(
+            "SELECT %s, m.rowid AS rid, d.read_at IS NOT NULL OR d.agent_id IS NULL AS "
+            "is_read FROM %s WHERE m.rowid IN (%s)" % (_MSG_COLS, frm, ",".join("?" * len(
+                page))), [agent_id] + page)} if page else {}
+        msgs = []
+        for rid in page:
+            m = message_dict(rows[rid], rows[rid]["is_read"])
+            m["snippet"] = search_snippet(m["body"]["content"], query)
+            msgs.append(m)
+        return {"total": min(len(found), SEARCH_COUNT_MAX),
+                "capped": len(found) > SEARCH_COUNT_MAX, "messages": self.short_ids(msgs)}
+
+    #: _search_walk: at most this many rows walked (in batches of `most`, then twice as
+    #: many each time), at most this many ranges of rowids per batch (a gap of more than
+    #: WALK_GAP starts a new one).
+    WALK_ROWS, WALK_RANGES, WALK_GAP = 32768, 32, 256
+
+    def _search_walk(self, db, query, sql, args, most):
+        """The first `most` messages of `sql` (the visible ones, newest first) that match
+        `query`, asking the FTS5 index a batch at a time, by ranges of rowids (a batch of
+        recent messages mostly holds a few runs of rowids); None when the rowids are too
+        scattered, or the matches too sparse, for that to pay."""
+        cur = db.execute(sql, args)
+        out, size, walked = [], most, 0
+        try:
+            while len(out) < most:
+                if walked >= self.WALK_ROWS:
+                    return None
+                batch = [r[0] for r in cur.fetchmany(size)]
+                if not batch:
+                    break
+                walked, size = walked + len(batch), size * 2
+                ranges, ordered = [], sorted(batch)
+                lo = prev = ordered[0]
+                for rid in ordered[1:]:
+                    if rid - prev > self.WALK_GAP:
+                        ranges.append((lo, prev))
+                        lo = rid
+                    prev = rid
+                ranges.append((lo, prev))
+                # (FTS5 merges a prefix's postings anew for every query: one range only)
+                if len(ranges) > (1 if any(p for _, p in query.terms) else self.WALK_RANGES):
+                    return None
+                hit = set()
+                for lo, hi in ranges:
+                    hit.update(r[0] for r in db.execute(
+                        "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? AND "
+                        "rowid BETWEEN ? AND ?", (query.fts(), lo, hi)))
+                out += [rid for rid in batch if rid in hit]
+        finally:
+            cur.close()
+        return out[:most]
+
+    def _search_scan(self, query, frm, wsql, args, order, rank):
+        """search() without FTS5: the rowids of the matches in order (newest first, or
+        by bm25), SEARCH_COUNT_MAX + 1 at most."""
+        matched = []  # (rowid, per-term hits, number of words), newest first
+        for rid, text in self.db.execute("SELECT m.rowid, coalesce(m.content, m.content0) "
+                                         "FROM %s WHERE %s ORDER BY %s" % (frm, wsql, order),
+                                         args):
+            text = text or ""
+            if not query.might_match(text):
+                continue
+            words = folded_words(text)
+            hits = query.hits(words)
+            if hits is not None:
+                matched.append((rid, hits, len(words)))
+                if not rank and len(matched) > SEARCH_COUNT_MAX:
+                    break
+        if rank and matched:
+            # bm25 over the whole index, as FTS5 has it: every message, its words
+            rows = tokens = 0
+            per_term = [0] * len(query.terms)
+            for (text,) in self.db.execute("SELECT coalesce(content, content0) FROM "
+                                           "messages"):
+                words = folded_words(text or "")
+                rows += 1
+                tokens += len(words)
+                if query.might_match(text or ""):
+                    for n, (term, prefix) in enumerate(query.terms):
+                        if query.positions(words, term, prefix):
+                            per_term[n] += 1
+            idfs = [bm25_idf(rows, n) for n in per_term]
+            avgdl = float(tokens) / float(rows)
+            matched.sort(key=lambda x: bm25([float(len(h)) for h in x[1]], x[2], idfs,
+                                            avgdl))  # (stable: ties stay newest first)
+        return [x[0] for x in matched[:SEARCH_COUNT_MAX + 1]]
 
     def waiting_for(self, agent_id, since=None, unread=False, skip_read=False, scope=None):
         """Messages to the agent, not by it, not deleted, oldest first, as message dicts:
@@ -5468,6 +5924,30 @@ def parse_horizon(text, now=None):
     return now_ts(secs)
 
 
+def parse_since(text):
+    """A search's `--since`: a duration meaning that long ago (`2h`, `7d`, also `-7d`), a
+    date (`2026-11-01`, midnight UTC) or a UTC timestamp -> a timestamp in the event
+    format; None for None."""
+    if text is None:
+        return None
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError("invalid --since %r: use a duration such as 7d, a date such as "
+                         "2026-11-01, or a UTC timestamp" % (text,))
+    t = text.strip()
+    try:
+        secs = abs(parse_duration(t))
+        when = time.time() - secs if secs < 100 * 365 * 86400 else 0.0
+    except ValueError:
+        try:
+            when = parse_ts(t)
+        except (ValueError, OverflowError):
+            raise UsageError("invalid --since %r: use a duration such as 7d, a date such as "
+                             "2026-11-01, or a UTC timestamp" % text) from None
+        if not 0 <= when < 253402300800:
+            raise UsageError("invalid --since %r: must be between 1970 and 9999" % text)
+    return now_ts(when)
+
+
 def parse_timeout(text):
     """A wait's timeout: seconds (a number) or a duration (`8m`), 0 .. 24h."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -7022,17 +7502,7 @@ class MessageOps(ServiceBase):
         ident = self.me(agent)
         me = ident["agent_id"]
         limit, page = self._paging(limit, page)
-        t = None
-        if to:
-            t = _strip_at(to)
-            if t != "everyone":
-                if not name_ok(t or ""):
-                    raise UsageError("invalid recipient filter %r" % to)
-                agents = self.index.agent_roles()
-                if t not in agents and t not in set(agents.values()) and \
-                        t not in self.index.group_names():
-                    raise NotFoundError("unknown agent, role or group @%s" % t,
-                                        hint="see 'thrum team --all' and 'thrum group list'")
+        t = self._recipient_filter(to)
         got = self.index.sent(me, to=t, unread=unread, limit=limit, offset=(page - 1) * limit)
         for m in got["messages"]:
             m["receipts"] = self._receipts(m)
@@ -7040,6 +7510,22 @@ class MessageOps(ServiceBase):
         total = got["total"]
         return {"messages": got["messages"], "total": total, "page": page,
                 "page_size": limit, "total_pages": max(1, -(-total // limit))}
+
+    def _recipient_filter(self, to):
+        """A `--to` filter (`sent`, `search`): an agent, role or group name (`@` optional)
+        or `everyone`; None without one."""
+        if not to:
+            return None
+        t = _strip_at(to)
+        if t != "everyone":
+            if not name_ok(t or ""):
+                raise UsageError("invalid recipient filter %r" % to)
+            agents = self.index.agent_roles()
+            if t not in agents and t not in set(agents.values()) and \
+                    t not in self.index.group_names():
+                raise NotFoundError("unknown agent, role or group @%s" % t,
+                                    hint="see 'thrum team --all' and 'thrum group list'")
+        return t
 
     def _receipts(self, m):
         got = self.index.receipts(m["message_id"])
@@ -7362,6 +7848,32 @@ class MessageOps(ServiceBase):
                                                      limit=max(0, int(limit))),
                 "team": self._members(all_agents=False),
                 "context": self.context_show(agent=me)["content"]}
+
+
+class SearchOps(ServiceBase):
+    """Operations: search (SPEC §17). (With MessageOps' _paging and _recipient_filter:
+    Service joins them.)"""
+
+    @operation(NEEDS_IDENTITY, retry_safe=True)
+    def search(self, query, sender=None, to=None, ref=None, since=None, limit=20, rank=False,
+               agent=None, everyone=False):
+        """Messages I can see whose text matches `query` (SPEC §17), newest first or by
+        relevance (`rank`), each with a one-line `snippet`; marks nothing read. SQLite
+        FTS5 when the index has it, else a scan with the same answer (THRUM_FTS=0 forces
+        the scan). `everyone`: every message of the store, whoever it is to (the web
+        page's search, over the feed it already shows; neither the CLI nor MCP offers it)."""
+        me = self.me(agent)["agent_id"]
+        q = SearchQuery(_check_text(query, "search query"))
+        limit = self._paging(limit, 1)[0]
+        sender = self._require_agent(sender)["agent_id"] if sender else None
+        to = self._recipient_filter(to)
+        ref = parse_tag(ref, "ref") if ref else None
+        since = parse_since(since)
+        got = self.index.search(me, q, sender=sender, to=to, ref=ref, since=since,
+                                limit=limit, rank=rank, everyone=bool(everyone),
+                                fts=self.env.get("THRUM_FTS", "").strip() != "0")
+        return {"messages": got["messages"], "total": got["total"], "capped": got["capped"],
+                "query": query, "rank": rank, "limit": limit, "agent_id": me}
 
 
 # === 13. Operations: team, groups, admin ======================================
@@ -8333,7 +8845,7 @@ class TmuxOps(ServiceBase):
         return agents, ended
 
 
-class Service(AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps):
+class Service(AgentOps, MessageOps, SearchOps, TeamOps, GroupOps, AdminOps, TmuxOps):
     """Every thrum operation, as one method taking and returning plain data.
 
     The domains live in their own classes (sections 11-14); the operation names stay flat,
@@ -8345,7 +8857,8 @@ class Service(AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps):
 #: Every operation a front end can call, by name: the methods of Service declared with
 #: @operation, in the order of their classes. The CLI, the daemon's RPC and the MCP tools
 #: all go through call() with these names.
-OPS = {op.name: op for cls in (AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps)
+OPS = {op.name: op for cls in (AgentOps, MessageOps, SearchOps, TeamOps, GroupOps, AdminOps,
+                               TmuxOps)
        for op in (getattr(v, "operation", None) for v in vars(cls).values()) if op}
 
 
@@ -10239,6 +10752,32 @@ def render_sent(r, style=PLAIN):
     return ls + _page_footer(r, "sent messages")
 
 
+def render_search(r, style=PLAIN):
+    """One line per hit: read mark, id, author, time, the snippet with its matches in
+    bold on a colour terminal, else between [ and ]."""
+    if not r["messages"]:
+        return ["No messages match %s." % r["query"]]
+    colour = getattr(style, "color", False)
+    opened, closed = SNIPPET_MARKS
+
+    def mark(m):
+        return style.c("1;33", m.group(1)) if colour else "[%s]" % m.group(1)
+    ls = []
+    for m in r["messages"]:
+        line = clip("%s %s  @%s  %s  %s" % ("●" if not m["is_read"] else "○",
+                                            _shown_id(m, style), m["agent_id"],
+                                            relative_time(m["created_at"]), m["snippet"]),
+                    _width(style))
+        ls.append(re.sub("%s([^%s]*)(?:%s|$)" % (opened, closed, closed), mark, line))
+    n, total = len(r["messages"]), r["total"]
+    more = n < total or r.get("capped")
+    order = "by relevance" if r.get("rank") else "newest first"
+    ls.append("%s match%s, %s%s" % ("%d of %d%s" % (n, total, "+" * bool(r.get("capped")))
+                                    if more else n, "" if total == 1 else "es", order,
+                                    " (--limit N for more)" if more else ""))
+    return ls
+
+
 def render_message(r, style=PLAIN):
     m = r["message"]
     ls = ["%s is a hidden duplicate of %s (same author and idempotency key, stored in two "
@@ -10637,6 +11176,22 @@ MCP_TOOLS = {
         "editing a shared file). `path`: relative to the repository root or absolute.",
         _mcp_schema(("path",), path={"type": "string", "description": "a file path"}),
         lambda a: {"path": a["path"]}, lambda r, a: render_who_has(r)),
+    "search_messages": (
+        "search",
+        "Search the messages you can see (to you, from you, to your roles and groups, "
+        "broadcasts) by their text: words in any order, all of which must match (case does "
+        "not matter), \"an exact phrase\", or a prefix* . Newest first. Use it to recover "
+        "context (\"what did we decide about auth?\"). Marks nothing read.",
+        _mcp_schema(("query",), query={"type": "string", "description": "words, \"a "
+                                       "phrase\" or prefix*, e.g. auth \"rate limit\""},
+                    limit={"type": "integer", "minimum": 1, "maximum": 100,
+                           "default": OPS["search"].default("limit"),
+                           "description": "how many (default %d)"
+                           % OPS["search"].default("limit")},
+                    **{"from": {"type": "string",
+                                "description": "only messages by this agent (@alice)"}}),
+        lambda a: {"query": a["query"], "sender": a["from"], "limit": a["limit"]},
+        lambda r, a: render_search(r)),
 }
 
 
@@ -11614,6 +12169,8 @@ class UiApp:
             params["limit"] = _ui_int(q, "limit", 50)
         if "rank" in known and q.get("rank") in ("1", "true"):
             params["rank"] = True
+        if "everyone" in known:  # the page shows every message: its search finds them all
+            params["everyone"] = True
         return self.run("search", params)
 
     def api_who_has(self, q):
@@ -12380,7 +12937,7 @@ class Output:
 _VALUE_OPTS = ("--after", "--timeout", "--to", "--mention", "--scope", "--ref", "--reason",
                "--intent", "--task", "--description", "--display", "--from", "--body-file",
                "--format", "--structured", "--name", "--role", "--module", "--limit", "--page",
-               "--idempotency-key")
+               "--idempotency-key", "--since")
 
 
 def _argparse():
@@ -13332,6 +13889,12 @@ def cmd_inbox(args, cli, out):
         cli.call("mark_read", message_ids=marks)
 
 
+def cmd_search(args, cli, out):
+    r = cli.call("search", query=args.query, sender=args.sender, to=args.to, ref=args.ref,
+                 since=args.since, limit=args.limit, rank=args.rank)
+    out.emit(r, lambda r: render_search(r, out))
+
+
 def cmd_sent(args, cli, out):
     r = cli.call("sent", to=args.to, unread=args.unread, limit=args.limit, page=args.page)
     out.emit(r, lambda r: render_sent(r, out))
@@ -13830,6 +14393,20 @@ def _args_inbox(p):
     _add_paging(p, "inbox")
 
 
+def _args_search(p):
+    p.add_argument("query", metavar="QUERY",
+                   help='words (all must match), "a phrase", prefix*')
+    p.add_argument("--from", dest="sender", metavar="AGENT", help="only messages by AGENT")
+    p.add_argument("--to", metavar="T", help="only messages to an agent, role or group")
+    p.add_argument("--ref", metavar="TYPE:VALUE")
+    p.add_argument("--since", metavar="WHEN", help="a duration ago (7d), a date or a "
+                   "timestamp")
+    limit = OPS["search"].default("limit")
+    p.add_argument("--limit", type=_int_arg, default=limit, metavar="N",
+                   help="at most N messages (default %d)" % limit)
+    p.add_argument("--rank", action="store_true", help="most relevant first (bm25)")
+
+
 def _args_sent(p):
     p.add_argument("--to", metavar="T")
     p.add_argument("--unread", action="store_true", help="not yet read by every recipient")
@@ -14059,6 +14636,7 @@ COMMANDS = {
     "reply": ("reply to a message (joins its thread)", _args_reply, cmd_reply),
     "inbox": ("messages to me, newest first", _args_inbox, cmd_inbox),
     "sent": ("messages I sent, with read receipts", _args_sent, cmd_sent),
+    "search": ("search the messages I can see", _args_search, cmd_search),
     "message": ("get | edit | delete | read", _args_message, cmd_message),
     "wait": ("block until a message to me arrives", _args_wait, cmd_wait),
     "watch": ("print a line for each message to me as it arrives, until interrupted",

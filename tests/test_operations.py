@@ -53,6 +53,7 @@ CLI_CASES = [
      {"message_id": "msg_01ABCDEFGH", "content": "ok"}, {}),
     (["inbox"], "inbox", {}, {"defer_marks": True}),
     (["sent"], "sent", {}, {}),
+    (["search", "auth"], "search", {"query": "auth"}, {}),
     (["message", "get", "msg_01ABCDEFGH"], "message_get", {"message_id": "msg_01ABCDEFGH"},
      {}),
     (["message", "edit", "msg_01ABCDEFGH", "new"], "message_edit",
@@ -135,7 +136,7 @@ def test_every_cli_command_with_an_operation_is_checked():
 #: (check_messages lists unread messages and marks nothing unless asked).
 MCP_DELIBERATE = {("check_messages", "unread"): True, ("check_messages", "mark_read"): False}
 MCP_REQUIRED = {"to": "bob", "content": "hi", "message_id": "msg_01ABCDEFGH",
-                "path": "src/a.py"}
+                "path": "src/a.py", "query": "auth"}
 
 
 @pytest.mark.parametrize("tool", sorted(thrum.MCP_TOOLS))
@@ -187,7 +188,7 @@ RETRY_SAMPLES = {
     "ping": {"name": "alice"}, "agent_list": {}, "session_list": {},
     "context_show": {}, "group_list": {}, "group_info": {"name": "devs"},
     "config_show": {}, "config_get": {"key": "sync.interval"}, "sync_status": {},
-    "briefing": {}, "tmux_list": {},
+    "briefing": {}, "tmux_list": {}, "search": {"query": "hi"},
     "send": {"content": "hi", "to": ["alice"], "idempotency_key": "k1"},
     "reply": {"message_id": "MID", "content": "ok", "idempotency_key": "k2"},
 }
