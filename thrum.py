@@ -12540,6 +12540,11 @@ details summary{cursor:pointer}
     if (text !== undefined && text !== null) { e.textContent = String(text); }
     return e;
   }
+  function snippet(text) {  // a search hit: the matches (between \u00ab and \u00bb) as <mark>, all as text
+    var d = el("div", "body"), parts = String(text).split(/\u00ab([^\u00bb]*)\u00bb/);
+    parts.forEach(function (p, i) { d.append(i % 2 ? el("mark", null, p) : document.createTextNode(p)); });
+    return d;
+  }
   function say(text, bad) { var s = $("status"); s.textContent = text; s.className = bad ? "bad" : "ok"; }
   function api(path, body) {
     var opt = {credentials: "same-origin", cache: "no-store"};
@@ -12808,7 +12813,7 @@ details summary{cursor:pointer}
         var li = el("li", "result");
         li.dataset.id = m.message_id;
         li.append(el("div", "meta", "@" + m.agent_id + " \u2192 " + audiences(m) + " \u00b7 " + ago(m.created_at)),
-                  el("div", "body", m.snippet || m.body.content));
+                  snippet(m.snippet || m.body.content));
         var th = el("button", "thread-btn", "Thread");
         th.type = "button";
         th.addEventListener("click", function () { showThread(m.message_id); });
