@@ -2711,6 +2711,23 @@ class PurgeProjection(SearchIndexing):
             self.db.executemany("DELETE FROM files WHERE path = ?", [(r,) for r in rels])
 
 
+def _range_pieces(ranges, rel, start, data):
+    """Projection._pieces in a build: `data` (read from `rel` at offset `start`) split
+    where the recorded arrival ranges [(start, end, at)] begin and end."""
+    out, pos = [], 0
+    for a, b, at in ranges:
+        lo, hi = max(a - start, pos), min(b - start, len(data))
+        if hi <= lo:
+            continue
+        if lo > pos:
+            out.append((data[pos:lo], (rel, start + pos, None, None)))
+        out.append((data[lo:hi], (rel, start + lo, None, at)))
+        pos = hi
+    if pos < len(data):
+        out.append((data[pos:], (rel, start + pos, None, None)))
+    return out
+
+
 class Projection(PurgeProjection):
     """The SQLite projection of the log at `path` (queries: Index, section 7)."""
 
@@ -2955,7 +2972,7 @@ class Projection(PurgeProjection):
     def _catch_up_locked(self, changed):
         db = self.db
         db.execute("BEGIN IMMEDIATE")
-        total = 0
+        total, pending = 0, []  # a build's lines of no recorded arrival, from many files
         try:
             for rel, path, _ in changed:
                 row = db.execute("SELECT ino, size, mtime_ns, offset, tail, lines FROM "
@@ -2999,8 +3016,13 @@ class Projection(PurgeProjection):
                         try:
                             for piece, self._block in self._pieces(rel, offset, data[:end]):
                                 evs, _ = parse_lines(piece, rel)
-                                self.apply(evs)
                                 total += len(evs)
+                                if self.building and self._block[3] is None:
+                                    pending += evs  # projected together: each step costs
+                                    evs = pending if len(pending) > 20000 else ()
+                                self.apply(evs)  # more than its lines (segments are small)
+                                if evs is pending:
+                                    pending = []
                         finally:
                             self.file_mtime = self._block = None
                         offset += end
@@ -3011,6 +3033,7 @@ class Projection(PurgeProjection):
                     tail = f.read(offset - max(0, offset - 64))
                 db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?)",
                            (rel, st.st_ino, st.st_size, st.st_mtime_ns, offset, tail, lines))
+            self.apply(pending)
             db.execute("COMMIT")
         except BaseException:
             try:
@@ -3105,18 +3128,7 @@ class Projection(PurgeProjection):
         if not self.building:
             return [(data, (rel, start, data, None))]
         self._arrivals_known()
-        out, pos = [], 0
-        for a, b, at in self._ranges.get(rel, ()):
-            lo, hi = max(a - start, pos), min(b - start, len(data))
-            if hi <= lo:
-                continue
-            if lo > pos:
-                out.append((data[pos:lo], (rel, start + pos, None, None)))
-            out.append((data[lo:hi], (rel, start + lo, None, at)))
-            pos = hi
-        if pos < len(data):
-            out.append((data[pos:], (rel, start + pos, None, None)))
-        return out
+        return _range_pieces(self._ranges.get(rel, ()), rel, start, data)
 
     def _apply_creates(self, creates):
         db = self.db

@@ -266,6 +266,12 @@ def test_a_commit_after_one_message_adds_at_most_256_kib(repo, env):
     assert r.json["message_id"] in files_of(root, "messages", "alice")[-1].read_text()
     tree = git("ls-tree", "-r", "--name-only", new, cwd=repo, env=env).split()
     assert {"messages/" + p.name for p in segs} <= set(tree)
+    # a rebuild projects the segments' lines together: the same index as the catch-ups
+    total = run_thrum(["inbox", "--all", "--json"], repo, env, name="bob").json["total"]
+    assert run_thrum(["rebuild"], repo, env).code == 0
+    assert run_thrum(["inbox", "--all", "--json"], repo, env, name="bob").json["total"] == total
+    checks = run_thrum(["doctor", "--json"], repo, env, name="bob").json["checks"]
+    assert [c for c in checks if c["name"] == "index"][0]["ok"], checks
 
 
 # --------------------------------------------------------------------------- interop
