@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 # === 1. Constants & errors ====================================================
 
-SCHEMA_VERSION = 9          #: index schema; an older index.db is rebuilt
+SCHEMA_VERSION = 10         #: index schema; an older index.db is rebuilt
 
 
 EVENT_VERSION = 1           #: the `v` field of every event
@@ -2246,6 +2246,64 @@ def settle_claim(var, claim, handed):
 # rows; derived columns are recomputed from them. So the index after any
 # interleaving of writes and syncs equals a rebuild from the log alone.
 
+# -- the words of a message body (search, SPEC §17) ------------------------------------
+# One definition, used by the SQLite FTS5 index (section 6), the scan that replaces it
+# when the interpreter's SQLite has no FTS5, and the query parser and snippets (section
+# 7), so both backends agree by construction. A word is a maximal run of letters, digits
+# (str.isalnum) and combining marks (category M*); everything else separates words,
+# `_` included. Words are compared case-folded (str.casefold) after NFC normalisation,
+# with no stemming. FTS5 splits what it is given with its `ascii` tokenizer (ASCII
+# letters and digits and every non-ASCII character are word characters; it folds A-Z):
+# on ASCII text that gives exactly these words, so ASCII text goes in as it is; other
+# text goes in as its folded words joined by spaces. Changing this definition changes
+# the index: bump SCHEMA_VERSION.
+
+_SEARCH_PATTERNS = {"word": r"[^\W_]+", "word_or_other": r"([^\W_]+)|([^\x00-\x7f\w])",
+                    "query": r'"([^"]*)(?:"|$)(\*?)|([^\s"]+)'}
+_SEARCH_RE = {}
+
+
+def _search_re(name):
+    """A compiled _SEARCH_PATTERNS entry (compiled on first use: start-up stays lean)."""
+    r = _SEARCH_RE.get(name)
+    if r is None:
+        r = _SEARCH_RE[name] = re.compile(_SEARCH_PATTERNS[name])
+    return r
+
+
+def search_words(text):
+    """(text, [(start, end)]): the words of a body, as spans of the text it returns (the
+    NFC form of `text`; `text` itself when it is ASCII)."""
+    if text.isascii():
+        return text, [m.span() for m in _search_re("word").finditer(text)]
+    import unicodedata
+    text = unicodedata.normalize("NFC", text)
+    spans = []
+    for m in _search_re("word_or_other").finditer(text):
+        s, e = m.span()
+        if m.group(2) is not None and unicodedata.category(m.group(2))[0] != "M":
+            continue  # non-ASCII punctuation, symbols, spaces: a separator
+        if spans and spans[-1][1] == s:
+            spans[-1] = (spans[-1][0], e)  # a mark joins the word it touches
+        else:
+            spans.append((s, e))
+    return text, spans
+
+
+def folded_words(text):
+    """The case-folded words of `text`, in order."""
+    if text.isascii():
+        return _search_re("word").findall(text.lower())
+    text, spans = search_words(text)
+    return [text[s:e].casefold() for s, e in spans]
+
+
+def _fts_words(text):
+    """What the FTS5 index is given for a body (see above)."""
+    text = text or ""
+    return text if text.isascii() else " ".join(folded_words(text))
+
+
 _SCHEMA_TABLES = """
 CREATE TABLE files(path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER,
                    offset INTEGER, tail BLOB, lines INTEGER);
@@ -2323,6 +2381,38 @@ CREATE INDEX sessions_agent ON sessions(agent_id);
 
 
 _SCHEMA = _SCHEMA_TABLES + _SCHEMA_INDEXES
+
+
+#: The search index (SPEC §17), when this SQLite has FTS5: contentless, so it holds only
+#: the words' postings, never a copy of a body (the text stays in `messages`). A row's
+#: rowid is its message's rowid, its one column the message's current text as
+#: _fts_words() gives it (the latest edit, over the original); deleted messages and
+#: duplicates stay in it and are left out by the queries, like everywhere else.
+_FTS_SCHEMA = ("CREATE VIRTUAL TABLE messages_fts USING fts5(words, content='', "
+               "tokenize='ascii', detail='full')")
+
+_FTS5 = []  # [whether this interpreter's SQLite has FTS5], once known
+
+
+def fts5_available():
+    """Whether this interpreter's SQLite can make FTS5 tables (asked once)."""
+    if not _FTS5:
+        db = sqlite3.connect(":memory:")
+        try:
+            db.execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+            _FTS5.append(True)
+        except sqlite3.Error:
+            _FTS5.append(False)
+        finally:
+            db.close()
+    return _FTS5[0]
+
+
+def _index_version():
+    """The user_version an index built here has: SCHEMA_VERSION, or with a flag when it
+    was built without the search index (no FTS5), so that an interpreter whose SQLite
+    differs rebuilds it instead of writing to a table it cannot maintain."""
+    return SCHEMA_VERSION if fts5_available() else SCHEMA_VERSION | 0x10000
 
 
 #: Fields an agent.update may carry (work context); latest value wins per field.
@@ -2406,7 +2496,74 @@ class _LogRewritten(Exception):
     """A log file no longer starts with the bytes the index read from it."""
 
 
-class PurgeProjection:
+class SearchIndexing:
+    """Keeps the search index (`messages_fts`, when `fts`) in step with `messages`: a
+    message's row there always holds the words of its current text. Mixed into
+    Projection, whose `db` it writes, inside the projection's transaction."""
+
+    fts = False  # this index has messages_fts (set when it is opened or built)
+
+    @staticmethod
+    def _fts_create(db):
+        """Create the search index in a new database when this SQLite can."""
+        if fts5_available():
+            db.execute(_FTS_SCHEMA)
+            return True
+        return False
+
+    def _fts_fill(self):
+        """Index every message (a full build, after its messages are in): ASCII texts
+        (as many characters as bytes) as they are, in SQL, the others through
+        _fts_words()."""
+        if not self.fts:
+            return
+        text = "coalesce(content, content0, '')"
+        ascii_sql = "length(%s) = length(CAST(%s AS BLOB))" % (text, text)
+        self.db.execute("INSERT INTO messages_fts(rowid, words) SELECT rowid, %s FROM "
+                        "messages WHERE %s" % (text, ascii_sql))
+        self.db.executemany("INSERT INTO messages_fts(rowid, words) VALUES (?,?)",
+                            [(rid, _fts_words(t)) for rid, t in self.db.execute(
+                                "SELECT rowid, %s FROM messages WHERE NOT (%s)"
+                                % (text, ascii_sql)).fetchall()])
+
+    def _fts_max(self):
+        """The largest message rowid now (new messages get larger ones)."""
+        return self.db.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
+
+    def _fts_add_since(self, rowid):
+        """Index the messages inserted after `rowid` was the largest."""
+        self.db.executemany(
+            "INSERT INTO messages_fts(rowid, words) VALUES (?,?)",
+            [(rid, _fts_words(text)) for rid, text in self.db.execute(
+                "SELECT rowid, coalesce(content, content0) FROM messages WHERE rowid > ?",
+                (rowid,))])
+
+    def _fts_change(self, rowid, old, new):
+        """A message's current text went from `old` to `new`."""
+        if old == new:
+            return
+        self.db.execute("INSERT INTO messages_fts(messages_fts, rowid, words) VALUES "
+                        "('delete', ?, ?)", (rowid, _fts_words(old)))
+        self.db.execute("INSERT INTO messages_fts(rowid, words) VALUES (?,?)",
+                        (rowid, _fts_words(new)))
+
+    def _fts_remove(self, message_ids):
+        """Take messages out of the search index. Call it BEFORE their rows leave
+        `messages` (a purge): it needs their current text."""
+        if not self.fts:
+            return
+        ids = list(message_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self.db.execute(
+                "SELECT rowid, coalesce(content, content0) FROM messages WHERE message_id "
+                "IN (%s)" % ",".join("?" * len(chunk)), chunk).fetchall()
+            self.db.executemany("INSERT INTO messages_fts(messages_fts, rowid, words) "
+                                "VALUES ('delete', ?, ?)",
+                                [(rid, _fts_words(text)) for rid, text in rows])
+
+
+class PurgeProjection(SearchIndexing):
     """The index's side of retention (SPEC §17), a base of Projection: the purges it has
     read (table `purges`), and what applying a new one forgets. Projection.apply skips
     dead events, so a purge read before or after its messages leaves the same rows."""
@@ -2455,7 +2612,8 @@ class PurgeProjection:
         keys = db.execute("SELECT DISTINCT agent_id, idem_key FROM messages WHERE idem_key "
                           "IS NOT NULL AND message_id IN (SELECT message_id FROM purged)"
                           ).fetchall()
-        # (an FTS index of bodies forgets them here too, before their rows go)
+        # (the search index forgets them too, before their rows go)
+        self._fts_remove(gone)
         for table in ("deliveries", "tags"):
             db.execute("DELETE FROM %s WHERE rid IN (SELECT m.rid FROM purged p JOIN "
                        "messages m ON m.message_id = p.message_id)" % table)
@@ -2612,6 +2770,7 @@ class Projection(PurgeProjection):
         if self.memory:
             db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             db.executescript(_SCHEMA)
+            self.fts = self._fts_create(db)
             self.db = db
             return self
         for attempt in (1, 2):
@@ -2666,10 +2825,10 @@ class Projection(PurgeProjection):
         try:
             db.execute("PRAGMA busy_timeout=%d" % int(self.lock_wait * 1000))
             ver = db.execute("PRAGMA user_version").fetchone()[0]
-            if ver != SCHEMA_VERSION:
+            if ver != _index_version():
                 if not fresh and ver != 0:
                     _warn("index schema %s is not %s; rebuilding it from the log"
-                          % (ver, SCHEMA_VERSION))
+                          % (ver, _index_version()))
                 db.close()
                 self._create()
                 db = sqlite3.connect(self.path, timeout=self.lock_wait,
@@ -2679,6 +2838,7 @@ class Projection(PurgeProjection):
         except BaseException:
             db.close()
             raise
+        self.fts = fts5_available()  # (the version says it has the search index)
         self.db = db
 
     def _create(self):
@@ -2693,7 +2853,8 @@ class Projection(PurgeProjection):
                 try:
                     db = sqlite3.connect(self.path, timeout=self.lock_wait,
                                          isolation_level=None)
-                    ok = db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+                    ok = db.execute("PRAGMA user_version").fetchone()[0] == \
+                        _index_version()
                     db.close()
                     if ok:
                         return  # another process created it meanwhile
@@ -2717,8 +2878,10 @@ class Projection(PurgeProjection):
                 builder.db = db
                 builder.building = True
                 self.built = builder.catch_up()
+                builder.fts = self._fts_create(db)
+                builder._fts_fill()
                 db.executescript(_SCHEMA_INDEXES)
-                db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+                db.execute("PRAGMA user_version=%d" % _index_version())
                 db.execute("PRAGMA journal_mode=WAL")
             finally:
                 db.close()
@@ -3043,11 +3206,14 @@ class Projection(PurgeProjection):
         if record:  # (only what is new here is recorded)
             had = {r[0] for r in db.execute("SELECT f.message_id FROM fresh f JOIN messages "
                                             "m ON m.message_id = f.message_id")}
+        indexed = self._fts_max() if self.fts and not self.building else None
         db.executemany(
             "INSERT OR IGNORE INTO messages(message_id, agent_id, ses, ts, created_at, "
             "arrived, format0, content0, structured0, recipients, audiences, scopes, refs, "
             "reply_to, thread0, thread_id, idem_key) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", msgs)
+        if indexed is not None:
+            self._fts_add_since(indexed)
         rids = {mid: (ts, rid) for mid, ts, rid in db.execute(
             "SELECT f.message_id, m.ts, m.rid FROM fresh f JOIN messages m "
             "ON m.message_id = f.message_id")}
@@ -3090,11 +3256,12 @@ class Projection(PurgeProjection):
         """Recompute the derived columns of messages from the source tables."""
         db = self.db
         for mid in ids:
-            row = db.execute("SELECT agent_id, format0, thread0, dup_of, rid FROM messages "
+            row = db.execute("SELECT agent_id, format0, thread0, dup_of, rid, "
+                             "coalesce(content, content0), content0 FROM messages "
                              "WHERE message_id = ?", (mid,)).fetchone()
             if row is None:
                 continue  # its create has not arrived yet; it will refresh then
-            author, fmt0, thread, dup, rid = row
+            author, fmt0, thread, dup, rid, text_was, content0 = row
             edits = db.execute(
                 "SELECT ts, format, content, structured FROM edits WHERE message_id = ? "
                 "AND agent_id = ? ORDER BY ts, event_id", (mid, author)).fetchall()
@@ -3117,6 +3284,8 @@ class Projection(PurgeProjection):
                         dele[0] if dele else None, dele[1] if dele else None, thread, mid))
             db.execute("UPDATE deliveries SET deleted = ? WHERE rid = ?",
                        (1 if dele or dup else 0, rid))
+            if self.fts and not self.building:
+                self._fts_change(rid, text_was, content0 if content is None else content)
 
     def _apply_agent(self, ev):
         db, t, aid, k = self.db, ev["type"], ev["agent_id"], _key(ev)
@@ -3276,6 +3445,147 @@ def _scope_filter(tag, where, params):
         where.append("EXISTS (SELECT 1 FROM tags t WHERE t.rid = m.rid "
                      "AND t.kind = 'scope' AND t.type = ? AND t.value = ?)")
         params += [tag["type"], tag["value"]]
+
+
+#: Messages to an agent, or through a role or group of that name (`sent --to`, `search --to`).
+_TO_SQL = ("(EXISTS (SELECT 1 FROM deliveries x WHERE x.rid = m.rid AND x.agent_id = ?) "
+           "OR EXISTS (SELECT 1 FROM tags t WHERE t.rid = m.rid AND t.kind = 'aud' AND "
+           "t.value = ?))")
+
+
+class SearchQuery:
+    """A `thrum search` query (SPEC §17): terms that must all match, in any order. A term
+    is a word, a `"quoted phrase"` (its words next to each other, in order), or either
+    with `*` at its end (its last word is a prefix). A word with punctuation inside
+    (`auth-token`, `v1.2`) is the phrase of its words. Words as search_words() defines
+    them, case-folded; AND/OR/NOT are plain words. `terms`: [(words, prefix)]."""
+
+    MAX_TERMS = 32
+
+    def __init__(self, text):
+        self.text = text
+        self.terms = []
+        for m in _search_re("query").finditer(text):
+            if m.group(3) is not None:
+                raw, prefix = m.group(3), m.group(3).endswith("*")
+            else:
+                raw = m.group(1)
+                prefix = m.group(2) == "*" or raw.rstrip().endswith("*")
+            words = tuple(folded_words(raw))
+            if words:
+                self.terms.append((words, prefix))
+        if not self.terms:
+            raise UsageError("the search query %r has no words to look for" % text,
+                             hint='search for words, a "phrase" or a prefix*')
+        if len(self.terms) > self.MAX_TERMS:
+            raise UsageError("the search query has more than %d terms" % self.MAX_TERMS)
+        # every word of every term is in a matching ASCII text (lower-cased) as it is
+        self.needles = {w for words, _ in self.terms for w in words}
+
+    def fts(self):
+        """The query as an FTS5 MATCH expression (quoted, so nothing is an operator)."""
+        return " ".join('"%s"%s' % (" ".join(words), "*" if prefix else "")
+                        for words, prefix in self.terms)
+
+    def might_match(self, text):
+        """False when `text` cannot match (a cheap test of ASCII texts)."""
+        if not text.isascii():
+            return True
+        low = text.lower()
+        return all(n in low for n in self.needles)
+
+    @staticmethod
+    def _at(words, i, term, prefix):
+        last = len(term) - 1
+        for k in range(last):
+            if words[i + k] != term[k]:
+                return False
+        return words[i + last].startswith(term[last]) if prefix else \
+            words[i + last] == term[last]
+
+    def positions(self, words, term, prefix):
+        """Where one term starts in `words` (folded)."""
+        return [i for i in range(len(words) - len(term) + 1)
+                if self._at(words, i, term, prefix)]
+
+    def hits(self, words):
+        """Per term, where it starts in `words`; None unless every term is there."""
+        out = []
+        for term, prefix in self.terms:
+            found = self.positions(words, term, prefix)
+            if not found:
+                return None
+            out.append(found)
+        return out
+
+
+def bm25(freqs, length, idfs, avgdl):
+    """FTS5's bm25() for one row, computed the way SQLite computes it (k1 1.2, b 0.75,
+    the same operations in the same order), so the scan ranks exactly as FTS5 does.
+    `freqs`: the number of places each term matches, `length`: the row's words."""
+    k1, b = 1.2, 0.75
+    score = 0.0
+    for f, idf in zip(freqs, idfs):
+        score += idf * ((f * (k1 + 1.0)) / (f + k1 * (1 - b + b * length / avgdl)))
+    return -1.0 * score
+
+
+def bm25_idf(rows, hit):
+    """FTS5's inverse document frequency of a term in `hit` of `rows` rows."""
+    import math
+    idf = math.log((rows - hit + 0.5) / (hit + 0.5))
+    return 1e-6 if idf <= 0.0 else idf
+
+
+#: A search counts its matches up to this many (`total`; `capped` when there are more).
+#: Up to SEARCH_DIRECT_MAX index matches it looks each up; with more it walks the
+#: messages newest first and stops early.
+SEARCH_COUNT_MAX, SEARCH_DIRECT_MAX = 1000, 5000
+
+#: Around the first match, the snippet of a search result: characters before it, and
+#: at most this many characters in all; its matches are between these marks.
+SNIPPET_BEFORE, SNIPPET_WIDTH, SNIPPET_MARKS = 30, 100, ("«", "»")
+
+
+def search_snippet(text, query):
+    """One line of `text` around the first place `query` matches, the matching words
+    between SNIPPET_MARKS (« » in the text itself become ‹ ›), white space collapsed, an
+    ellipsis where it was cut."""
+    text, spans = search_words(text or "")
+    words = [text[s:e].casefold() for s, e in spans]
+    marked = set()
+    for term, prefix in query.terms:
+        for i in query.positions(words, term, prefix):
+            marked.update(range(i, i + len(term)))
+    if not spans:
+        return ""
+    first = min(marked) if marked else 0
+    j = first
+    while j > 0 and (spans[first][0] - spans[j - 1][0] <= SNIPPET_BEFORE or
+                     len(text) - spans[j - 1][0] <= SNIPPET_WIDTH):  # (fill the width)
+        j -= 1
+    start = spans[j][0] if j else 0
+    end = len(text)
+    if end - start > SNIPPET_WIDTH:
+        end = max([e for _, e in spans if e <= start + SNIPPET_WIDTH] + [spans[first][1]])
+
+    def plain(piece):
+        return re.sub(r"\s+", " ", piece).replace("«", "‹").replace("»", "›")
+    out, pos, i = [], start, j
+    while i < len(spans) and spans[i][1] <= end:
+        if i in marked:
+            k = i
+            while k + 1 < len(spans) and k + 1 in marked and spans[k + 1][1] <= end:
+                k += 1
+            out += [plain(text[pos:spans[i][0]]), SNIPPET_MARKS[0],
+                    plain(text[spans[i][0]:spans[k][1]]), SNIPPET_MARKS[1]]
+            pos, i = spans[k][1], k + 1
+        else:
+            i += 1
+    out.append(plain(text[pos:end]))
+    line = "".join(out).strip()
+    return ("…" if text[:start].strip() else "") + line + \
+        ("…" if text[end:].strip() else "")
 
 
 class Index(Projection):
@@ -3617,9 +3927,7 @@ class Index(Projection):
         is_read true). `to`: only messages to this agent, or by this role or group."""
         where, params = ["m.agent_id = ?", "m.deleted = 0", "m.dup_of IS NULL"], [agent_id]
         if to:
-            where.append("(EXISTS (SELECT 1 FROM deliveries x WHERE x.rid = m.rid AND "
-                         "x.agent_id = ?) OR EXISTS (SELECT 1 FROM tags t WHERE t.rid = "
-                         "m.rid AND t.kind = 'aud' AND t.value = ?))")
+            where.append(_TO_SQL)
             params += [to, to]
         if unread:
             where.append("EXISTS (SELECT 1 FROM deliveries x WHERE x.rid = m.rid AND "
@@ -3642,6 +3950,154 @@ class Index(Projection):
         k = _ts_key(since)
         return _TO_AGENT.replace("messages m", "messages m INDEXED BY messages_arrived", 1), \
             ["m.arrived > ?", _ARRIVED + " > ?"] + where, [agent_id, k, k] + params
+
+    def search(self, agent_id, query, sender=None, to=None, ref=None, since=None, limit=20,
+               rank=False, fts=True, everyone=False):
+        """Messages the agent can see (to it, by it, through its roles and groups,
+        broadcasts; not deleted, not duplicates) whose current text matches `query` (a
+        SearchQuery): newest first, or by bm25 (`rank`, ties newest first). Filters:
+        `sender` an author, `to` an agent/role/group (_TO_SQL), `ref` a {type, value}
+        tag, `since` a timestamp. With `fts` and a search index, FTS5 finds them, else a
+        scan; both give the same answer. Returns {total, capped, messages: [message dict
+        + snippet]}: `total` counts the matches up to SEARCH_COUNT_MAX, `capped` says
+        there are more."""
+        frm = "messages m LEFT JOIN deliveries d ON d.rid = m.rid AND d.agent_id = ?"
+        where = ["m.deleted = 0", "m.dup_of IS NULL"] + (
+            [] if everyone else ["(d.agent_id IS NOT NULL OR m.agent_id = ?)"])
+        params = [] if everyone else [agent_id]
+        if sender:
+            where.append("m.agent_id = ?")
+            params.append(sender)
+        if to:
+            where.append(_TO_SQL)
+            params += [to, to]
+        if ref:
+            where.append("EXISTS (SELECT 1 FROM tags t WHERE t.rid = m.rid "
+                         "AND t.kind = 'ref' AND t.type = ? AND t.value = ?)")
+            params += [ref["type"], ref["value"]]
+        if since:
+            where.append("m.ts >= ?")
+            params.append(_ts_key(since))
+        newest, wsql, most = "m.ts DESC, m.message_id DESC", " AND ".join(where), \
+            SEARCH_COUNT_MAX + 1
+        db = self.db or self.open().db
+        if fts and self.fts:
+            match = "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?"
+            if rank:
+                found = [r[0] for r in db.execute(
+                    "SELECT m.rowid FROM (SELECT rowid AS rid, bm25(messages_fts) AS score "
+                    "FROM messages_fts WHERE messages_fts MATCH ?) f JOIN messages m ON "
+                    "m.rowid = f.rid LEFT JOIN deliveries d ON d.rid = m.rid "
+                    "AND d.agent_id = ? WHERE %s ORDER BY f.score, %s LIMIT ?"
+                    % (wsql, newest), [query.fts(), agent_id] + params + [most])]
+            else:
+                # Few matches: look each up by rowid and sort them. Many, and a good
+                # share of all messages: walk the messages newest first and ask the
+                # index about a batch at a time (_search_walk). Otherwise, or when that
+                # does not pay: walk them newest first against all the matches (the `+`
+                # keeps SQLite from driving the query by the matches' rowids).
+                dense = self.value("SELECT coalesce(max(rowid), 0) FROM messages") // 8
+                n = self.value("SELECT count(*) FROM (%s LIMIT ?)" % match,
+                               (query.fts(), max(SEARCH_DIRECT_MAX, dense) + 1))
+                found = self._search_walk(db, query, "SELECT m.rowid FROM %s WHERE %s "
+                                          "ORDER BY %s" % (frm, wsql, newest),
+                                          [agent_id] + params, most) \
+                    if n > max(SEARCH_DIRECT_MAX, dense) else None
+                if found is None:
+                    found = [r[0] for r in db.execute(
+                        "SELECT m.rowid FROM %s WHERE %sm.rowid IN (%s) AND %s ORDER BY %s "
+                        "LIMIT ?" % (frm, "" if n <= SEARCH_DIRECT_MAX else "+", match, wsql,
+                                     newest), [agent_id, query.fts()] + params + [most])]
+        else:
+            found = self._search_scan(query, frm, wsql, [agent_id] + params, newest, rank)
+        page = found[:limit]
+        rows = {r["rid"]: r for r in self.rows(
+            "SELECT %s, m.rowid AS rid, d.read_at IS NOT NULL OR d.agent_id IS NULL AS "
+            "is_read FROM %s WHERE m.rowid IN (%s)" % (_MSG_COLS, frm, ",".join("?" * len(
+                page))), [agent_id] + page)} if page else {}
+        msgs = []
+        for rid in page:
+            m = message_dict(rows[rid], rows[rid]["is_read"])
+            m["snippet"] = search_snippet(m["body"]["content"], query)
+            msgs.append(m)
+        return {"total": min(len(found), SEARCH_COUNT_MAX),
+                "capped": len(found) > SEARCH_COUNT_MAX, "messages": self.short_ids(msgs)}
+
+    #: _search_walk: at most this many rows walked (in batches of `most`, then twice as
+    #: many each time), at most this many ranges of rowids per batch (a gap of more than
+    #: WALK_GAP starts a new one).
+    WALK_ROWS, WALK_RANGES, WALK_GAP = 32768, 32, 256
+
+    def _search_walk(self, db, query, sql, args, most):
+        """The first `most` messages of `sql` (the visible ones, newest first) that match
+        `query`, asking the FTS5 index a batch at a time, by ranges of rowids (a batch of
+        recent messages mostly holds a few runs of rowids); None when the rowids are too
+        scattered, or the matches too sparse, for that to pay."""
+        cur = db.execute(sql, args)
+        out, size, walked = [], most, 0
+        try:
+            while len(out) < most:
+                if walked >= self.WALK_ROWS:
+                    return None
+                batch = [r[0] for r in cur.fetchmany(size)]
+                if not batch:
+                    break
+                walked, size = walked + len(batch), size * 2
+                ranges, ordered = [], sorted(batch)
+                lo = prev = ordered[0]
+                for rid in ordered[1:]:
+                    if rid - prev > self.WALK_GAP:
+                        ranges.append((lo, prev))
+                        lo = rid
+                    prev = rid
+                ranges.append((lo, prev))
+                # (FTS5 merges a prefix's postings anew for every query: one range only)
+                if len(ranges) > (1 if any(p for _, p in query.terms) else self.WALK_RANGES):
+                    return None
+                hit = set()
+                for lo, hi in ranges:
+                    hit.update(r[0] for r in db.execute(
+                        "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? AND "
+                        "rowid BETWEEN ? AND ?", (query.fts(), lo, hi)))
+                out += [rid for rid in batch if rid in hit]
+        finally:
+            cur.close()
+        return out[:most]
+
+    def _search_scan(self, query, frm, wsql, args, order, rank):
+        """search() without FTS5: the rowids of the matches in order (newest first, or
+        by bm25), SEARCH_COUNT_MAX + 1 at most."""
+        matched = []  # (rowid, per-term hits, number of words), newest first
+        for rid, text in self.db.execute("SELECT m.rowid, coalesce(m.content, m.content0) "
+                                         "FROM %s WHERE %s ORDER BY %s" % (frm, wsql, order),
+                                         args):
+            text = text or ""
+            if not query.might_match(text):
+                continue
+            words = folded_words(text)
+            hits = query.hits(words)
+            if hits is not None:
+                matched.append((rid, hits, len(words)))
+                if not rank and len(matched) > SEARCH_COUNT_MAX:
+                    break
+        if rank and matched:
+            # bm25 over the whole index, as FTS5 has it: every message, its words
+            rows = tokens = 0
+            per_term = [0] * len(query.terms)
+            for (text,) in self.db.execute("SELECT coalesce(content, content0) FROM "
+                                           "messages"):
+                words = folded_words(text or "")
+                rows += 1
+                tokens += len(words)
+                if query.might_match(text or ""):
+                    for n, (term, prefix) in enumerate(query.terms):
+                        if query.positions(words, term, prefix):
+                            per_term[n] += 1
+            idfs = [bm25_idf(rows, n) for n in per_term]
+            avgdl = float(tokens) / float(rows)
+            matched.sort(key=lambda x: bm25([float(len(h)) for h in x[1]], x[2], idfs,
+                                            avgdl))  # (stable: ties stay newest first)
+        return [x[0] for x in matched[:SEARCH_COUNT_MAX + 1]]
 
     def waiting_for(self, agent_id, since=None, unread=False, skip_read=False, scope=None):
         """Messages to the agent, not by it, not deleted, oldest first, as message dicts:
@@ -3684,6 +4140,23 @@ class Index(Projection):
                          "arrived_at FROM messages m CROSS JOIN deliveries d ON d.rid = "
                          "m.rid WHERE m.arrived > ? AND %s > ? AND d.read_at IS NULL AND "
                          "d.deleted = 0" % (_ARRIVED_AT, _ARRIVED), (k, k))
+
+    def arrived_messages(self, agent_id, since, limit=200):
+        """Every message of the store (not deleted, not a hidden duplicate) that arrived
+        here after `since`, whoever it is to, in the order it arrived, as message dicts:
+        `is_read` for `agent_id` (true when not addressed to it), plus `arrived_at`. At
+        most `limit`, the earliest arrivals first (a range of messages_arrived)."""
+        rows = self.rows(
+            "SELECT %s, CASE WHEN m.arrived = m.ts THEN %s ELSE %s END AS arrived_at, "
+            "coalesce((SELECT d.read_at IS NOT NULL FROM deliveries d WHERE d.rid = m.rid "
+            "AND d.agent_id = ?), 1) AS is_read FROM messages m WHERE m.arrived > ? AND "
+            "m.deleted = 0 AND m.dup_of IS NULL ORDER BY m.arrived, m.ts, m.message_id "
+            "LIMIT ?" % (_MSG_COLS, _CREATED, _ts_sql("m.arrived")),
+            (agent_id, _ts_key(since) if since else _TS_LOW - 1, limit))
+        msgs = self.short_ids([message_dict(r, r["is_read"]) for r in rows])
+        for m, r in zip(msgs, rows):
+            m["arrived_at"] = r["arrived_at"]
+        return msgs
 
     # -- retention (SPEC §17) ----------------------------------------------------------
     def purge_plan(self, before):
@@ -5463,6 +5936,30 @@ def parse_horizon(text, now=None):
     return now_ts(secs)
 
 
+def parse_since(text):
+    """A search's `--since`: a duration meaning that long ago (`2h`, `7d`, also `-7d`), a
+    date (`2026-11-01`, midnight UTC) or a UTC timestamp -> a timestamp in the event
+    format; None for None."""
+    if text is None:
+        return None
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError("invalid --since %r: use a duration such as 7d, a date such as "
+                         "2026-11-01, or a UTC timestamp" % (text,))
+    t = text.strip()
+    try:
+        secs = abs(parse_duration(t))
+        when = time.time() - secs if secs < 100 * 365 * 86400 else 0.0
+    except ValueError:
+        try:
+            when = parse_ts(t)
+        except (ValueError, OverflowError):
+            raise UsageError("invalid --since %r: use a duration such as 7d, a date such as "
+                             "2026-11-01, or a UTC timestamp" % text) from None
+        if not 0 <= when < 253402300800:
+            raise UsageError("invalid --since %r: must be between 1970 and 9999" % text)
+    return now_ts(when)
+
+
 def parse_timeout(text):
     """A wait's timeout: seconds (a number) or a duration (`8m`), 0 .. 24h."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -7017,17 +7514,7 @@ class MessageOps(ServiceBase):
         ident = self.me(agent)
         me = ident["agent_id"]
         limit, page = self._paging(limit, page)
-        t = None
-        if to:
-            t = _strip_at(to)
-            if t != "everyone":
-                if not name_ok(t or ""):
-                    raise UsageError("invalid recipient filter %r" % to)
-                agents = self.index.agent_roles()
-                if t not in agents and t not in set(agents.values()) and \
-                        t not in self.index.group_names():
-                    raise NotFoundError("unknown agent, role or group @%s" % t,
-                                        hint="see 'thrum team --all' and 'thrum group list'")
+        t = self._recipient_filter(to)
         got = self.index.sent(me, to=t, unread=unread, limit=limit, offset=(page - 1) * limit)
         for m in got["messages"]:
             m["receipts"] = self._receipts(m)
@@ -7035,6 +7522,22 @@ class MessageOps(ServiceBase):
         total = got["total"]
         return {"messages": got["messages"], "total": total, "page": page,
                 "page_size": limit, "total_pages": max(1, -(-total // limit))}
+
+    def _recipient_filter(self, to):
+        """A `--to` filter (`sent`, `search`): an agent, role or group name (`@` optional)
+        or `everyone`; None without one."""
+        if not to:
+            return None
+        t = _strip_at(to)
+        if t != "everyone":
+            if not name_ok(t or ""):
+                raise UsageError("invalid recipient filter %r" % to)
+            agents = self.index.agent_roles()
+            if t not in agents and t not in set(agents.values()) and \
+                    t not in self.index.group_names():
+                raise NotFoundError("unknown agent, role or group @%s" % t,
+                                    hint="see 'thrum team --all' and 'thrum group list'")
+        return t
 
     def _receipts(self, m):
         got = self.index.receipts(m["message_id"])
@@ -7221,20 +7724,21 @@ class MessageOps(ServiceBase):
         self._set_wait_cursor(me, _record, now_ts(looked[0] - self.LOOKBACK_OVERLAP))
         return {"status": "timeout", "messages": []}
 
-    def _blocking(self, look, timeout, wake=None, poll=0.05):
+    def _blocking(self, look, timeout, wake=None, poll=0.05, subdir="messages"):
         """Call `look()` now and whenever the message files change, until it returns
         something (returned) or `timeout` seconds pass (None). Only a change in the log
         files can bring a new message: idle, this stats them (no SQL); the first look
         always runs, since a writer may have appended after this request's first catch-up
         and the files would never change again. `wake(seconds)` (the daemon's change
         notification, a cancellable sleep) replaces the sleep between looks. While it
-        blocks with no daemon, a RemoteWatch brings in other clones' messages."""
+        blocks with no daemon, a RemoteWatch brings in other clones' messages.
+        `subdir`: the log files watched (None: all of them)."""
         deadline = time.monotonic() + timeout
         sleep = wake or time.sleep
         seen = watch = None
         try:
             while True:
-                sig = (self.store.log_signature(), holds_signature(self.loc.var))
+                sig = (self.store.log_signature(subdir), holds_signature(self.loc.var))
                 if sig != seen:
                     seen = sig
                     got = look()
@@ -7356,6 +7860,32 @@ class MessageOps(ServiceBase):
                                                      limit=max(0, int(limit))),
                 "team": self._members(all_agents=False),
                 "context": self.context_show(agent=me)["content"]}
+
+
+class SearchOps(ServiceBase):
+    """Operations: search (SPEC §17). (With MessageOps' _paging and _recipient_filter:
+    Service joins them.)"""
+
+    @operation(NEEDS_IDENTITY, retry_safe=True)
+    def search(self, query, sender=None, to=None, ref=None, since=None, limit=20, rank=False,
+               agent=None, everyone=False):
+        """Messages I can see whose text matches `query` (SPEC §17), newest first or by
+        relevance (`rank`), each with a one-line `snippet`; marks nothing read. SQLite
+        FTS5 when the index has it, else a scan with the same answer (THRUM_FTS=0 forces
+        the scan). `everyone`: every message of the store, whoever it is to (the web
+        page's search, over the feed it already shows; neither the CLI nor MCP offers it)."""
+        me = self.me(agent)["agent_id"]
+        q = SearchQuery(_check_text(query, "search query"))
+        limit = self._paging(limit, 1)[0]
+        sender = self._require_agent(sender)["agent_id"] if sender else None
+        to = self._recipient_filter(to)
+        ref = parse_tag(ref, "ref") if ref else None
+        since = parse_since(since)
+        got = self.index.search(me, q, sender=sender, to=to, ref=ref, since=since,
+                                limit=limit, rank=rank, everyone=bool(everyone),
+                                fts=self.env.get("THRUM_FTS", "").strip() != "0")
+        return {"messages": got["messages"], "total": got["total"], "capped": got["capped"],
+                "query": query, "rank": rank, "limit": limit, "agent_id": me}
 
 
 # === 13. Operations: team, groups, admin ======================================
@@ -7513,6 +8043,49 @@ class TeamOps(ServiceBase):
             if ap.startswith(r + os.sep):
                 return os.path.relpath(ap, r).replace(os.sep, "/")
         raise UsageError("%s is outside this repository (%s)" % (path, root))
+
+    # -- the page's feed (SPEC §18) -----------------------------------------------------
+    @operation(NEEDS_IDENTITY, retry_safe=True, blocks=True)
+    def feed(self, timeout="30s", since=None, skip=(), seen=None, limit=200, agent=None,
+             _poll=0.05, _wake=None, _alive=None, _hold=False):
+        """One step of a page's live feed (`thrum ui`): block until a message of anyone
+        reaches this store after `since` (a timestamp; default: one second ago), leaving
+        out the ids in `skip`, or until anything else in the log changes (receipts, edits,
+        the team): `seen` is the previous step's `seen`, so a change between two steps
+        is not missed. Messages as I see them (`is_read`), in the order they arrived.
+        Marks nothing read, claims nothing; it blocks as `watch` does (MessageOps).
+        Returns {status: "received" | "changed" | "timeout", messages, more (more than
+        `limit` arrived), since: where the next step starts, seen}."""
+        me = self.me(agent)["agent_id"]
+        timeout = parse_timeout(timeout)
+        if since is None:
+            since = now_ts(time.time() - 1.0)
+        elif not isinstance(since, str):
+            raise UsageError("since must be a timestamp")
+        if seen is not None and not isinstance(seen, str):
+            raise UsageError("seen must be text")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+            raise UsageError("limit must be between 1 and 1000")
+        skip = set(skip or ())
+        looked, last = [time.time()], [seen]
+
+        def look():
+            import zlib
+            looked[0] = time.time()
+            sig = "%08x" % zlib.crc32(repr(self.store.log_signature(None)).encode())
+            self.index.catch_up()
+            msgs = [m for m in self.index.arrived_messages(me, since, limit + len(skip))
+                    if m["message_id"] not in skip][:limit]
+            changed = last[0] is not None and sig != last[0]
+            last[0] = sig
+            if (msgs or changed) and _alive is not None and not _alive():
+                raise WaitAbandoned()
+            return (msgs, changed) if msgs or changed else None
+        got = MessageOps._blocking(self, look, timeout, _wake, _poll, subdir=None)
+        msgs = got[0] if got else []
+        return {"status": "received" if msgs else "changed" if got else "timeout",
+                "messages": msgs, "more": len(msgs) >= limit,
+                "since": now_ts(looked[0] - MessageOps.LOOKBACK_OVERLAP), "seen": last[0]}
 
 
 class GroupOps(ServiceBase):
@@ -8284,7 +8857,7 @@ class TmuxOps(ServiceBase):
         return agents, ended
 
 
-class Service(AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps):
+class Service(AgentOps, MessageOps, SearchOps, TeamOps, GroupOps, AdminOps, TmuxOps):
     """Every thrum operation, as one method taking and returning plain data.
 
     The domains live in their own classes (sections 11-14); the operation names stay flat,
@@ -8296,7 +8869,8 @@ class Service(AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps):
 #: Every operation a front end can call, by name: the methods of Service declared with
 #: @operation, in the order of their classes. The CLI, the daemon's RPC and the MCP tools
 #: all go through call() with these names.
-OPS = {op.name: op for cls in (AgentOps, MessageOps, TeamOps, GroupOps, AdminOps, TmuxOps)
+OPS = {op.name: op for cls in (AgentOps, MessageOps, SearchOps, TeamOps, GroupOps, AdminOps,
+                               TmuxOps)
        for op in (getattr(v, "operation", None) for v in vars(cls).values()) if op}
 
 
@@ -10190,6 +10764,32 @@ def render_sent(r, style=PLAIN):
     return ls + _page_footer(r, "sent messages")
 
 
+def render_search(r, style=PLAIN):
+    """One line per hit: read mark, id, author, time, the snippet with its matches in
+    bold on a colour terminal, else between [ and ]."""
+    if not r["messages"]:
+        return ["No messages match %s." % r["query"]]
+    colour = getattr(style, "color", False)
+    opened, closed = SNIPPET_MARKS
+
+    def mark(m):
+        return style.c("1;33", m.group(1)) if colour else "[%s]" % m.group(1)
+    ls = []
+    for m in r["messages"]:
+        line = clip("%s %s  @%s  %s  %s" % ("●" if not m["is_read"] else "○",
+                                            _shown_id(m, style), m["agent_id"],
+                                            relative_time(m["created_at"]), m["snippet"]),
+                    _width(style))
+        ls.append(re.sub("%s([^%s]*)(?:%s|$)" % (opened, closed, closed), mark, line))
+    n, total = len(r["messages"]), r["total"]
+    more = n < total or r.get("capped")
+    order = "by relevance" if r.get("rank") else "newest first"
+    ls.append("%s match%s, %s%s" % ("%d of %d%s" % (n, total, "+" * bool(r.get("capped")))
+                                    if more else n, "" if total == 1 else "es", order,
+                                    " (--limit N for more)" if more else ""))
+    return ls
+
+
 def render_message(r, style=PLAIN):
     m = r["message"]
     ls = ["%s is a hidden duplicate of %s (same author and idempotency key, stored in two "
@@ -10588,6 +11188,22 @@ MCP_TOOLS = {
         "editing a shared file). `path`: relative to the repository root or absolute.",
         _mcp_schema(("path",), path={"type": "string", "description": "a file path"}),
         lambda a: {"path": a["path"]}, lambda r, a: render_who_has(r)),
+    "search_messages": (
+        "search",
+        "Search the messages you can see (to you, from you, to your roles and groups, "
+        "broadcasts) by their text: words in any order, all of which must match (case does "
+        "not matter), \"an exact phrase\", or a prefix* . Newest first. Use it to recover "
+        "context (\"what did we decide about auth?\"). Marks nothing read.",
+        _mcp_schema(("query",), query={"type": "string", "description": "words, \"a "
+                                       "phrase\" or prefix*, e.g. auth \"rate limit\""},
+                    limit={"type": "integer", "minimum": 1, "maximum": 100,
+                           "default": OPS["search"].default("limit"),
+                           "description": "how many (default %d)"
+                           % OPS["search"].default("limit")},
+                    **{"from": {"type": "string",
+                                "description": "only messages by this agent (@alice)"}}),
+        lambda a: {"query": a["query"], "sender": a["from"], "limit": a["limit"]},
+        lambda r, a: render_search(r)),
 }
 
 
@@ -11168,7 +11784,1096 @@ def serve_mcp(caller, channel=False):
     return server
 
 
-# === 20. CLI: output, arguments, the Cli context ==============================
+# === 20. Web page =============================================================
+#
+# `thrum ui` (SPEC §18): a live page for the people who direct the agents, from the
+# standard library alone: http.server (imported only when `ui` runs), one inline page
+# (HTML, CSS and a small script, no framework, nothing remote) and server-sent events.
+# Every read and write is an operation run through a Router, as the CLI runs them (so
+# through the daemon when one answers), as the human identity `--as`. The live feed is
+# one thread running the `feed` operation for every open stream (none while no page
+# is open). The server is bounded: connections, streams, request sizes, idle sockets.
+# Security: loopback unless --bind; a random token (in the printed URL, then an HttpOnly
+# SameSite=Strict cookie) on every request; the Host header must name this server (DNS
+# rebinding); a POST also needs a same-origin Origin and a JSON body; the page renders
+# names and bodies as text only, under a strict Content-Security-Policy with a nonce.
+
+class _UiRefused(Exception):
+    """A request refused before any operation ran: an HTTP status and one line."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, list(headers)
+
+
+#: HTTP status of an operation's error, by exit code (SPEC §6).
+_UI_STATUS = {EXIT_USAGE: 400, EXIT_NOT_SETUP: 409, EXIT_NOT_FOUND: 404, EXIT_REFUSED: 409}
+
+
+class UiFeed:
+    """The page's live feed: one thread runs the `feed` operation (the arrival mechanism
+    of `watch`: the daemon's notification, else cheap polling and remote checks) while
+    at least one stream is open, and hands each result to every stream's queue as a
+    ready server-sent event. With no stream open it sits idle, holding nothing."""
+
+    #: Events a stream may fall behind by; then it is told to reload instead.
+    QUEUE = 64
+    #: How long one step of the feed blocks (it starts again at once).
+    STEP = 60.0
+
+    def __init__(self, router, max_streams, log):
+        self.router, self.max_streams, self.log = router, max_streams, log
+        self._cond = threading.Condition()
+        self._subs = []
+        self._cancel = None      # the running step's Cancel (set: abandon it)
+        self._thread = None
+        self._closed = False
+
+    def subscribe(self):
+        """A new stream's queue, or None when there are too many streams."""
+        import queue
+        with self._cond:
+            if self._closed or len(self._subs) >= self.max_streams:
+                return None
+            q = queue.Queue(self.QUEUE)
+            self._subs.append(q)
+            if self._thread is None:
+                self._thread = start_thread("ui-feed", self._loop)
+            self._cond.notify_all()
+        return q
+
+    def unsubscribe(self, q):
+        with self._cond:
+            if q in self._subs:
+                self._subs.remove(q)
+            if not self._subs and self._cancel is not None:
+                self._cancel.set()  # nobody listens: the step ends, the thread idles
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            subs, self._subs = self._subs, []
+            if self._cancel is not None:
+                self._cancel.set()
+            self._cond.notify_all()
+        for q in subs:
+            self._put(q, None)
+
+    @staticmethod
+    def event(name, data):
+        return ("event: %s\ndata: %s\n\n" % (name, json.dumps(
+            data, ensure_ascii=True, separators=(",", ":")))).encode("ascii")
+
+    def publish(self, name, data):
+        frame = self.event(name, data)
+        with self._cond:
+            subs = list(self._subs)
+        for q in subs:
+            self._put(q, frame)
+
+    def _put(self, q, item):
+        import queue
+        try:
+            q.put_nowait(item)
+        except queue.Full:  # a stream that does not keep up: it reloads what it shows
+            try:
+                while True:
+                    q.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                q.put_nowait(item if item is None else self.event("changed", {"reset": True}))
+            except queue.Full:  # (refilled meanwhile: it reloads all the same)
+                pass
+
+    def _loop(self):
+        since = seen = None
+        shown = {}  # id -> when it was published (the overlap of two steps)
+        problem = None
+        while True:
+            with self._cond:
+                while not self._subs and not self._closed:
+                    self.router.release_thread()  # idle: no daemon or index connection
+                    since = seen = None  # a page that opens loads what it shows itself
+                    shown = {}
+                    self._cond.wait()
+                if self._closed:
+                    return
+                cancel = self._cancel = Cancel()
+            params = {"timeout": self.STEP}
+            if since is not None:
+                params.update(since=since, skip=list(shown), seen=seen)
+            try:
+                r = self.router.run("feed", params, cancel=cancel)
+                problem = None
+            except WaitAbandoned:
+                continue
+            except Exception as e:  # noqa: BLE001 - the feed carries on (a locked index,
+                msg = error_payload(e)["message"]  # a full disk, a daemon going away)
+                if problem != msg:
+                    problem = msg
+                    self.log("live feed: %s (retrying)" % msg)
+                cancel.wait(2.0)
+                continue
+            finally:
+                with self._cond:
+                    self._cancel = None
+            since, seen = r["since"], r["seen"]
+            now = time.monotonic()
+            new = [m for m in r["messages"] if m["message_id"] not in shown]
+            for m in new:
+                shown[m["message_id"]] = now
+            if new:
+                self.publish("messages", {"messages": new})
+            if r["status"] == "changed" or r.get("more"):
+                self.publish("changed", {"reset": bool(r.get("more"))})
+            shown = {k: t for k, t in shown.items() if t > now - 60.0}
+
+
+class UiApp:
+    """What `thrum ui` serves, apart from the HTTP plumbing (built by _ui_server when
+    `ui` runs): the checks every request passes, the page, the JSON API over the
+    operations and the event stream. `serve(handler)` answers one request."""
+
+    MAX_CONNECTIONS = 32        # open connections (each has a thread); more get 503
+    MAX_STREAMS = 8             # open event streams (pages); more get 503
+    MAX_BODY = 4 << 20          # bytes of a POST body (a message body is <= 1 MiB)
+    MAX_TARGET = 4096           # characters of a request's path and query
+    IDLE = 30.0                 # seconds a socket may sit idle (reads and writes)
+    HEARTBEAT = 15.0            # seconds between a stream's keep-alive comments
+    WORKERS = 4                 # threads that run operations (each keeps its connections)
+
+    def __init__(self, router, me, token, log):
+        self.router, self.me, self.token, self.log = router, me, token, log
+        self.port = self.cookie = self.hosts = None  # bound(), once the port is known
+        self.feed = UiFeed(router, self.MAX_STREAMS, log)
+        self.slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        self.closing = threading.Event()
+        self._pool = _Workers(lambda fn, *a: fn(*a), self.WORKERS, "ui-worker",
+                              on_idle=router.release_thread)
+        self._page = None
+
+    def bound(self, host, port):
+        self.port = port
+        self.cookie = "thrum_ui_%d" % port  # cookies are not per port: one name per port
+        self.hosts = _ui_hosts(host, port)
+
+    # -- one request ------------------------------------------------------------------
+    def serve(self, h):
+        """Answer the request the handler `h` has read (method, path, headers)."""
+        api = h.path.startswith("/api/")
+        try:
+            self._serve(h, api)
+        except _UiRefused as r:
+            self._send_error(h, r.status, r.message, api, r.headers)
+        except ThrumError as e:
+            err = error_payload(e)
+            self._send(h, _UI_STATUS.get(err["exit_code"], 500), {
+                "error": err["message"], "hint": err["hint"], "exit_code": err["exit_code"]})
+        except (ConnectionError, TimeoutError):  # the client went away, or stalled
+            pass
+        except Exception as e:  # noqa: BLE001 - a bug: one line here and in the reply
+            msg = error_payload(e)["message"]
+            self.log("request %s %s failed: %s" % (h.command, h.path[:80], msg))
+            try:
+                self._send_error(h, 500, msg, api)
+            except (OSError, ValueError):  # (the client went away meanwhile)
+                pass
+
+    def _serve(self, h, api):
+        if len(h.path) > self.MAX_TARGET:
+            raise _UiRefused(414, "the request's address is too long")
+        host = h.headers.get("Host") or ""
+        if host.lower() not in self.hosts:
+            raise _UiRefused(403, "this server answers only to %s" % ", ".join(
+                sorted(self.hosts)[:3]))
+        from urllib.parse import parse_qs, urlsplit
+        try:
+            url = urlsplit(h.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query, max_num_fields=20).items()}
+        except ValueError as e:
+            raise _UiRefused(400, "bad address: %s" % e)
+        if h.command == "GET" and url.path == "/" and "token" in query:
+            if not self._token_ok(query["token"]):
+                raise _UiRefused(403, "wrong token: open the address `thrum ui` printed")
+            # The token becomes a cookie and the address bar forgets it. The page moves
+            # itself on (a refresh, not a 303): a SameSite=Strict cookie would not go
+            # with a redirect that began on another site (a link in a chat, a file).
+            return self._send(h, 200, _UI_ENTER, "text/html; charset=utf-8", [
+                ("Set-Cookie", "%s=%s; HttpOnly; SameSite=Strict; Path=/" % (
+                    self.cookie, self.token))])
+        if not self._token_ok(h.headers.get("X-Thrum-Token") or self._cookie(h)):
+            raise _UiRefused(403, "no or wrong token: open the address `thrum ui` printed")
+        route = _UI_ROUTES.get(url.path)
+        if route is None:
+            raise _UiRefused(404, "not found: %s" % url.path)
+        method, name = route
+        if h.command != method:
+            raise _UiRefused(405, "use %s for %s" % (method, url.path), [("Allow", method)])
+        fn = getattr(self, name)
+        if method == "POST":
+            return self._send(h, 200, fn(self._body(h, host)))
+        if name.startswith("_"):  # the page, the event stream: they answer themselves
+            return fn(h)
+        return self._send(h, 200, fn(query))
+
+    def _token_ok(self, given):
+        import hmac
+        return isinstance(given, str) and hmac.compare_digest(
+            given.encode("utf-8", "replace"), self.token.encode("ascii"))
+
+    def _cookie(self, h):
+        for part in (h.headers.get("Cookie") or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.cookie:
+                return value
+        return None
+
+    def _body(self, h, host):
+        """A state-changing request's JSON object, after the same-origin checks."""
+        origin = h.headers.get("Origin")
+        if origin is None or origin.lower() != "http://" + host.lower():
+            raise _UiRefused(403, "refused: a change must come from this page (Origin %s)"
+                             % ("missing" if origin is None else "not this server"))
+        ctype = (h.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise _UiRefused(415, "send JSON (Content-Type: application/json)")
+        try:
+            n = _ascii_int(h.headers.get("Content-Length") or "")
+        except ValueError:
+            raise _UiRefused(411, "a Content-Length (a whole number) is required")
+        if n < 0:
+            raise _UiRefused(400, "a negative Content-Length")
+        if n > self.MAX_BODY:
+            raise _UiRefused(413, "the request is over %d bytes" % self.MAX_BODY)
+        data = h.rfile.read(n)
+        try:
+            body = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise _UiRefused(400, "the request is not valid JSON")
+        if not isinstance(body, dict):
+            raise _UiRefused(400, "the request must be a JSON object")
+        return body
+
+    # -- responses ----------------------------------------------------------------------
+    def _headers(self, h, csp="default-src 'none'; frame-ancestors 'none'"):
+        for k, v in (("Content-Security-Policy", csp), ("X-Content-Type-Options", "nosniff"),
+                     ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"),
+                     ("X-Frame-Options", "DENY"),
+                     ("Cross-Origin-Opener-Policy", "same-origin"),
+                     ("Cross-Origin-Resource-Policy", "same-origin")):
+            h.send_header(k, v)
+
+    def _send(self, h, status, data, ctype="application/json", extra=()):
+        if not isinstance(data, bytes):
+            data = json.dumps(data, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+        h.send_response(status)
+        self._headers(h)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(data)))
+        for k, v in extra:
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _send_error(self, h, status, message, api, headers=()):
+        if api:
+            return self._send(h, status, {"error": message}, extra=headers)
+        self._send(h, status, ("thrum ui: %s\n" % message).encode("utf-8"),
+                   "text/plain; charset=utf-8", headers)
+
+    def _send_page(self, h):
+        import secrets
+        nonce = secrets.token_urlsafe(18)
+        if self._page is None:
+            self._page = _ui_page().encode("utf-8")
+        data = self._page.replace(b"__NONCE__", nonce.encode("ascii"))
+        src = "'nonce-%s'" % nonce
+        h.send_response(200)
+        self._headers(h, "default-src 'none'; script-src %s; style-src %s; connect-src "
+                         "'self'; img-src 'self'; base-uri 'none'; form-action 'self'; "
+                         "frame-ancestors 'none'; require-trusted-types-for 'script'; "
+                         "trusted-types 'none'" % (src, src))
+        h.send_header("Content-Type", "text/html; charset=utf-8")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _no_icon(self, h):
+        self._send(h, 204, b"", "text/plain")
+
+    def _stream(self, h):
+        """Server-sent events until the page or the server goes: `hello` once (the
+        page then loads what it shows), `messages` as they arrive, `changed` when
+        anything else in the store changed, a comment every HEARTBEAT seconds."""
+        import queue
+        q = self.feed.subscribe()
+        if q is None:
+            raise _UiRefused(503, "too many open pages (at most %d)" % self.MAX_STREAMS)
+        try:
+            h.send_response(200)
+            self._headers(h)
+            h.send_header("Content-Type", "text/event-stream")
+            h.end_headers()
+            h.wfile.write(b"retry: 3000\n\n" + UiFeed.event("hello", {"me": self.me}))
+            h.wfile.flush()
+            while not self.closing.is_set():
+                try:
+                    frame = q.get(timeout=self.HEARTBEAT)
+                except queue.Empty:
+                    frame = b": keep-alive\n\n"
+                if frame is None:
+                    return
+                h.wfile.write(frame)
+                h.wfile.flush()
+        finally:
+            self.feed.unsubscribe(q)
+
+    # -- operations ---------------------------------------------------------------------
+    def run(self, op, params):
+        """Run an operation on one of the pool's threads (each keeps its daemon and
+        index connections, so a burst of requests opens no more than WORKERS of each)."""
+        done, box = threading.Event(), {}
+
+        def job():
+            try:
+                box["result"] = self.router.run(op, params)
+            except BaseException as e:  # noqa: B902 - handed to the request's thread
+                box["error"] = e
+            finally:
+                done.set()
+        self._pool.submit(job)
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def api_state(self, q):
+        files = DaemonFiles(self.router.store.loc.var, self.router.caller.env)
+        return {"me": self.me, "repo": os.path.basename(self.router.store.loc.store_root),
+                "daemon": files.running(), "search": "search" in OPS,
+                "version": __version__}
+
+    def api_team(self, q):
+        return self.run("agent_list", {"context": True})
+
+    def api_messages(self, q):
+        return self.run("inbox", {"all": q.get("view", "all") != "inbox",
+                                  "page": _ui_int(q, "page", 1),
+                                  "limit": _ui_int(q, "limit", 100), "mark_read": False})
+
+    def api_thread(self, q):
+        return self.run("inbox", {"thread": q.get("id", ""), "all": True, "oldest": True,
+                                  "limit": 1000, "mark_read": False})
+
+    def api_search(self, q):
+        spec = OPS.get("search")
+        if spec is None:
+            raise _UiRefused(501, "search unavailable in this version of thrum")
+        known = spec.params()
+        params = {"query": q.get("q", "")}
+        for given, names in (("from", ("sender", "from_", "frm")), ("to", ("to",)),
+                             ("ref", ("ref",)), ("since", ("since",))):
+            name = next((n for n in names if n in known), None)
+            if q.get(given) and name:
+                params[name] = q[given]
+        if "limit" in known:
+            params["limit"] = _ui_int(q, "limit", 50)
+        if "rank" in known and q.get("rank") in ("1", "true"):
+            params["rank"] = True
+        if "everyone" in known:  # the page shows every message: its search finds them all
+            params["everyone"] = True
+        return self.run("search", params)
+
+    def api_who_has(self, q):
+        return self.run("who_has", {"path": q.get("path", "")})
+
+    def api_send(self, b):
+        content = b.get("body")
+        reply_to = (b.get("reply_to") or "").strip() if isinstance(
+            b.get("reply_to"), str) else None
+        if reply_to:
+            return self.run("reply", {"message_id": reply_to, "content": content})
+        to = b.get("to") or ""
+        if isinstance(to, str):
+            to = [t for t in re.split(r"[,\s]+", to) if t]
+        if not isinstance(to, list) or not all(isinstance(t, str) for t in to):
+            raise UsageError("to must be text or a list of names")
+        return self.run("send", {"content": content, "to": to})
+
+    def api_read(self, b):
+        if b.get("all") is True:
+            return self.run("message_read", {"all": True})
+        return self.run("message_read", {"message_ids": b.get("ids") or []})
+
+    def api_open(self, b):
+        """A message with its edits and receipts; marks it read for me (as `thrum
+        message get` does)."""
+        return self.run("message_get", {"message_id": b.get("id") or ""})
+
+
+#: What the address with the token answers, with the cookie: go on to the page.
+_UI_ENTER = (b'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" '
+             b'content="0; url=/"><title>thrum</title><p><a href="/">Open the page</a></p>\n')
+
+
+#: path -> (method, UiApp method): api_* take the query (GET) or the JSON body (POST)
+#: and return the JSON answer; the page and the event stream write their own.
+_UI_ROUTES = {
+    "/": ("GET", "_send_page"),
+    "/api/events": ("GET", "_stream"),
+    "/favicon.ico": ("GET", "_no_icon"),
+    "/api/state": ("GET", "api_state"),
+    "/api/team": ("GET", "api_team"),
+    "/api/messages": ("GET", "api_messages"),
+    "/api/thread": ("GET", "api_thread"),
+    "/api/search": ("GET", "api_search"),
+    "/api/who-has": ("GET", "api_who_has"),
+    "/api/send": ("POST", "api_send"),
+    "/api/read": ("POST", "api_read"),
+    "/api/open": ("POST", "api_open"),
+}
+
+
+def _ui_int(q, name, default):
+    try:
+        return _ascii_int(q.get(name) or str(default))
+    except ValueError:
+        raise UsageError("%s must be a whole number" % name)
+
+
+def _ui_hosts(host, port):
+    """The Host headers this server answers to (anything else may be a DNS-rebinding
+    page): its address, and for loopback `localhost`; for a wildcard bind also this
+    machine's name and any address literal is checked in `_ui_host_ok`."""
+    names = {host, "localhost", "127.0.0.1", "[::1]"} if _ui_loopback(host) else {host}
+    if host in ("0.0.0.0", "::", ""):
+        names |= {os.uname().nodename, "localhost", "127.0.0.1", "[::1]"}
+    return _UiHosts({("[%s]" % n if ":" in n and not n.startswith("[") else n).lower() +
+                     ":%d" % port for n in names}, port, host in ("0.0.0.0", "::", ""))
+
+
+class _UiHosts(frozenset):
+    """A set of `name:port` strings; with `wildcard`, any IP address literal at this
+    port is in it too (a server bound to every interface, reached by its address)."""
+
+    def __new__(cls, items, port, wildcard):
+        s = super().__new__(cls, items)
+        s.port, s.wildcard = port, wildcard
+        return s
+
+    def __contains__(self, host):
+        if frozenset.__contains__(self, host):
+            return True
+        if not self.wildcard:
+            return False
+        import ipaddress
+        name, _, port = host.rpartition(":")
+        try:
+            ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            return False
+        return port == str(self.port)
+
+
+def _ui_loopback(host):
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _ui_server(app, addr, family):
+    """The HTTP server (http.server is imported here, when `ui` runs): threads per
+    connection, at most MAX_CONNECTIONS of them (more are answered 503 at once), each
+    socket idle at most IDLE seconds, no log line per request, one line for a bad one."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "thrum-ui"
+        sys_version = ""
+        timeout = app.IDLE
+
+        def _any(self):
+            app.serve(self)
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _any
+
+        def log_message(self, *args):
+            pass
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (a bad request line, too many headers): one
+            line of text, never an HTML page."""
+            try:
+                self.close_connection = True
+                text = ("thrum ui: %s\n" % (message or self.responses.get(
+                    code, ("error",))[0])).encode("utf-8", "replace")
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(text)))
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(text)
+            except (OSError, ValueError):
+                pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = family
+        request_queue_size = 16
+
+        def process_request(self, request, client_address):
+            if not app.slots.acquire(blocking=False):
+                try:
+                    request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: "
+                                    b"text/plain\r\nContent-Length: 22\r\n\r\n"
+                                    b"thrum ui: server busy\n")
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                app.slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                app.slots.release()
+
+        def handle_error(self, request, client_address):
+            e = sys.exc_info()[1]
+            if not isinstance(e, (OSError, ValueError)):
+                app.log("connection failed: %s" % error_payload(e)["message"])
+
+    return Server(addr, Handler)
+
+
+def serve_ui(caller, port=0, bind="127.0.0.1", as_name="user", open_browser=True,
+             write=None, as_json=False):
+    """`thrum ui`: serve the page until interrupted (SIGINT, SIGTERM: returns 0). The
+    human identity `as_name` is registered with role `human` when it does not exist
+    yet (once the address is known to work: a refused start stores nothing).
+    `write(text)` prints the address (a line, or with `as_json` one JSON document)."""
+    import secrets
+    import signal
+    import socket
+    name = _strip_at(as_name or "user")
+    router = Router(Caller(caller.cwd, caller.env, name))
+    router.threads = True  # nudges: never fork a threaded process
+    try:
+        if router.store is None:  # set-up first (SPEC §14), then the arguments
+            router.run("whoami", {})
+        try:
+            who = router.run("whoami", {})
+        except ThrumError as e:  # (from the daemon: a ThrumError with the exit code)
+            if e.exit_code != EXIT_NOT_SETUP:
+                raise
+            who = None  # registered below, once the server listens
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise UsageError("invalid --port %r: use 0 (any free port) to 65535" % (port,))
+        try:
+            family, _, _, _, addr = socket.getaddrinfo(
+                bind, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)[0]
+        except (socket.gaierror, UnicodeError) as e:
+            raise UsageError("invalid --bind %r: %s" % (bind, getattr(e, "strerror", None)
+                                                        or e))
+        app = UiApp(router, None, secrets.token_urlsafe(24), _ui_log)
+        try:
+            server = _ui_server(app, addr, family)
+        except OSError as e:
+            raise UsageError("cannot listen on %s port %d: %s" % (bind, port,
+                                                                   e.strerror or e))
+        try:
+            if who is None:
+                router.run("agent_register", {"name": name, "role": "human",
+                                              "module": "ui"})
+                who = router.run("whoami", {})
+            app.me = {"agent_id": who["agent_id"], "role": who.get("role")}
+            host, real_port = server.server_address[:2]
+            app.bound(host, real_port)
+            shown = os.uname().nodename if host in ("0.0.0.0", "::") else (
+                "[%s]" % host if ":" in host else host)
+            url = "http://%s:%d/?token=%s" % (shown, real_port, app.token)
+            if not _ui_loopback(host):
+                _warn("listening on %s: anyone who can reach it and has the address can "
+                      "read every message and write as @%s" % (host, who["agent_id"]))
+            if as_json:
+                write(json.dumps({"url": url, "host": host, "port": real_port,
+                                  "agent": who["agent_id"]}) + "\n")
+            else:
+                write("thrum ui: %s  (as @%s; Ctrl-C stops)\n" % (url, who["agent_id"]))
+            env = caller.env
+            if open_browser and (sys.platform == "darwin" or env.get("DISPLAY") or
+                                 env.get("WAYLAND_DISPLAY")):
+                start_thread("ui-browser", _ui_open_browser, url)
+
+            def stop(*_):
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGTERM, stop)
+            try:
+                server.serve_forever(poll_interval=0.5)
+            except KeyboardInterrupt:
+                pass
+        finally:
+            app.closing.set()
+            app.feed.close()
+            server.server_close()
+        return EXIT_OK
+    finally:
+        router.close()
+
+
+def _ui_open_browser(url):
+    try:
+        import webbrowser
+        webbrowser.open(url)
+    except Exception:  # noqa: BLE001 - the address is printed anyway
+        pass
+
+
+def _ui_log(msg):
+    try:
+        sys.stderr.write("thrum ui: %s\n" % msg)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _ui_page():
+    """The page: HTML, CSS and script in one document, with `__NONCE__` where each
+    response puts its CSP nonce. Names and bodies only ever reach the DOM as text."""
+    return _UI_PAGE
+
+
+#: The page `thrum ui` serves (see _ui_page). No framework, nothing remote: the script
+#: builds every element with createElement and fills it with textContent.
+_UI_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>thrum</title>
+<style nonce="__NONCE__">
+:root{--fg:#1d232a;--mut:#66707a;--line:#d9dee3;--bg:#f6f7f9;--card:#fff;--acc:#2458b3;--bad:#b3261e;--unread:#fff7db}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);background:var(--bg)}
+header{display:flex;gap:12px;align-items:baseline;padding:8px 16px;background:#1d232a;color:#fff}
+header h1{font-size:18px;margin:0}
+header .conn{margin-left:auto;font-size:12px;color:#b8c4cf}
+#status{margin:0;padding:4px 16px;min-height:1.6em;font-size:13px}
+#status.bad{color:var(--bad)}#status.ok{color:#2e7d32}
+main{display:grid;grid-template-columns:minmax(380px,1.6fr) minmax(260px,1fr);grid-template-areas:"people people" "traffic lookup";gap:12px;padding:0 16px 16px;align-items:start}
+#people{grid-area:people}#traffic{grid-area:traffic}#lookup{grid-area:lookup}
+section{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:8px 12px;min-width:0;overflow-x:auto}
+h2{font-size:14px;margin:8px 0;color:var(--mut);text-transform:uppercase;letter-spacing:.04em}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{text-align:left;padding:3px 4px;border-bottom:1px solid var(--line);vertical-align:top}
+th{color:var(--mut);font-weight:600}
+tr.offline td{color:var(--mut)}
+td.num{text-align:right}
+.small{font-size:12px;color:var(--mut)}
+form{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0}
+input,select,textarea,button{font:inherit}
+input,select,textarea{border:1px solid var(--line);border-radius:4px;padding:4px 6px;background:#fff}
+textarea{width:100%;min-height:4.5em;resize:vertical}
+#send-form label{display:flex;gap:4px;align-items:center;flex:1 1 45%}
+#send-form label input{flex:1;min-width:0}
+button{border:1px solid var(--line);background:#eef1f4;border-radius:4px;padding:3px 9px;cursor:pointer}
+button[type=submit]{background:var(--acc);color:#fff;border-color:var(--acc)}
+#filters{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin:8px 0;font-size:13px}
+ol{list-style:none;margin:0;padding:0}
+.msg,.tmsg,.result{border-top:1px solid var(--line);padding:6px 2px}
+.msg.unread{background:var(--unread)}
+.meta{font-size:12px;color:var(--mut);display:flex;flex-wrap:wrap;gap:6px}
+.meta .from{color:var(--fg);font-weight:600}
+.body{white-space:pre-wrap;overflow-wrap:anywhere;margin:2px 0}
+.structured{white-space:pre-wrap;font:12px ui-monospace,monospace;background:var(--bg);padding:4px;margin:2px 0}
+.actions{display:flex;gap:4px}
+.actions button{font-size:12px;padding:1px 6px}
+.receipts{font-size:12px;color:var(--mut)}
+.tag{background:#e8eef8;border-radius:3px;padding:0 4px}
+#older{margin-top:8px}
+details summary{cursor:pointer}
+.thread-head{font-size:12px;color:var(--mut)}
+@media (max-width:900px){main{grid-template-columns:1fr;grid-template-areas:"people" "traffic" "lookup"}}
+</style></head>
+<body>
+<header><h1>thrum</h1><span id="where"></span><span id="conn" class="conn">connecting</span></header>
+<p id="status" role="status" aria-live="polite"></p>
+<main>
+<section id="people">
+<h2>Team</h2>
+<table id="team"><thead><tr><th>Agent</th><th>Role</th><th>Intent / task</th><th>Branch</th><th>Files</th><th>Last seen</th><th>Unread</th><th>Session</th></tr></thead><tbody></tbody></table>
+</section>
+<section id="traffic">
+<form id="send-form" autocomplete="off">
+<label>To <input name="to" placeholder="@bob, reviewer, everyone"></label>
+<label>Reply to <input name="reply_to" placeholder="a message id (Reply fills it)"></label>
+<textarea name="body" placeholder="Message"></textarea>
+<button type="submit">Send</button>
+</form>
+<div id="filters">
+<select id="view" aria-label="view"><option value="all">Everything</option><option value="inbox">My inbox</option></select>
+<label>Agent <select id="f-agent"><option value="">any</option></select></label>
+<label>Role <select id="f-role"><option value="">any</option></select></label>
+<label>Ref <input id="f-ref" size="12" placeholder="bd:bd-123"></label>
+<button id="mark-all-read" type="button">Mark all read</button>
+</div>
+<ol id="feed"></ol>
+<button id="older" type="button">Older messages</button>
+</section>
+<section id="lookup">
+<h2>Search</h2>
+<form id="search-form"><input name="q" type="search" placeholder="words, &quot;a phrase&quot;, auth*"><button type="submit">Search</button></form>
+<ol id="results"></ol>
+<h2>Thread</h2>
+<div id="thread"><p class="small">Choose Thread on a message.</p></div>
+<h2>Who has a file</h2>
+<form id="who-has-form"><input name="path" placeholder="src/auth.py" required><button type="submit">Who has it</button></form>
+<ul id="who-has"></ul>
+</section>
+</main>
+<script nonce="__NONCE__">
+"use strict";
+(function () {
+  var S = {me: null, roles: {}, team: [], view: "all", pages: 1, els: new Map(), timer: null};
+  var feed = document.getElementById("feed");
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    return e;
+  }
+  function snippet(text) {  // a search hit: the matches (between \u00ab and \u00bb) as <mark>, all as text
+    var d = el("div", "body"), parts = String(text).split(/\u00ab([^\u00bb]*)\u00bb/);
+    parts.forEach(function (p, i) { d.append(i % 2 ? el("mark", null, p) : document.createTextNode(p)); });
+    return d;
+  }
+  function say(text, bad) { var s = $("status"); s.textContent = text; s.className = bad ? "bad" : "ok"; }
+  function api(path, body) {
+    var opt = {credentials: "same-origin", cache: "no-store"};
+    if (body !== undefined) {
+      opt.method = "POST";
+      opt.headers = {"Content-Type": "application/json"};
+      opt.body = JSON.stringify(body);
+    }
+    return fetch(path, opt).then(function (r) {
+      return r.json().catch(function () { return null; }).then(function (d) {
+        if (!r.ok) {
+          var err = new Error(d && d.error ? d.error : "HTTP " + r.status);
+          err.status = r.status;
+          throw err;
+        }
+        return d;
+      });
+    });
+  }
+  function fail(e) { say("thrum: error: " + e.message, true); }
+  function ago(ts) {
+    if (!ts) { return ""; }
+    var s = (Date.now() - Date.parse(ts)) / 1000;
+    if (!(s >= 0)) { s = 0; }
+    if (s < 60) { return Math.floor(s) + "s ago"; }
+    if (s < 3600) { return Math.floor(s / 60) + "m ago"; }
+    if (s < 86400) { return Math.floor(s / 3600) + "h ago"; }
+    return Math.floor(s / 86400) + "d ago";
+  }
+  function audiences(m) {
+    var a = (m.audiences || []).map(function (x) {
+      return x.type === "agent" ? "@" + x.value : x.type === "everyone" ? "everyone" : x.type + ":" + x.value;
+    });
+    return a.length ? a.join(", ") : m.recipients.map(function (r) { return "@" + r; }).join(", ");
+  }
+  function tags(m) { return (m.refs || []).map(function (r) { return r.type + ":" + r.value; }); }
+  function toMe(m) { return S.me && m.recipients.indexOf(S.me.agent_id) >= 0; }
+
+  // -- one message ------------------------------------------------------------------
+  function fill(li, m, thread) {
+    var sig = JSON.stringify(m) + (S.me ? S.me.agent_id : "");
+    if (li.thrumSig === sig) { return li; }  // unchanged: the same elements stay
+    li.thrumSig = sig;
+    var box = li.querySelector(":scope > .receipts");
+    li.replaceChildren();
+    if (box) { li.append(box); }
+    li.dataset.id = m.message_id;
+    li.dataset.created = m.created_at;
+    li.dataset.author = m.agent_id;
+    li.dataset.recipients = m.recipients.join(" ");
+    li.dataset.refs = tags(m).join(" ");
+    li.classList.toggle("unread", toMe(m) && !m.is_read);
+    var meta = el("div", "meta");
+    var when = el("time", "when", ago(m.created_at));
+    when.dateTime = m.created_at;
+    meta.append(el("span", "from", "@" + m.agent_id), el("span", "to", "\u2192 " + audiences(m)),
+                when, el("span", "id", m.short_id || m.message_id));
+    if (m.reply_to) {
+      var parent = S.els.get(m.reply_to), pid = parent && parent.querySelector(".id");
+      meta.append(el("span", "re", "\u21b3 re " + (pid ? pid.textContent : m.reply_to)));
+    }
+    if (m.version) { meta.append(el("span", "edited", "(edited)")); }
+    tags(m).forEach(function (x) { meta.append(el("span", "tag", x)); });
+    li.append(meta);
+    var text = m.body.content;
+    li.append(el("div", "body", text));
+    if (m.body.structured) { li.append(el("div", "structured", JSON.stringify(m.body.structured, null, 2))); }
+    var acts = el("div", "actions");
+    var reply = el("button", "reply", "Reply");
+    reply.type = "button";
+    reply.addEventListener("click", function () {
+      var f = $("send-form");
+      f.elements.reply_to.value = m.message_id;
+      f.elements.body.focus();
+      say("Replying to @" + m.agent_id + " (" + (m.short_id || m.message_id) + ")");
+    });
+    acts.append(reply);
+    if (!thread) {
+      var th = el("button", "thread-btn", "Thread");
+      th.type = "button";
+      th.addEventListener("click", function () { showThread(m.message_id); });
+      acts.append(th);
+    }
+    var rc = el("button", "receipts-btn", "Receipts");
+    rc.type = "button";
+    var box = li.querySelector(":scope > .receipts") || el("div", "receipts");
+    rc.addEventListener("click", function () { li.dataset.receipts = "open"; receipts(m.message_id, box, li); });
+    acts.append(rc);
+    if (toMe(m) && !m.is_read) {
+      var mr = el("button", "mark-read", "Mark read");
+      mr.type = "button";
+      mr.addEventListener("click", function () {
+        api("/api/read", {ids: [m.message_id]}).then(function () {
+          li.classList.remove("unread"); mr.remove(); refreshSoon();
+        }, fail);
+      });
+      acts.append(mr);
+    }
+    li.append(acts, box);
+    if (li.dataset.receipts === "open") { receipts(m.message_id, box, li); }  // kept current
+    return li;
+  }
+  function receipts(id, box, li) {
+    api("/api/open", {id: id}).then(function (d) {
+      var m = d.message;
+      box.replaceChildren();
+      m.receipts.forEach(function (r) {
+        box.append(el("div", "", "@" + r.agent_id + ": " + (r.read_at ? "read " + ago(r.read_at) : "unread")));
+      });
+      if (m.edits && m.edits.length) { box.append(el("div", "", m.edits.length + " edit(s)")); }
+      li.classList.remove("unread");
+      var mr = li.querySelector(".mark-read");
+      if (mr) { mr.remove(); }
+    }, fail);
+  }
+  function visible(li) {
+    var a = $("f-agent").value, r = $("f-role").value, ref = $("f-ref").value.trim();
+    var people = [li.dataset.author].concat(li.dataset.recipients ? li.dataset.recipients.split(" ") : []);
+    if (a && people.indexOf(a) < 0) { return false; }
+    if (r && !people.some(function (p) { return S.roles[p] === r; })) { return false; }
+    if (ref && (" " + li.dataset.refs + " ").indexOf(" " + ref + " ") < 0) { return false; }
+    return true;
+  }
+  function filter() { feed.querySelectorAll("li.msg").forEach(function (li) { li.hidden = !visible(li); }); }
+  function order(li) { return li.dataset.created + "|" + li.dataset.id; }
+  function put(m) {
+    if (S.view === "inbox" && !toMe(m)) { return; }
+    var li = S.els.get(m.message_id);
+    if (li) { fill(li, m); li.hidden = !visible(li); return; }
+    li = fill(el("li", "msg"), m);
+    S.els.set(m.message_id, li);
+    var key = order(li), before = null;
+    for (var c = feed.firstElementChild; c; c = c.nextElementSibling) {
+      if (order(c) < key) { before = c; break; }
+    }
+    feed.insertBefore(li, before);
+    li.hidden = !visible(li);
+  }
+
+  // -- loading ---------------------------------------------------------------------
+  function load() {
+    var got = [], n = S.pages;
+    function page(p) {
+      return api("/api/messages?view=" + S.view + "&page=" + p + "&limit=100").then(function (d) {
+        got = got.concat(d.messages);
+        $("older").hidden = p >= d.total_pages;
+        if (p < n && p < d.total_pages) { return page(p + 1); }
+      });
+    }
+    return page(1).then(function () {
+      var keep = new Map();
+      var items = got.map(function (m) {
+        var li = S.els.get(m.message_id) || el("li", "msg");
+        fill(li, m);
+        li.hidden = !visible(li);
+        keep.set(m.message_id, li);
+        return li;
+      });
+      S.els = keep;
+      feed.replaceChildren.apply(feed, items);
+    });
+  }
+  function team() {
+    return api("/api/team").then(function (d) {
+      var body = $("team").tBodies[0], roles = {}, names = [];
+      var rows = d.agents.slice().sort(function (a, b) {
+        return (a.status === b.status ? 0 : a.status === "active" ? -1 : 1) || (a.agent_id < b.agent_id ? -1 : 1);
+      }).map(function (a) {
+        roles[a.agent_id] = a.role;
+        names.push(a.agent_id);
+        var tr = el("tr", a.status === "active" ? "active" : "offline");
+        tr.dataset.agent = a.agent_id;
+        var name = el("td", "name");
+        name.append(el("div", "", "@" + a.agent_id));
+        if (a.display) { name.append(el("div", "small", a.display)); }
+        var doing = el("td", "intent");
+        doing.append(el("div", "", a.intent || ""));
+        if (a.task) { doing.append(el("div", "small", "task: " + a.task)); }
+        var files = el("td", "files"), fl = a.files || [];
+        if (fl.length) {
+          var det = el("details"), ul = el("ul");
+          det.append(el("summary", "", fl.length + (fl.length === 1 ? " file" : " files")));
+          fl.forEach(function (f) { ul.append(el("li", "", (f.status ? f.status + " " : "") + f.path)); });
+          det.append(ul);
+          files.append(det);
+        }
+        var ses = el("td", "session", a.session_id ? "open" : "\u2014");
+        if (a.tmux && a.tmux.session) { ses.append(el("div", "small", "tmux " + a.tmux.session)); }
+        tr.append(name, el("td", "role", a.role), doing, el("td", "branch", a.branch || ""), files,
+                  el("td", "seen", ago(a.last_seen_at)), el("td", "num unread", a.unread), ses);
+        return tr;
+      });
+      body.replaceChildren.apply(body, rows);
+      S.roles = roles;
+      options($("f-agent"), names, "@");
+      options($("f-role"), Array.from(new Set(Object.values(roles))).sort(), "");
+    });
+  }
+  function options(sel, values, prefix) {
+    var cur = sel.value, first = sel.options[0];
+    sel.replaceChildren(first);
+    values.forEach(function (v) { var o = el("option", "", prefix + v); o.value = v; sel.append(o); });
+    sel.value = values.indexOf(cur) >= 0 ? cur : "";
+  }
+  function refresh() { return Promise.all([team(), load()]).then(filter).catch(fail); }
+  function refreshSoon() {
+    if (S.timer) { return; }
+    S.timer = setTimeout(function () { S.timer = null; refresh(); }, 1000);
+  }
+  function showThread(id) {
+    api("/api/thread?id=" + encodeURIComponent(id)).then(function (d) {
+      var box = $("thread"), ol = el("ol");
+      box.replaceChildren(el("div", "thread-head", d.messages.length + " message(s) in this thread"), ol);
+      box.dataset.id = id;
+      d.messages.forEach(function (m) { ol.append(fill(el("li", "tmsg"), m, true)); });
+    }, fail);
+  }
+
+  // -- the live stream -----------------------------------------------------------
+  function live() {
+    var es = new EventSource("/api/events");
+    es.addEventListener("hello", function (ev) {
+      S.me = JSON.parse(ev.data).me;
+      $("conn").textContent = "live as @" + S.me.agent_id;
+      refresh();
+    });
+    es.addEventListener("messages", function (ev) {
+      JSON.parse(ev.data).messages.forEach(put);
+      if ($("thread").dataset.id) { showThread($("thread").dataset.id); }
+      refreshSoon();
+    });
+    es.addEventListener("changed", function () { refreshSoon(); });
+    es.onerror = function () {
+      $("conn").textContent = es.readyState === 2 ? "disconnected: open the address thrum ui printed" : "reconnecting";
+    };
+  }
+
+  // -- forms -------------------------------------------------------------------------
+  $("send-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var f = ev.target, reply = f.elements.reply_to.value.trim();
+    var b = {body: f.elements.body.value, to: f.elements.to.value};
+    if (reply) { b.reply_to = reply; }
+    api("/api/send", b).then(function (r) {
+      f.elements.body.value = "";
+      f.elements.reply_to.value = "";
+      var parent = reply && S.els.get(r.reply_to);
+      if (parent) {  // a reply marks its parent read
+        parent.classList.remove("unread");
+        var mr = parent.querySelector(".mark-read");
+        if (mr) { mr.remove(); }
+      }
+      var to = r.recipients.map(function (x) { return "@" + x; }).join(", ");
+      say((reply ? "Replied: " : "Sent: ") + r.message_id + (to ? " to " + to : "") +
+          (r.warnings && r.warnings.length ? " (" + r.warnings.join("; ") + ")" : ""));
+      refreshSoon();
+    }, fail);
+  });
+  $("search-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var q = ev.target.elements.q.value, out = $("results");
+    api("/api/search?q=" + encodeURIComponent(q)).then(function (d) {
+      out.replaceChildren();
+      if (!d.messages.length) { out.append(el("li", "result", "No match.")); }
+      d.messages.forEach(function (m) {
+        var li = el("li", "result");
+        li.dataset.id = m.message_id;
+        li.append(el("div", "meta", "@" + m.agent_id + " \u2192 " + audiences(m) + " \u00b7 " + ago(m.created_at)),
+                  snippet(m.snippet || m.body.content));
+        var th = el("button", "thread-btn", "Thread");
+        th.type = "button";
+        th.addEventListener("click", function () { showThread(m.message_id); });
+        li.append(th);
+        out.append(li);
+      });
+    }, function (e) {
+      out.replaceChildren(el("li", "result", e.status === 501 ? "search unavailable" : "thrum: error: " + e.message));
+    });
+  });
+  $("who-has-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var out = $("who-has");
+    api("/api/who-has?path=" + encodeURIComponent(ev.target.elements.path.value)).then(function (d) {
+      out.replaceChildren();
+      if (!d.agents.length) { out.append(el("li", "", "Nobody has " + d.path + " changed.")); }
+      d.agents.forEach(function (a) {
+        out.append(el("li", "", "@" + a.agent_id + " is editing " + d.path + (a.branch ? " (branch " + a.branch + ")" : "")));
+      });
+    }, fail);
+  });
+  $("mark-all-read").addEventListener("click", function () {
+    api("/api/read", {all: true}).then(function (r) {
+      say("Marked " + r.marked_count + " message(s) read"); refresh();
+    }, fail);
+  });
+  $("older").addEventListener("click", function () { S.pages += 1; load().catch(fail); });
+  $("view").addEventListener("change", function (ev) { S.view = ev.target.value; S.pages = 1; load().catch(fail); });
+  ["f-agent", "f-role"].forEach(function (id) { $(id).addEventListener("change", filter); });
+  $("f-ref").addEventListener("input", filter);
+  setInterval(function () {
+    document.querySelectorAll("time.when").forEach(function (t) {
+      var li = t.closest("[data-created]");
+      if (li) { t.textContent = ago(li.dataset.created); }
+    });
+  }, 30000);
+  api("/api/state").then(function (d) {
+    $("where").textContent = d.repo + (d.daemon ? " \u00b7 daemon" : "") + " \u00b7 thrum " + d.version;
+    if (!d.search) { $("search-form").elements.q.placeholder = "search unavailable"; }
+  }, fail);
+  live();
+}());
+</script>
+</body></html>
+"""
+
+
+# === 21. CLI: output, arguments, the Cli context ==============================
 
 def _columns(stream):
     """A terminal's width in columns (80 when it does not say; at least 40)."""
@@ -11249,7 +12954,7 @@ class Output:
 _VALUE_OPTS = ("--after", "--timeout", "--to", "--mention", "--scope", "--ref", "--reason",
                "--intent", "--task", "--description", "--display", "--from", "--body-file",
                "--format", "--structured", "--name", "--role", "--module", "--limit", "--page",
-               "--idempotency-key")
+               "--idempotency-key", "--since")
 
 
 def _argparse():
@@ -11451,7 +13156,7 @@ class Cli(Router):
             raise
 
 
-# === 21. Host integrations: hooks, integrate, install =========================
+# === 22. Host integrations: hooks, integrate, install =========================
 
 HOOK_EVENTS = ("session-start", "stop", "prompt", "wake")
 
@@ -12107,7 +13812,7 @@ def cmd_install(args, cli, out):
     out.ok(r, *lines)
 
 
-# === 22. CLI: command handlers and the parser =================================
+# === 23. CLI: command handlers and the parser =================================
 
 def _split_list(items):
     return [t for item in items or () for t in item.split(",") if t.strip()]
@@ -12201,6 +13906,12 @@ def cmd_inbox(args, cli, out):
         cli.call("mark_read", message_ids=marks)
 
 
+def cmd_search(args, cli, out):
+    r = cli.call("search", query=args.query, sender=args.sender, to=args.to, ref=args.ref,
+                 since=args.since, limit=args.limit, rank=args.rank)
+    out.emit(r, lambda r: render_search(r, out))
+
+
 def cmd_sent(args, cli, out):
     r = cli.call("sent", to=args.to, unread=args.unread, limit=args.limit, page=args.page)
     out.emit(r, lambda r: render_sent(r, out))
@@ -12281,6 +13992,12 @@ def cmd_watch(args, cli, out):
             printed = {k: t for k, t in printed.items() if t > old}
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def cmd_ui(args, cli, out):
+    """Serves until interrupted (Ctrl-C, SIGTERM: exit 0); see section 20."""
+    return serve_ui(cli.caller, port=args.port, bind=args.bind, as_name=args.as_name,
+                    open_browser=not args.no_open, write=out.write, as_json=out.json)
 
 
 def cmd_who_has(args, cli, out):
@@ -12693,6 +14410,20 @@ def _args_inbox(p):
     _add_paging(p, "inbox")
 
 
+def _args_search(p):
+    p.add_argument("query", metavar="QUERY",
+                   help='words (all must match), "a phrase", prefix*')
+    p.add_argument("--from", dest="sender", metavar="AGENT", help="only messages by AGENT")
+    p.add_argument("--to", metavar="T", help="only messages to an agent, role or group")
+    p.add_argument("--ref", metavar="TYPE:VALUE")
+    p.add_argument("--since", metavar="WHEN", help="a duration ago (7d), a date or a "
+                   "timestamp")
+    limit = OPS["search"].default("limit")
+    p.add_argument("--limit", type=_int_arg, default=limit, metavar="N",
+                   help="at most N messages (default %d)" % limit)
+    p.add_argument("--rank", action="store_true", help="most relevant first (bm25)")
+
+
 def _args_sent(p):
     p.add_argument("--to", metavar="T")
     p.add_argument("--unread", action="store_true", help="not yet read by every recipient")
@@ -12728,6 +14459,17 @@ def _args_wait(p):
     p.add_argument("--unread", action="store_true", help="return at once if I have unread "
                    "messages")
     p.add_argument("--scope", metavar="TYPE:VALUE", help="only messages with this scope")
+
+
+def _args_ui(p):
+    p.add_argument("--port", type=_int_arg, default=0, metavar="N",
+                   help="port to listen on (default 0: any free port)")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                   help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--as", dest="as_name", default="user", metavar="NAME",
+                   help="the human identity the page writes as (default user; registered "
+                        "with role human when new)")
+    p.add_argument("--no-open", action="store_true", help="do not open a browser")
 
 
 def _args_who_has(p):
@@ -12911,11 +14653,14 @@ COMMANDS = {
     "reply": ("reply to a message (joins its thread)", _args_reply, cmd_reply),
     "inbox": ("messages to me, newest first", _args_inbox, cmd_inbox),
     "sent": ("messages I sent, with read receipts", _args_sent, cmd_sent),
+    "search": ("search the messages I can see", _args_search, cmd_search),
     "message": ("get | edit | delete | read", _args_message, cmd_message),
     "wait": ("block until a message to me arrives", _args_wait, cmd_wait),
     "watch": ("print a line for each message to me as it arrives, until interrupted",
               _args_watch, cmd_watch),
     "who-has": ("which agents have PATH changed or uncommitted", _args_who_has, cmd_who_has),
+    "ui": ("serve a live web page of the team and its messages, until interrupted",
+           _args_ui, cmd_ui),
     "ping": ("is an agent active; last seen; intent", _args_ping, cmd_ping),
     "agent": ("register | list | delete | cleanup", _args_agent, cmd_agent),
     "session": ("start | end | list | heartbeat | set-intent | set-task", _args_session,
@@ -12965,7 +14710,7 @@ def build_parser(command=None):
     return p
 
 
-# === 23. main =================================================================
+# === 24. main =================================================================
 
 def _version_text():
     import hashlib

@@ -453,6 +453,7 @@ EXAMPLES = [
        as_="bob"),
     Ex("thrum inbox", as_="alice"),
     Ex("thrum sent --limit 2", as_="alice", before=review_request_read),
+    Ex('thrum search "rate limit*"', as_="alice"),
     Ex("thrum message get 01M8800DT10VPQ", as_="alice", before=edited_review_message),
     Ex("thrum wait --timeout 10s", as_="bob", woken_by=wake_bob),
     # who is doing what, agents

@@ -17,7 +17,7 @@ from conftest import (MSG_ID_RE, THRUM_CMD, TS_RE, assert_alive, make_env, make_
                       make_team, run_thrum, wait_older_than, wait_until, waiting)
 
 TOOLS = ["send_message", "check_messages", "wait_for_message", "reply_message", "get_message",
-         "mark_read", "list_agents", "who_has"]
+         "mark_read", "list_agents", "who_has", "search_messages"]
 MODERN = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
           "io.modelcontextprotocol/clientCapabilities": {}}
 INIT = {"protocolVersion": "2025-11-25", "capabilities": {},

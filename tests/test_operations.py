@@ -53,6 +53,7 @@ CLI_CASES = [
      {"message_id": "msg_01ABCDEFGH", "content": "ok"}, {}),
     (["inbox"], "inbox", {}, {"defer_marks": True}),
     (["sent"], "sent", {}, {}),
+    (["search", "auth"], "search", {"query": "auth"}, {}),
     (["message", "get", "msg_01ABCDEFGH"], "message_get", {"message_id": "msg_01ABCDEFGH"},
      {}),
     (["message", "edit", "msg_01ABCDEFGH", "new"], "message_edit",
@@ -125,9 +126,9 @@ def test_cli_parser_passes_the_declared_defaults(tmp_path, argv, op, given, deli
 def test_every_cli_command_with_an_operation_is_checked():
     ops_reached = {case[1] for case in CLI_CASES}
     # Operations the CLI reaches another way (tmux create runs from --cwd; hooks and MCP
-    # are front ends of their own) or that only other front ends call.
+    # are front ends of their own) or that only other front ends call (feed: the page).
     other = {"setup", "mark_read", "context_save", "tmux_create", "tmux_list", "hook_news",
-             "briefing"}
+             "briefing", "feed"}
     assert set(thrum.OPS) - ops_reached == other
 
 
@@ -135,7 +136,7 @@ def test_every_cli_command_with_an_operation_is_checked():
 #: (check_messages lists unread messages and marks nothing unless asked).
 MCP_DELIBERATE = {("check_messages", "unread"): True, ("check_messages", "mark_read"): False}
 MCP_REQUIRED = {"to": "bob", "content": "hi", "message_id": "msg_01ABCDEFGH",
-                "path": "src/a.py"}
+                "path": "src/a.py", "query": "auth"}
 
 
 @pytest.mark.parametrize("tool", sorted(thrum.MCP_TOOLS))
@@ -159,7 +160,7 @@ def test_mcp_schemas_pass_the_declared_defaults(tool):
 
 def test_declared_facts():
     ops = thrum.OPS
-    assert {n for n, o in ops.items() if o.blocks} == {"wait", "watch"}
+    assert {n for n, o in ops.items() if o.blocks} == {"wait", "watch", "feed"}
     assert all(o.local for o in ops.values() if o.needs == thrum.NEEDS_NOTHING)
     assert {n for n, o in ops.items() if o.local and o.needs != thrum.NEEDS_NOTHING} == \
         {"doctor", "rebuild_index", "tmux_list", "tmux_kill"}
@@ -183,11 +184,11 @@ RETRY_SAMPLES = {
     "inbox": {"defer_marks": True}, "sent": {}, "message_get": {"message_id": "MID"},
     "mark_read": {"message_ids": ["MID"]}, "message_read": {"all": True},
     "wait": {"timeout": 0, "after": "-1h"}, "who_has": {"path": "README"},
-    "watch": {"timeout": 0},
+    "watch": {"timeout": 0}, "feed": {"timeout": 0},
     "ping": {"name": "alice"}, "agent_list": {}, "session_list": {},
     "context_show": {}, "group_list": {}, "group_info": {"name": "devs"},
     "config_show": {}, "config_get": {"key": "sync.interval"}, "sync_status": {},
-    "briefing": {}, "tmux_list": {},
+    "briefing": {}, "tmux_list": {}, "search": {"query": "hi"},
     "send": {"content": "hi", "to": ["alice"], "idempotency_key": "k1"},
     "reply": {"message_id": "MID", "content": "ok", "idempotency_key": "k2"},
 }
