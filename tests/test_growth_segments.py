@@ -368,3 +368,39 @@ def test_old_and_new_clones_exchange_messages_through_one_remote(net):
     assert files_of(c.log, "messages", "bob") == [c.log / "messages" / p.name for p in segs]
     checks = c.json("doctor", "--json", name="carol")["checks"]
     assert [x for x in checks if x["name"] == "index"][0]["ok"]
+
+
+def test_an_old_clone_cannot_see_the_later_segments_of_a_name_over_58_characters(net):
+    """`<name>--0001` is longer than the 64 characters the previous version accepts when
+    the name has more than 58: an old clone ignores that segment (and its commits leave
+    it out of the tip); the next commit of a clone on this version puts it back."""
+    env = net.env
+    a, b = net.clone("A"), net.clone("B")
+    long = "w" * 60
+    prev(["init"], a.path, env)
+    prev(["quickstart", "--name", "alice", "--role", "implementer", "--module", "m"],
+         a.path, env, name="alice")
+    prev(["sync", "force"], a.path, env, name="alice")
+    b.quickstart(long, "reviewer", "m")
+    sent = bulk(b.path, env, long, "alice", SEG // 1000 + 10)
+    segs = files_of(b.log, "messages", long)
+    assert [p.name for p in segs] == [long + ".jsonl", long + "--0001.jsonl"]
+    late = [m for m in sent if m in segs[1].read_text()]
+    assert late
+    b.sync()
+    prev(["sync", "force"], a.path, env, name="alice")
+    prev(["send", "from the old clone", "--to", "@" + long], a.path, env, name="alice")
+    prev(["sync", "force"], a.path, env, name="alice")
+    seen = {m["message_id"] for m in json.loads(prev(
+        ["inbox", "--all", "--json", "--limit", "1000"], a.path, env, name="alice"))["messages"]}
+    assert set(sent) - set(late) <= seen and not seen & set(late)
+    tip = set(git("ls-tree", "-r", "--name-only", "refs/heads/a-sync", cwd=net.remote,
+                  env=env).split())
+    assert "messages/%s.jsonl" % long in tip and "messages/%s--0001.jsonl" % long not in tip
+    b.sync()
+    tip = set(git("ls-tree", "-r", "--name-only", "refs/heads/a-sync", cwd=net.remote,
+                  env=env).split())
+    assert "messages/%s--0001.jsonl" % long in tip
+    c = net.clone("C")
+    c.quickstart("carol", "tester", "m")
+    assert set(b.event_ids()) <= set(c.event_ids())
