@@ -12390,7 +12390,9 @@ def serve_ui(caller, port=0, bind="127.0.0.1", as_name="user", open_browser=True
             server = _ui_server(app, addr, family)
         except OSError as e:
             raise UsageError("cannot listen on %s port %d: %s" % (bind, port,
-                                                                   e.strerror or e))
+                                                                   e.strerror or e),
+                             hint="choose another --port (0: any free one), or a --bind "
+                                  "address of this machine (default 127.0.0.1)")
         try:
             if who is None:
                 router.run("agent_register", {"name": name, "role": "human",
