@@ -7613,6 +7613,9 @@ class MessageOps(ServiceBase):
         me = self.me(agent)["agent_id"]
         if isinstance(message_ids, str):
             message_ids = [message_ids]
+        if not isinstance(message_ids, (list, tuple)) or any(
+                not isinstance(m, str) for m in message_ids):  # (`all` is a parameter)
+            raise UsageError("message ids must be a list of ids")
         if not message_ids and not all:
             raise UsageError("give message ids, or all", hint="thrum message read ID... | --all")
         if all:
@@ -12163,7 +12166,9 @@ class UiApp:
                                   "limit": _ui_int(q, "limit", 100), "mark_read": False})
 
     def api_thread(self, q):
-        return self.run("inbox", {"thread": q.get("id", ""), "all": True, "oldest": True,
+        if not q.get("id"):
+            raise UsageError("missing id", hint="/api/thread?id=MESSAGE_OR_THREAD_ID")
+        return self.run("inbox", {"thread": q["id"], "all": True, "oldest": True,
                                   "limit": 1000, "mark_read": False})
 
     def api_search(self, q):
@@ -14153,8 +14158,13 @@ def cmd_daemon(args, cli, out):
         lines = ["daemon running (pid %s, socket %s)" % (r["pid"], r.get("socket"))
                  if r["running"] else "no daemon running (pure-CLI mode)"]
         try:  # what it is doing: are agents active, what it asked of the remote
-            live = DaemonClient(files).request({"op": "daemon_status"}, timeout=2.0) \
-                if r["running"] else {}
+            client = DaemonClient(files) if r["running"] else None
+            try:  # (a stuck daemon answers within seconds or not at all)
+                live = client.request({"op": "daemon_status"}, timeout=2.0, wait=2.0) \
+                    if client else {}
+            finally:
+                if client:
+                    client.close()
         except DaemonUnavailable:
             live = {}
         if live.get("ok"):
