@@ -849,7 +849,13 @@ def _parse_days(v):
     """A number of days, or none/off (nothing: retention.days keeps everything)."""
     if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "off")):
         return None
-    return _parse_positive_int(v)
+    try:
+        n = _parse_positive_int(v)
+    except ValueError as e:
+        raise ValueError("%s (or none to keep everything)" % e) from None
+    if n > 36500:
+        raise ValueError("must be at most 36500 (100 years), or none to keep everything")
+    return n
 
 
 def _parse_duration_value(v):
@@ -1770,7 +1776,8 @@ class PurgeSet:
             return False
         i = line.find(b'"message_id":"msg_')
         if i >= 0 and line.count(b'"message_id":"') == 1 and \
-                line.count(b'"type":"message.') == 1:
+                line.count(b'"type":"message.') == 1 and any(
+                    b'"type":"%s"' % t.encode() in line for t in _DEAD_TYPES):
             mid = line[i + 14:line.find(b'"', i + 14)].decode("ascii", "replace")
             if _MSG_ULID(mid):
                 return self.is_purged(mid)
